@@ -1,0 +1,5 @@
+//! pyrt's engine: the parts of the hub's hot path that are written in Rust.
+//!
+//! No Python in here: the `pyrt-core` crate binds it as `pyrt._core`.
+
+pub mod matcher;
