@@ -5,7 +5,7 @@ use std::fmt;
 
 use ahash::AHashMap;
 
-use super::subset::SubSet;
+use super::subset::{Member, SubSet};
 
 pub const MAX_CHANNEL_BYTES: usize = 255;
 pub const SEPARATOR: char = ':';
@@ -99,20 +99,20 @@ impl TrieNode {
         self.children.is_empty() && self.star.is_none() && self.exact.is_empty() && self.tail.is_empty()
     }
 
-    /// Files `slot` under a valid pattern.
-    pub(crate) fn insert(&mut self, pattern: &str, slot: u32) {
+    /// Files `member` under a valid pattern.
+    pub(crate) fn insert(&mut self, pattern: &str, member: Member) {
         let mut node = self;
         for segment in pattern.split(SEPARATOR) {
             node = match segment {
                 ">" => {
-                    node.tail.insert(slot);
+                    node.tail.insert(member);
                     return;
                 }
                 "*" => node.star.get_or_insert_with(Default::default),
                 s => node.children.entry(s.into()).or_default(),
             };
         }
-        node.exact.insert(slot);
+        node.exact.insert(member);
     }
 
     /// Removes `slot` filed under `pattern` and prunes nodes left empty.
@@ -149,8 +149,8 @@ impl TrieNode {
         }
     }
 
-    /// Calls `found` with every slot whose pattern matches the name split into `segments`.
-    pub(crate) fn collect(&self, segments: &[&str], found: &mut impl FnMut(u32)) {
+    /// Calls `found` with every member whose pattern matches the name split into `segments`.
+    pub(crate) fn collect(&self, segments: &[&str], found: &mut impl FnMut(Member)) {
         let Some((first, rest)) = segments.split_first() else {
             self.exact.for_each(found);
             return;
@@ -203,11 +203,11 @@ mod tests {
     fn matches(patterns: &[&str], name: &str) -> Vec<u32> {
         let mut root = TrieNode::default();
         for (slot, p) in patterns.iter().enumerate() {
-            root.insert(p, slot as u32);
+            root.insert(p, Member { slot: slot as u32, flags: 0, id: slot as u64 });
         }
         let segments: Vec<&str> = name.split(SEPARATOR).collect();
         let mut out = Vec::new();
-        root.collect(&segments, &mut |s| out.push(s));
+        root.collect(&segments, &mut |m| out.push(m.slot));
         out.sort();
         out
     }
@@ -224,8 +224,8 @@ mod tests {
     #[test]
     fn remove_prunes() {
         let mut root = TrieNode::default();
-        root.insert("a:b:c", 1);
-        root.insert("a:*:>", 2);
+        root.insert("a:b:c", Member { slot: 1, flags: 0, id: 1 });
+        root.insert("a:*:>", Member { slot: 2, flags: 0, id: 2 });
         assert!(root.node_count() > 1);
         root.remove("a:b:c", 1);
         root.remove("a:*:>", 2);

@@ -101,16 +101,12 @@ impl fmt::Display for AddError {
 
 impl std::error::Error for AddError {}
 
+/// A stored subscription. Its id is kept in the index buckets and the slot map, where
+/// matching and removal look for it.
 #[derive(Debug)]
-enum SubscriptionKind {
+enum Subscription {
     Channel(Box<str>),
     Rows(RowSubscription),
-}
-
-#[derive(Debug)]
-struct Subscription {
-    id: SubId,
-    kind: SubscriptionKind,
 }
 
 /// Sizes of the matcher's structures, for tests and metrics.
@@ -129,8 +125,9 @@ pub struct Matcher {
     subs: Slab<Subscription>,
     slots: AHashMap<SubId, u32>,
     channels: TrieNode,
-    /// schema -> table -> group; `*` is a key of its own at either level.
-    groups: AHashMap<Box<str>, AHashMap<Box<str>, Group>>,
+    /// schema -> table -> group slot; `*` is a key of its own at either level.
+    group_slots: AHashMap<Box<str>, AHashMap<Box<str>, u32>>,
+    groups: Slab<Group>,
     row_count: usize,
 }
 
@@ -151,8 +148,8 @@ impl Matcher {
         self.slots.contains_key(&id)
     }
 
-    fn store(&mut self, id: SubId, kind: SubscriptionKind) -> u32 {
-        let slot = self.subs.insert(Subscription { id, kind });
+    fn store(&mut self, id: SubId, sub: Subscription) -> u32 {
+        let slot = self.subs.insert(sub);
         let slot = u32::try_from(slot).expect("fewer than 2**32 subscriptions");
         self.slots.insert(id, slot);
         slot
@@ -164,8 +161,8 @@ impl Matcher {
             return Err(AddError::DuplicateId(id));
         }
         check_channel(pattern, true).map_err(AddError::Channel)?;
-        let slot = self.store(id, SubscriptionKind::Channel(pattern.into()));
-        self.channels.insert(pattern, slot);
+        let slot = self.store(id, Subscription::Channel(pattern.into()));
+        self.channels.insert(pattern, subset::Member { slot, flags: 0, id });
         Ok(())
     }
 
@@ -195,17 +192,20 @@ impl Matcher {
             return Err(fail("empty table".into()));
         }
         let filter = Filter::parse(filter.unwrap_or("")).map_err(AddError::Filter)?;
-        let indexed = filter.index_condition();
-        let sub = RowSubscription { events, schema: schema.into(), table: table.into(), filter, indexed };
-        let group = self
-            .groups
-            .entry(sub.schema.clone())
-            .or_default()
-            .entry(sub.table.clone())
-            .or_default();
+        let indexed = filter.index_condition().map(|i| i as u32);
+        let tables = self.group_slots.entry(schema.into()).or_default();
+        let group = match tables.get(table) {
+            Some(g) => *g,
+            None => {
+                let g = self.groups.insert(Group::new(schema, table)) as u32;
+                tables.insert(table.into(), g);
+                g
+            }
+        };
+        let sub = RowSubscription { events, group, indexed, filter };
         let slot = u32::try_from(self.subs.vacant_key()).expect("fewer than 2**32 subscriptions");
-        group.insert(&sub, slot);
-        let stored = self.store(id, SubscriptionKind::Rows(sub));
+        self.groups[group as usize].insert(&sub, sub.member(id, slot));
+        let stored = self.store(id, Subscription::Rows(sub));
         debug_assert_eq!(stored, slot);
         self.row_count += 1;
         Ok(())
@@ -216,20 +216,19 @@ impl Matcher {
         let Some(slot) = self.slots.remove(&id) else {
             return false;
         };
-        let sub = self.subs.remove(slot as usize);
-        match &sub.kind {
-            SubscriptionKind::Channel(pattern) => self.channels.remove(pattern, slot),
-            SubscriptionKind::Rows(rows) => {
+        match &self.subs.remove(slot as usize) {
+            Subscription::Channel(pattern) => self.channels.remove(pattern, slot),
+            Subscription::Rows(rows) => {
                 self.row_count -= 1;
-                if let Some(tables) = self.groups.get_mut(&rows.schema) {
-                    if let Some(group) = tables.get_mut(&rows.table) {
-                        group.remove(rows, slot);
-                        if group.is_empty() {
-                            tables.remove(&rows.table);
+                let group = &mut self.groups[rows.group as usize];
+                group.remove(rows, slot);
+                if group.is_empty() {
+                    let group = self.groups.remove(rows.group as usize);
+                    if let Some(tables) = self.group_slots.get_mut(&group.schema) {
+                        tables.remove(&group.table);
+                        if tables.is_empty() {
+                            self.group_slots.remove(&group.schema);
                         }
-                    }
-                    if tables.is_empty() {
-                        self.groups.remove(&rows.schema);
                     }
                 }
             }
@@ -246,7 +245,7 @@ impl Matcher {
     pub fn match_channel(&self, channel: &str, out: &mut Vec<SubId>) -> Result<(), ChannelNameError> {
         check_channel(channel, false)?;
         let segments: Vec<&str> = channel.split(SEPARATOR).collect();
-        self.channels.collect(&segments, &mut |slot| out.push(self.subs[slot as usize].id));
+        self.channels.collect(&segments, &mut |m| out.push(m.id));
         Ok(())
     }
 
@@ -255,16 +254,16 @@ impl Matcher {
         static EMPTY: Row = Row::EMPTY;
         let row = event.filtered_row().unwrap_or(&EMPTY);
         let bit = event.kind.bit();
-        let sub_at = |slot: u32| match &self.subs[slot as usize].kind {
-            SubscriptionKind::Rows(r) => r,
-            SubscriptionKind::Channel(_) => unreachable!("row groups hold row subscriptions"),
+        let sub_at = |slot: u32| match &self.subs[slot as usize] {
+            Subscription::Rows(r) => r,
+            Subscription::Channel(_) => unreachable!("row groups hold row subscriptions"),
         };
-        let mut found = |slot: u32| out.push(self.subs[slot as usize].id);
+        let mut found = |id: SubId| out.push(id);
         for schema in wildcard_keys(&event.schema) {
-            let Some(tables) = self.groups.get(schema) else { continue };
+            let Some(tables) = self.group_slots.get(schema) else { continue };
             for table in wildcard_keys(&event.table) {
-                if let Some(group) = tables.get(table) {
-                    group.collect(bit, row, sub_at, &mut found);
+                if let Some(g) = tables.get(table) {
+                    self.groups[*g as usize].collect(bit, row, sub_at, &mut found);
                 }
             }
         }
@@ -275,13 +274,8 @@ impl Matcher {
             channel_subscriptions: self.subs.len() - self.row_count,
             row_subscriptions: self.row_count,
             trie_nodes: self.channels.node_count(),
-            row_groups: self.groups.values().map(|tables| tables.len()).sum(),
-            scanned_row_subscriptions: self
-                .groups
-                .values()
-                .flat_map(|tables| tables.values())
-                .map(Group::scan_len)
-                .sum(),
+            row_groups: self.groups.len(),
+            scanned_row_subscriptions: self.groups.iter().map(|(_, g)| g.scan_len()).sum(),
         }
     }
 }

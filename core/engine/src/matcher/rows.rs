@@ -4,7 +4,7 @@
 use ahash::AHashMap;
 
 use super::filter::{Condition, Filter};
-use super::subset::SubSet;
+use super::subset::{Member, SubSet, EXACT};
 use super::value::{number_key, Literal, Row, Value};
 
 pub const INSERT: u8 = 1;
@@ -16,16 +16,18 @@ pub const ANY_EVENT: u8 = INSERT | UPDATE | DELETE;
 #[derive(Debug)]
 pub(crate) struct RowSubscription {
     pub(crate) events: u8,
-    pub(crate) schema: Box<str>,
-    pub(crate) table: Box<str>,
-    pub(crate) filter: Filter,
+    /// The group (schema, table) it is filed in; the group keeps the names.
+    pub(crate) group: u32,
     /// The condition filed in the equality index, if any.
-    pub(crate) indexed: Option<usize>,
+    pub(crate) indexed: Option<u32>,
+    pub(crate) filter: Filter,
 }
 
 impl RowSubscription {
-    pub(crate) fn wants(&self, event: u8, row: &Row) -> bool {
-        self.events & event != 0 && self.filter.matches(row)
+    /// How this subscription is filed in index buckets.
+    pub(crate) fn member(&self, id: u64, slot: u32) -> Member {
+        let exact = self.indexed.is_some() && self.filter.conditions.len() == 1;
+        Member { slot, id, flags: self.events | if exact { EXACT } else { 0 } }
     }
 }
 
@@ -38,14 +40,19 @@ enum Key<'a> {
 }
 
 impl<'a> Key<'a> {
-    /// The one key a row value is looked up under (`None` for null: equality is unknown).
-    fn of_value(value: &'a Value) -> Option<Self> {
+    /// The one key a row value is looked up under (`None` for null: equality is unknown),
+    /// and whether a hit under it means the value equals the literal ("exact").
+    ///
+    /// Text, booleans and floats are exact. An integer is looked up by its float value, exact
+    /// only below 2**53 where that conversion is: above it, `9007199254740993` and the literal
+    /// `9007199254740992` share a key but differ.
+    fn of_value(value: &'a Value) -> Option<(Self, bool)> {
         match value {
             Value::Null => None,
-            Value::Bool(b) => Some(Key::Bool(*b)),
-            Value::Int(i) => Some(Key::Number(number_key(*i as f64))),
-            Value::Float(f) => Some(Key::Number(number_key(*f))),
-            Value::Text(s) => Some(Key::Text(s)),
+            Value::Bool(b) => Some((Key::Bool(*b), true)),
+            Value::Int(i) => Some((Key::Number(number_key(*i as f64)), i.unsigned_abs() < 1 << 53)),
+            Value::Float(f) => Some((Key::Number(number_key(*f)), true)),
+            Value::Text(s) => Some((Key::Text(s), true)),
         }
     }
 
@@ -83,11 +90,11 @@ struct ColumnIndex {
 }
 
 impl ColumnIndex {
-    fn insert(&mut self, key: Key<'_>, slot: u32) {
+    fn insert(&mut self, key: Key<'_>, member: Member) {
         match key {
-            Key::Text(s) => self.text.entry(s.into()).or_default().insert(slot),
-            Key::Number(n) => self.number.entry(n).or_default().insert(slot),
-            Key::Bool(b) => self.boolean[b as usize].insert(slot),
+            Key::Text(s) => self.text.entry(s.into()).or_default().insert(member),
+            Key::Number(n) => self.number.entry(n).or_default().insert(member),
+            Key::Bool(b) => self.boolean[b as usize].insert(member),
         }
     }
 
@@ -133,31 +140,37 @@ impl ColumnIndex {
 /// The subscriptions of one `(schema, table)` pair (either may be `*`).
 #[derive(Default, Debug)]
 pub(crate) struct Group {
+    pub(crate) schema: Box<str>,
+    pub(crate) table: Box<str>,
     unfiltered: SubSet,
     scan: SubSet,
     columns: AHashMap<Box<str>, ColumnIndex>,
 }
 
 impl Group {
-    pub(crate) fn insert(&mut self, sub: &RowSubscription, slot: u32) {
+    pub(crate) fn new(schema: &str, table: &str) -> Self {
+        Self { schema: schema.into(), table: table.into(), ..Self::default() }
+    }
+
+    pub(crate) fn insert(&mut self, sub: &RowSubscription, member: Member) {
         match sub.indexed {
             Some(i) => {
-                let condition: &Condition = &sub.filter.conditions[i];
+                let condition: &Condition = &sub.filter.conditions[i as usize];
                 let literals = condition.index_literals().expect("indexed conditions have literals");
                 let column = self.columns.entry(condition.column.clone()).or_default();
                 for key in Key::of_literals(literals) {
-                    column.insert(key, slot);
+                    column.insert(key, member);
                 }
             }
-            None if sub.filter.conditions.is_empty() => self.unfiltered.insert(slot),
-            None => self.scan.insert(slot),
+            None if sub.filter.conditions.is_empty() => self.unfiltered.insert(member),
+            None => self.scan.insert(member),
         }
     }
 
     pub(crate) fn remove(&mut self, sub: &RowSubscription, slot: u32) {
         match sub.indexed {
             Some(i) => {
-                let condition = &sub.filter.conditions[i];
+                let condition = &sub.filter.conditions[i as usize];
                 let literals = condition.index_literals().expect("indexed conditions have literals");
                 if let Some(column) = self.columns.get_mut(&condition.column) {
                     for key in Key::of_literals(literals) {
@@ -181,31 +194,36 @@ impl Group {
         self.unfiltered.is_empty() && self.scan.is_empty() && self.columns.is_empty()
     }
 
-    /// Calls `found` with every slot of this group that wants `event` on `row`.
+    /// Calls `found` with the id of every subscription of this group that wants `event` on
+    /// `row`. `sub_at` is only called for candidates whose bucket cannot decide alone.
     pub(crate) fn collect<'s>(
         &self,
         event: u8,
         row: &Row,
         sub_at: impl Fn(u32) -> &'s RowSubscription,
-        found: &mut impl FnMut(u32),
+        found: &mut impl FnMut(u64),
     ) {
-        self.unfiltered.for_each(&mut |slot| {
-            if sub_at(slot).events & event != 0 {
-                found(slot);
+        self.unfiltered.for_each(&mut |m| {
+            if m.flags & event != 0 {
+                found(m.id);
             }
         });
-        let mut check = |slot: u32| {
-            if sub_at(slot).wants(event, row) {
-                found(slot);
-            }
-        };
         for (column, index) in &self.columns {
-            let bucket = row.get(column).and_then(Key::of_value).and_then(|k| index.lookup(k));
-            if let Some(bucket) = bucket {
-                bucket.for_each(&mut check);
-            }
+            let Some((key, exact)) = row.get(column).and_then(Key::of_value) else { continue };
+            let Some(bucket) = index.lookup(key) else { continue };
+            bucket.for_each(&mut |m| {
+                if m.flags & event != 0
+                    && ((exact && m.flags & EXACT != 0) || sub_at(m.slot).filter.matches(row))
+                {
+                    found(m.id);
+                }
+            });
         }
-        self.scan.for_each(&mut check);
+        self.scan.for_each(&mut |m| {
+            if m.flags & event != 0 && sub_at(m.slot).filter.matches(row) {
+                found(m.id);
+            }
+        });
     }
 
     pub(crate) fn scan_len(&self) -> usize {

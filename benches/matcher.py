@@ -1,0 +1,280 @@
+"""Matcher throughput: the Rust matcher (through the Python binding) against the reference.
+
+    python benches/matcher.py                      # 10k, 100k, 1M subscriptions
+    python benches/matcher.py --sizes 10000 --seconds 0.5
+
+For each size N it builds a matcher with N subscriptions, then times batch calls of
+`Matcher.match_rows` over pre-built events (events are made once, outside the timed loop: in
+the hub, WAL events reach the matcher already in Rust). It prints events/s for Rust and for the
+pure-Python reference, their ratio, time per event, matches per event, subscribe/remove rates
+and memory per subscription, then the machine it ran on.
+
+Workload (fractions of N), over three tables of schema public:
+  86%  user_id=eq.K                                   (equality index)
+   5%  account_id=eq.K,amount=gt.X                    (equality index + range check)
+   3%  org_id=in.(K1,K2,K3)                           (in-list, indexed per item)
+   3%  user_id=eq.K,body=ilike.*word*                 (equality index + pattern check)
+   3%  channel patterns room:K:* and room:K:>          (segment trie, matched separately)
+  plus a fixed 60 range-only subscriptions (amount=gte.X): no equality to index, so they are
+  scanned for every event; their cost does not grow with N.
+A second table shows what scanning costs: N range-only subscriptions on one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import pyrt
+from pyrt._reference import ReferenceMatcher
+from pyrt._reference import RowEvent as ReferenceRowEvent
+
+Value = None | bool | int | float | str
+
+TABLES = ("orders", "messages", "profiles")
+WORDS = ("hello", "world", "urgent", "report")
+
+
+class AnyMatcher(Protocol):
+    def add_rows(
+        self, sub_id: int, event: str, schema: str, table: str, filter: str | None = None
+    ) -> None: ...
+    def add_channel(self, sub_id: int, pattern: str) -> None: ...
+    def remove(self, sub_id: int) -> bool: ...
+    def match_rows(self, events: Sequence[Any]) -> list[list[int]]: ...
+    def match_channels(self, channels: Sequence[str]) -> list[list[int]]: ...
+    def __len__(self) -> int: ...
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def subscriptions(n: int) -> list[tuple[str, int, str, str, str | None]]:
+    """(kind, id, table, filter-or-pattern) in a fixed, seeded mix."""
+    rng = random.Random(n)
+    keys = max(n // 3, 1)
+    subs: list[tuple[str, int, str, str, str | None]] = []
+    for i in range(n):
+        table = TABLES[i % 3]
+        k = i // 3
+        r = i % 100
+        if r < 86:
+            subs.append(("rows", i, "*", table, f"user_id=eq.{k}"))
+        elif r < 91:
+            subs.append(
+                ("rows", i, "*", table, f"account_id=eq.{k},amount=gt.{rng.randint(0, 999)}")
+            )
+        elif r < 94:
+            ks = ",".join(str(rng.randrange(keys)) for _ in range(3))
+            subs.append(("rows", i, "*", table, f"org_id=in.({ks})"))
+        elif r < 97:
+            subs.append(("rows", i, "*", table, f"user_id=eq.{k},body=ilike.*{WORDS[i % 4]}*"))
+        else:
+            tail = "*" if i % 2 else ">"
+            subs.append(("channel", i, "", f"room:{k % 1000}:{tail}", None))
+    for j in range(60):
+        subs.append(("rows", n + j, "UPDATE", TABLES[j % 3], f"amount=gte.{999 - j}"))
+    return subs
+
+
+def add_all(m: AnyMatcher, subs: Sequence[tuple[str, int, str, str, str | None]]) -> None:
+    for kind, sub_id, event, target, row_filter in subs:
+        if kind == "rows":
+            m.add_rows(sub_id, event, "public", target, row_filter)
+        else:
+            m.add_channel(sub_id, target)
+
+
+def event_args(n: int, count: int) -> list[tuple[str, str, str, dict[str, Value]]]:
+    rng = random.Random(-n)
+    keys = max(n // 3, 1)
+    out = []
+    for _ in range(count):
+        k = rng.randrange(keys)
+        record: dict[str, Value] = {
+            "id": rng.randrange(10**9),
+            "user_id": k,
+            "account_id": k,
+            "org_id": rng.randrange(keys),
+            "amount": rng.randint(0, 999),
+            "body": f"{rng.choice(WORDS)} from {k}",
+            "status": rng.choice(("paid", "shipped", "new")),
+        }
+        out.append((rng.choice(("INSERT", "UPDATE")), "public", rng.choice(TABLES), record))
+    return out
+
+
+def timed(call: Callable[[], list[list[int]]], batch: int, seconds: float) -> tuple[float, float]:
+    """Runs `call` (one batch of `batch` events) until `seconds` pass: (events/s, matches/event)."""
+    call()  # warm up caches and the allocator
+    done = 0
+    matches = 0
+    start = time.perf_counter()
+    while True:
+        result = call()
+        done += batch
+        matches += sum(map(len, result))
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return done / elapsed, matches / done
+
+
+def measure_build(
+    make: Callable[[], AnyMatcher], subs: Sequence[Any]
+) -> tuple[AnyMatcher, float, float]:
+    """Builds a matcher: (matcher, adds per second, bytes of RSS per subscription)."""
+    gc.collect()
+    before = rss_bytes()
+    m = make()
+    start = time.perf_counter()
+    add_all(m, subs)
+    rate = len(subs) / (time.perf_counter() - start)
+    gc.collect()
+    return m, rate, (rss_bytes() - before) / len(subs)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    rustc = subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip()
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.0f} GiB; {platform.platform()}; "
+        f"Python {platform.python_version()}; {rustc or 'rustc ?'}; pyrt {pyrt.__version__}"
+    )
+
+
+def fmt_rate(x: float) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.1f}"
+
+
+def run_rust(
+    subs: Sequence[tuple[str, int, str, str, str | None]],
+    args: Sequence[tuple[str, str, str, dict[str, Value]]],
+    seconds: float,
+) -> dict[str, float]:
+    m, add_rate, mem = measure_build(pyrt.Matcher, subs)
+    events = [pyrt.RowEvent(*a) for a in args]
+    rate, per_event = timed(lambda: m.match_rows(events), len(events), seconds)
+    channels = [f"room:{i % 1000}:{i}" for i in range(4096)]
+    chan_rate, _ = timed(lambda: m.match_channels(channels), len(channels), seconds)
+    start = time.perf_counter()
+    for _, sub_id, *_rest in subs:
+        m.remove(sub_id)
+    remove_rate = len(subs) / (time.perf_counter() - start)
+    if len(m) != 0:
+        raise RuntimeError("subscriptions left after removing every one")
+    return {
+        "rate": rate,
+        "per_event": per_event,
+        "chan_rate": chan_rate,
+        "add_rate": add_rate,
+        "remove_rate": remove_rate,
+        "mem": mem,
+    }
+
+
+def run_size(n: int, seconds: float, reference: bool) -> list[str]:
+    subs = subscriptions(n)
+    args = event_args(n, 4096)
+    rust = run_rust(subs, args, seconds)
+    rust_rate, per_event = rust["rate"], rust["per_event"]
+    ref_cell = ratio = "-"
+    if reference:
+        r, _, _ = measure_build(ReferenceMatcher, subs)
+        ref_events = [ReferenceRowEvent(*a) for a in args[:64]]
+        budget = max(seconds, 1.0)
+        # Batches of a few events, so the slow reference still finishes within the budget.
+        ref_rate, ref_per_event = timed(lambda: r.match_rows(ref_events[:4]), 4, budget)
+        if abs(ref_per_event - per_event) > 0.5 + per_event:
+            print(f"  note: reference averaged {ref_per_event:.2f} matches/event over fewer events")
+        ref_cell, ratio = fmt_rate(ref_rate), f"{rust_rate / ref_rate:,.0f}x"
+        del r
+    return [
+        f"{n:,}",
+        fmt_rate(rust_rate),
+        f"{1e9 / rust_rate:.0f} ns",
+        f"{per_event:.2f}",
+        ref_cell,
+        ratio,
+        fmt_rate(rust["chan_rate"]),
+        fmt_rate(rust["add_rate"]),
+        fmt_rate(rust["remove_rate"]),
+        f"{rust['mem']:.0f} B",
+    ]
+
+
+def run_scan(n: int, seconds: float) -> list[str]:
+    m = pyrt.Matcher()
+    for i in range(n):
+        m.add_rows(i, "*", "public", "orders", f"amount=gt.{i % 1000}")
+    events = [pyrt.RowEvent("INSERT", "public", "orders", {"amount": 5_000}) for _ in range(64)]
+    rate, per_event = timed(lambda: m.match_rows(events), len(events), seconds)
+    misses = [pyrt.RowEvent("INSERT", "public", "orders", {"amount": -1}) for _ in range(64)]
+    miss_rate, _ = timed(lambda: m.match_rows(misses), len(misses), seconds)
+    return [
+        f"{n:,}",
+        fmt_rate(rate),
+        f"{per_event:,.0f}",
+        fmt_rate(miss_rate),
+        f"{1e9 / miss_rate:,.0f} ns",
+    ]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    parser.add_argument("--no-reference", action="store_true", help="skip the Python reference")
+    parser.add_argument("--scan-sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000])
+    args = parser.parse_args(argv)
+
+    header = [
+        "subscriptions", "Rust events/s", "per event", "matches/event", "reference events/s",
+        "Rust/reference", "channel matches/s", "adds/s", "removes/s", "RSS per subscription",
+    ]  # fmt: skip
+    rows = []
+    for n in args.sizes:
+        rows.append(run_size(n, args.seconds, not args.no_reference))
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(f"## match_rows, mixed workload ({' '.join(sys.argv[1:]) or 'defaults'})\n")
+    print(table(header, rows))
+    if args.scan_sizes:
+        scan = [run_scan(n, args.seconds) for n in args.scan_sizes]
+        print("\n## range-only subscriptions on one table (scanned, not indexed)\n")
+        print(table(
+            ["subscriptions", "events/s (all match)", "matches/event", "events/s (none match)",
+             "per event (none match)"],
+            scan,
+        ))  # fmt: skip
+    print(f"\nMachine: {machine()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
