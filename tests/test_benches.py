@@ -1,0 +1,24 @@
+"""The benchmark programs run and print their tables (their numbers are not checked here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+
+
+def test_matcher_benchmark_prints_its_tables() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "matcher.py"), "--sizes", "300", "--seconds", "0.02",
+         "--scan-sizes", "50"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    lines = out.splitlines()
+    row = next(line for line in lines if line.startswith("| 300 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 10
+    assert cells[5].endswith("x")  # Rust/reference ratio was measured
+    assert any(line.startswith("| 50 |") for line in lines)
+    assert any(line.startswith("Machine: ") for line in lines)
