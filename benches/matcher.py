@@ -38,7 +38,7 @@ import pyrt
 from pyrt._reference import ReferenceMatcher
 from pyrt._reference import RowEvent as ReferenceRowEvent
 
-Value = None | bool | int | float | str
+Value = bool | int | float | str | None
 
 TABLES = ("orders", "messages", "profiles")
 WORDS = ("hello", "world", "urgent", "report")

@@ -6,7 +6,7 @@ __all__ = ["Matcher", "RowEvent", "__version__", "check_channel", "parse_filter"
 
 __version__: str
 
-_Value: TypeAlias = None | bool | int | float | str
+_Value: TypeAlias = bool | int | float | str | None
 _Condition: TypeAlias = tuple[str, str, bool, str | tuple[str, ...]]
 
 @final

@@ -29,7 +29,7 @@ __all__ = [
     "parse_filter",
 ]
 
-Value: TypeAlias = None | bool | int | float | str
+Value: TypeAlias = bool | int | float | str | None
 """A column value of a row, after RowEvent has normalised it."""
 
 _I64_MIN = -(2**63)
@@ -40,10 +40,22 @@ _U64_LIMIT = 2**64
 # ASCII-case-insensitively: str.lower() would also accept look-alikes such as the Kelvin sign,
 # which lowercases to "k".
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 
 
 def _ascii_lower(text: str) -> str:
     return text.translate(_ASCII_LOWER)
+
+
+def _ascii_upper(text: str) -> str:
+    return text.translate(_ASCII_UPPER)
+
+
+def _require_str(value: object, what: str, *, optional: bool = False) -> None:
+    # Argument types are checked before anything else, as pyo3 converts arguments before
+    # the compiled function body runs.
+    if not (isinstance(value, str) or (optional and value is None)):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,22 +80,20 @@ def check_channel(name: str, pattern: bool = False) -> None:
     (the ``:`` that follows it, or ``len(name)`` for a trailing one), so ``a::b c`` reports the
     empty segment at 2, not the space at 4.
     """
-    # The exact algorithm (the Rust side mirrors it); offsets count characters, not bytes:
-    #   1. name == ""                                 -> "empty channel name" at 0
-    #   2. len(name.encode("utf-8")) > 255            -> "channel name longer than 255 bytes" at 0
-    #   3. split name on ":" into segments; for each segment, left to right, at offset `start`:
-    #      a. the segment is ""                       -> "empty segment" at start
-    #      b. for each character c of the segment, left to right, at offset i:
-    #         c is "*" or ">":
-    #           not pattern                           -> "wildcards are only allowed in patterns" at i
-    #           the segment is longer than c          -> "wildcard must be a whole segment" at i
-    #           c is ">" and this is not the last segment
-    #                                                 -> "'>' is only allowed as the last segment" at i
-    #         c < U+0020, c == U+007F or c.isspace()  -> "invalid character U+XXXX" at i
-    #                                                    (uppercase hex, at least 4 digits)
-    #   The first problem met is raised; a valid name returns None.
-    if not isinstance(name, str):
-        raise TypeError(f"channel name must be str, not {type(name).__name__}")
+    # The exact algorithm, mirrored by the Rust side. Offsets count characters, not bytes.
+    #   1. name == ""                          -> "empty channel name" at 0
+    #   2. len(name.encode("utf-8")) > 255     -> "channel name longer than 255 bytes" at 0
+    #   3. Split name on ":". For each segment in turn, starting at offset `start`:
+    #      a. the segment is ""                -> "empty segment" at start
+    #      b. for each character c of the segment in turn, at offset i:
+    #         - c is "*" or ">":
+    #             not pattern                  -> "wildcards are only allowed in patterns" at i
+    #             len(segment) > 1             -> "wildcard must be a whole segment" at i
+    #             c is ">", not last segment   -> "'>' is only allowed as the last segment" at i
+    #         - c < U+0020, c == U+007F or c.isspace()
+    #                                          -> "invalid character U+XXXX" at i (%04X)
+    #   The first problem met is raised.
+    _require_str(name, "channel name")
     if name == "":
         raise ChannelNameError("empty channel name", 0)
     if len(name.encode("utf-8")) > _CHANNEL_MAX_BYTES:
@@ -105,7 +115,6 @@ def check_channel(name: str, pattern: bool = False) -> None:
             elif _is_invalid_channel_char(char):
                 raise ChannelNameError(f"invalid character U+{ord(char):04X}", offset)
         start += len(segment) + 1  # the segment and the ":" after it
-    return None
 
 
 def _channel_matches(pattern: Sequence[str], name: Sequence[str]) -> bool:
@@ -150,8 +159,9 @@ def parse_filter(text: str) -> list[Condition]:
     Raises FilterError for the first problem left to right (docs/matcher.md has the table).
     Where the doc leaves the choice open this parser decides as follows:
 
-    - The operator is the longest run of ASCII letters after ``=`` (and ``not.``): ``a=eq5``
-      is "expected '.' after operator" at 4, ``a=5`` is "unknown operator ''" at 2.
+    - The operator is all the text after ``=`` (and ``not.``) up to the next ``.``, ``,`` or
+      the end, so the error shows all of it: ``a=eq5.1`` is "unknown operator 'eq5'" at 2,
+      and "expected '.' after operator" happens only at a ``,`` or the end (``a=eq``).
     - ``not.`` is recognised only when followed by its dot: ``a=not`` is unknown operator 'not'.
     - The ``is`` value is raw text, quotes included: ``a=is."null"`` is an invalid is value.
     - A ``like``/``ilike`` pattern is checked for a trailing escape only after the whole value
@@ -159,8 +169,7 @@ def parse_filter(text: str) -> list[Condition]:
     - An unterminated quoted ``in`` item is "unterminated quoted value" at its quote; running
       out of text anywhere else inside a list is "unterminated list" at the ``(``.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"filter must be str, not {type(text).__name__}")
+    _require_str(text, "filter")
     if text == "":
         return []
     return _FilterParser(text).parse()
@@ -199,7 +208,7 @@ class _FilterParser:
         if negated:
             self.pos += len("not.")
         op_start = self.pos
-        while self._peek() != "" and self._peek() in string.ascii_letters:
+        while self._peek() not in ("", ".", ","):
             self.pos += 1
         op = self.text[op_start : self.pos]
         if op not in _OPERATORS:
@@ -224,7 +233,7 @@ class _FilterParser:
             if column == "":
                 raise FilterError("empty quoted column", start)
             return column
-        while self._peek() != "" and self._peek() in _COLUMN_CHARS:
+        while self._peek() in _COLUMN_CHARS:
             self.pos += 1
         if self.pos == start:
             raise FilterError("expected column name", start)
@@ -302,7 +311,7 @@ class _FilterParser:
                 else:
                     start = self.pos
                     while self._peek() not in ("", ",", ")"):
-                        if self._peek() in ('(', '"'):
+                        if self._peek() in ("(", '"'):
                             raise FilterError(f"unexpected '{self._peek()}' in list", self.pos)
                         self.pos += 1
                     if self._peek() == "":
@@ -438,7 +447,9 @@ def _apply(op: str, value: Value, literal: str | tuple[str, ...]) -> bool | None
     if op == "is":
         if literal == "null":
             return value is None
-        return value is (literal == "true")  # only the booleans themselves are true/false
+        if literal == "true":
+            return value is True
+        return value is False  # an int 0 or a string "false" is not false here
     if value is None:
         return None
     if op == "in":
@@ -482,21 +493,6 @@ def _evaluate(condition: Condition, row: Mapping[str, Value]) -> bool | None:
 _EVENT_TYPES = ("INSERT", "UPDATE", "DELETE")
 
 
-def _event_type(value: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"event type must be str, not {type(value).__name__}")
-    canonical = value.upper() if value.isascii() else value
-    if canonical not in _EVENT_TYPES:
-        raise ValueError(f"event type must be INSERT, UPDATE or DELETE, not {value!r}")
-    return canonical
-
-
-def _name(value: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"schema and table must be str, not {type(value).__name__}")
-    return value
-
-
 def _row_value(value: object) -> Value:
     if value is None or isinstance(value, bool):
         return value
@@ -525,22 +521,37 @@ def _row(values: Mapping[str, object] | None) -> Mapping[str, Value] | None:
     return MappingProxyType(row)
 
 
-@attrs.frozen(slots=True)
+@attrs.frozen(slots=True, init=False)
 class RowEvent:
     """A change to one row: INSERT and UPDATE are matched on ``record``, DELETE on ``old_record``.
 
     ``type`` is stored uppercase; values are stored normalised (integers outside the signed
-    64-bit range become floats).
+    64-bit range become floats). Raises TypeError for arguments that are not str, then
+    ValueError for an unknown type, then TypeError or OverflowError for a bad record.
     """
 
-    type: str = attrs.field(converter=_event_type)
-    schema: str = attrs.field(converter=_name)
-    table: str = attrs.field(converter=_name)
+    type: str
+    schema: str
+    table: str
     # Rows take no part in the hash: they are mappings, and equal events still hash equal.
-    record: Mapping[str, Value] | None = attrs.field(default=None, converter=_row, hash=False)
-    old_record: Mapping[str, Value] | None = attrs.field(
-        default=None, converter=_row, hash=False
-    )
+    record: Mapping[str, Value] | None = attrs.field(hash=False)
+    old_record: Mapping[str, Value] | None = attrs.field(hash=False)
+
+    def __init__(
+        self,
+        type: str,
+        schema: str,
+        table: str,
+        record: Mapping[str, object] | None = None,
+        old_record: Mapping[str, object] | None = None,
+    ) -> None:
+        _require_str(type, "event type")
+        _require_str(schema, "schema")
+        _require_str(table, "table")
+        canonical = _ascii_upper(type)
+        if canonical not in _EVENT_TYPES:
+            raise ValueError(f"event type must be INSERT, UPDATE or DELETE, not {type!r}")
+        self.__attrs_init__(canonical, schema, table, _row(record), _row(old_record))
 
     @property
     def row(self) -> Mapping[str, Value]:
@@ -580,9 +591,9 @@ class _RowSubscription:
         )
 
 
-def _subscription_id(sub_id: object) -> int:
+def _subscription_id(sub_id: int) -> int:
     """Read an id the way pyo3 reads a u64: TypeError for non-integers, else OverflowError."""
-    value = operator.index(sub_id)  # type: ignore[arg-type]
+    value = operator.index(sub_id)
     if not 0 <= value < _U64_LIMIT:
         raise OverflowError(f"subscription id {value} is outside 0 .. 2**64-1")
     return value
@@ -597,22 +608,23 @@ class ReferenceMatcher:
     def __len__(self) -> int:
         return len(self._subscriptions)
 
-    def __contains__(self, sub_id: int) -> bool:
-        return _subscription_id(sub_id) in self._subscriptions
+    def __contains__(self, sub_id: object) -> bool:
+        # Like `in` on a dict: something that cannot be an id is simply not present.
+        return isinstance(sub_id, int) and sub_id in self._subscriptions
 
-    def _new_id(self, sub_id: int) -> int:
-        sub_id = _subscription_id(sub_id)
+    def _check_new(self, sub_id: int) -> None:
         if sub_id in self._subscriptions:
             raise ValueError(f"subscription id {sub_id} is already present")
-        return sub_id
 
     def add_channel(self, sub_id: int, pattern: str) -> None:
         """Subscribe *sub_id* to the channels *pattern* matches.
 
-        Checks, in order: the id (TypeError, OverflowError), a duplicate id (ValueError), then
-        the pattern (ChannelNameError).
+        Checks, in order: the argument types (TypeError, OverflowError for the id), a
+        duplicate id (ValueError), then the pattern (ChannelNameError).
         """
-        sub_id = self._new_id(sub_id)
+        sub_id = _subscription_id(sub_id)
+        _require_str(pattern, "pattern")
+        self._check_new(sub_id)
         check_channel(pattern, pattern=True)
         self._subscriptions[sub_id] = _ChannelSubscription(tuple(pattern.split(":")))
 
@@ -621,15 +633,16 @@ class ReferenceMatcher:
     ) -> None:
         """Subscribe *sub_id* to row changes; ``"*"`` is any event, schema or table.
 
-        Checks, in order: the id, a duplicate id, then event, schema, table and filter
-        (FilterError); nothing is stored if any check fails.
+        Checks, in order: the argument types, a duplicate id, then event, schema, table and
+        filter (FilterError); nothing is stored if any check fails.
         """
-        sub_id = self._new_id(sub_id)
-        for argument in (event, schema, table):
-            _name(argument)
-        if filter is not None and not isinstance(filter, str):
-            raise TypeError(f"filter must be str or None, not {type(filter).__name__}")
-        canonical_event = _ascii_lower(event).upper()
+        sub_id = _subscription_id(sub_id)
+        _require_str(event, "event")
+        _require_str(schema, "schema")
+        _require_str(table, "table")
+        _require_str(filter, "filter", optional=True)
+        self._check_new(sub_id)
+        canonical_event = _ascii_upper(event)
         if canonical_event not in (*_EVENT_TYPES, "*"):
             raise FilterError(f"unknown event '{event}'", 0)
         if schema == "":
