@@ -5,7 +5,8 @@
 
 For each size N it builds a matcher with N subscriptions, then times batch calls of
 `Matcher.match_rows` over pre-built events (events are made once, outside the timed loop: in
-the hub, WAL events reach the matcher already in Rust). It prints events/s for Rust and for the
+the hub, WAL events reach the matcher already in Rust), cycling through --events distinct
+events with random keys. It prints events/s for Rust and for the
 pure-Python reference, their ratio, time per event, matches per event, subscribe/remove rates
 and memory per subscription, then the machine it ran on.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import random
@@ -196,9 +198,9 @@ def run_rust(
     }
 
 
-def run_size(n: int, seconds: float, reference: bool) -> list[str]:
+def run_size(n: int, seconds: float, reference: bool, event_count: int) -> list[str]:
     subs = subscriptions(n)
-    args = event_args(n, 4096)
+    args = event_args(n, event_count)
     rust = run_rust(subs, args, seconds)
     rust_rate, per_event = rust["rate"], rust["per_event"]
     ref_cell = ratio = "-"
@@ -209,7 +211,8 @@ def run_size(n: int, seconds: float, reference: bool) -> list[str]:
         # Batches of a few events, so the slow reference still finishes within the budget.
         ref_rate, ref_per_event = timed(lambda: r.match_rows(ref_events[:4]), 4, budget)
         if abs(ref_per_event - per_event) > 0.5 + per_event:
-            print(f"  note: reference averaged {ref_per_event:.2f} matches/event over fewer events")
+            note = f"note: reference averaged {ref_per_event:.2f} matches/event over fewer events"
+            print(note, file=sys.stderr)
         ref_cell, ratio = fmt_rate(ref_rate), f"{rust_rate / ref_rate:,.0f}x"
         del r
     return [
@@ -227,6 +230,7 @@ def run_size(n: int, seconds: float, reference: bool) -> list[str]:
 
 
 def run_scan(n: int, seconds: float) -> list[str]:
+    """N range-only subscriptions: each is evaluated for every event."""
     m = pyrt.Matcher()
     for i in range(n):
         m.add_rows(i, "*", "public", "orders", f"amount=gt.{i % 1000}")
@@ -255,7 +259,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     parser.add_argument("--no-reference", action="store_true", help="skip the Python reference")
     parser.add_argument("--scan-sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000])
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=4096,
+        help="distinct pre-built events cycled through (more events: colder caches)",
+    )
+    parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one_size is not None:
+        # Worker mode: one size, one row, as JSON on stdout.
+        print(json.dumps(run_size(args.one_size, args.seconds, not args.no_reference, args.events)))
+        return 0
 
     header = [
         "subscriptions", "Rust events/s", "per event", "matches/event", "reference events/s",
@@ -263,7 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]  # fmt: skip
     rows = []
     for n in args.sizes:
-        rows.append(run_size(n, args.seconds, not args.no_reference))
+        # Each size in a fresh process, so one size's heap (a freed million-subscription
+        # reference matcher, say) does not slow the next one down.
+        command = [sys.executable, __file__, "--one-size", str(n), "--seconds", str(args.seconds)]
+        command += ["--events", str(args.events)] + (
+            ["--no-reference"] if args.no_reference else []
+        )
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.splitlines()[-1]))
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print(f"## match_rows, mixed workload ({' '.join(sys.argv[1:]) or 'defaults'})\n")
     print(table(header, rows))

@@ -25,6 +25,19 @@ def test_row_event_round_trips_values() -> None:
     assert "UPDATE" in repr(ev)
 
 
+def test_row_events_are_values() -> None:
+    a = RowEvent("insert", "s", "t", {"a": 1, "b": "x"}, None)
+    b = RowEvent("INSERT", "s", "t", {"b": "x", "a": 1.0})  # order and 1 == 1.0 as in Python
+    assert a == b
+    assert hash(a) == hash(b)
+    assert len({a, b}) == 1
+    assert a != RowEvent("INSERT", "s", "t", {"a": 2, "b": "x"})
+    assert a != RowEvent("INSERT", "s", "t", {"a": 1, "b": "x"}, {"a": 1})
+    assert a != RowEvent("UPDATE", "s", "t", {"a": 1, "b": "x"})
+    assert a != RowEvent("INSERT", "s", "u", {"a": 1, "b": "x"})
+    assert a != ("INSERT", "s", "t")
+
+
 def test_row_event_accepts_any_mapping() -> None:
     ev = RowEvent("INSERT", "s", "t", collections.OrderedDict(a=1))
     assert ev.record == {"a": 1}

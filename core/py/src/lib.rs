@@ -104,6 +104,15 @@ fn row_to_py<'py>(py: Python<'py>, row: &Option<Row>) -> PyResult<Option<Bound<'
     Ok(Some(d))
 }
 
+/// Compares two optional rows as Python dicts.
+fn rows_equal(py: Python<'_>, a: &Option<Row>, b: &Option<Row>) -> PyResult<bool> {
+    match (row_to_py(py, a)?, row_to_py(py, b)?) {
+        (None, None) => Ok(true),
+        (Some(a), Some(b)) => a.eq(b),
+        _ => Ok(false),
+    }
+}
+
 /// One row change: INSERT and UPDATE are matched on `record`, DELETE on `old_record`.
 #[pyclass(frozen, module = "pyrt._core", name = "RowEvent")]
 struct RowEvent {
@@ -161,6 +170,29 @@ impl RowEvent {
     #[getter]
     fn old_record<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         row_to_py(py, &self.inner.old_record)
+    }
+
+    /// Events are values: equal when type, schema, table and both rows are equal, the rows
+    /// compared as Python dicts (so `1 == 1.0` and column order does not matter).
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let Ok(other) = other.cast::<RowEvent>() else {
+            return Ok(py.NotImplemented());
+        };
+        let (a, b) = (&self.inner, &other.get().inner);
+        let equal = a.kind == b.kind
+            && a.schema == b.schema
+            && a.table == b.table
+            && rows_equal(py, &a.record, &b.record)?
+            && rows_equal(py, &a.old_record, &b.old_record)?;
+        Ok(PyBool::new(py, equal).to_owned().into_any().unbind())
+    }
+
+    /// Hashes what identifies the change, not the rows (which hold floats and may be large).
+    fn __hash__(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.inner.kind, &*self.inner.schema, &*self.inner.table).hash(&mut h);
+        h.finish()
     }
 
     fn __repr__(&self) -> String {
