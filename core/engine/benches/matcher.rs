@@ -8,7 +8,14 @@ fn build(n: u64) -> Matcher {
     let mut m = Matcher::new();
     for i in 0..n {
         let table = ["orders", "messages", "profiles"][(i % 3) as usize];
-        m.add_rows(i, "*", "public", table, Some(&format!("user_id=eq.{}", i / 3))).unwrap();
+        m.add_rows(
+            i,
+            "*",
+            "public",
+            table,
+            Some(&format!("user_id=eq.{}", i / 3)),
+        )
+        .unwrap();
     }
     m
 }

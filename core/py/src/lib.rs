@@ -226,7 +226,9 @@ impl Matcher {
 
     /// Subscribes `sub_id` to channels matching `pattern`.
     fn add_channel(&mut self, py: Python<'_>, sub_id: u64, pattern: &str) -> PyResult<()> {
-        self.inner.add_channel(sub_id, pattern).map_err(|e| add_error(py, e))
+        self.inner
+            .add_channel(sub_id, pattern)
+            .map_err(|e| add_error(py, e))
     }
 
     /// Subscribes `sub_id` to row changes matching `event`, `schema`, `table` and `filter`.
@@ -240,7 +242,9 @@ impl Matcher {
         table: &str,
         filter: Option<&str>,
     ) -> PyResult<()> {
-        self.inner.add_rows(sub_id, event, schema, table, filter).map_err(|e| add_error(py, e))
+        self.inner
+            .add_rows(sub_id, event, schema, table, filter)
+            .map_err(|e| add_error(py, e))
     }
 
     /// Removes `sub_id`; returns whether it was present.
@@ -253,11 +257,17 @@ impl Matcher {
     }
 
     fn __contains__(&self, sub_id: &Bound<'_, PyAny>) -> bool {
-        sub_id.extract::<u64>().is_ok_and(|id| self.inner.contains(id))
+        sub_id
+            .extract::<u64>()
+            .is_ok_and(|id| self.inner.contains(id))
     }
 
     /// Ids of channel subscriptions matching the concrete channel name.
-    fn match_channel<'py>(&mut self, py: Python<'py>, channel: &str) -> PyResult<Bound<'py, PyList>> {
+    fn match_channel<'py>(
+        &mut self,
+        py: Python<'py>,
+        channel: &str,
+    ) -> PyResult<Bound<'py, PyList>> {
         self.scratch.clear();
         self.inner
             .match_channel(channel, &mut self.scratch)
@@ -283,14 +293,22 @@ impl Matcher {
     }
 
     /// Ids of row subscriptions that want `event`.
-    fn match_row<'py>(&mut self, py: Python<'py>, event: &Bound<'py, RowEvent>) -> PyResult<Bound<'py, PyList>> {
+    fn match_row<'py>(
+        &mut self,
+        py: Python<'py>,
+        event: &Bound<'py, RowEvent>,
+    ) -> PyResult<Bound<'py, PyList>> {
         self.scratch.clear();
         self.inner.match_row(&event.get().inner, &mut self.scratch);
         PyList::new(py, &self.scratch)
     }
 
     /// `match_row` for each event: one list of ids per event.
-    fn match_rows<'py>(&mut self, py: Python<'py>, events: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+    fn match_rows<'py>(
+        &mut self,
+        py: Python<'py>,
+        events: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         for event in events.try_iter()? {
             let event = event?;
@@ -317,8 +335,8 @@ impl Matcher {
 /// Parses a row filter into `(column, operator, negated, value)` tuples; raises FilterError.
 #[pyfunction]
 fn parse_filter<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyList>> {
-    let filter =
-        Filter::parse(text).map_err(|e| positioned_error(py, "FilterError", &e.reason, e.position))?;
+    let filter = Filter::parse(text)
+        .map_err(|e| positioned_error(py, "FilterError", &e.reason, e.position))?;
     let out = PyList::empty(py);
     for c in filter.conditions.iter() {
         let value: Bound<'py, PyAny> = match &c.test {

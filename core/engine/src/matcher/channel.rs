@@ -1,35 +1,13 @@
 //! Channel names, channel patterns (`*` one segment, `>` one or more trailing segments) and
 //! the segment trie that matches a name against every pattern at once.
 
-use std::fmt;
-
 use ahash::AHashMap;
 
+use super::error::ChannelNameError;
 use super::subset::{Member, SubSet};
 
 pub const MAX_CHANNEL_BYTES: usize = 255;
 pub const SEPARATOR: char = ':';
-
-/// A channel name or pattern that is not valid: what is wrong and at which character offset.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChannelNameError {
-    pub reason: String,
-    pub position: usize,
-}
-
-impl ChannelNameError {
-    fn new(reason: impl Into<String>, position: usize) -> Self {
-        Self { reason: reason.into(), position }
-    }
-}
-
-impl fmt::Display for ChannelNameError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (at position {})", self.reason, self.position)
-    }
-}
-
-impl std::error::Error for ChannelNameError {}
 
 /// Checks a channel name (`pattern == false`) or pattern, left to right, segment by segment.
 ///
@@ -40,7 +18,10 @@ pub fn check_channel(name: &str, pattern: bool) -> Result<(), ChannelNameError> 
         return Err(ChannelNameError::new("empty channel name", 0));
     }
     if name.len() > MAX_CHANNEL_BYTES {
-        return Err(ChannelNameError::new("channel name longer than 255 bytes", 0));
+        return Err(ChannelNameError::new(
+            "channel name longer than 255 bytes",
+            0,
+        ));
     }
     let segment_count = name.split(SEPARATOR).count();
     let mut offset = 0usize;
@@ -52,7 +33,10 @@ pub fn check_channel(name: &str, pattern: bool) -> Result<(), ChannelNameError> 
         if pattern && segment == "*" {
         } else if pattern && segment == ">" {
             if index + 1 != segment_count {
-                return Err(ChannelNameError::new("'>' is only allowed as the last segment", offset));
+                return Err(ChannelNameError::new(
+                    "'>' is only allowed as the last segment",
+                    offset,
+                ));
             }
         } else {
             for (i, c) in segment.chars().enumerate() {
@@ -96,7 +80,10 @@ pub(crate) struct TrieNode {
 
 impl TrieNode {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.star.is_none() && self.exact.is_empty() && self.tail.is_empty()
+        self.children.is_empty()
+            && self.star.is_none()
+            && self.exact.is_empty()
+            && self.tail.is_empty()
     }
 
     /// Files `member` under a valid pattern.
@@ -165,7 +152,11 @@ impl TrieNode {
     }
 
     pub(crate) fn node_count(&self) -> usize {
-        1 + self.children.values().map(TrieNode::node_count).sum::<usize>()
+        1 + self
+            .children
+            .values()
+            .map(TrieNode::node_count)
+            .sum::<usize>()
             + self.star.as_ref().map_or(0, |s| s.node_count())
     }
 }
@@ -189,21 +180,43 @@ mod tests {
             check_channel(ok, true).unwrap();
         }
         assert_eq!(err("", false), ("empty channel name".into(), 0));
-        assert_eq!(err(&"x".repeat(256), false).0, "channel name longer than 255 bytes");
+        assert_eq!(
+            err(&"x".repeat(256), false).0,
+            "channel name longer than 255 bytes"
+        );
         assert_eq!(err("a::b", false), ("empty segment".into(), 2));
         assert_eq!(err(":a", false), ("empty segment".into(), 0));
         assert_eq!(err("a:", false), ("empty segment".into(), 2));
         assert_eq!(err("a b", false), ("invalid character U+0020".into(), 1));
-        assert_eq!(err("a\u{7f}", false), ("invalid character U+007F".into(), 1));
-        assert_eq!(err("room:*", false), ("wildcards are only allowed in patterns".into(), 5));
-        assert_eq!(err("room*", true), ("wildcard must be a whole segment".into(), 4));
-        assert_eq!(err(">:a", true), ("'>' is only allowed as the last segment".into(), 0));
+        assert_eq!(
+            err("a\u{7f}", false),
+            ("invalid character U+007F".into(), 1)
+        );
+        assert_eq!(
+            err("room:*", false),
+            ("wildcards are only allowed in patterns".into(), 5)
+        );
+        assert_eq!(
+            err("room*", true),
+            ("wildcard must be a whole segment".into(), 4)
+        );
+        assert_eq!(
+            err(">:a", true),
+            ("'>' is only allowed as the last segment".into(), 0)
+        );
     }
 
     fn matches(patterns: &[&str], name: &str) -> Vec<u32> {
         let mut root = TrieNode::default();
         for (slot, p) in patterns.iter().enumerate() {
-            root.insert(p, Member { slot: slot as u32, flags: 0, id: slot as u64 });
+            root.insert(
+                p,
+                Member {
+                    slot: slot as u32,
+                    flags: 0,
+                    id: slot as u64,
+                },
+            );
         }
         let segments: Vec<&str> = name.split(SEPARATOR).collect();
         let mut out = Vec::new();
@@ -214,7 +227,16 @@ mod tests {
 
     #[test]
     fn wildcards() {
-        let p = ["room:1", "room:*", "room:>", "*:1", ">", "room", "room:1:chat", "*"];
+        let p = [
+            "room:1",
+            "room:*",
+            "room:>",
+            "*:1",
+            ">",
+            "room",
+            "room:1:chat",
+            "*",
+        ];
         assert_eq!(matches(&p, "room:1"), [0, 1, 2, 3, 4]);
         assert_eq!(matches(&p, "room"), [4, 5, 7]);
         assert_eq!(matches(&p, "room:1:chat"), [2, 4, 6]);
@@ -224,8 +246,22 @@ mod tests {
     #[test]
     fn remove_prunes() {
         let mut root = TrieNode::default();
-        root.insert("a:b:c", Member { slot: 1, flags: 0, id: 1 });
-        root.insert("a:*:>", Member { slot: 2, flags: 0, id: 2 });
+        root.insert(
+            "a:b:c",
+            Member {
+                slot: 1,
+                flags: 0,
+                id: 1,
+            },
+        );
+        root.insert(
+            "a:*:>",
+            Member {
+                slot: 2,
+                flags: 0,
+                id: 2,
+            },
+        );
         assert!(root.node_count() > 1);
         root.remove("a:b:c", 1);
         root.remove("a:*:>", 2);

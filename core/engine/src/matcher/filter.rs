@@ -3,31 +3,9 @@
 //! Written by hand because no crate parses PostgREST filters, and because errors must name
 //! the exact character offset where a filter went wrong.
 
+use super::error::FilterError;
+use super::value::{LikePattern, Literal, Row, Value};
 use std::cmp::Ordering;
-use std::fmt;
-
-use super::value::{Literal, LikePattern, Row, Value};
-
-/// A filter rejected at subscribe time: what is wrong and at which character offset.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FilterError {
-    pub reason: String,
-    pub position: usize,
-}
-
-impl FilterError {
-    fn new(reason: impl Into<String>, position: usize) -> Self {
-        Self { reason: reason.into(), position }
-    }
-}
-
-impl fmt::Display for FilterError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (at position {})", self.reason, self.position)
-    }
-}
-
-impl std::error::Error for FilterError {}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operator {
@@ -132,18 +110,20 @@ impl Condition {
                 if matches!(value, Value::Null) {
                     return None;
                 }
-                items.iter().any(|l| l.compare(value) == Some(Ordering::Equal))
+                items
+                    .iter()
+                    .any(|l| l.compare(value) == Some(Ordering::Equal))
             }
             Test::Like(pattern, _) => match value {
                 Value::Text(s) => pattern.matches(s),
                 _ => return None,
             },
-            Test::Is(what) => match (what, value) {
-                (IsValue::Null, Value::Null) => true,
-                (IsValue::True, Value::Bool(true)) => true,
-                (IsValue::False, Value::Bool(false)) => true,
-                _ => false,
-            },
+            Test::Is(what) => matches!(
+                (what, value),
+                (IsValue::Null, Value::Null)
+                    | (IsValue::True, Value::Bool(true))
+                    | (IsValue::False, Value::Bool(false))
+            ),
         };
         Some(result != self.negated)
     }
@@ -175,7 +155,9 @@ impl Filter {
 
     /// Every condition true (unknown excludes).
     pub fn matches(&self, row: &Row) -> bool {
-        self.conditions.iter().all(|c| c.evaluate(row) == Some(true))
+        self.conditions
+            .iter()
+            .all(|c| c.evaluate(row) == Some(true))
     }
 
     /// Which condition an equality index should use: the first `eq`, else the first `in`.
@@ -200,7 +182,10 @@ fn is_column_char(c: char) -> bool {
 
 impl Parser {
     fn new(text: &str) -> Self {
-        Self { chars: text.chars().collect(), pos: 0 }
+        Self {
+            chars: text.chars().collect(),
+            pos: 0,
+        }
     }
 
     fn peek(&self) -> Option<char> {
@@ -224,7 +209,9 @@ impl Parser {
                 Some(_) => unreachable!("every condition ends at ',' or the end"),
             }
         }
-        Ok(Filter { conditions: conditions.into() })
+        Ok(Filter {
+            conditions: conditions.into(),
+        })
     }
 
     fn condition(&mut self) -> Result<Condition, FilterError> {
@@ -261,7 +248,12 @@ impl Parser {
             }
             op => Test::Compare(op, Literal::new(&self.value()?)),
         };
-        Ok(Condition { column: column.into(), negated, operator, test })
+        Ok(Condition {
+            column: column.into(),
+            negated,
+            operator,
+            test,
+        })
     }
 
     fn column(&mut self) -> Result<String, FilterError> {
@@ -326,13 +318,19 @@ impl Parser {
                 .quoted()
                 .ok_or_else(|| FilterError::new("unterminated quoted value", start))?;
             if !self.at_condition_end() {
-                return Err(FilterError::new("expected ',' after quoted value", self.pos));
+                return Err(FilterError::new(
+                    "expected ',' after quoted value",
+                    self.pos,
+                ));
             }
             return Ok(value);
         }
         while !self.at_condition_end() {
             if self.peek() == Some('"') {
-                return Err(FilterError::new("unexpected '\"' in unquoted value", self.pos));
+                return Err(FilterError::new(
+                    "unexpected '\"' in unquoted value",
+                    self.pos,
+                ));
             }
             self.pos += 1;
         }
@@ -437,7 +435,11 @@ mod tests {
     fn parses_every_operator() {
         let f = Filter::parse(r#"a=eq.1,b=not.in.(x, "y,z" ,),c=is.NULL,d=ilike.*x\_,"e f"=gt.2"#)
             .unwrap();
-        let ops: Vec<_> = f.conditions.iter().map(|c| (&*c.column, c.negated, c.operator)).collect();
+        let ops: Vec<_> = f
+            .conditions
+            .iter()
+            .map(|c| (&*c.column, c.negated, c.operator))
+            .collect();
         assert_eq!(
             ops,
             [
@@ -472,7 +474,10 @@ mod tests {
         assert_eq!(err("a=not"), e("unknown operator 'not'", 2));
         assert_eq!(err("a=eq"), e("expected '.' after operator", 4));
         assert_eq!(err("a=eq,b=eq.1"), e("expected '.' after operator", 4));
-        assert_eq!(err(r#"a=eq.x"y"#), e("unexpected '\"' in unquoted value", 6));
+        assert_eq!(
+            err(r#"a=eq.x"y"#),
+            e("unexpected '\"' in unquoted value", 6)
+        );
         assert_eq!(err(r#"a=eq."x"y"#), e("expected ',' after quoted value", 8));
         assert_eq!(err(r#"a=eq."x"#), e("unterminated quoted value", 5));
         assert_eq!(err("a=in.1"), e("expected '(' after in.", 5));
@@ -482,14 +487,19 @@ mod tests {
         assert_eq!(err("a=in.(1)x"), e("expected ',' after list", 8));
         assert_eq!(
             err("a=is.nil"),
-            e("invalid is value 'nil', expected null, true, false or unknown", 5)
+            e(
+                "invalid is value 'nil', expected null, true, false or unknown",
+                5
+            )
         );
         assert_eq!(err(r"a=like.x\"), e("pattern ends with an escape", 7));
     }
 
     #[test]
     fn three_valued_logic() {
-        let row: Row = [("n", Value::Null), ("x", Value::Int(3))].into_iter().collect();
+        let row: Row = [("n", Value::Null), ("x", Value::Int(3))]
+            .into_iter()
+            .collect();
         let eval = |f: &str| Filter::parse(f).unwrap().conditions[0].evaluate(&row);
         assert_eq!(eval("n=eq.1"), None);
         assert_eq!(eval("n=not.eq.1"), None);

@@ -1,6 +1,7 @@
 //! The subscription matcher: which subscriptions want this event? (docs/matcher.md)
 
 mod channel;
+mod error;
 mod filter;
 mod rows;
 mod subset;
@@ -11,10 +12,11 @@ use std::fmt;
 use ahash::AHashMap;
 use slab::Slab;
 
-pub use channel::{check_channel, ChannelNameError, MAX_CHANNEL_BYTES, SEPARATOR};
-pub use filter::{Condition, Filter, FilterError, IsValue, Operator, Test};
+pub use channel::{check_channel, MAX_CHANNEL_BYTES, SEPARATOR};
+pub use error::{ChannelNameError, FilterError, PositionedError};
+pub use filter::{Condition, Filter, IsValue, Operator, Test};
 pub use rows::{ANY_EVENT, DELETE, INSERT, UPDATE};
-pub use value::{parse_bool, parse_int, parse_number, Literal, LikePattern, Row, Value};
+pub use value::{parse_bool, parse_int, parse_number, LikePattern, Literal, Row, Value};
 
 use channel::TrieNode;
 use rows::{Group, RowSubscription};
@@ -162,7 +164,8 @@ impl Matcher {
         }
         check_channel(pattern, true).map_err(AddError::Channel)?;
         let slot = self.store(id, Subscription::Channel(pattern.into()));
-        self.channels.insert(pattern, subset::Member { slot, flags: 0, id });
+        self.channels
+            .insert(pattern, subset::Member { slot, flags: 0, id });
         Ok(())
     }
 
@@ -179,7 +182,12 @@ impl Matcher {
         if self.contains(id) {
             return Err(AddError::DuplicateId(id));
         }
-        let fail = |reason: String| AddError::Filter(FilterError { reason, position: 0 });
+        let fail = |reason: String| {
+            AddError::Filter(FilterError {
+                reason,
+                position: 0,
+            })
+        };
         let events = match ChangeKind::parse(event) {
             Some(kind) => kind.bit(),
             None if event == "*" => ANY_EVENT,
@@ -202,7 +210,12 @@ impl Matcher {
                 g
             }
         };
-        let sub = RowSubscription { events, group, indexed, filter };
+        let sub = RowSubscription {
+            events,
+            group,
+            indexed,
+            filter,
+        };
         let slot = u32::try_from(self.subs.vacant_key()).expect("fewer than 2**32 subscriptions");
         self.groups[group as usize].insert(&sub, sub.member(id, slot));
         let stored = self.store(id, Subscription::Rows(sub));
@@ -242,7 +255,11 @@ impl Matcher {
     }
 
     /// Appends to `out` the ids of channel subscriptions matching the concrete name `channel`.
-    pub fn match_channel(&self, channel: &str, out: &mut Vec<SubId>) -> Result<(), ChannelNameError> {
+    pub fn match_channel(
+        &self,
+        channel: &str,
+        out: &mut Vec<SubId>,
+    ) -> Result<(), ChannelNameError> {
         check_channel(channel, false)?;
         let segments: Vec<&str> = channel.split(SEPARATOR).collect();
         self.channels.collect(&segments, &mut |m| out.push(m.id));
@@ -260,7 +277,9 @@ impl Matcher {
         };
         let mut found = |id: SubId| out.push(id);
         for schema in wildcard_keys(&event.schema) {
-            let Some(tables) = self.group_slots.get(schema) else { continue };
+            let Some(tables) = self.group_slots.get(schema) else {
+                continue;
+            };
             for table in wildcard_keys(&event.table) {
                 if let Some(g) = tables.get(table) {
                     self.groups[*g as usize].collect(bit, row, sub_at, &mut found);

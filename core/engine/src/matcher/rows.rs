@@ -27,7 +27,11 @@ impl RowSubscription {
     /// How this subscription is filed in index buckets.
     pub(crate) fn member(&self, id: u64, slot: u32) -> Member {
         let exact = self.indexed.is_some() && self.filter.conditions.len() == 1;
-        Member { slot, id, flags: self.events | if exact { EXACT } else { 0 } }
+        Member {
+            slot,
+            id,
+            flags: self.events | if exact { EXACT } else { 0 },
+        }
     }
 }
 
@@ -50,7 +54,10 @@ impl<'a> Key<'a> {
         match value {
             Value::Null => None,
             Value::Bool(b) => Some((Key::Bool(*b), true)),
-            Value::Int(i) => Some((Key::Number(number_key(*i as f64)), i.unsigned_abs() < 1 << 53)),
+            Value::Int(i) => Some((
+                Key::Number(number_key(*i as f64)),
+                i.unsigned_abs() < 1 << 53,
+            )),
             Value::Float(f) => Some((Key::Number(number_key(*f)), true)),
             Value::Text(s) => Some((Key::Text(s), true)),
         }
@@ -131,9 +138,7 @@ impl ColumnIndex {
     }
 
     fn is_empty(&self) -> bool {
-        self.text.is_empty()
-            && self.number.is_empty()
-            && self.boolean.iter().all(SubSet::is_empty)
+        self.text.is_empty() && self.number.is_empty() && self.boolean.iter().all(SubSet::is_empty)
     }
 }
 
@@ -149,14 +154,20 @@ pub(crate) struct Group {
 
 impl Group {
     pub(crate) fn new(schema: &str, table: &str) -> Self {
-        Self { schema: schema.into(), table: table.into(), ..Self::default() }
+        Self {
+            schema: schema.into(),
+            table: table.into(),
+            ..Self::default()
+        }
     }
 
     pub(crate) fn insert(&mut self, sub: &RowSubscription, member: Member) {
         match sub.indexed {
             Some(i) => {
                 let condition: &Condition = &sub.filter.conditions[i as usize];
-                let literals = condition.index_literals().expect("indexed conditions have literals");
+                let literals = condition
+                    .index_literals()
+                    .expect("indexed conditions have literals");
                 let column = self.columns.entry(condition.column.clone()).or_default();
                 for key in Key::of_literals(literals) {
                     column.insert(key, member);
@@ -171,7 +182,9 @@ impl Group {
         match sub.indexed {
             Some(i) => {
                 let condition = &sub.filter.conditions[i as usize];
-                let literals = condition.index_literals().expect("indexed conditions have literals");
+                let literals = condition
+                    .index_literals()
+                    .expect("indexed conditions have literals");
                 if let Some(column) = self.columns.get_mut(&condition.column) {
                     for key in Key::of_literals(literals) {
                         column.remove(key, slot);
@@ -209,8 +222,12 @@ impl Group {
             }
         });
         for (column, index) in &self.columns {
-            let Some((key, exact)) = row.get(column).and_then(Key::of_value) else { continue };
-            let Some(bucket) = index.lookup(key) else { continue };
+            let Some((key, exact)) = row.get(column).and_then(Key::of_value) else {
+                continue;
+            };
+            let Some(bucket) = index.lookup(key) else {
+                continue;
+            };
             bucket.for_each(&mut |m| {
                 if m.flags & event != 0
                     && ((exact && m.flags & EXACT != 0) || sub_at(m.slot).filter.matches(row))

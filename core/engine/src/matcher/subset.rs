@@ -80,7 +80,9 @@ impl SubSet {
                 let removed = s.swap_remove(&slot).is_some();
                 if s.len() <= SMALL_LIMIT / 2 {
                     *self = SubSet::Small(
-                        s.iter().map(|(&slot, &(id, flags))| Member { slot, flags, id }).collect(),
+                        s.iter()
+                            .map(|(&slot, &(id, flags))| Member { slot, flags, id })
+                            .collect(),
                     );
                 }
                 removed
@@ -120,7 +122,11 @@ mod tests {
     use super::*;
 
     fn m(slot: u32) -> Member {
-        Member { slot, flags: 1, id: u64::from(slot) + 1000 }
+        Member {
+            slot,
+            flags: 1,
+            id: u64::from(slot) + 1000,
+        }
     }
 
     #[test]

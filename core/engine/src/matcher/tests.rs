@@ -14,7 +14,13 @@ fn ev(kind: ChangeKind, schema: &str, table: &str, r: Row) -> RowEvent {
         ChangeKind::Delete => (None, Some(r)),
         _ => (Some(r), None),
     };
-    RowEvent { kind, schema: schema.into(), table: table.into(), record, old_record }
+    RowEvent {
+        kind,
+        schema: schema.into(),
+        table: table.into(),
+        record,
+        old_record,
+    }
 }
 
 fn matched(m: &Matcher, e: &RowEvent) -> Vec<SubId> {
@@ -37,13 +43,33 @@ fn doc_example() {
     m.add_channel(1, "room:42").unwrap();
     m.add_channel(2, "room:*").unwrap();
     m.add_channel(3, "room:>").unwrap();
-    m.add_rows(4, "UPDATE", "public", "orders", Some("status=eq.shipped,total=gt.100")).unwrap();
+    m.add_rows(
+        4,
+        "UPDATE",
+        "public",
+        "orders",
+        Some("status=eq.shipped,total=gt.100"),
+    )
+    .unwrap();
     m.add_rows(5, "*", "public", "*", None).unwrap();
     assert_eq!(channel(&m, "room:42"), [1, 2, 3]);
-    let r = row(&[("id", Value::Int(7)), ("status", Value::Text("shipped".into())), ("total", Value::Float(250.0))]);
-    assert_eq!(matched(&m, &ev(ChangeKind::Update, "public", "orders", r.clone())), [4, 5]);
-    assert_eq!(matched(&m, &ev(ChangeKind::Insert, "public", "orders", r.clone())), [5]);
-    assert_eq!(matched(&m, &ev(ChangeKind::Update, "other", "orders", r)), Vec::<SubId>::new());
+    let r = row(&[
+        ("id", Value::Int(7)),
+        ("status", Value::Text("shipped".into())),
+        ("total", Value::Float(250.0)),
+    ]);
+    assert_eq!(
+        matched(&m, &ev(ChangeKind::Update, "public", "orders", r.clone())),
+        [4, 5]
+    );
+    assert_eq!(
+        matched(&m, &ev(ChangeKind::Insert, "public", "orders", r.clone())),
+        [5]
+    );
+    assert_eq!(
+        matched(&m, &ev(ChangeKind::Update, "other", "orders", r)),
+        Vec::<SubId>::new()
+    );
     assert!(m.remove(4));
     assert!(!m.remove(4));
     assert_eq!(m.len(), 4);
@@ -52,17 +78,33 @@ fn doc_example() {
 #[test]
 fn add_errors() {
     let mut m = Matcher::new();
-    m.add_rows(1, "insert", "public", "t", Some("a=eq.1")).unwrap();
+    m.add_rows(1, "insert", "public", "t", Some("a=eq.1"))
+        .unwrap();
     assert_eq!(m.add_channel(1, "x"), Err(AddError::DuplicateId(1)));
     let reason = |r: Result<(), AddError>| match r {
         Err(AddError::Filter(e)) => (e.reason, e.position),
         other => panic!("{other:?}"),
     };
-    assert_eq!(reason(m.add_rows(2, "UPSERT", "s", "t", None)), ("unknown event 'UPSERT'".into(), 0));
-    assert_eq!(reason(m.add_rows(2, "*", "", "t", None)), ("empty schema".into(), 0));
-    assert_eq!(reason(m.add_rows(2, "*", "s", "", None)), ("empty table".into(), 0));
-    assert_eq!(reason(m.add_rows(2, "*", "s", "t", Some("a=xx.1"))), ("unknown operator 'xx'".into(), 2));
-    assert!(matches!(m.add_channel(2, "a::b"), Err(AddError::Channel(_))));
+    assert_eq!(
+        reason(m.add_rows(2, "UPSERT", "s", "t", None)),
+        ("unknown event 'UPSERT'".into(), 0)
+    );
+    assert_eq!(
+        reason(m.add_rows(2, "*", "", "t", None)),
+        ("empty schema".into(), 0)
+    );
+    assert_eq!(
+        reason(m.add_rows(2, "*", "s", "", None)),
+        ("empty table".into(), 0)
+    );
+    assert_eq!(
+        reason(m.add_rows(2, "*", "s", "t", Some("a=xx.1"))),
+        ("unknown operator 'xx'".into(), 2)
+    );
+    assert!(matches!(
+        m.add_channel(2, "a::b"),
+        Err(AddError::Channel(_))
+    ));
     assert_eq!(m.len(), 1);
 }
 
@@ -73,13 +115,37 @@ fn delete_matches_old_row_and_typed_keys_index() {
     m.add_rows(2, "*", "s", "t", Some("id=in.(5.0,6)")).unwrap();
     m.add_rows(3, "*", "s", "t", Some("flag=eq.t")).unwrap();
     m.add_rows(4, "*", "*", "t", Some("id=eq.05")).unwrap();
-    let d = ev(ChangeKind::Delete, "s", "t", row(&[("id", Value::Int(5)), ("flag", Value::Bool(true))]));
+    let d = ev(
+        ChangeKind::Delete,
+        "s",
+        "t",
+        row(&[("id", Value::Int(5)), ("flag", Value::Bool(true))]),
+    );
     assert_eq!(matched(&m, &d), [1, 2, 3, 4]);
-    let i = ev(ChangeKind::Insert, "s", "t", row(&[("id", Value::Text("5".into()))]));
-    assert_eq!(matched(&m, &i), Vec::<SubId>::new(), "text '5' is neither '5.0', '6' nor '05'");
-    let i = ev(ChangeKind::Insert, "s", "t", row(&[("id", Value::Text("05".into()))]));
+    let i = ev(
+        ChangeKind::Insert,
+        "s",
+        "t",
+        row(&[("id", Value::Text("5".into()))]),
+    );
+    assert_eq!(
+        matched(&m, &i),
+        Vec::<SubId>::new(),
+        "text '5' is neither '5.0', '6' nor '05'"
+    );
+    let i = ev(
+        ChangeKind::Insert,
+        "s",
+        "t",
+        row(&[("id", Value::Text("05".into()))]),
+    );
     assert_eq!(matched(&m, &i), [4]);
-    let big = ev(ChangeKind::Insert, "s", "t", row(&[("id", Value::Float(5.0))]));
+    let big = ev(
+        ChangeKind::Insert,
+        "s",
+        "t",
+        row(&[("id", Value::Float(5.0))]),
+    );
     assert_eq!(matched(&m, &big), [2, 4]);
 }
 
@@ -87,8 +153,10 @@ fn delete_matches_old_row_and_typed_keys_index() {
 fn integers_beyond_2_pow_53_are_checked_not_trusted_to_the_index() {
     // 2**53 + 1 and 2**53 share a float key; the equality index must not take that as equal.
     let mut m = Matcher::new();
-    m.add_rows(1, "*", "s", "t", Some("id=eq.9007199254740992")).unwrap();
-    m.add_rows(2, "*", "s", "t", Some("id=in.(9007199254740993)")).unwrap();
+    m.add_rows(1, "*", "s", "t", Some("id=eq.9007199254740992"))
+        .unwrap();
+    m.add_rows(2, "*", "s", "t", Some("id=in.(9007199254740993)"))
+        .unwrap();
     let at = |i: i64| ev(ChangeKind::Insert, "s", "t", row(&[("id", Value::Int(i))]));
     assert_eq!(matched(&m, &at(1 << 53)), [1]);
     assert_eq!(matched(&m, &at((1 << 53) + 1)), [2]);
@@ -96,7 +164,12 @@ fn integers_beyond_2_pow_53_are_checked_not_trusted_to_the_index() {
     // Floats and small integers are decided by the key alone, and correctly so.
     m.add_rows(3, "*", "s", "t", Some("id=eq.5")).unwrap();
     assert_eq!(matched(&m, &at(5)), [3]);
-    let f = ev(ChangeKind::Insert, "s", "t", row(&[("id", Value::Float(5.0))]));
+    let f = ev(
+        ChangeKind::Insert,
+        "s",
+        "t",
+        row(&[("id", Value::Float(5.0))]),
+    );
     assert_eq!(matched(&m, &f), [3]);
 }
 
@@ -104,9 +177,18 @@ fn integers_beyond_2_pow_53_are_checked_not_trusted_to_the_index() {
 fn removal_frees_everything() {
     let mut m = Matcher::new();
     for i in 0..1000u64 {
-        m.add_rows(i, "*", "s", &format!("t{}", i % 7), Some(&format!("a=eq.{i},b=gt.1"))).unwrap();
-        m.add_rows(10_000 + i, "*", "*", "t", Some("b=like.x%")).unwrap();
-        m.add_channel(20_000 + i, &format!("room:{}:>", i % 13)).unwrap();
+        m.add_rows(
+            i,
+            "*",
+            "s",
+            &format!("t{}", i % 7),
+            Some(&format!("a=eq.{i},b=gt.1")),
+        )
+        .unwrap();
+        m.add_rows(10_000 + i, "*", "*", "t", Some("b=like.x%"))
+            .unwrap();
+        m.add_channel(20_000 + i, &format!("room:{}:>", i % 13))
+            .unwrap();
     }
     assert!(m.stats().trie_nodes > 1);
     for i in 0..1000u64 {
@@ -114,14 +196,37 @@ fn removal_frees_everything() {
         assert!(m.remove(10_000 + i));
         assert!(m.remove(20_000 + i));
     }
-    assert_eq!(m.stats(), MatcherStats { trie_nodes: 1, ..Default::default() });
+    assert_eq!(
+        m.stats(),
+        MatcherStats {
+            trie_nodes: 1,
+            ..Default::default()
+        }
+    );
     assert!(m.groups.is_empty() && m.group_slots.is_empty());
 }
 
 // ---- properties ----
 
 const COLUMNS: &[&str] = &["a", "b", "c"];
-const TEXTS: &[&str] = &["", "x", "X", "5", "05", "5.0", "t", "true", "abc", "a,b", "a\"b", "é", "nan", "-0", "9007199254740992", "9007199254740993"];
+const TEXTS: &[&str] = &[
+    "",
+    "x",
+    "X",
+    "5",
+    "05",
+    "5.0",
+    "t",
+    "true",
+    "abc",
+    "a,b",
+    "a\"b",
+    "é",
+    "nan",
+    "-0",
+    "9007199254740992",
+    "9007199254740993",
+];
 
 fn literal_text() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -146,13 +251,27 @@ fn quote(s: &str) -> String {
 /// Conditions rendered as text, values always quoted so any literal survives:
 /// (column, negated, operator, text).
 fn filter_conditions() -> impl Strategy<Value = Vec<(&'static str, bool, &'static str, String)>> {
-    let op = prop::sample::select(&["eq", "neq", "lt", "lte", "gt", "gte", "like", "ilike", "is", "in"][..]);
-    let cond = (prop::sample::select(COLUMNS), any::<bool>(), op, prop::collection::vec(literal_text(), 0..3))
+    let op = prop::sample::select(
+        &[
+            "eq", "neq", "lt", "lte", "gt", "gte", "like", "ilike", "is", "in",
+        ][..],
+    );
+    let cond = (
+        prop::sample::select(COLUMNS),
+        any::<bool>(),
+        op,
+        prop::collection::vec(literal_text(), 0..3),
+    )
         .prop_map(|(col, not, op, lits)| {
             let value = match op {
-                "in" => format!("({})", lits.iter().map(|l| quote(l)).collect::<Vec<_>>().join(",")),
+                "in" => format!(
+                    "({})",
+                    lits.iter().map(|l| quote(l)).collect::<Vec<_>>().join(",")
+                ),
                 "is" => ["null", "TRUE", "false", "unknown"][lits.len() % 4].to_owned(),
-                "like" | "ilike" => quote(&lits.first().cloned().unwrap_or_default().replace('\\', "")),
+                "like" | "ilike" => {
+                    quote(&lits.first().cloned().unwrap_or_default().replace('\\', ""))
+                }
                 _ => quote(lits.first().map_or("", |s| s)),
             };
             let text = format!("{col}={}{op}.{value}", if not { "not." } else { "" });
@@ -171,7 +290,14 @@ fn value() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::Bool),
         (-3i64..10).prop_map(Value::Int),
         prop_oneof![Just(i64::MAX), Just(i64::MIN), Just((1i64 << 53) + 1)].prop_map(Value::Int),
-        prop_oneof![Just(f64::NAN), Just(-0.0), Just(5.0), Just(2.5), Just(f64::INFINITY)].prop_map(Value::Float),
+        prop_oneof![
+            Just(f64::NAN),
+            Just(-0.0),
+            Just(5.0),
+            Just(2.5),
+            Just(f64::INFINITY)
+        ]
+        .prop_map(Value::Float),
         literal_text().prop_map(|s| Value::Text(s.into())),
     ]
 }
@@ -181,7 +307,12 @@ enum Op {
     AddRows(u64, &'static str, &'static str, &'static str, String),
     AddChannel(u64, String),
     Remove(u64),
-    MatchRow(ChangeKind, &'static str, &'static str, Vec<(&'static str, Value)>),
+    MatchRow(
+        ChangeKind,
+        &'static str,
+        &'static str,
+        Vec<(&'static str, Value)>,
+    ),
     MatchChannel(String),
 }
 
@@ -191,7 +322,8 @@ fn segment() -> impl Strategy<Value = &'static str> {
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {
     let id = 0u64..40;
-    let kind = prop::sample::select(&[ChangeKind::Insert, ChangeKind::Update, ChangeKind::Delete][..]);
+    let kind =
+        prop::sample::select(&[ChangeKind::Insert, ChangeKind::Update, ChangeKind::Delete][..]);
     let event = prop::sample::select(&["INSERT", "UPDATE", "DELETE", "*"][..]);
     let schema = prop::sample::select(&["s", "*"][..]);
     let table = prop::sample::select(&["t", "u", "*"][..]);

@@ -23,14 +23,18 @@ pub struct Row {
 
 impl Row {
     /// A row with no columns: every filter condition on it is unknown.
-    pub const EMPTY: Row = Row { columns: Vec::new() };
+    pub const EMPTY: Row = Row {
+        columns: Vec::new(),
+    };
 
     pub fn new() -> Self {
         Self::default()
     }
 
     pub fn with_capacity(n: usize) -> Self {
-        Self { columns: Vec::with_capacity(n) }
+        Self {
+            columns: Vec::with_capacity(n),
+        }
     }
 
     /// Sets `name` to `value`, replacing an earlier value of the same column.
@@ -42,7 +46,10 @@ impl Row {
     }
 
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.columns.iter().find(|(n, _)| &**n == name).map(|(_, v)| v)
+        self.columns
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, v)| v)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
@@ -147,7 +154,11 @@ pub fn parse_number(s: &str) -> Option<f64> {
     let body = strip_sign(s);
     let lower = body.to_ascii_lowercase();
     if lower == "inf" || lower == "infinity" {
-        return Some(if s.starts_with('-') { f64::NEG_INFINITY } else { f64::INFINITY });
+        return Some(if s.starts_with('-') {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        });
     }
     if s.eq_ignore_ascii_case("nan") {
         return Some(f64::NAN);
@@ -161,7 +172,9 @@ pub fn parse_number(s: &str) -> Option<f64> {
         None => (mantissa, ""),
     };
     let digits_ok = |d: &str| d.is_empty() || ascii_digits(d);
-    if (int_part.is_empty() && frac_part.is_empty()) || !digits_ok(int_part) || !digits_ok(frac_part)
+    if (int_part.is_empty() && frac_part.is_empty())
+        || !digits_ok(int_part)
+        || !digits_ok(frac_part)
     {
         return None;
     }
@@ -229,7 +242,10 @@ impl LikePattern {
                 tokens.push(PatternToken::Char(literal));
             }
         }
-        Some(Self { tokens: tokens.into(), case_insensitive })
+        Some(Self {
+            tokens: tokens.into(),
+            case_insensitive,
+        })
     }
 
     pub fn matches(&self, text: &str) -> bool {
@@ -280,10 +296,24 @@ mod tests {
 
     #[test]
     fn numbers() {
-        for ok in ["1", "-1", "+1.5", ".5", "5.", "1e5", "1E-5", "-.5e+3", "NaN", "-Infinity", "inf"] {
+        for ok in [
+            "1",
+            "-1",
+            "+1.5",
+            ".5",
+            "5.",
+            "1e5",
+            "1E-5",
+            "-.5e+3",
+            "NaN",
+            "-Infinity",
+            "inf",
+        ] {
             assert!(parse_number(ok).is_some(), "{ok}");
         }
-        for bad in ["", ".", "e5", "1e", "1_0", " 1", "1 ", "0x10", "+", "-nan", "١", "1.2.3"] {
+        for bad in [
+            "", ".", "e5", "1e", "1_0", " 1", "1 ", "0x10", "+", "-nan", "١", "1.2.3",
+        ] {
             assert!(parse_number(bad).is_none(), "{bad}");
         }
         assert_eq!(parse_int("9223372036854775807"), Some(i64::MAX));
@@ -297,15 +327,27 @@ mod tests {
         assert_eq!(five.compare(&Value::Int(5)), Some(Ordering::Equal));
         assert_eq!(five.compare(&Value::Float(5.0)), Some(Ordering::Equal));
         // Text compares as text ("10" < "5"), integers as numbers (10 > 5).
-        assert_eq!(five.compare(&Value::Text("10".into())), Some(Ordering::Less));
+        assert_eq!(
+            five.compare(&Value::Text("10".into())),
+            Some(Ordering::Less)
+        );
         assert_eq!(five.compare(&Value::Int(10)), Some(Ordering::Greater));
         assert_eq!(five.compare(&Value::Bool(true)), None);
         assert_eq!(five.compare(&Value::Null), None);
         let nan = Literal::new("nan");
         assert_eq!(nan.compare(&Value::Float(f64::NAN)), Some(Ordering::Equal));
-        assert_eq!(nan.compare(&Value::Float(f64::INFINITY)), Some(Ordering::Less));
-        assert_eq!(Literal::new("-0").compare(&Value::Float(0.0)), Some(Ordering::Equal));
-        assert_eq!(Literal::new("2.5").compare(&Value::Int(2)), Some(Ordering::Less));
+        assert_eq!(
+            nan.compare(&Value::Float(f64::INFINITY)),
+            Some(Ordering::Less)
+        );
+        assert_eq!(
+            Literal::new("-0").compare(&Value::Float(0.0)),
+            Some(Ordering::Equal)
+        );
+        assert_eq!(
+            Literal::new("2.5").compare(&Value::Int(2)),
+            Some(Ordering::Less)
+        );
     }
 
     #[test]
