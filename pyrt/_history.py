@@ -1,0 +1,175 @@
+"""Per-channel history: offsets, epochs, bounds by size and age, and recovery.
+
+Every publication gets the next offset of its channel before anyone sees it. A client remembers
+the position (offset, epoch) of the last publication it saw and, when it comes back, asks for
+what came after. The epoch names one unbroken run of offsets: when history is lost (the hub
+restarted, the stream was dropped) the epoch changes, so an old position can never be mistaken
+for a recoverable one. Recovery is all or nothing: either every missed publication is returned
+(`recovered=True`) or none is (`recovered=False`, reload your state).
+
+Sans-IO: time is passed in as `now` (seconds, any monotonic origin), epochs come from a
+callable the owner passes in.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen(slots=True)
+class StreamPosition:
+    """Where a client is in a channel's stream: the last offset it saw, in which epoch."""
+
+    offset: int
+    epoch: str
+
+
+@attrs.frozen(slots=True)
+class Publication:
+    """One message on a channel, with its place in the channel's stream."""
+
+    channel: str
+    offset: int
+    epoch: str
+    data: Any
+    time: float
+    publisher: str | None = None
+    """The connection that published it, or None for the server and sources."""
+    key: str | None = None
+    """Conflation key: under the conflate policy only the latest per key is kept queued."""
+
+    @property
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.offset, self.epoch)
+
+
+@attrs.frozen(slots=True)
+class Recovery:
+    """The answer to "what did I miss since `position`?"."""
+
+    recovered: bool
+    publications: tuple[Publication, ...]
+    position: StreamPosition
+    """The stream's current position; with recovered=False, continue from here."""
+
+
+class ChannelStream:
+    """The stream of one channel: the next offset, the epoch and the retained publications."""
+
+    __slots__ = ("_retained", "channel", "epoch", "max_age", "max_size", "top")
+
+    def __init__(self, channel: str, epoch: str, max_size: int, max_age: float) -> None:
+        self.channel = channel
+        self.epoch = epoch
+        self.max_size = max_size
+        self.max_age = max_age
+        self.top = 0
+        """Offset of the latest publication; 0 before the first."""
+        self._retained: collections.deque[Publication] = collections.deque(maxlen=max_size or 1)
+
+    @property
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.top, self.epoch)
+
+    def __len__(self) -> int:
+        return len(self._retained)
+
+    def __iter__(self) -> Iterator[Publication]:
+        return iter(self._retained)
+
+    def append(
+        self, data: Any, now: float, publisher: str | None = None, key: str | None = None
+    ) -> Publication:
+        self.top += 1
+        publication = Publication(self.channel, self.top, self.epoch, data, now, publisher, key)
+        if self.max_size > 0:
+            self._retained.append(publication)  # the deque's maxlen drops the oldest
+        self.trim(now)
+        return publication
+
+    def trim(self, now: float) -> None:
+        """Forgets publications older than max_age."""
+        oldest_kept = now - self.max_age
+        retained = self._retained
+        while retained and retained[0].time < oldest_kept:
+            retained.popleft()
+
+    def recover(self, since: StreamPosition, now: float) -> Recovery:
+        """Every publication after `since`, or recovered=False if history does not cover it."""
+        self.trim(now)
+        position = self.position
+        if since.epoch != self.epoch or not 0 <= since.offset <= self.top:
+            return Recovery(False, (), position)
+        if since.offset == self.top:
+            return Recovery(True, (), position)
+        retained = self._retained
+        oldest = retained[0].offset if retained else self.top + 1
+        if since.offset + 1 < oldest:
+            return Recovery(False, (), position)
+        # Offsets in the deque are consecutive, so the missed ones are a suffix.
+        missed = self.top - since.offset
+        start = len(retained) - missed
+        return Recovery(True, tuple(retained[i] for i in range(start, len(retained))), position)
+
+
+class History:
+    """The streams of every channel, created on first use."""
+
+    def __init__(
+        self, max_size: int, max_age: float, new_epoch: Callable[[], str], idle_ttl: float
+    ) -> None:
+        if max_size < 0 or max_age < 0 or idle_ttl < 0:
+            raise ValueError("history limits must not be negative")
+        self.max_size = max_size
+        self.max_age = max_age
+        self.idle_ttl = idle_ttl
+        self._new_epoch = new_epoch
+        self._streams: dict[str, ChannelStream] = {}
+        self._last_used: dict[str, float] = {}
+
+    def __contains__(self, channel: str) -> bool:
+        return channel in self._streams
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def stream(self, channel: str, now: float) -> ChannelStream:
+        """The channel's stream, made (with a fresh epoch) if it does not exist."""
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = ChannelStream(channel, self._new_epoch(), self.max_size, self.max_age)
+            self._streams[channel] = stream
+        self._last_used[channel] = now
+        return stream
+
+    def append(
+        self,
+        channel: str,
+        data: Any,
+        now: float,
+        publisher: str | None = None,
+        key: str | None = None,
+    ) -> Publication:
+        return self.stream(channel, now).append(data, now, publisher, key)
+
+    def recover(self, channel: str, since: StreamPosition, now: float) -> Recovery:
+        return self.stream(channel, now).recover(since, now)
+
+    def expire(self, now: float, in_use: Callable[[str], bool]) -> list[str]:
+        """Trims every stream by age and drops streams idle for idle_ttl that nobody uses.
+
+        A dropped stream loses its epoch: a client resuming later gets recovered=False.
+        Returns the dropped channels.
+        """
+        dropped = []
+        for channel, stream in list(self._streams.items()):
+            stream.trim(now)
+            if now - self._last_used[channel] >= self.idle_ttl and not in_use(channel):
+                del self._streams[channel]
+                del self._last_used[channel]
+                dropped.append(channel)
+        return dropped
