@@ -7,12 +7,36 @@ from ._core import check_channel as check_channel
 from ._core import parse_filter as parse_filter
 from ._errors import ChannelNameError as ChannelNameError
 from ._errors import FilterError as FilterError
+from ._history import Publication as Publication
+from ._history import StreamPosition as StreamPosition
+from ._hub import Hub as Hub
+from ._hub import HubConfig as HubConfig
+from ._node import HttpRequest as HttpRequest
+from ._node import Node as Node
+from ._node import NodeConfig as NodeConfig
+from ._node import Session as Session
+from ._node import Transport as Transport
+from ._outbox import SlowConsumerPolicy as SlowConsumerPolicy
+from ._protocol import CloseCode as CloseCode
+from ._protocol import ErrorCode as ErrorCode
 
 __all__ = [
     "ChannelNameError",
+    "CloseCode",
+    "ErrorCode",
     "FilterError",
+    "HttpRequest",
+    "Hub",
+    "HubConfig",
     "Matcher",
+    "Node",
+    "NodeConfig",
+    "Publication",
     "RowEvent",
+    "Session",
+    "SlowConsumerPolicy",
+    "StreamPosition",
+    "Transport",
     "__version__",
     "check_channel",
     "parse_filter",

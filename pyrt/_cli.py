@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
+import trio
+
 from . import FilterError, Matcher, RowEvent, __version__
+from ._config import ConfigError, node_config
+from ._node import Node, NodeConfig
 
 DEMO_SUBSCRIPTIONS: list[tuple[int, str, str, str, str | None]] = [
     (1, "INSERT", "public", "messages", "room_id=eq.42"),
@@ -42,14 +47,44 @@ def _demo() -> int:
     return 0
 
 
+async def _serve(config: NodeConfig) -> None:
+    node = Node(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        print(f"pyrt {__version__} serving on http://{config.host}:{node.port}/", flush=True)
+        ws = f"ws://{config.host}:{node.port}/connection/websocket"
+        print(f"WebSocket: {ws} (Ctrl-C to stop)", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                print(f"{signal.Signals(signum).name}: draining and stopping", flush=True)
+                node.stop()
+                break
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyrt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pyrt {__version__}")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("demo", help="match a few row events against a few subscriptions")
+    serve = commands.add_parser("serve", help="run a hub (in memory, no other setup)")
+    serve.add_argument("--config", help="a TOML file (see docs/configuration.md)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000, 0 = any)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo()
+    if args.command == "serve":
+        try:
+            config = node_config(args.config, {"host": args.host, "port": args.port})
+        except ConfigError as e:
+            print(f"pyrt serve: {e}", file=sys.stderr)
+            return 2
+        try:
+            trio.run(_serve, config)
+        except OSError as e:
+            print(f"pyrt serve: cannot listen on {config.host}:{config.port}: {e}", file=sys.stderr)
+            return 1
+        return 0
     parser.print_help()
     return 0
 

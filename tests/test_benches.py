@@ -22,3 +22,16 @@ def test_matcher_benchmark_prints_its_tables() -> None:
     assert cells[5].endswith("x")  # Rust/reference ratio was measured
     assert any(line.startswith("| 50 |") for line in lines)
     assert any(line.startswith("Machine: ") for line in lines)
+
+
+def test_fanout_benchmark_prints_its_table() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "fanout.py"), "--subscribers", "20", "--messages", "10",
+         "--rate", "50"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    row = next(line for line in out.splitlines() if line.startswith("| fanout_1ch_20subs_100B"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 7
+    assert int(cells[1].replace(",", "")) > 0  # deliveries/s was measured
+    assert cells[3].endswith("ms")

@@ -1,0 +1,109 @@
+"""`pyrt serve` configuration: a TOML file, then command-line flags on top.
+
+```toml
+[server]
+host = "127.0.0.1"
+port = 8000
+transports = ["websocket"]   # default: every installed transport plugin
+
+[hub]
+history_size = 256
+slow_consumer_policy = "disconnect"
+
+[hub.channel_policies]
+"ticker:>" = "conflate"
+```
+Every key of `[hub]` is a field of `pyrt.HubConfig`; unknown keys are errors, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._hub import HubConfig
+from ._node import NodeConfig
+from ._outbox import SlowConsumerPolicy
+
+_SERVER_KEYS = {"host", "port", "transports", "drain_timeout", "request_timeout"}
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that pyrt cannot use; the message names the key."""
+
+
+def _policy(value: Any, key: str) -> SlowConsumerPolicy:
+    try:
+        return SlowConsumerPolicy(value)
+    except ValueError:
+        choices = ", ".join(p.value for p in SlowConsumerPolicy)
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}") from None
+
+
+def hub_config(table: Mapping[str, Any]) -> HubConfig:
+    fields = {f.name: f for f in attrs.fields(HubConfig)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"hub.{key}: unknown setting; known: {', '.join(sorted(fields))}")
+        if key == "slow_consumer_policy":
+            value = _policy(value, f"hub.{key}")
+        elif key == "channel_policies":
+            if not isinstance(value, Mapping):
+                raise ConfigError("hub.channel_policies: must be a table of pattern = policy")
+            value = {p: _policy(v, f"hub.channel_policies.{p}") for p, v in value.items()}
+        else:
+            default = fields[key].default
+            expected = type(default)
+            ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+            if not ok or isinstance(value, bool) != isinstance(default, bool):
+                raise ConfigError(f"hub.{key}: expected {expected.__name__}, got {value!r}")
+        values[key] = value
+    try:
+        return HubConfig(**values)
+    except ValueError as e:
+        raise ConfigError(f"hub: {e}") from None
+
+
+def node_config(
+    path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> NodeConfig:
+    """Reads `path` (if any), applies `overrides` (flags: host, port), and checks everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    unknown = set(data) - {"server", "hub"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; known: server, hub")
+    server = dict(data.get("server", {}))
+    server.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key in server:
+        if key not in _SERVER_KEYS:
+            known = ", ".join(sorted(_SERVER_KEYS))
+            raise ConfigError(f"server.{key}: unknown setting; known: {known}")
+    port = server.get("port", 8000)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ConfigError(f"server.port: expected an integer 0..65535, got {port!r}")
+    transports = server.get("transports")
+    if transports is not None and (
+        not isinstance(transports, list) or not all(isinstance(t, str) for t in transports)
+    ):
+        raise ConfigError("server.transports: expected a list of plugin names")
+    return NodeConfig(
+        host=str(server.get("host", "127.0.0.1")),
+        port=port,
+        hub=hub_config(data.get("hub", {})),
+        transports=tuple(transports) if transports is not None else None,
+        drain_timeout=float(server.get("drain_timeout", 5.0)),
+        request_timeout=float(server.get("request_timeout", 10.0)),
+    )

@@ -1,0 +1,516 @@
+"""The hub: channels, broadcast, history and recovery, presence, liveness, slow consumers.
+
+Sans-IO and synchronous (DESIGN.md): the transport layer calls `open`, `receive`, `tick` and
+`disconnect` with the current time, then writes out what each connection's `outbox` holds
+(`take_ready` names the connections with new frames) and closes what `take_closing` names.
+Nothing here touches a socket, a clock or trio, which is what lets hypothesis drive it.
+
+Routing goes through the Rust matcher; a publication is encoded once per codec and the same
+frame object is queued for every recipient.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import orjson
+
+from ._core import Matcher, check_channel
+from ._errors import ChannelNameError
+from ._history import History, Publication, StreamPosition
+from ._outbox import Outbox, SlowConsumerPolicy
+from ._presence import Presence, PresenceDiff
+from ._protocol import (
+    CloseCode,
+    Command,
+    ErrorCode,
+    Join,
+    JsonCodec,
+    Leave,
+    Ping,
+    PresenceQuery,
+    ProtocolError,
+    Publish,
+    RequestId,
+    Track,
+    Untrack,
+)
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class HubConfig:
+    """Limits and policies. Every field has a default that suits a small deployment."""
+
+    max_channels_per_connection: int = 128
+    max_payload_bytes: int = 64 * 1024
+    """Largest `data` a client may publish, as JSON bytes."""
+    max_frame_bytes: int = 256 * 1024
+    """Largest frame a client may send; larger ones close the connection (1009)."""
+    history_size: int = 256
+    """Publications kept per channel for recovery (0: no history, recovery only at the top)."""
+    history_age: float = 300.0
+    """Seconds a publication stays recoverable."""
+    history_idle_ttl: float = 3600.0
+    """Seconds an unused channel's stream (and epoch) is kept after its last use."""
+    ping_interval: float = 25.0
+    idle_timeout: float = 60.0
+    """A connection that sends nothing for this long is closed (4009)."""
+    outbox_messages: int = 4096
+    outbox_bytes: int = 4 * 1024 * 1024
+    slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
+    channel_policies: Mapping[str, SlowConsumerPolicy] = attrs.field(factory=dict)
+    """Channel pattern -> policy; the first matching pattern (in order) wins."""
+    publish_requires_join: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        positive = ("max_channels_per_connection", "max_payload_bytes", "max_frame_bytes")
+        for name in (*positive, "outbox_messages", "outbox_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("history_size", "history_age", "history_idle_ttl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if not 0 < self.ping_interval < self.idle_timeout:
+            raise ValueError("need 0 < ping_interval < idle_timeout")
+        for pattern in self.channel_policies:
+            check_channel(pattern, pattern=True)
+
+
+@attrs.define(slots=True)
+class HubStats:
+    """Counters for metrics; they only grow."""
+
+    connections_opened: int = 0
+    frames_in: int = 0
+    publications: int = 0
+    frames_out: int = 0
+    bytes_out: int = 0
+    evicted: int = 0
+    slow_disconnects: int = 0
+    recoveries: int = 0
+    recovery_misses: int = 0
+    errors: int = 0
+
+
+@attrs.define(slots=True, eq=False)
+class _Join:
+    sub_id: int
+    presence: bool
+    tracked_keys: set[str] = attrs.field(factory=set)
+    """Presence keys this connection tracked in the channel, untracked when it leaves."""
+
+
+@attrs.define(slots=True, eq=False)
+class Connection:
+    """One client connection as the hub sees it."""
+
+    id: str
+    codec: JsonCodec
+    outbox: Outbox
+    opened: float
+    last_seen: float
+    last_ping: float
+    joins: dict[str, _Join] = attrs.field(factory=dict)
+    closing: CloseCode | None = None
+
+
+def _is_pattern(channel: str) -> bool:
+    return any(segment in ("*", ">") for segment in channel.split(":"))
+
+
+class Hub:
+    """Every connection, channel and presence entry of one node."""
+
+    def __init__(
+        self,
+        config: HubConfig | None = None,
+        *,
+        replica: str | None = None,
+        new_epoch: Callable[[], str] | None = None,
+    ) -> None:
+        self.config = config or HubConfig()
+        self.replica = replica or secrets.token_hex(4)
+        self.stats = HubStats()
+        self._connections: dict[str, Connection] = {}
+        self._conn_numbers = itertools.count(1)
+        self._sub_ids = itertools.count(1)
+        self._matcher = Matcher()
+        self._subscribers: dict[int, tuple[Connection, str]] = {}
+        self._channel_users: dict[str, int] = {}
+        self._presence = Presence(self.replica)
+        self._presence_members: dict[str, dict[str, Connection]] = {}
+        self._history = History(
+            self.config.history_size,
+            self.config.history_age,
+            new_epoch or (lambda: secrets.token_hex(6)),
+            self.config.history_idle_ttl,
+        )
+        self._policies = list(self.config.channel_policies.values())
+        self._policy_matcher = Matcher()
+        for index, pattern in enumerate(self.config.channel_policies):
+            self._policy_matcher.add_channel(index, pattern)
+        self._ready: dict[str, Connection] = {}
+        self._closing: dict[str, tuple[CloseCode, str]] = {}
+
+    # -- connections -----------------------------------------------------------------------
+
+    def open(self, now: float, codec: JsonCodec | None = None) -> Connection:
+        """Registers a new connection and returns it (its `id` names it from now on)."""
+        conn = Connection(
+            id=f"{self.replica}.{next(self._conn_numbers)}",
+            codec=codec or JsonCodec(),
+            outbox=Outbox(self.config.outbox_messages, self.config.outbox_bytes),
+            opened=now,
+            last_seen=now,
+            last_ping=now,
+        )
+        self._connections[conn.id] = conn
+        self.stats.connections_opened += 1
+        return conn
+
+    def connection(self, conn_id: str) -> Connection:
+        return self._connections[conn_id]
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def disconnect(self, conn_id: str, now: float) -> None:
+        """Forgets a connection whose transport is gone: its joins, its presence."""
+        conn = self._connections.pop(conn_id, None)
+        if conn is None:
+            return
+        for channel in list(conn.joins):
+            self._drop_join(conn, channel)
+        for channel, diff in self._presence.untrack_conn(conn.id).items():
+            self._broadcast_presence(channel, diff)
+        self._ready.pop(conn_id, None)
+        self._closing.pop(conn_id, None)
+
+    def take_ready(self) -> list[Connection]:
+        """Connections that got new frames since the last call."""
+        ready = list(self._ready.values())
+        self._ready.clear()
+        return ready
+
+    def take_closing(self) -> list[tuple[str, CloseCode, str]]:
+        """Connections the transport must close (after writing what their outbox holds)."""
+        closing = [(conn_id, code, reason) for conn_id, (code, reason) in self._closing.items()]
+        self._closing.clear()
+        return closing
+
+    def shutdown(self, now: float) -> None:
+        """Tells every client to reconnect elsewhere; the transport then closes them all."""
+        for conn in list(self._connections.values()):
+            reason = "server shutting down, reconnect"
+            self._send(conn, conn.codec.disconnect(CloseCode.GOING_AWAY, reason))
+            self._close(conn, CloseCode.GOING_AWAY, reason)
+
+    # -- input -----------------------------------------------------------------------------
+
+    def receive(self, conn_id: str, frame: str | bytes, now: float) -> None:
+        """One frame from a client."""
+        conn = self._connections.get(conn_id)
+        if conn is None or conn.closing is not None:
+            return
+        conn.last_seen = now
+        self.stats.frames_in += 1
+        if len(frame) > self.config.max_frame_bytes:
+            limit = self.config.max_frame_bytes
+            self._close(conn, CloseCode.MESSAGE_TOO_BIG, f"frame larger than {limit} bytes")
+            return
+        try:
+            command = conn.codec.decode(frame)
+        except ProtocolError as e:
+            if e.close is not None:
+                self._close(conn, e.close, e.message)
+            else:
+                self._error(conn, e.id, e.code, e.message)
+            return
+        self.handle(conn, command, now)
+
+    def handle(self, conn: Connection, command: Command, now: float) -> None:
+        """One decoded command from a client."""
+        match command:
+            case Ping(rid):
+                if rid is not None:
+                    self._reply(conn, rid, {})
+            case Publish():
+                self._client_publish(conn, command, now)
+            case Join():
+                self._join(conn, command, now)
+            case Leave(rid, channel):
+                if channel not in conn.joins:
+                    self._error(conn, rid, ErrorCode.NOT_JOINED, f"not joined to '{channel}'")
+                    return
+                self._drop_join(conn, channel)
+                self._reply(conn, rid, {})
+            case Track():
+                self._track(conn, command)
+            case Untrack(rid, channel, key, ref):
+                if self._require_presence_channel(conn, rid, channel):
+                    diff = self._presence.untrack(channel, conn.id, key or conn.id, ref)
+                    self._broadcast_presence(channel, diff)
+                    self._reply(conn, rid, {})
+            case PresenceQuery(rid, channel):
+                if self._require_presence_channel(conn, rid, channel) and rid is not None:
+                    self._send(
+                        conn, conn.codec.presence_reply(rid, channel, self.presence(channel))
+                    )
+
+    def tick(self, now: float) -> float:
+        """Heartbeats, idle timeouts and history expiry. Returns when to call again."""
+        config = self.config
+        next_due = now + config.ping_interval
+        for conn in list(self._connections.values()):
+            if conn.closing is not None:
+                continue
+            if now - conn.last_seen >= config.idle_timeout:
+                self._close(
+                    conn, CloseCode.IDLE_TIMEOUT, f"nothing received for {config.idle_timeout:g} s"
+                )
+                continue
+            if now - conn.last_ping >= config.ping_interval:
+                conn.last_ping = now
+                self._send(conn, conn.codec.ping())
+            next_due = min(
+                next_due,
+                conn.last_ping + config.ping_interval,
+                conn.last_seen + config.idle_timeout,
+            )
+        self._history.expire(now, lambda channel: self._channel_users.get(channel, 0) > 0)
+        return next_due
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def publish(
+        self,
+        channel: str,
+        data: Any,
+        now: float,
+        *,
+        publisher: Connection | None = None,
+        echo: bool = True,
+        key: str | None = None,
+    ) -> Publication:
+        """Appends `data` to the channel's history and queues it for every subscriber.
+
+        For server-side publishers and sources; `channel` must be a valid channel name.
+        """
+        check_channel(channel)
+        publication = self._history.append(
+            channel, data, now, publisher.id if publisher else None, key
+        )
+        self.stats.publications += 1
+        policy = self._policy(channel)
+        conflation_key = (channel, key) if key is not None else None
+        frames: dict[str, bytes] = {}
+        delivered: set[str] = set()
+        skip = None if publisher is None or echo else publisher.id
+        for sub_id in self._matcher.match_channel(channel):
+            conn = self._subscribers[sub_id][0]
+            if conn.id in delivered or conn.id == skip:
+                continue
+            delivered.add(conn.id)
+            frame = frames.get(conn.codec.name)
+            if frame is None:
+                frame = frames[conn.codec.name] = conn.codec.publication(publication)
+            self._send(conn, frame, droppable=True, policy=policy, key=conflation_key)
+        return publication
+
+    def history_position(self, channel: str, now: float) -> StreamPosition:
+        return self._history.stream(channel, now).position
+
+    def presence(self, channel: str) -> Mapping[str, tuple[Any, ...]]:
+        return self._presence.state(channel)
+
+    def channels(self) -> dict[str, int]:
+        """Joined channels and patterns with their subscriber counts."""
+        return dict(self._channel_users)
+
+    def _policy(self, channel: str) -> SlowConsumerPolicy:
+        if self._policies:
+            matches = self._policy_matcher.match_channel(channel)
+            if matches:
+                return self._policies[min(matches)]
+        return self.config.slow_consumer_policy
+
+    def _client_publish(self, conn: Connection, command: Publish, now: float) -> None:
+        rid, channel = command.id, command.channel
+        try:
+            check_channel(channel)
+        except ChannelNameError as e:
+            self._error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
+            return
+        if self.config.publish_requires_join and channel not in conn.joins:
+            self._error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before publishing")
+            return
+        limit = self.config.max_payload_bytes
+        # The frame's size bounds the data's: only encode again when the bound is too big.
+        if command.size > limit and len(orjson.dumps(command.data)) > limit:
+            self._error(conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"data larger than {limit} bytes")
+            return
+        publication = self.publish(
+            channel, command.data, now, publisher=conn, echo=command.echo, key=command.key
+        )
+        if command.ack and rid is not None:
+            self._reply(conn, rid, {"offset": publication.offset, "epoch": publication.epoch})
+
+    # -- joining ---------------------------------------------------------------------------
+
+    def _join(self, conn: Connection, command: Join, now: float) -> None:
+        rid, channel = command.id, command.channel
+        try:
+            check_channel(channel, pattern=True)
+        except ChannelNameError as e:
+            self._error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
+            return
+        pattern = _is_pattern(channel)
+        if pattern and (command.since is not None or command.presence):
+            message = "'since' and 'presence' need a channel name, not a pattern"
+            self._error(conn, rid, ErrorCode.BAD_REQUEST, message)
+            return
+        if channel in conn.joins:
+            self._error(conn, rid, ErrorCode.ALREADY_JOINED, f"already joined to '{channel}'")
+            return
+        if len(conn.joins) >= self.config.max_channels_per_connection:
+            limit = self.config.max_channels_per_connection
+            self._error(conn, rid, ErrorCode.TOO_MANY_CHANNELS, f"at most {limit} channels")
+            return
+        sub_id = next(self._sub_ids)
+        self._matcher.add_channel(sub_id, channel)
+        self._subscribers[sub_id] = (conn, channel)
+        conn.joins[channel] = _Join(sub_id, command.presence)
+        self._channel_users[channel] = self._channel_users.get(channel, 0) + 1
+        if pattern:
+            self._reply(conn, rid, {"channel": channel})
+            return
+        result: dict[str, Any]
+        missed: tuple[Publication, ...] = ()
+        if command.since is None:
+            position = self._history.stream(channel, now).position
+            result = {"channel": channel, "offset": position.offset, "epoch": position.epoch}
+        else:
+            recovery = self._history.recover(channel, command.since, now)
+            if recovery.recovered:
+                self.stats.recoveries += 1
+            else:
+                self.stats.recovery_misses += 1
+            missed = recovery.publications
+            position = recovery.position
+            result = {
+                "channel": channel,
+                "offset": position.offset,
+                "epoch": position.epoch,
+                "recovered": recovery.recovered,
+            }
+        # Reply first, then the missed publications, then (later) live ones: all in order,
+        # because nothing else can run between these lines.
+        self._reply(conn, rid, result)
+        policy = self._policy(channel)
+        for publication in missed:
+            key = (channel, publication.key) if publication.key is not None else None
+            self._send(conn, conn.codec.publication(publication), policy=policy, key=key)
+        if command.presence:
+            self._presence_members.setdefault(channel, {})[conn.id] = conn
+            self._send(conn, conn.codec.presence_state(channel, self._presence.state(channel)))
+
+    def _drop_join(self, conn: Connection, channel: str) -> None:
+        join = conn.joins.pop(channel)
+        self._matcher.remove(join.sub_id)
+        del self._subscribers[join.sub_id]
+        users = self._channel_users[channel] - 1
+        if users:
+            self._channel_users[channel] = users
+        else:
+            del self._channel_users[channel]
+        members = self._presence_members.get(channel)
+        if members is not None:
+            members.pop(conn.id, None)
+            if not members:
+                del self._presence_members[channel]
+        for key in join.tracked_keys:
+            self._broadcast_presence(channel, self._presence.untrack(channel, conn.id, key))
+
+    # -- presence --------------------------------------------------------------------------
+
+    def _require_presence_channel(self, conn: Connection, rid: RequestId, channel: str) -> bool:
+        if channel not in conn.joins:
+            self._error(conn, rid, ErrorCode.NOT_JOINED, f"not joined to '{channel}'")
+            return False
+        if _is_pattern(channel):
+            message = "presence needs a channel name, not a pattern"
+            self._error(conn, rid, ErrorCode.BAD_REQUEST, message)
+            return False
+        return True
+
+    def _track(self, conn: Connection, command: Track) -> None:
+        rid, channel = command.id, command.channel
+        if not self._require_presence_channel(conn, rid, channel):
+            return
+        key = command.key or conn.id
+        try:
+            ref, diff = self._presence.track(channel, conn.id, key, command.meta, command.ref)
+        except KeyError:
+            self._error(conn, rid, ErrorCode.BAD_REQUEST, f"no presence entry '{command.ref}'")
+            return
+        conn.joins[channel].tracked_keys.add(key)
+        self._broadcast_presence(channel, diff)
+        self._reply(conn, rid, {"ref": ref})
+
+    def _broadcast_presence(self, channel: str, diff: PresenceDiff) -> None:
+        members = self._presence_members.get(channel)
+        if not members or diff.is_empty():
+            return
+        frames: dict[str, bytes] = {}
+        for conn in members.values():
+            frame = frames.get(conn.codec.name)
+            if frame is None:
+                frame = frames[conn.codec.name] = conn.codec.presence_diff(channel, diff)
+            self._send(conn, frame)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _send(
+        self,
+        conn: Connection,
+        frame: bytes,
+        *,
+        droppable: bool = False,
+        policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT,
+        key: Any = None,
+    ) -> None:
+        if conn.closing is not None:
+            return
+        result = conn.outbox.push(
+            frame, droppable=droppable, policy=policy, key=key, size=len(frame)
+        )
+        # Frames lost to drop/conflate policies: evicted ones, and a new one refused because
+        # only frames that must not be dropped were queued.
+        self.stats.evicted += result.evicted + (not result.accepted and not result.overflow)
+        if result.overflow:
+            self.stats.slow_disconnects += 1
+            self._close(
+                conn, CloseCode.SLOW, "slow consumer: outbox full, resume from your offsets"
+            )
+            return
+        if result.accepted:
+            self.stats.frames_out += 1
+            self.stats.bytes_out += len(frame)
+            self._ready[conn.id] = conn
+
+    def _reply(self, conn: Connection, rid: RequestId, result: Mapping[str, Any]) -> None:
+        if rid is not None:
+            self._send(conn, conn.codec.reply(rid, result))
+
+    def _error(self, conn: Connection, rid: RequestId, code: int, message: str) -> None:
+        self.stats.errors += 1
+        self._send(conn, conn.codec.error(rid, code, message))
+
+    def _close(self, conn: Connection, code: CloseCode, reason: str) -> None:
+        if conn.closing is None:
+            conn.closing = code
+            self._closing[conn.id] = (code, reason)

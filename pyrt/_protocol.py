@@ -1,0 +1,319 @@
+"""pyrt's native protocol: commands, replies, pushes, error and close codes, and the JSON codec.
+
+Sans-IO: frames in, commands out; values in, frame bytes out. Every message, field and code is
+documented in docs/protocol.md; this module is its one implementation.
+
+Client frames are JSON objects with a `cmd`; the server answers a command that carries an `id`
+with a `reply` and sends everything else as a `push`. Frames are UTF-8 JSON sent as WebSocket
+text frames; the codec returns bytes so one encoded frame can be written to many sockets.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, TypeAlias
+
+import attrs
+import orjson
+
+from ._history import Publication, StreamPosition
+from ._presence import PresenceDiff, PresenceMeta
+
+
+class ErrorCode(enum.IntEnum):
+    """Errors in replies (or `error` pushes): the command failed, the connection stays."""
+
+    BAD_REQUEST = 400
+    """A field is missing, of the wrong type or out of range."""
+    FORBIDDEN = 403
+    """Not allowed (publishing to a channel the connection has not joined, for now)."""
+    UNKNOWN_COMMAND = 404
+    """`cmd` names no command."""
+    ALREADY_JOINED = 409
+    """The connection already joined this channel or pattern."""
+    NOT_JOINED = 410
+    """The command needs the channel joined first."""
+    PAYLOAD_TOO_LARGE = 413
+    """The published data, encoded, is larger than the configured limit."""
+    INVALID_CHANNEL = 422
+    """Not a valid channel name or pattern; the message says what and where."""
+    TOO_MANY_CHANNELS = 429
+    """The connection reached its channel limit."""
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the server uses. 4xxx are pyrt's own."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    """The server is shutting down: reconnect (to another node) and resume."""
+    MESSAGE_TOO_BIG = 1009
+    """A frame larger than the configured frame limit."""
+    BAD_FRAME = 4000
+    """Not a JSON object, or not valid UTF-8: the server cannot tell what was meant."""
+    SLOW = 4008
+    """The connection's outbox overflowed: reconnect and resume from your offsets."""
+    IDLE_TIMEOUT = 4009
+    """Nothing received for the idle timeout."""
+
+
+RequestId: TypeAlias = int | str | None
+
+
+@attrs.frozen(slots=True)
+class Join:
+    id: RequestId
+    channel: str
+    since: StreamPosition | None = None
+    presence: bool = False
+
+
+@attrs.frozen(slots=True)
+class Leave:
+    id: RequestId
+    channel: str
+
+
+@attrs.frozen(slots=True)
+class Publish:
+    id: RequestId
+    channel: str
+    data: Any
+    ack: bool = False
+    echo: bool = False
+    """The wire's `self`: whether the publisher receives its own publication."""
+    key: str | None = None
+    size: int = 0
+    """Size of `data` as received, in bytes of JSON (for the payload limit)."""
+
+
+@attrs.frozen(slots=True)
+class Track:
+    id: RequestId
+    channel: str
+    key: str | None = None
+    meta: Mapping[str, Any] = attrs.field(factory=dict)
+    ref: str | None = None
+
+
+@attrs.frozen(slots=True)
+class Untrack:
+    id: RequestId
+    channel: str
+    key: str | None = None
+    ref: str | None = None
+
+
+@attrs.frozen(slots=True)
+class PresenceQuery:
+    id: RequestId
+    channel: str
+
+
+@attrs.frozen(slots=True)
+class Ping:
+    id: RequestId
+
+
+Command: TypeAlias = Join | Leave | Publish | Track | Untrack | PresenceQuery | Ping
+
+
+@attrs.frozen(slots=True)
+class ProtocolError(Exception):
+    """A frame that does not make a valid command.
+
+    `close` is set when the frame cannot be answered at all (not JSON, not an object): the
+    connection is closed with that code. Otherwise the error goes back as a reply to `id`.
+    """
+
+    code: int
+    message: str
+    id: RequestId = None
+    close: CloseCode | None = None
+
+
+def _field(
+    frame: Mapping[str, Any], name: str, kinds: type | tuple[type, ...], rid: RequestId
+) -> Any:
+    value = frame.get(name)
+    # bool is an int in Python; no field of this protocol takes both.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in _tuple(kinds)):
+        expected = " or ".join(k.__name__ for k in _tuple(kinds))
+        got = "missing" if name not in frame else type(value).__name__
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}' must be {expected}, got {got}", rid)
+    return value
+
+
+def _optional(
+    frame: Mapping[str, Any], name: str, kinds: type | tuple[type, ...], rid: RequestId
+) -> Any:
+    if frame.get(name) is None:
+        return None
+    return _field(frame, name, kinds, rid)
+
+
+def _tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _flag(frame: Mapping[str, Any], name: str, rid: RequestId) -> bool:
+    value = _optional(frame, name, bool, rid)
+    return bool(value)
+
+
+def _request_id(frame: Mapping[str, Any]) -> RequestId:
+    rid = frame.get("id")
+    if rid is None:
+        return None
+    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' must be an integer or a string")
+    if isinstance(rid, str) and len(rid) > 64:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'id' must be at most 64 characters")
+    return rid
+
+
+def _since(frame: Mapping[str, Any], rid: RequestId) -> StreamPosition | None:
+    since = _optional(frame, "since", dict, rid)
+    if since is None:
+        return None
+    offset = _field(since, "offset", int, rid)
+    epoch = _field(since, "epoch", str, rid)
+    if offset < 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'offset' must not be negative", rid)
+    return StreamPosition(offset, epoch)
+
+
+class JsonCodec:
+    """The native protocol over JSON text frames."""
+
+    name = "json"
+
+    def decode(self, frame: str | bytes) -> Command:
+        """One client frame to a command; raises ProtocolError."""
+        try:
+            message = orjson.loads(frame)
+        except orjson.JSONDecodeError as e:
+            raise ProtocolError(
+                CloseCode.BAD_FRAME, f"frame is not JSON: {e}", close=CloseCode.BAD_FRAME
+            ) from None
+        if not isinstance(message, dict):
+            raise ProtocolError(
+                CloseCode.BAD_FRAME, "frame must be a JSON object", close=CloseCode.BAD_FRAME
+            )
+        rid = _request_id(message)
+        cmd = message.get("cmd")
+        if cmd == "ping":
+            return Ping(rid)
+        if cmd == "publish":
+            data = message.get("data")
+            if "data" not in message:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "'data' is missing", rid)
+            return Publish(
+                rid,
+                _field(message, "channel", str, rid),
+                data,
+                ack=_flag(message, "ack", rid),
+                echo=_flag(message, "self", rid),
+                key=_optional(message, "key", str, rid),
+                size=len(frame),  # an upper bound on the data's size, without re-encoding it
+            )
+        if cmd == "join":
+            return Join(
+                rid,
+                _field(message, "channel", str, rid),
+                since=_since(message, rid),
+                presence=_flag(message, "presence", rid),
+            )
+        if cmd == "leave":
+            return Leave(rid, _field(message, "channel", str, rid))
+        if cmd == "track":
+            meta = _optional(message, "meta", dict, rid)
+            return Track(
+                rid,
+                _field(message, "channel", str, rid),
+                key=_optional(message, "key", str, rid),
+                meta={} if meta is None else meta,
+                ref=_optional(message, "ref", str, rid),
+            )
+        if cmd == "untrack":
+            return Untrack(
+                rid,
+                _field(message, "channel", str, rid),
+                key=_optional(message, "key", str, rid),
+                ref=_optional(message, "ref", str, rid),
+            )
+        if cmd == "presence":
+            return PresenceQuery(rid, _field(message, "channel", str, rid))
+        if not isinstance(cmd, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'cmd' must be a string", rid)
+        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"unknown command '{cmd[:64]}'", rid)
+
+    # -- server to client ------------------------------------------------------------------
+
+    def reply(self, rid: RequestId, result: Mapping[str, Any]) -> bytes:
+        return orjson.dumps({"reply": rid, "ok": result}, default=_mapping)
+
+    def error(self, rid: RequestId, code: int, message: str) -> bytes:
+        """An error reply, or an `error` push when the command had no id."""
+        body = {"code": int(code), "message": message}
+        if rid is None:
+            return orjson.dumps({"push": "error", **body})
+        return orjson.dumps({"reply": rid, "error": body})
+
+    def publication(self, publication: Publication) -> bytes:
+        push: dict[str, Any] = {
+            "push": "pub",
+            "channel": publication.channel,
+            "offset": publication.offset,
+            "epoch": publication.epoch,
+            "data": publication.data,
+        }
+        if publication.publisher is not None:
+            push["from"] = publication.publisher
+        return orjson.dumps(push)
+
+    def presence_state(self, channel: str, state: Mapping[str, tuple[PresenceMeta, ...]]) -> bytes:
+        return orjson.dumps(
+            {"push": "presence_state", "channel": channel, "state": _presence_map(state)},
+            default=_mapping,
+        )
+
+    def presence_reply(
+        self, rid: RequestId, channel: str, state: Mapping[str, tuple[PresenceMeta, ...]]
+    ) -> bytes:
+        return self.reply(rid, {"channel": channel, "state": _presence_map(state)})
+
+    def presence_diff(self, channel: str, diff: PresenceDiff) -> bytes:
+        return orjson.dumps(
+            {
+                "push": "presence_diff",
+                "channel": channel,
+                "joins": _presence_map(diff.joins),
+                "leaves": _presence_map(diff.leaves),
+            },
+            default=_mapping,
+        )
+
+    def ping(self) -> bytes:
+        return b'{"push":"ping"}'
+
+    def disconnect(self, code: CloseCode, reason: str) -> bytes:
+        return orjson.dumps({"push": "disconnect", "code": int(code), "reason": reason})
+
+
+def _presence_map(state: Mapping[str, tuple[PresenceMeta, ...]]) -> dict[str, list[Any]]:
+    def entry(m: PresenceMeta) -> dict[str, Any]:
+        out = {"ref": m.ref, "client": m.conn, "meta": m.meta}
+        if m.prev_ref is not None:
+            out["prev_ref"] = m.prev_ref
+        return out
+
+    return {key: [entry(m) for m in metas] for key, metas in state.items()}
+
+
+def _mapping(value: Any) -> Any:
+    """orjson's fallback: presence metas are read-only mappings (MappingProxyType)."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -1,0 +1,139 @@
+"""The WebSocket transport: pyrt's native protocol over RFC 6455 at `/connection/websocket`.
+
+wsproto does the handshake, the reading, the control frames and the close; data frames to the
+client are built by `pyrt._wsframe`, so the hub's encoded frame bytes go out as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from .._node import HttpRequest, Node, Session
+from .._protocol import CloseCode
+from .._wsframe import data_frame
+
+
+class WebSocketTransport:
+    """Serves `/connection/websocket` upgrades."""
+
+    name = "websocket"
+    paths = ("/connection/websocket",)
+
+    def claims(self, request: HttpRequest) -> bool:
+        return request.is_websocket_upgrade and request.path in self.paths
+
+    async def serve(
+        self, node: Node, stream: trio.abc.Stream, request: HttpRequest, trailing: bytes
+    ) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers]
+        try:
+            ws.initiate_upgrade_connection(headers, request.target)
+        except RemoteProtocolError as e:
+            body = f"bad websocket upgrade: {e}".encode()
+            head = f"HTTP/1.1 400 Bad Request\r\ncontent-length: {len(body)}\r\n\r\n"
+            await stream.send_all(head.encode() + body)
+            return
+        for event in ws.events():
+            if isinstance(event, Request):
+                await stream.send_all(ws.send(AcceptConnection()))
+        connection = _Connection(node, stream, ws)
+        if trailing:
+            connection.feed(trailing)
+        await connection.run()
+
+
+class _Connection:
+    """One accepted WebSocket: a reader and a writer task around a hub session."""
+
+    def __init__(self, node: Node, stream: trio.abc.Stream, ws: WSConnection) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.session: Session = node.open_session()
+        self.max_message = node.hub.config.max_frame_bytes
+        self.send_lock = trio.Lock()
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done = False
+        self.peer_closed = trio.Event()
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.write, nursery.cancel_scope)
+                await self.read()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.session.end()
+
+    async def send(self, data: bytes) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    def feed(self, data: bytes | None) -> list[bytes]:
+        """Gives received bytes to wsproto; returns control replies to send."""
+        self.ws.receive_data(data)
+        replies: list[bytes] = []
+        for event in self.ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                chunk = event.data.encode() if isinstance(event.data, str) else bytes(event.data)
+                self.parts.append(chunk)
+                self.size += len(chunk)
+                if event.message_finished or self.size > self.max_message:
+                    # An oversized message goes to the hub whole so far: it closes with 1009.
+                    message = b"".join(self.parts)
+                    self.parts.clear()
+                    self.size = 0
+                    self.session.receive(message)
+            elif isinstance(event, Ping):
+                replies.append(self.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                self.done = True
+                self.peer_closed.set()
+                with contextlib.suppress(LocalProtocolError):  # we had sent our close already
+                    replies.append(self.ws.send(event.response()))
+        return replies
+
+    async def read(self) -> None:
+        while not self.done:
+            try:
+                data = await self.stream.receive_some(64 * 1024)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            try:
+                replies = self.feed(bytes(data) if data else None)
+            except RemoteProtocolError:
+                return
+            for reply in replies:
+                await self.send(reply)
+            if not data:
+                return
+
+    async def write(self, cancel_scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                frames = await self.session.outgoing()
+                if not frames:
+                    break
+                await self.send(b"".join(data_frame(f) for f in frames))
+            code, reason = self.session.close_request or (CloseCode.NORMAL, "")
+            with contextlib.suppress(LocalProtocolError):  # the client closed first
+                await self.send(self.ws.send(CloseConnection(code=int(code), reason=reason)))
+            # Give the client a moment to answer the close, then drop the connection.
+            with trio.move_on_after(2.0):
+                await self.peer_closed.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        cancel_scope.cancel()

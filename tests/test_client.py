@@ -1,0 +1,187 @@
+"""The Python client against a real Node over real sockets."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import trio
+
+from pyrt._hub import HubConfig
+from pyrt._node import Node, NodeConfig
+from pyrt.client import Channel, ClientError, ConnectionLost, Message, connect
+
+
+async def start(nursery: trio.Nursery, **hub: Any) -> tuple[Node, str]:
+    node: Node = await nursery.start(Node(NodeConfig(port=0, hub=HubConfig(**hub))).run)
+    return node, f"ws://127.0.0.1:{node.port}/connection/websocket"
+
+
+async def take(channel: Channel, n: int) -> list[Message]:
+    out = []
+    with trio.fail_after(10):
+        async for message in channel:
+            out.append(message)
+            if len(out) == n:
+                return out
+    raise AssertionError("channel closed")
+
+
+async def test_five_line_usage(nursery: trio.Nursery) -> None:
+    _node, url = await start(nursery)
+    async with connect(url) as client:
+        room = await client.join("room:1")
+        offset = await room.publish({"text": "hello"}, echo=True)
+        [message] = await take(room, 1)
+    assert offset == 1
+    assert (message.channel, message.offset, message.data) == ("room:1", 1, {"text": "hello"})
+    assert message.sender is not None
+
+
+async def test_errors_are_raised_with_their_code(nursery: trio.Nursery) -> None:
+    _node, url = await start(nursery)
+    async with connect(url) as client:
+        with pytest.raises(ClientError) as e:
+            await client.join("bad channel")
+        assert e.value.code == 422
+        room = await client.join("room")
+        with pytest.raises(ClientError, match="409"):
+            await client.join("room")
+        with pytest.raises(ClientError) as e:
+            await room.publish("x" * 70_000)
+        assert e.value.code == 413
+
+
+async def test_connect_gives_up_after_its_timeout() -> None:
+    with pytest.raises(ConnectionLost, match="could not connect"):
+        async with connect("ws://127.0.0.1:1/connection/websocket", timeout=0.5):
+            pass
+
+
+async def test_patterns_and_server_publications(nursery: trio.Nursery) -> None:
+    node, url = await start(nursery)
+    async with connect(url) as client:
+        rooms = await client.join("room:*")
+        node.publish("room:7", "a")
+        node.publish("lobby", "not for us")
+        node.publish("room:8", "b")
+        got = await take(rooms, 2)
+    assert [(m.channel, m.data, m.sender) for m in got] == [
+        ("room:7", "a", None),
+        ("room:8", "b", None),
+    ]
+
+
+async def test_reconnect_resumes_without_loss_or_duplicates(nursery: trio.Nursery) -> None:
+    node, url = await start(nursery)
+    async with connect(url, min_backoff=0.01) as client:
+        room = await client.join("c")
+        node.publish("c", 1)
+        assert [m.data for m in await take(room, 1)] == [1]
+        client.drop_connection()
+        for i in range(2, 6):
+            node.publish("c", i)
+        got = await take(room, 4)
+        assert [m.data for m in got] == [2, 3, 4, 5]
+        assert [m.offset for m in got] == [2, 3, 4, 5]
+        assert client.connects == 2
+        assert room.recovered is True
+        assert room.gaps == 0
+
+
+async def test_out_of_window_resume_resets(nursery: trio.Nursery) -> None:
+    node, url = await start(nursery, history_size=2)
+    async with connect(url, min_backoff=0.5) as client:  # reconnects after 0.25-0.5 s
+        room = await client.join("c", iterate=False)
+        resets: list[int | None] = []
+        room.on_reset.append(lambda ch: resets.append(ch.offset))
+        client.drop_connection()
+        with trio.fail_after(5):
+            while client.connected:
+                await trio.sleep(0.01)
+        for i in range(5):
+            node.publish("c", i)
+        with trio.fail_after(10):
+            while room.recovered is not False:
+                await trio.sleep(0.01)
+        assert resets == [5]  # continue from the top; the app reloads its state
+        node.publish("c", "after")
+        with trio.fail_after(5):
+            while room.offset != 6:
+                await trio.sleep(0.01)
+
+
+async def test_presence_view_and_retrack_after_reconnect(nursery: trio.Nursery) -> None:
+    _node, url = await start(nursery)
+    async with connect(url, min_backoff=0.01) as a, connect(url) as b:
+        doc_a = await a.join("doc", presence=True, iterate=False)
+        doc_b = await b.join("doc", presence=True, iterate=False)
+        await doc_a.track({"name": "ann"}, key="ann")
+        with trio.fail_after(5):
+            while "ann" not in doc_b.presence:
+                await trio.sleep(0.01)
+        assert doc_b.presence["ann"][0]["meta"] == {"name": "ann"}
+        first_ref = doc_b.presence["ann"][0]["ref"]
+        a.drop_connection()
+        # b sees ann leave with the old connection and come back with the new one.
+        with trio.fail_after(10):
+            while not doc_b.presence.get("ann") or doc_b.presence["ann"][0]["ref"] == first_ref:
+                await trio.sleep(0.01)
+        assert len(doc_b.presence["ann"]) == 1
+        assert doc_a.presence == doc_b.presence
+
+
+async def test_kill_connections_under_load_every_message_exactly_once(
+    nursery: trio.Nursery,
+) -> None:
+    """3 clients publish while subscribers' connections are cut at random points; every
+    subscriber ends with exactly the sequence an uncut observer saw: nothing lost, nothing
+    twice, same order."""
+    _node, url = await start(nursery, history_size=2000)
+    rng = random.Random(7)
+    per_publisher = 150
+    async with (
+        connect(url) as observer_client,
+        connect(url, min_backoff=0.005, max_backoff=0.05) as s1,
+        connect(url, min_backoff=0.005, max_backoff=0.05) as s2,
+    ):
+        observer = await observer_client.join("load", iterate=False)
+        subscribers = [await s.join("load", iterate=False) for s in (s1, s2)]
+        seen: dict[str, list[tuple[int, Any]]] = {"observer": []}
+        observer.on_message.append(lambda m: seen["observer"].append((m.offset, m.data)))
+        for i, sub in enumerate(subscribers):
+            seen[f"s{i}"] = []
+            sub.on_message.append(lambda m, k=f"s{i}": seen[k].append((m.offset, m.data)))
+        acked: list[Any] = []
+
+        async def publisher(name: str) -> None:
+            async with connect(url) as client:
+                channel = await client.join("load", iterate=False)
+                for n in range(per_publisher):
+                    data = [name, n]
+                    await channel.publish(data)
+                    acked.append(data)
+                    if n % 10 == 0:
+                        await trio.sleep(0.001)
+
+        async def cutter() -> None:
+            for _ in range(12):
+                await trio.sleep(rng.uniform(0.005, 0.04))
+                rng.choice((s1, s2)).drop_connection()
+
+        async with trio.open_nursery() as load:
+            for name in ("p1", "p2", "p3"):
+                load.start_soon(publisher, name)
+            load.start_soon(cutter)
+        total = 3 * per_publisher
+        with trio.fail_after(20):
+            while any(len(v) < total for v in seen.values()):
+                await trio.sleep(0.02)
+        assert len(acked) == total
+        truth = seen["observer"]
+        assert [o for o, _ in truth] == list(range(1, total + 1))
+        assert sorted(map(tuple, (d for _, d in truth))) == sorted(map(tuple, acked))
+        for name in ("s0", "s1"):
+            assert seen[name] == truth, name
+        assert s1.connects + s2.connects > 2  # the cuts happened and were survived
