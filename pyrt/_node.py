@@ -7,7 +7,9 @@ Transports see the hub through a `Session` per client connection.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import importlib.resources
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -260,8 +262,19 @@ class Node:
         if request.path == "/healthz":
             body = {"status": "ok", "connections": len(self.hub), "port": self.port}
             return 200, "application/json", orjson.dumps(body)
+        if request.path == "/status.json":
+            stats = self.hub.stats
+            body = {
+                "connections": len(self.hub),
+                "channels": len(self.hub.channels()),
+                "publications": stats.publications,
+                "frames_out": stats.frames_out,
+                "slow_disconnects": stats.slow_disconnects,
+                "time": self.now,
+            }
+            return 200, "application/json", orjson.dumps(body)
         if request.path == "/":
-            return 200, "text/html; charset=utf-8", _STATUS_PAGE
+            return 200, "text/html; charset=utf-8", _status_page()
         message = f"no route for {request.method} {request.path}"
         return 404, "application/json", orjson.dumps({"error": message})
 
@@ -311,16 +324,6 @@ async def _respond(
     await stream.send_all(data)
 
 
-_STATUS_PAGE = b"""<!doctype html>
-<meta charset="utf-8"><title>pyrt</title>
-<h1>pyrt</h1>
-<p id="status">loading...</p>
-<script>
-async function refresh() {
-  const r = await fetch("/healthz");
-  const s = await r.json();
-  document.getElementById("status").textContent = s.connections + " connections";
-}
-refresh(); setInterval(refresh, 2000);
-</script>
-"""
+@functools.cache
+def _status_page() -> bytes:
+    return importlib.resources.files("pyrt").joinpath("_status.html").read_bytes()

@@ -130,6 +130,12 @@ async def test_healthz_status_page_and_unknown_routes(nursery: trio.Nursery) -> 
     status, body = await http_get(node, "/")
     assert status == 200
     assert b"<title>pyrt</title>" in body
+    assert b"/connection/websocket" in body  # the demo chat connects to the hub itself
+    node.publish("c", 1)
+    status, body = await http_get(node, "/status.json")
+    stats = orjson.loads(body)
+    assert status == 200
+    assert (stats["connections"], stats["channels"], stats["publications"]) == (0, 0, 1)
     status, body = await http_get(node, "/nope")
     assert (status, orjson.loads(body)) == (404, {"error": "no route for GET /nope"})
 
