@@ -207,9 +207,7 @@ class _Context:
             self.retire(replica)
         touched: set[str] = set()
         for replica, counter in other.vector:
-            if replica not in self.retired and (
-                replica not in self.vector or counter < self.vector[replica]
-            ):
+            if replica not in self.retired and counter > self.vector.get(replica, 0):
                 self.vector[replica] = counter
                 touched.add(replica)
         for replica, counter in other.cloud:
@@ -234,7 +232,7 @@ class _Context:
             cloud.remove(top)
         if top:
             self.vector[replica] = top
-        if top and cloud and min(cloud) <= top:
+        if cloud and min(cloud) <= top:
             cloud.difference_update([c for c in cloud if c <= top])
         if not cloud:
             del self.cloud[replica]
@@ -273,6 +271,9 @@ class _DiffBuilder:
             for topic, (joins, leaves) in self._changes.items()
         }
 
+    def __bool__(self) -> bool:
+        return bool(self._changes)
+
     def build_one(self, topic: str) -> PresenceDiff:
         return self.build().get(topic, PresenceDiff())
 
@@ -295,9 +296,10 @@ class Presence:
     """The presence state of one replica (hub node), across all topics.
 
     Local changes (``track``, ``untrack``, ``untrack_conn``) and remote ones (``merge``,
-    ``remove_replica``) return the diffs members must apply to stay in step with ``state``.
-    Metas under a key are ordered by dot: by replica name, then by creation on that replica
-    (so on a single hub, in the order they were tracked).
+    ``remove_replica``) return the diffs members must apply, in the order the calls were
+    made, to stay in step with ``state``. Calls that return diffs by topic leave out the
+    topics that did not change. Metas under a key are ordered by dot: by replica name, then
+    by creation on that replica (so on a single hub, in the order they were tracked).
     """
 
     __slots__ = (
@@ -363,9 +365,7 @@ class Presence:
             old = self._own_entry(ref)
             if old is None or (old.topic, old.key, old.presence.conn) != (topic, key, conn):
                 raise KeyError(ref)
-        counter = self._context.vector.get(self._replica, 0) + 1
-        self._context.vector[self._replica] = counter
-        dot = Dot(self._replica, counter)
+        dot = self._spend_dot()
         presence = PresenceMeta(
             ref=dot.ref, conn=conn, meta=meta, prev_ref=None if old is None else old.presence.ref
         )
@@ -388,6 +388,8 @@ class Presence:
             if entry.topic == topic and entry.key == key and ref in (None, entry.presence.ref):
                 self._discard(entry)
                 diff.leave(entry)
+        if diff:
+            self._spend_dot()
         return diff.build_one(topic)
 
     def untrack_conn(self, conn: str) -> dict[str, PresenceDiff]:
@@ -396,6 +398,8 @@ class Presence:
         for entry in list(self._by_conn.get(conn, {}).values()):
             self._discard(entry)
             diff.leave(entry)
+        if diff:
+            self._spend_dot()
         return diff.build()
 
     # ---------------------------------------------------------------------------------------
@@ -417,6 +421,15 @@ class Presence:
         """The number of metas present in *topic*."""
         return self._counts.get(topic, 0)
 
+    def clock(self, replica: str) -> int:
+        """The highest n such that this state has seen all changes 1..n of *replica*.
+
+        A replica's own clock counts its changes. When another replica advertises a higher
+        clock of its own than this state has for it, a delta was lost (or is still on its
+        way): merging a snapshot of it catches up. Unknown and retired replicas give 0.
+        """
+        return self._context.vector.get(replica, 0)
+
     # ---------------------------------------------------------------------------------------
     # Replication
     # ---------------------------------------------------------------------------------------
@@ -431,9 +444,13 @@ class Presence:
         )
 
     def delta(self) -> PresenceSnapshot:
-        """What changed here since the last call: own entries added, own entries removed,
-        replicas retired. Merging it is the same as merging the snapshot it was cut from, as
-        far as those changes go; deltas may be lost if snapshots are exchanged now and then.
+        """The changes made here since the last call, as a state to merge elsewhere.
+
+        It holds the entries this replica added since and are still here, and a context that
+        covers every dot it spent since (on adds and removals), the dots of its older entries
+        it removed since, and the replicas it retired since. Merging it elsewhere does what
+        merging a snapshot would do about those changes. Deltas may arrive in any order or
+        twice; a lost one shows as a ``clock`` that lags, and a snapshot makes up for it.
         """
         counter = self._context.vector.get(self._replica, 0)
         context = _Context()
@@ -451,12 +468,13 @@ class Presence:
         return PresenceSnapshot(entries=entries, context=context.freeze())
 
     def merge(self, other: PresenceSnapshot) -> dict[str, PresenceDiff]:
-        """Join *other* (a snapshot or delta of any replica) into this state.
+        """Join *other* (a snapshot or delta of any replica) into this state; return the diffs.
 
-        Returns the diffs, by topic, of the topics whose members saw a change.
+        Merging a state whose changes are all here already (the same one again, say) changes
+        nothing.
         """
-        # Entries to add are those *other* has that this state has not seen; the test uses
-        # this state's context before the join.
+        # Entries to add are those *other* has and this state has not seen, judged by this
+        # state's context before the join.
         added = [entry for entry in other.entries if not self._context.covers(entry.dot)]
         # Entries to remove are those *other* has seen but no longer has: their creator
         # removed them, or *other* retired their creator.
@@ -489,11 +507,21 @@ class Presence:
         if replica not in self._context.retired:
             self._context.retire(replica)
             self._delta_retired.add(replica)
+            self._spend_dot()
         return diff.build()
 
     # ---------------------------------------------------------------------------------------
     # Indexes
     # ---------------------------------------------------------------------------------------
+
+    def _spend_dot(self) -> Dot:
+        # Every local change spends a dot, removals included: then each delta that changes
+        # anything advances this replica's clock, and a replica that missed one can tell
+        # (``clock``), as Phoenix.Tracker does. A retired replica has no clock to advance.
+        counter = self._context.vector.get(self._replica, 0) + 1
+        if not self.retired:
+            self._context.vector[self._replica] = counter
+        return Dot(self._replica, counter)
 
     def _own_entry(self, ref: str) -> PresenceEntry | None:
         replica, _, counter = ref.rpartition(":")
