@@ -9,9 +9,11 @@ from ._errors import ChannelNameError as ChannelNameError
 from ._errors import FilterError as FilterError
 from ._history import Publication as Publication
 from ._history import StreamPosition as StreamPosition
+from ._http import HttpError as HttpError
+from ._http import HttpExchange as HttpExchange
+from ._http import HttpRequest as HttpRequest
 from ._hub import Hub as Hub
 from ._hub import HubConfig as HubConfig
-from ._node import HttpRequest as HttpRequest
 from ._node import Node as Node
 from ._node import NodeConfig as NodeConfig
 from ._node import Session as Session
@@ -25,6 +27,8 @@ __all__ = [
     "CloseCode",
     "ErrorCode",
     "FilterError",
+    "HttpError",
+    "HttpExchange",
     "HttpRequest",
     "Hub",
     "HubConfig",

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
 
+import attrs
 import trio
 
 from . import FilterError, Matcher, RowEvent, __version__
 from ._config import ConfigError, node_config
-from ._node import Node, NodeConfig
+from ._node import Node
 
 DEMO_SUBSCRIPTIONS: list[tuple[int, str, str, str, str | None]] = [
     (1, "INSERT", "public", "messages", "room_id=eq.42"),
@@ -47,13 +49,16 @@ def _demo() -> int:
     return 0
 
 
-async def _serve(config: NodeConfig) -> None:
-    node = Node(config)
+async def _serve(node: Node) -> None:
+    config = node.config
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         print(f"pyrt {__version__} serving on http://{config.host}:{node.port}/", flush=True)
         ws = f"ws://{config.host}:{node.port}/connection/websocket"
         print(f"WebSocket: {ws} (Ctrl-C to stop)", flush=True)
+        if node.generated_api_key:
+            key = node.config.api_keys[0]
+            print(f"REST API key (made up for this run; set server.api_keys): {key}", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 print(f"{signal.Signals(signum).name}: draining and stopping", flush=True)
@@ -76,11 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         try:
             config = node_config(args.config, {"host": args.host, "port": args.port})
-        except ConfigError as e:
+            generated = not config.api_keys
+            if generated:
+                config = attrs.evolve(config, api_keys=(secrets.token_urlsafe(24),))
+            node = Node(config)
+            node.generated_api_key = generated
+        except (ConfigError, LookupError, ValueError) as e:
             print(f"pyrt serve: {e}", file=sys.stderr)
             return 2
         try:
-            trio.run(_serve, config)
+            trio.run(_serve, node)
         except OSError as e:
             print(f"pyrt serve: cannot listen on {config.host}:{config.port}: {e}", file=sys.stderr)
             return 1

@@ -6,6 +6,12 @@ host = "127.0.0.1"
 port = 8000
 transports = ["websocket"]   # default: every installed transport plugin
 
+cors_origins = ["https://app.example.com"]   # browsers on these origins may use SSE etc.
+api_keys = ["change-me"]     # for the REST API (pyrt serve makes one up when none is set)
+
+[transports.longpoll]         # keyword arguments for a transport plugin's factory
+poll_timeout = 25.0
+
 [hub]
 history_size = 256
 slow_consumer_policy = "disconnect"
@@ -30,7 +36,16 @@ from ._hub import HubConfig
 from ._node import NodeConfig
 from ._outbox import SlowConsumerPolicy
 
-_SERVER_KEYS = {"host", "port", "transports", "drain_timeout", "request_timeout"}
+_SERVER_KEYS = {
+    "host",
+    "port",
+    "transports",
+    "drain_timeout",
+    "request_timeout",
+    "cors_origins",
+    "api_keys",
+    "max_body_bytes",
+}
 
 
 class ConfigError(ValueError):
@@ -82,9 +97,10 @@ def node_config(
             raise ConfigError(f"{path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    unknown = set(data) - {"server", "hub"}
+    unknown = set(data) - {"server", "hub", "transports"}
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; known: server, hub")
+        known = "server, hub, transports"
+        raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; known: {known}")
     server = dict(data.get("server", {}))
     server.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for key in server:
@@ -99,6 +115,13 @@ def node_config(
         not isinstance(transports, list) or not all(isinstance(t, str) for t in transports)
     ):
         raise ConfigError("server.transports: expected a list of plugin names")
+    lists = {key: _strings(server, key) for key in ("cors_origins", "api_keys")}
+    options = data.get("transports", {})
+    if not all(isinstance(v, Mapping) for v in options.values()):
+        raise ConfigError("transports: expected a table per plugin, [transports.<name>]")
+    max_body = server.get("max_body_bytes", 1024 * 1024)
+    if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1:
+        raise ConfigError(f"server.max_body_bytes: expected a positive integer, got {max_body!r}")
     return NodeConfig(
         host=str(server.get("host", "127.0.0.1")),
         port=port,
@@ -106,4 +129,15 @@ def node_config(
         transports=tuple(transports) if transports is not None else None,
         drain_timeout=float(server.get("drain_timeout", 5.0)),
         request_timeout=float(server.get("request_timeout", 10.0)),
+        cors_origins=lists["cors_origins"],
+        api_keys=lists["api_keys"],
+        max_body_bytes=max_body,
+        transport_options={name: dict(table) for name, table in options.items()},
     )
+
+
+def _strings(server: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = server.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"server.{key}: expected a list of non-empty strings, got {value!r}")
+    return tuple(value)

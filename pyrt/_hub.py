@@ -11,8 +11,10 @@ frame object is queued for every recipient.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,7 +23,7 @@ import orjson
 
 from ._core import Matcher, check_channel
 from ._errors import ChannelNameError
-from ._history import History, Publication, StreamPosition
+from ._history import History, Publication, Recovery, StreamPosition
 from ._outbox import Outbox, SlowConsumerPolicy
 from ._presence import Presence, PresenceDiff
 from ._protocol import (
@@ -94,6 +96,9 @@ class HubStats:
     recoveries: int = 0
     recovery_misses: int = 0
     errors: int = 0
+    matches: int = 0
+    match_seconds: float = 0.0
+    """Time spent asking the matcher who receives a publication (a cost, not a clock)."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -114,8 +119,23 @@ class Connection:
     opened: float
     last_seen: float
     last_ping: float
+    transport: str = "websocket"
+    """The transport plugin's name (for metrics)."""
+    idle_timeout: float | None = None
+    """Close after this long without a sign of life; None: the transport watches liveness."""
+    pings: bool = True
+    """Whether the hub sends `ping` pushes (transports with their own heartbeats say no)."""
     joins: dict[str, _Join] = attrs.field(factory=dict)
     closing: CloseCode | None = None
+    told_to_go: bool = False
+    """A `disconnect` push was queued (at shutdown)."""
+
+
+class _Default(enum.Enum):
+    DEFAULT = enum.auto()
+
+
+DEFAULT = _Default.DEFAULT
 
 
 def _is_pattern(channel: str) -> bool:
@@ -131,10 +151,12 @@ class Hub:
         *,
         replica: str | None = None,
         new_epoch: Callable[[], str] | None = None,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.config = config or HubConfig()
         self.replica = replica or secrets.token_hex(4)
         self.stats = HubStats()
+        self._timer = timer
         self._connections: dict[str, Connection] = {}
         self._conn_numbers = itertools.count(1)
         self._sub_ids = itertools.count(1)
@@ -158,8 +180,21 @@ class Hub:
 
     # -- connections -----------------------------------------------------------------------
 
-    def open(self, now: float, codec: JsonCodec | None = None) -> Connection:
-        """Registers a new connection and returns it (its `id` names it from now on)."""
+    def open(
+        self,
+        now: float,
+        codec: JsonCodec | None = None,
+        *,
+        transport: str = "websocket",
+        idle_timeout: float | _Default | None = DEFAULT,
+        pings: bool = True,
+    ) -> Connection:
+        """Registers a new connection and returns it (its `id` names it from now on).
+
+        `idle_timeout` defaults to the config's; None leaves liveness to the transport (an
+        SSE stream notices a gone client when a write fails). `pings=False` for transports
+        that send their own heartbeats or cannot use them.
+        """
         conn = Connection(
             id=f"{self.replica}.{next(self._conn_numbers)}",
             codec=codec or JsonCodec(),
@@ -167,6 +202,11 @@ class Hub:
             opened=now,
             last_seen=now,
             last_ping=now,
+            transport=transport,
+            idle_timeout=self.config.idle_timeout
+            if isinstance(idle_timeout, _Default)
+            else idle_timeout,
+            pings=pings,
         )
         self._connections[conn.id] = conn
         self.stats.connections_opened += 1
@@ -177,6 +217,18 @@ class Hub:
 
     def __len__(self) -> int:
         return len(self._connections)
+
+    def connections_by_transport(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for conn in self._connections.values():
+            counts[conn.transport] = counts.get(conn.transport, 0) + 1
+        return counts
+
+    def touch(self, conn_id: str, now: float) -> None:
+        """A sign of life from a connection other than a frame (a long-poll request)."""
+        conn = self._connections.get(conn_id)
+        if conn is not None:
+            conn.last_seen = now
 
     def disconnect(self, conn_id: str, now: float) -> None:
         """Forgets a connection whose transport is gone: its joins, its presence."""
@@ -207,6 +259,7 @@ class Hub:
         for conn in list(self._connections.values()):
             reason = "server shutting down, reconnect"
             self._send(conn, conn.codec.disconnect(CloseCode.GOING_AWAY, reason))
+            conn.told_to_go = True
             self._close(conn, CloseCode.GOING_AWAY, reason)
 
     # -- input -----------------------------------------------------------------------------
@@ -219,8 +272,7 @@ class Hub:
         conn.last_seen = now
         self.stats.frames_in += 1
         if len(frame) > self.config.max_frame_bytes:
-            limit = self.config.max_frame_bytes
-            self._close(conn, CloseCode.MESSAGE_TOO_BIG, f"frame larger than {limit} bytes")
+            self.frame_too_big(conn_id)
             return
         try:
             command = conn.codec.decode(frame)
@@ -231,6 +283,13 @@ class Hub:
                 self._error(conn, e.id, e.code, e.message)
             return
         self.handle(conn, command, now)
+
+    def frame_too_big(self, conn_id: str) -> None:
+        """Closes a connection that sent a frame over `max_frame_bytes` (1009)."""
+        conn = self._connections.get(conn_id)
+        if conn is not None:
+            limit = self.config.max_frame_bytes
+            self._close(conn, CloseCode.MESSAGE_TOO_BIG, f"frame larger than {limit} bytes")
 
     def handle(self, conn: Connection, command: Command, now: float) -> None:
         """One decoded command from a client."""
@@ -268,19 +327,17 @@ class Hub:
         for conn in list(self._connections.values()):
             if conn.closing is not None:
                 continue
-            if now - conn.last_seen >= config.idle_timeout:
-                self._close(
-                    conn, CloseCode.IDLE_TIMEOUT, f"nothing received for {config.idle_timeout:g} s"
-                )
-                continue
-            if now - conn.last_ping >= config.ping_interval:
-                conn.last_ping = now
-                self._send(conn, conn.codec.ping())
-            next_due = min(
-                next_due,
-                conn.last_ping + config.ping_interval,
-                conn.last_seen + config.idle_timeout,
-            )
+            idle = conn.idle_timeout
+            if idle is not None:
+                if now - conn.last_seen >= idle:
+                    self._close(conn, CloseCode.IDLE_TIMEOUT, f"nothing received for {idle:g} s")
+                    continue
+                next_due = min(next_due, conn.last_seen + idle)
+            if conn.pings:
+                if now - conn.last_ping >= config.ping_interval:
+                    conn.last_ping = now
+                    self._send(conn, conn.codec.ping())
+                next_due = min(next_due, conn.last_ping + config.ping_interval)
         self._history.expire(now, lambda channel: self._channel_users.get(channel, 0) > 0)
         return next_due
 
@@ -310,7 +367,11 @@ class Hub:
         frames: dict[str, bytes] = {}
         delivered: set[str] = set()
         skip = None if publisher is None or echo else publisher.id
-        for sub_id in self._matcher.match_channel(channel):
+        started = self._timer()
+        recipients = self._matcher.match_channel(channel)
+        self.stats.match_seconds += self._timer() - started
+        self.stats.matches += 1
+        for sub_id in recipients:
             conn = self._subscribers[sub_id][0]
             if conn.id in delivered or conn.id == skip:
                 continue
@@ -323,6 +384,21 @@ class Hub:
 
     def history_position(self, channel: str, now: float) -> StreamPosition:
         return self._history.stream(channel, now).position
+
+    def history(self, channel: str, now: float, since: StreamPosition | None = None) -> Recovery:
+        """The channel's retained publications after `since` (all retained ones without it).
+
+        With `since`, `recovered` says whether they are all there (as for a join with `since`);
+        without, whether the retained ones reach back to the channel's first publication.
+        """
+        check_channel(channel)
+        stream = self._history.stream(channel, now)
+        if since is not None:
+            return stream.recover(since, now)
+        stream.trim(now)
+        retained = tuple(stream)
+        complete = stream.top == 0 or (bool(retained) and retained[0].offset == 1)
+        return Recovery(complete, retained, stream.position)
 
     def presence(self, channel: str) -> Mapping[str, tuple[Any, ...]]:
         return self._presence.state(channel)

@@ -8,42 +8,25 @@ Transports see the hub through a `Session` per client connection.
 from __future__ import annotations
 
 import functools
+import hmac
 import importlib.metadata
 import importlib.resources
-from collections.abc import Sequence
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
 import h11
-import orjson
 import trio
 
-from ._hub import Hub, HubConfig
-from ._protocol import CloseCode
+from ._http import CorsPolicy, HttpError, HttpExchange, HttpRequest, next_request
+from ._hub import DEFAULT, Hub, HubConfig, _Default
+from ._protocol import CloseCode, Command
+
+Route = Callable[["Node", HttpExchange], Awaitable[bool]]
+"""A built-in HTTP route: handles the exchange and returns True, or returns False to pass."""
 
 TRANSPORT_GROUP = "pyrt.transports"
-
-
-@attrs.frozen(slots=True)
-class HttpRequest:
-    """A parsed HTTP request head, as transports see it."""
-
-    method: str
-    target: str
-    headers: tuple[tuple[str, str], ...]
-
-    @property
-    def path(self) -> str:
-        return self.target.split("?", 1)[0]
-
-    def header(self, name: str) -> str | None:
-        name = name.lower()
-        return next((v for k, v in self.headers if k == name), None)
-
-    @property
-    def is_websocket_upgrade(self) -> bool:
-        upgrade = self.header("upgrade") or ""
-        return self.method == "GET" and upgrade.lower() == "websocket"
 
 
 class Transport(Protocol):
@@ -56,22 +39,34 @@ class Transport(Protocol):
         """Whether this transport serves `request`."""
         ...
 
-    async def serve(
-        self, node: Node, stream: trio.abc.Stream, request: HttpRequest, trailing: bytes
-    ) -> None:
-        """Serves one client connection to its end. `trailing` is what the client sent after
-        the request head. The node closes `stream` afterwards."""
+    async def serve(self, node: Node, exchange: HttpExchange) -> None:
+        """Serves `exchange.request` to its end: a whole connection for an upgrade (use
+        `exchange.stream` and `exchange.trailing`), or one response (`exchange.respond`, or
+        `start_stream`/`send`/`end_stream`). Raise `HttpError` for an error response. The
+        node reuses the connection if the response ended cleanly, else closes it."""
         ...
 
 
-def load_transports(names: Sequence[str] | None = None) -> list[Transport]:
-    """Transports registered under the entry point group, all or those named, in name order."""
+def load_transports(
+    names: Sequence[str] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Transport]:
+    """Transports registered under the entry point group, all or those named, in name order.
+
+    `options[name]` are keyword arguments for that plugin's factory (`[transports.<name>]` in
+    the config file)."""
     found = {ep.name: ep for ep in importlib.metadata.entry_points(group=TRANSPORT_GROUP)}
     wanted = sorted(found) if names is None else list(names)
     missing = [n for n in wanted if n not in found]
     if missing:
         raise LookupError(f"no transport plugin named {', '.join(missing)}; have {sorted(found)}")
-    return [found[name].load()() for name in wanted]
+    transports = []
+    for name in wanted:
+        try:
+            transports.append(found[name].load()(**(options or {}).get(name, {})))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"transports.{name}: {e}") from None
+    return transports
 
 
 @attrs.frozen(slots=True, kw_only=True)
@@ -86,17 +81,52 @@ class NodeConfig:
     """On shutdown, how long clients get to receive what is queued for them."""
     request_timeout: float = 10.0
     """How long a client may take to send its request head."""
+    transport_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    """Plugin name -> keyword arguments for its factory."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to use the HTTP endpoints from other sites (`*`: any)."""
+    api_keys: tuple[str, ...] = ()
+    """Keys that authorize the REST API (server-side publishers). None: the API refuses."""
+    max_body_bytes: int = 1024 * 1024
+    """Largest request body the REST API accepts."""
 
 
 class Session:
     """One client connection's link to the hub, used by its transport."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(
+        self,
+        node: Node,
+        *,
+        transport: str = "websocket",
+        idle_timeout: float | _Default | None = DEFAULT,
+        pings: bool = True,
+    ) -> None:
         self._node = node
-        self.connection = node.hub.open(node.now)
+        self.connection = node.hub.open(
+            node.now, transport=transport, idle_timeout=idle_timeout, pings=pings
+        )
         self.id = self.connection.id
+        self.token = secrets.token_urlsafe(18)
+        """Authorizes commands sent over HTTP (`POST /connection/send`) for this session."""
         self._wake = trio.Event()
         self.closed = False
+
+    def frame_too_big(self) -> None:
+        """The client sent a frame over the limit without it being read whole."""
+        if not self.closed:
+            self._node.hub.frame_too_big(self.id)
+            self._node.pump()
+
+    def command(self, command: Command) -> None:
+        """Hands a command built by the transport (not read from the wire) to the hub."""
+        if not self.closed:
+            self._node.hub.handle(self.connection, command, self._node.now)
+            self._node.pump()
+
+    def touch(self) -> None:
+        """A sign of life that is not a frame (a long-poll request)."""
+        self._node.hub.touch(self.id, self._node.now)
 
     def receive(self, frame: str | bytes) -> None:
         """Hands one frame from the client to the hub."""
@@ -144,9 +174,15 @@ class Node:
         self.config = config or NodeConfig()
         self.hub = hub or Hub(self.config.hub)
         self.transports = (
-            list(transports) if transports is not None else load_transports(self.config.transports)
+            list(transports)
+            if transports is not None
+            else load_transports(self.config.transports, self.config.transport_options)
         )
+        self.cors = CorsPolicy(self.config.cors_origins)
+        self.routes: list[Route] = [Node._builtin_route]
         self.port: int | None = None
+        self.generated_api_key = False
+        """Whether `config.api_keys` was made up at startup (`pyrt serve` prints it)."""
         self._sessions: dict[str, Session] = {}
         self._close_requests: dict[str, tuple[CloseCode, str]] = {}
         self._stop = trio.Event()
@@ -211,9 +247,27 @@ class Node:
             if session is not None:
                 session.wake()
 
-    def open_session(self) -> Session:
-        session = Session(self)
+    def open_session(
+        self,
+        *,
+        transport: str = "websocket",
+        idle_timeout: float | _Default | None = DEFAULT,
+        pings: bool = True,
+    ) -> Session:
+        """A new hub connection for a transport; see `Hub.open` for the options."""
+        session = Session(self, transport=transport, idle_timeout=idle_timeout, pings=pings)
         self._sessions[session.id] = session
+        return session
+
+    def session(self, session_id: str, token: str) -> Session:
+        """The live session `session_id` if `token` is its token; HttpError otherwise."""
+        session = self._sessions.get(session_id)
+        if session is None or session.closed:
+            raise HttpError(
+                404, f"no session '{session_id[:64]}' (it ended or expired): open a new one"
+            )
+        if not hmac.compare_digest(session.token.encode(), token.encode()):
+            raise HttpError(401, "wrong session token")
         return session
 
     def _end(self, session: Session) -> None:
@@ -243,26 +297,49 @@ class Node:
         while True:
             request = None
             with trio.move_on_after(self.config.request_timeout):
-                request = await _next_request(http, stream)
+                request = await next_request(http, stream)
             if request is None:
                 return
-            for transport in self.transports:
-                if transport.claims(request):
-                    trailing, _closed = http.trailing_data
-                    await transport.serve(self, stream, request, trailing)
-                    return
-            reusable = await _discard_body(http, stream, limit=64 * 1024)
-            status, content_type, body = self._builtin_route(request)
-            await _respond(http, stream, status, content_type, body)
-            if not reusable or http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+            exchange = HttpExchange(http, stream, request, self.cors)
+            try:
+                await self._route(exchange)
+            except HttpError as e:
+                if http.our_state is not h11.SEND_RESPONSE:
+                    return  # a streamed response had begun: all we can do is end it
+                await exchange.respond_error(e)
+            if not exchange.reusable:
                 return
             http.start_next_cycle()
 
-    def _builtin_route(self, request: HttpRequest) -> tuple[int, str, bytes]:
-        if request.path == "/healthz":
+    async def _route(self, exchange: HttpExchange) -> None:
+        request = exchange.request
+        if request.method == "OPTIONS" and request.header("origin") is not None:
+            methods = "GET, POST, OPTIONS"
+            headers = "content-type, authorization, last-event-id, x-api-key, apikey"
+            if await exchange.preflight(methods, headers):
+                return
+        for transport in self.transports:
+            if transport.claims(request):
+                await transport.serve(self, exchange)
+                return
+        for route in self.routes:
+            if await route(self, exchange):
+                return
+        raise HttpError(404, f"no route for {request.method} {request.path}")
+
+    async def _builtin_route(self, exchange: HttpExchange) -> bool:
+        path, method = exchange.request.path, exchange.request.method
+        if path == "/connection/send":
+            if method != "POST":
+                raise HttpError(405, "use POST")
+            await self._http_command(exchange)
+            return True
+        if method != "GET":
+            return False
+        if path == "/healthz":
             body = {"status": "ok", "connections": len(self.hub), "port": self.port}
-            return 200, "application/json", orjson.dumps(body)
-        if request.path == "/status.json":
+            await exchange.respond_json(200, body)
+        elif path == "/status.json":
             stats = self.hub.stats
             body = {
                 "connections": len(self.hub),
@@ -272,56 +349,42 @@ class Node:
                 "slow_disconnects": stats.slow_disconnects,
                 "time": self.now,
             }
-            return 200, "application/json", orjson.dumps(body)
-        if request.path == "/":
-            return 200, "text/html; charset=utf-8", _status_page()
-        message = f"no route for {request.method} {request.path}"
-        return 404, "application/json", orjson.dumps({"error": message})
-
-
-async def _next_request(http: h11.Connection, stream: trio.abc.Stream) -> HttpRequest | None:
-    while True:
-        try:
-            event = http.next_event()
-        except h11.RemoteProtocolError:
-            return None
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(16 * 1024)
-            http.receive_data(bytes(data))
-            continue
-        if isinstance(event, h11.Request):
-            headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
-            return HttpRequest(event.method.decode(), event.target.decode("latin-1"), headers)
-        return None
-
-
-async def _discard_body(http: h11.Connection, stream: trio.abc.Stream, limit: int) -> bool:
-    """Reads and drops a request body (no built-in route takes one yet). False if the body
-    is larger than `limit` or the client went away: then the connection is not reused."""
-    received = 0
-    while True:
-        event = http.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(16 * 1024)
-            http.receive_data(bytes(data))
-            if not data:
-                return False
-            continue
-        if not isinstance(event, h11.Data):
-            return isinstance(event, h11.EndOfMessage)
-        received += len(event.data)
-        if received > limit:
+            await exchange.respond_json(200, body)
+        elif path == "/":
+            await exchange.respond(200, _status_page(), "text/html; charset=utf-8")
+        else:
             return False
+        return True
+
+    async def _http_command(self, exchange: HttpExchange) -> None:
+        """`POST /connection/send?session=ID&token=T`: one command for an HTTP session (SSE,
+        long-poll). Its reply, like everything else, comes on the session's stream."""
+        request = exchange.request
+        session_id = request.param("session")
+        token = request.param("token") or _bearer(request.header("authorization"))
+        if session_id is None or token is None:
+            raise HttpError(400, "'session' and 'token' query parameters are required")
+        session = self.session(session_id, token)
+        limit = self.hub.config.max_frame_bytes
+        try:
+            frame = await exchange.body(limit)
+        except HttpError as e:
+            if e.status == 413:
+                session.frame_too_big()  # as on WebSocket, an oversized frame ends it (1009)
+            raise
+        session.touch()
+        session.receive(frame)
+        closing = session.close_request
+        if closing is not None:
+            code, reason = closing
+            raise HttpError(400, f"session closed: {reason}", code=int(code))
+        await exchange.respond_json(202, {})
 
 
-async def _respond(
-    http: h11.Connection, stream: trio.abc.Stream, status: int, content_type: str, body: bytes
-) -> None:
-    headers = [("content-type", content_type), ("content-length", str(len(body)))]
-    data = http.send(h11.Response(status_code=status, headers=headers))
-    data = (data or b"") + (http.send(h11.Data(data=body)) or b"")
-    data += http.send(h11.EndOfMessage()) or b""
-    await stream.send_all(data)
+def _bearer(value: str | None) -> str | None:
+    if value is not None and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
 
 
 @functools.cache

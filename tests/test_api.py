@@ -14,6 +14,8 @@ PUBLIC = {
     "CloseCode",
     "ErrorCode",
     "FilterError",
+    "HttpError",
+    "HttpExchange",
     "HttpRequest",
     "Hub",
     "HubConfig",

@@ -137,7 +137,10 @@ async def test_healthz_status_page_and_unknown_routes(nursery: trio.Nursery) -> 
     assert status == 200
     assert (stats["connections"], stats["channels"], stats["publications"]) == (0, 0, 1)
     status, body = await http_get(node, "/nope")
-    assert (status, orjson.loads(body)) == (404, {"error": "no route for GET /nope"})
+    assert (status, orjson.loads(body)) == (
+        404,
+        {"error": {"code": 404, "message": "no route for GET /nope"}},
+    )
 
 
 async def test_graceful_shutdown_tells_clients_to_reconnect() -> None:

@@ -20,7 +20,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .._node import HttpRequest, Node, Session
+from .._http import HttpExchange, HttpRequest
+from .._node import Node, Session
 from .._protocol import CloseCode
 from .._wsframe import data_frame
 
@@ -34,9 +35,8 @@ class WebSocketTransport:
     def claims(self, request: HttpRequest) -> bool:
         return request.is_websocket_upgrade and request.path in self.paths
 
-    async def serve(
-        self, node: Node, stream: trio.abc.Stream, request: HttpRequest, trailing: bytes
-    ) -> None:
+    async def serve(self, node: Node, exchange: HttpExchange) -> None:
+        request, stream = exchange.request, exchange.stream
         ws = WSConnection(ConnectionType.SERVER)
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers]
         try:
@@ -50,8 +50,8 @@ class WebSocketTransport:
             if isinstance(event, Request):
                 await stream.send_all(ws.send(AcceptConnection()))
         connection = _Connection(node, stream, ws)
-        if trailing:
-            connection.feed(trailing)
+        if exchange.trailing:
+            connection.feed(exchange.trailing)
         await connection.run()
 
 

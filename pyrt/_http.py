@@ -1,0 +1,245 @@
+"""HTTP on the front door: one request as transports and routes see it.
+
+h11 parses and frames; this module adds what every HTTP endpoint of pyrt needs: bounded bodies,
+JSON responses and errors in one shape, CORS, and streamed responses (SSE). One `HttpExchange`
+serves one request; the front door reuses the TCP connection when the exchange ended cleanly.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+import h11
+import orjson
+import trio
+
+from ._protocol import _mapping
+
+__all__ = ["HttpError", "HttpExchange", "HttpRequest"]
+
+
+@attrs.frozen(slots=True)
+class HttpRequest:
+    """A parsed HTTP request head, as transports see it."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+
+    @property
+    def path(self) -> str:
+        return urllib.parse.unquote(self.target.split("?", 1)[0])
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """Query parameters, each with every value it was given, in order."""
+        _, _, query = self.target.partition("?")
+        return urllib.parse.parse_qs(query, keep_blank_values=True)
+
+    def param(self, name: str) -> str | None:
+        """The last value of query parameter `name`, if any."""
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        upgrade = self.header("upgrade") or ""
+        return self.method == "GET" and upgrade.lower() == "websocket"
+
+
+class HttpError(Exception):
+    """An HTTP error with pyrt's JSON body `{"error": {"code", "message"}}` (docs/http.md)."""
+
+    def __init__(self, status: int, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = status if code is None else code
+        self.message = message
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": {"code": self.code, "message": self.message}})
+
+
+@attrs.frozen(slots=True)
+class CorsPolicy:
+    """Which browser origins may read pyrt's HTTP responses (SSE, long-poll, the REST API)."""
+
+    origins: tuple[str, ...] = ()
+    """Allowed `Origin` values; `*` allows any. Empty: no CORS headers (same origin only)."""
+
+    def allow(self, origin: str | None) -> str | None:
+        """The `access-control-allow-origin` value for a request from `origin`, if allowed."""
+        if origin is None or not self.origins:
+            return None
+        if "*" in self.origins or origin in self.origins:
+            return origin
+        return None
+
+
+class HttpExchange:
+    """One request and its response on a front-door connection."""
+
+    def __init__(
+        self,
+        http: h11.Connection,
+        stream: trio.abc.Stream,
+        request: HttpRequest,
+        cors: CorsPolicy | None = None,
+    ) -> None:
+        self.http = http
+        self.stream = stream
+        self.request = request
+        self._cors = cors or CorsPolicy()
+        self._body_read = False
+        self._body_too_big = False
+
+    @property
+    def trailing(self) -> bytes:
+        """What the client sent after the request head (for protocol upgrades)."""
+        data, _closed = self.http.trailing_data
+        return bytes(data)
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection can carry another request after this one."""
+        return (
+            not self._body_too_big
+            and self.http.our_state is h11.DONE
+            and self.http.their_state is h11.DONE
+        )
+
+    async def body(self, limit: int) -> bytes:
+        """The request body; HttpError 413 when longer than `limit` (the rest is not read).
+
+        Call once; responding without calling it reads and drops the body.
+        """
+        parts: list[bytes] = []
+        size = 0
+        self._body_read = True
+        while True:
+            event = self.http.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.stream.receive_some(64 * 1024)
+                if not data:
+                    raise HttpError(400, "the request body ended early")
+                self.http.receive_data(bytes(data))
+                continue
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    self._body_too_big = True
+                    raise HttpError(413, f"request body larger than {limit} bytes")
+                parts.append(bytes(event.data))
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                return b"".join(parts)
+            raise HttpError(400, "malformed request body")
+
+    async def json_body(self, limit: int) -> Any:
+        """The body parsed as JSON; HttpError 400 when it is not."""
+        raw = await self.body(limit)
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise HttpError(400, f"body is not JSON: {e}") from None
+
+    def _headers(
+        self, content_type: str | None, extra: Iterable[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        headers = [("content-type", content_type)] if content_type else []
+        headers.extend(extra)
+        allowed = self._cors.allow(self.request.header("origin"))
+        if allowed is not None:
+            headers += [("access-control-allow-origin", allowed), ("vary", "origin")]
+        return headers
+
+    async def _drain(self) -> None:
+        if not self._body_read:
+            try:
+                await self.body(64 * 1024)
+            except HttpError:
+                self._body_too_big = True
+
+    async def respond(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: str | None = "application/json",
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """A complete response."""
+        await self._drain()
+        all_headers = self._headers(content_type, headers)
+        all_headers.append(("content-length", str(len(body))))
+        if self._body_too_big:
+            all_headers.append(("connection", "close"))
+        data = self.http.send(h11.Response(status_code=status, headers=all_headers)) or b""
+        if body:
+            data += self.http.send(h11.Data(data=body)) or b""
+        data += self.http.send(h11.EndOfMessage()) or b""
+        await self.stream.send_all(data)
+
+    async def respond_json(
+        self, status: int, value: Any, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        await self.respond(status, orjson.dumps(value, default=_mapping), headers=headers)
+
+    async def respond_error(self, error: HttpError) -> None:
+        await self.respond(error.status, error.body())
+
+    async def start_stream(
+        self, status: int, content_type: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        """Starts a response whose body follows in `send` calls (chunked)."""
+        await self._drain()
+        all_headers = self._headers(content_type, headers)
+        data = self.http.send(h11.Response(status_code=status, headers=all_headers)) or b""
+        await self.stream.send_all(data)
+
+    async def send(self, chunk: bytes) -> None:
+        """A piece of a streamed body."""
+        if chunk:
+            await self.stream.send_all(self.http.send(h11.Data(data=chunk)) or b"")
+
+    async def end_stream(self) -> None:
+        await self.stream.send_all(self.http.send(h11.EndOfMessage()) or b"")
+
+    async def preflight(self, methods: str, allow_headers: str) -> bool:
+        """Answers a CORS preflight (OPTIONS) if its origin is allowed; False if it is not."""
+        allowed = self._cors.allow(self.request.header("origin"))
+        if allowed is None:
+            return False
+        await self.respond(
+            204,
+            content_type=None,
+            headers=[
+                ("access-control-allow-methods", methods),
+                ("access-control-allow-headers", allow_headers),
+                ("access-control-max-age", "600"),
+            ],
+        )
+        return True
+
+
+async def next_request(http: h11.Connection, stream: trio.abc.Stream) -> HttpRequest | None:
+    """Reads the next request head; None when the client closed or sent garbage."""
+    while True:
+        try:
+            event = http.next_event()
+        except h11.RemoteProtocolError:
+            return None
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(16 * 1024)
+            http.receive_data(bytes(data))
+            continue
+        if isinstance(event, h11.Request):
+            headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
+            return HttpRequest(event.method.decode(), event.target.decode("latin-1"), headers)
+        return None
