@@ -21,7 +21,9 @@ import trio
 
 from ._http import CorsPolicy, HttpError, HttpExchange, HttpRequest, next_request
 from ._hub import DEFAULT, Hub, HubConfig, _Default
+from ._metrics import NodeMetrics
 from ._protocol import CloseCode, Command
+from ._rest import api_route
 
 Route = Callable[["Node", HttpExchange], Awaitable[bool]]
 """A built-in HTTP route: handles the exchange and returns True, or returns False to pass."""
@@ -179,7 +181,9 @@ class Node:
             else load_transports(self.config.transports, self.config.transport_options)
         )
         self.cors = CorsPolicy(self.config.cors_origins)
-        self.routes: list[Route] = [Node._builtin_route]
+        self.metrics = NodeMetrics(self)
+        """The registry `/metrics` serves (add your own collectors to `metrics.registry`)."""
+        self.routes: list[Route] = [Node._builtin_route, api_route, self.metrics.route]
         self.port: int | None = None
         self.generated_api_key = False
         """Whether `config.api_keys` was made up at startup (`pyrt serve` prints it)."""

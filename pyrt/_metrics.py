@@ -1,0 +1,133 @@
+"""`GET /metrics`: the node's counters in the Prometheus text format (docs/http.md).
+
+Nothing is counted here on the hot path: the hub already keeps plain integer counters
+(`HubStats`), and a collector turns them into metric families when Prometheus scrapes. Each
+`Node` has its own `CollectorRegistry` (`node.metrics.registry`), so two nodes in one process
+(tests, say) never share or clash; add your own collectors to it if you like.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from ._http import HttpError, HttpExchange
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+METRICS_PATH = "/metrics"
+
+# The classic text format, which `generate_latest` writes (our names need no escaping) and
+# every Prometheus version reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class NodeMetrics:
+    """A node's metrics: the registry `/metrics` serves, and the few counts the hub cannot
+    keep because they happen outside it (REST API requests)."""
+
+    def __init__(self, node: Node) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.api_messages_in = 0
+        """`POST /api/publish` requests that published (one per request, however many
+        channels it named; publications are counted per channel by the hub)."""
+        self.registry.register(_HubCollector(node, self))
+
+    async def route(self, node: Node, exchange: HttpExchange) -> bool:
+        """Serves `GET /metrics` (no API key: like most exporters, protect it by network)."""
+        if exchange.request.path != METRICS_PATH:
+            return False
+        if exchange.request.method != "GET":
+            error = HttpError(405, f"use GET for {METRICS_PATH}")
+            await exchange.respond(405, error.body(), headers=[("allow", "GET")])
+            return True
+        await exchange.respond(200, generate_latest(self.registry), CONTENT_TYPE)
+        return True
+
+
+class _HubCollector(Collector):
+    """Reads the hub's counters at scrape time."""
+
+    def __init__(self, node: Node, metrics: NodeMetrics) -> None:
+        self._node = node
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self._node.hub
+        stats = hub.stats
+
+        connections = GaugeMetricFamily(
+            "pyrt_connections", "Open client connections, by transport.", labels=["transport"]
+        )
+        by_transport = dict.fromkeys((t.name for t in self._node.transports), 0)
+        by_transport.update(hub.connections_by_transport())
+        for transport, count in sorted(by_transport.items()):
+            connections.add_metric([transport], count)
+        yield connections
+
+        yield GaugeMetricFamily(
+            "pyrt_channels",
+            "Channels and patterns with at least one subscriber.",
+            value=len(hub.channels()),
+        )
+        yield CounterMetricFamily(
+            "pyrt_connections_opened", "Client connections opened.", stats.connections_opened
+        )
+
+        messages_in = CounterMetricFamily(
+            "pyrt_messages_in",
+            "Messages received: frames from clients, and REST API publish requests.",
+            labels=["source"],
+        )
+        messages_in.add_metric(["client"], stats.frames_in)
+        messages_in.add_metric(["api"], self._metrics.api_messages_in)
+        yield messages_in
+
+        yield CounterMetricFamily(
+            "pyrt_messages_out", "Frames queued for clients.", stats.frames_out
+        )
+        yield CounterMetricFamily(
+            "pyrt_bytes_out", "Bytes of the frames queued for clients.", stats.bytes_out
+        )
+        yield CounterMetricFamily(
+            "pyrt_publications", "Publications (one per channel published to).", stats.publications
+        )
+        yield CounterMetricFamily(
+            "pyrt_outbox_dropped",
+            "Publications dropped from slow clients' outboxes (drop_oldest, conflate).",
+            stats.evicted,
+        )
+        yield CounterMetricFamily(
+            "pyrt_slow_disconnects",
+            "Connections closed because their outbox overflowed (4008).",
+            stats.slow_disconnects,
+        )
+
+        recoveries = CounterMetricFamily(
+            "pyrt_recoveries",
+            "Joins with `since`: hit when every missed publication was replayed.",
+            labels=["result"],
+        )
+        recoveries.add_metric(["hit"], stats.recoveries)
+        recoveries.add_metric(["miss"], stats.recovery_misses)
+        yield recoveries
+
+        yield CounterMetricFamily(
+            "pyrt_errors", "Error replies and pushes sent to clients.", stats.errors
+        )
+        yield SummaryMetricFamily(
+            "pyrt_match_seconds",
+            "Time spent finding the recipients of publications.",
+            count_value=stats.matches,
+            sum_value=stats.match_seconds,
+        )

@@ -1,0 +1,262 @@
+"""The REST API under `/api/`: server-side publishing and reads of hub state (docs/http.md).
+
+For backends, not browsers' end users: every request needs one of `NodeConfig.api_keys`.
+Requests are validated whole before anything happens, so a rejected publish published nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ._core import check_channel
+from ._errors import ChannelNameError
+from ._history import StreamPosition
+from ._http import HttpError, HttpExchange
+from ._protocol import _presence_map
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+API_PREFIX = "/api/"
+MAX_PUBLISH_CHANNELS = 100
+"""Most channels one `POST /api/publish` may name."""
+HISTORY_LIMIT = 100
+"""Publications `GET /api/history/<channel>` returns when no `limit` is given."""
+MAX_HISTORY_LIMIT = 1000
+
+_PUBLISH_FIELDS = frozenset({"channel", "channels", "data", "key"})
+
+_Handler = Callable[["Node", HttpExchange, str], Awaitable[None]]
+
+
+class _MethodNotAllowed(HttpError):
+    def __init__(self, allow: str, path: str) -> None:
+        super().__init__(405, f"use {allow} for {path}")
+        self.allow = allow
+
+
+async def api_route(node: Node, exchange: HttpExchange) -> bool:
+    """Serves every path under `/api/`; passes on everything else."""
+    path = exchange.request.path
+    if not path.startswith(API_PREFIX):
+        return False
+    try:
+        _authorize(node.config.api_keys, exchange)
+    except HttpError as e:
+        # A 401 says how to authenticate (RFC 9110).
+        headers = [("www-authenticate", 'Bearer realm="pyrt"')]
+        await exchange.respond(e.status, e.body(), headers=headers)
+        return True
+    try:
+        handler, argument = _resolve(path, exchange.request.method)
+    except _MethodNotAllowed as e:
+        await exchange.respond(405, e.body(), headers=[("allow", e.allow)])
+        return True
+    await handler(node, exchange, argument)
+    return True
+
+
+def _resolve(path: str, method: str) -> tuple[_Handler, str]:
+    """The handler for `path` and its path argument (a channel), or HttpError 404/405."""
+    name = path.removeprefix(API_PREFIX)
+    route: tuple[str, _Handler] | None = None
+    argument = ""
+    if name == "publish":
+        route = ("POST", _publish)
+    elif name == "channels":
+        route = ("GET", _channels)
+    else:
+        prefix, slash, argument = name.partition("/")
+        if slash and prefix == "history":
+            route = ("GET", _history)
+        elif slash and prefix == "presence":
+            route = ("GET", _presence)
+    if route is None:
+        raise HttpError(
+            404,
+            f"no API route {path}: there are POST /api/publish, GET /api/history/<channel>,"
+            " GET /api/presence/<channel> and GET /api/channels",
+        )
+    allow, handler = route
+    if method != allow:
+        raise _MethodNotAllowed(allow, path)
+    return handler, argument
+
+
+def _authorize(keys: Sequence[str], exchange: HttpExchange) -> None:
+    if not keys:
+        raise HttpError(
+            401, "the REST API is disabled: no API keys configured (set server.api_keys)"
+        )
+    request = exchange.request
+    given = _bearer(request.header("authorization"))
+    if given is None:
+        given = request.header("x-api-key") or request.header("apikey")
+    if not given:
+        raise HttpError(
+            401, "missing API key: send 'authorization: Bearer <key>' or 'x-api-key: <key>'"
+        )
+    # Compare with every key, without stopping at a match, so timing tells nothing about which
+    # key matched or how much of one did (beyond lengths).
+    candidate = given.encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, key.encode())
+    if not matched:
+        raise HttpError(401, "wrong API key")
+
+
+def _bearer(value: str | None) -> str | None:
+    if value is not None and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+# -- POST /api/publish ---------------------------------------------------------------------
+
+
+async def _publish(node: Node, exchange: HttpExchange, _argument: str) -> None:
+    body = await exchange.json_body(node.config.max_body_bytes)
+    channels, data, key = _publish_request(body, node.hub.config.max_payload_bytes)
+    hub, now = node.hub, node.now
+    publications = [hub.publish(channel, data, now, key=key) for channel in channels]
+    node.metrics.api_messages_in += 1
+    node.pump()
+    await exchange.respond_json(
+        200,
+        {
+            "publications": [
+                {"channel": p.channel, "offset": p.offset, "epoch": p.epoch} for p in publications
+            ]
+        },
+    )
+
+
+def _publish_request(body: Any, max_payload: int) -> tuple[list[str], Any, str | None]:
+    """The channels, data and key of a publish body; HttpError 400, 413 or 422."""
+    if not isinstance(body, dict):
+        raise HttpError(400, f"body must be a JSON object, got {_json_type(body)}")
+    unknown = sorted(set(body) - _PUBLISH_FIELDS)
+    if unknown:
+        raise HttpError(
+            400, f"unknown field '{unknown[0][:64]}': use channel or channels, data, key"
+        )
+    if "data" not in body:
+        raise HttpError(400, "'data' is missing (it may be null)")
+    key = body.get("key")
+    if key is not None and not isinstance(key, str):
+        raise HttpError(400, f"'key' must be a string, got {_json_type(key)}")
+    channels = _publish_channels(body)
+    size = len(orjson.dumps(body["data"]))
+    if size > max_payload:
+        raise HttpError(413, f"data larger than {max_payload} bytes ({size} as JSON)")
+    for index, channel in enumerate(channels):
+        try:
+            check_channel(channel)
+        except ChannelNameError as e:
+            where = "channel" if "channel" in body else f"channels[{index}]"
+            raise HttpError(422, f"{where}: {e}") from None
+    return channels, body["data"], key
+
+
+def _publish_channels(body: Mapping[str, Any]) -> list[str]:
+    if ("channel" in body) == ("channels" in body):
+        raise HttpError(400, "give either 'channel' (a string) or 'channels' (a list of strings)")
+    if "channel" in body:
+        channel = body["channel"]
+        if not isinstance(channel, str):
+            raise HttpError(400, f"'channel' must be a string, got {_json_type(channel)}")
+        return [channel]
+    channels = body["channels"]
+    if not isinstance(channels, list):
+        raise HttpError(400, f"'channels' must be a list of strings, got {_json_type(channels)}")
+    if not 1 <= len(channels) <= MAX_PUBLISH_CHANNELS:
+        raise HttpError(400, f"'channels' must name 1 to {MAX_PUBLISH_CHANNELS} channels")
+    for index, channel in enumerate(channels):
+        if not isinstance(channel, str):
+            raise HttpError(400, f"'channels[{index}]' must be a string, got {_json_type(channel)}")
+    if len(set(channels)) != len(channels):
+        duplicate = next(c for i, c in enumerate(channels) if c in channels[:i])
+        raise HttpError(400, f"'channels' names '{duplicate[:64]}' more than once")
+    return list(channels)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+# -- GET /api/history/<channel>, /api/presence/<channel>, /api/channels --------------------
+
+
+def _channel_name(channel: str) -> str:
+    try:
+        check_channel(channel)
+    except ChannelNameError as e:
+        raise HttpError(422, str(e)) from None
+    return channel
+
+
+def _int_param(exchange: HttpExchange, name: str, low: int, high: int | None) -> int | None:
+    raw = exchange.request.param(name)
+    if raw is None:
+        return None
+    value = int(raw) if raw.isascii() and raw.isdigit() else None
+    if value is None or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise HttpError(400, f"'{name}' must be an integer {bounds}, got '{raw[:32]}'")
+    return value
+
+
+async def _history(node: Node, exchange: HttpExchange, channel: str) -> None:
+    channel = _channel_name(channel)
+    since = _int_param(exchange, "since", 0, None)
+    epoch = exchange.request.param("epoch")
+    if (since is None) != (epoch is None):
+        raise HttpError(400, "give 'since' and 'epoch' together (a position), or neither")
+    limit = _int_param(exchange, "limit", 1, MAX_HISTORY_LIMIT) or HISTORY_LIMIT
+    position = None if since is None or epoch is None else StreamPosition(since, epoch)
+    recovery = node.hub.history(channel, node.now, since=position)
+    publications = []
+    for p in recovery.publications[:limit]:
+        item: dict[str, Any] = {"offset": p.offset, "epoch": p.epoch, "data": p.data}
+        if p.publisher is not None:
+            item["from"] = p.publisher
+        publications.append(item)
+    await exchange.respond_json(
+        200,
+        {
+            "channel": channel,
+            "offset": recovery.position.offset,
+            "epoch": recovery.position.epoch,
+            "recovered": recovery.recovered,
+            "publications": publications,
+            "more": len(recovery.publications) > limit,
+        },
+    )
+
+
+async def _presence(node: Node, exchange: HttpExchange, channel: str) -> None:
+    channel = _channel_name(channel)
+    state = _presence_map(node.hub.presence(channel))
+    await exchange.respond_json(200, {"channel": channel, "state": state})
+
+
+async def _channels(node: Node, exchange: HttpExchange, _argument: str) -> None:
+    channels = sorted(node.hub.channels().items())
+    await exchange.respond_json(
+        200, {"channels": [{"channel": c, "subscribers": n} for c, n in channels]}
+    )

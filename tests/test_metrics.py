@@ -1,0 +1,231 @@
+"""`GET /metrics` over real sockets, parsed with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from pyrt._hub import HubConfig
+from pyrt._node import Node, NodeConfig
+from pyrt._outbox import SlowConsumerPolicy
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def start(nursery: trio.Nursery, **config: Any) -> Node:
+    config.setdefault("transports", ("websocket",))
+    node: Node = await nursery.start(Node(NodeConfig(port=0, api_keys=("k",), **config)).run)
+    return node
+
+
+@asynccontextmanager
+async def http(node: Node) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.port}", timeout=5) as client:
+        yield client
+
+
+async def scrape(client: httpx.AsyncClient) -> Samples:
+    """Every sample of `/metrics` by (name, sorted labels); checks the response on the way."""
+    response = await client.get("/metrics")  # no API key: metrics need none
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        assert family.name.startswith("pyrt_")
+        assert family.documentation
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples
+            samples[key] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def diff(before: Samples, after: Samples) -> dict[str, float]:
+    """The samples that changed, by name{labels}, with how much."""
+    changed = {}
+    for key, new in after.items():
+        old = before.get(key, 0.0)
+        if new != old:
+            name, labels = key
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels)
+            changed[f"{name}{{{label_text}}}" if labels else name] = new - old
+    return changed
+
+
+def ws_url(node: Node) -> str:
+    return f"ws://127.0.0.1:{node.port}/connection/websocket"
+
+
+async def ws_raw(ws: WebSocketConnection, **command: Any) -> bytes:
+    """Sends a command; the next frame from the server, as the bytes the hub encoded."""
+    await ws.send_message(orjson.dumps(command).decode())
+    with trio.fail_after(5):
+        message = await ws.get_message()
+    return message.encode() if isinstance(message, str) else message
+
+
+async def ws_request(ws: WebSocketConnection, **command: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = orjson.loads(await ws_raw(ws, **command))
+    return frame
+
+
+async def test_a_fresh_node_exposes_every_metric_at_zero(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    async with http(node) as client:
+        samples = await scrape(client)
+    assert samples == {
+        ("pyrt_connections", (("transport", "websocket"),)): 0.0,
+        ("pyrt_channels", ()): 0.0,
+        ("pyrt_connections_opened_total", ()): 0.0,
+        ("pyrt_messages_in_total", (("source", "client"),)): 0.0,
+        ("pyrt_messages_in_total", (("source", "api"),)): 0.0,
+        ("pyrt_messages_out_total", ()): 0.0,
+        ("pyrt_bytes_out_total", ()): 0.0,
+        ("pyrt_publications_total", ()): 0.0,
+        ("pyrt_outbox_dropped_total", ()): 0.0,
+        ("pyrt_slow_disconnects_total", ()): 0.0,
+        ("pyrt_recoveries_total", (("result", "hit"),)): 0.0,
+        ("pyrt_recoveries_total", (("result", "miss"),)): 0.0,
+        ("pyrt_errors_total", ()): 0.0,
+        ("pyrt_match_seconds_count", ()): 0.0,
+        ("pyrt_match_seconds_sum", ()): 0.0,
+    }
+
+
+async def test_metrics_follow_traffic(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    async with http(node) as client:
+        start_samples = await scrape(client)
+        async with open_websocket_url(ws_url(node)) as ws:
+            await traffic(node, client, ws, start_samples)
+        with trio.fail_after(5):
+            while value(await scrape(client), "pyrt_connections", transport="websocket"):
+                await trio.sleep(0.01)
+        assert value(await scrape(client), "pyrt_channels") == 0
+
+
+async def traffic(
+    node: Node, client: httpx.AsyncClient, ws: WebSocketConnection, start_samples: Samples
+) -> None:
+    """WebSocket and REST traffic, and what each part of it counts."""
+    frames = [
+        await ws_raw(ws, cmd="join", id=1, channel="room:1"),
+        await ws_raw(ws, cmd="publish", id=2, channel="room:1", data="hi", ack=True),
+        await ws_raw(ws, cmd="leave", id=3, channel="elsewhere"),
+    ]
+    assert orjson.loads(frames[2])["error"]["code"] == 410
+    after_ws = await scrape(client)
+    # 3 frames in; 3 out: the join reply, the ack (no echo without "self"), the error.
+    changed = diff(start_samples, after_ws)
+    match_seconds = changed.pop("pyrt_match_seconds_sum")
+    assert changed == {
+        'pyrt_connections{transport="websocket"}': 1,
+        "pyrt_channels": 1,
+        "pyrt_connections_opened_total": 1,
+        'pyrt_messages_in_total{source="client"}': 3,
+        "pyrt_messages_out_total": 3,
+        "pyrt_bytes_out_total": sum(len(f) for f in frames),
+        "pyrt_publications_total": 1,
+        "pyrt_errors_total": 1,
+        "pyrt_match_seconds_count": 1,
+    }
+    assert 0 < match_seconds < 1
+
+    response = await client.post(
+        "/api/publish",
+        json={"channels": ["room:1", "room:2", "room:3"], "data": 1},
+        headers={"x-api-key": "k"},
+    )
+    assert response.status_code == 200
+    pub = await ws_raw(ws, cmd="ping")  # the publication is already on its way
+    assert orjson.loads(pub)["push"] == "pub"
+    changed = diff(after_ws, await scrape(client))
+    changed.pop("pyrt_match_seconds_sum")
+    assert changed == {
+        'pyrt_messages_in_total{source="api"}': 1,
+        'pyrt_messages_in_total{source="client"}': 1,  # the ping
+        "pyrt_publications_total": 3,
+        "pyrt_match_seconds_count": 3,
+        "pyrt_messages_out_total": 1,
+        "pyrt_bytes_out_total": len(pub),
+    }
+    # A refused REST publish counts nothing.
+    response = await client.post(
+        "/api/publish", json={"channel": "a:*", "data": 1}, headers={"x-api-key": "k"}
+    )
+    assert response.status_code == 422
+    assert value(await scrape(client), "pyrt_messages_in_total", source="api") == 1
+
+
+async def test_slow_consumers_and_dropped_publications(nursery: trio.Nursery) -> None:
+    hub = HubConfig(outbox_messages=4, channel_policies={"drop:>": SlowConsumerPolicy.DROP_OLDEST})
+    node = await start(nursery, hub=hub)
+    async with (
+        http(node) as client,
+        open_websocket_url(ws_url(node)) as slow,
+        open_websocket_url(ws_url(node)) as lossy,
+    ):
+        await ws_request(slow, cmd="join", id=1, channel="strict")
+        await ws_request(lossy, cmd="join", id=1, channel="drop:1")
+        before = await scrape(client)
+        # No checkpoint between the publications: neither writer can drain its outbox of 4.
+        for n in range(10):
+            node.publish("strict", n)
+            node.publish("drop:1", n)
+        changed = diff(before, await scrape(client))
+        # 'slow' took 4 and overflowed on the 5th; 'lossy' took 4 and lost the oldest 6 of 10.
+        assert changed["pyrt_slow_disconnects_total"] == 1
+        assert changed["pyrt_outbox_dropped_total"] == 6
+        assert changed["pyrt_messages_out_total"] == 4 + 10
+        assert changed["pyrt_publications_total"] == 20
+
+
+async def test_recovery_hits_and_misses(nursery: trio.Nursery) -> None:
+    node = await start(nursery, hub=HubConfig(history_size=2))
+    async with http(node) as client, open_websocket_url(ws_url(node)) as ws:
+        epoch = node.publish("r", 1).epoch
+        node.publish("r", 2)
+        before = await scrape(client)
+        hit = await ws_request(
+            ws, cmd="join", id=1, channel="r", since={"offset": 1, "epoch": epoch}
+        )
+        assert hit["ok"]["recovered"] is True
+        replayed = await ws_request(ws, cmd="leave", id=2, channel="r")
+        assert (replayed["push"], replayed["data"]) == ("pub", 2)  # before the leave's reply
+        with trio.fail_after(5):
+            assert orjson.loads(await ws.get_message()) == {"reply": 2, "ok": {}}
+        after_hit = await scrape(client)
+        assert value(after_hit, "pyrt_recoveries_total", result="hit") == 1
+        assert value(after_hit, "pyrt_recoveries_total", result="miss") == 0
+        for since in ({"offset": 1, "epoch": "gone"}, {"offset": 0, "epoch": epoch}):
+            node.publish("r", 3)  # offset 1 is trimmed now (history_size=2)
+            reply = await ws_request(ws, cmd="join", id=3, channel="r", since=since)
+            assert reply["ok"]["recovered"] is False
+            await ws_request(ws, cmd="leave", id=4, channel="r")
+        changed = diff(before, await scrape(client))
+        assert changed['pyrt_recoveries_total{result="hit"}'] == 1
+        assert changed['pyrt_recoveries_total{result="miss"}'] == 2
+
+
+async def test_metrics_is_get_only_and_per_node(nursery: trio.Nursery) -> None:
+    a = await start(nursery)
+    b = await start(nursery)
+    a.publish("c", 1)
+    async with http(a) as client_a, http(b) as client_b:
+        response = await client_a.post("/metrics")
+        assert response.status_code == 405
+        assert response.headers["allow"] == "GET"
+        assert response.json() == {"error": {"code": 405, "message": "use GET for /metrics"}}
+        assert value(await scrape(client_a), "pyrt_publications_total") == 1
+        assert value(await scrape(client_b), "pyrt_publications_total") == 0

@@ -1,0 +1,513 @@
+"""The REST API (`/api/`) over real sockets, with httpx as the backend and WebSocket clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from pyrt._hub import HubConfig
+from pyrt._node import Node, NodeConfig
+
+KEY = "k"
+
+
+async def start(nursery: trio.Nursery, **config: Any) -> Node:
+    config.setdefault("api_keys", (KEY,))
+    config.setdefault("transports", ("websocket",))
+    node: Node = await nursery.start(Node(NodeConfig(port=0, **config)).run)
+    return node
+
+
+@asynccontextmanager
+async def api(node: Node, key: str | None = KEY) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"authorization": f"Bearer {key}"} if key is not None else {}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{node.port}", headers=headers, timeout=5
+    ) as client:
+        yield client
+
+
+def ws_url(node: Node) -> str:
+    return f"ws://127.0.0.1:{node.port}/connection/websocket"
+
+
+async def ws_request(ws: WebSocketConnection, **command: Any) -> dict[str, Any]:
+    await ws.send_message(orjson.dumps(command).decode())
+    return await next_frame(ws)
+
+
+async def next_frame(ws: WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(5):
+        message = await ws.get_message()
+    frame: dict[str, Any] = orjson.loads(message)
+    return frame
+
+
+def error(response: httpx.Response) -> tuple[int, int, str]:
+    """(status, code, message) of an error response, checking its shape on the way."""
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    return response.status_code, body["error"]["code"], body["error"]["message"]
+
+
+# -- auth ----------------------------------------------------------------------------------
+
+
+async def test_every_api_route_needs_a_key(nursery: trio.Nursery) -> None:
+    node = await start(nursery, api_keys=("first-key", "second-key"))
+    routes = [
+        ("POST", "/api/publish"),
+        ("GET", "/api/history/a"),
+        ("GET", "/api/presence/a"),
+        ("GET", "/api/channels"),
+        ("GET", "/api/nope"),  # auth comes first: no key, no map of the API
+    ]
+    async with api(node, key=None) as client:
+        for method, path in routes:
+            response = await client.request(method, path, json={"channel": "a", "data": 1})
+            assert error(response) == (
+                401,
+                401,
+                "missing API key: send 'authorization: Bearer <key>' or 'x-api-key: <key>'",
+            )
+            assert response.headers["www-authenticate"] == 'Bearer realm="pyrt"'
+        wrong = [
+            {"authorization": "Bearer first-kez"},
+            {"authorization": "Bearer first-key-and-more"},
+            {"x-api-key": "second"},
+            {"apikey": ""},
+            {"authorization": "Basic first-key"},  # not a bearer token: no key given
+        ]
+        for headers in wrong:
+            response = await client.get("/api/channels", headers=headers)
+            assert response.status_code == 401, headers
+        assert error(await client.get("/api/channels", headers=wrong[0]))[2] == "wrong API key"
+        right = [
+            {"authorization": "Bearer first-key"},
+            {"authorization": "bearer  second-key"},
+            {"x-api-key": "first-key"},
+            {"apikey": "second-key"},
+        ]
+        for headers in right:
+            response = await client.get("/api/channels", headers=headers)
+            assert (response.status_code, response.json()) == (200, {"channels": []}), headers
+    assert node.hub.stats.publications == 0
+
+
+async def test_without_configured_keys_the_api_is_off(nursery: trio.Nursery) -> None:
+    node = await start(nursery, api_keys=())
+    async with api(node, key=None) as client:
+        for headers in ({}, {"authorization": "Bearer k"}, {"x-api-key": "anything"}):
+            response = await client.post(
+                "/api/publish", json={"channel": "a", "data": 1}, headers=headers
+            )
+            assert error(response) == (
+                401,
+                401,
+                "the REST API is disabled: no API keys configured (set server.api_keys)",
+            )
+    assert node.hub.stats.publications == 0
+
+
+# -- POST /api/publish ---------------------------------------------------------------------
+
+
+async def test_publish_reaches_websocket_subscribers(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    async with (
+        open_websocket_url(ws_url(node)) as a,
+        open_websocket_url(ws_url(node)) as b,
+        api(node) as client,
+    ):
+        joined = await ws_request(a, cmd="join", id=1, channel="room:1")
+        await ws_request(b, cmd="join", id=1, channel="room:*")
+        epoch = joined["ok"]["epoch"]
+
+        response = await client.post(
+            "/api/publish", json={"channels": ["room:1", "room:2"], "data": {"t": "hi"}}
+        )
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        [first, second] = response.json()["publications"]
+        assert first == {"channel": "room:1", "offset": 1, "epoch": epoch}
+        assert (second["channel"], second["offset"]) == ("room:2", 1)
+
+        pub = await next_frame(a)
+        assert pub == {
+            "push": "pub",
+            "channel": "room:1",
+            "offset": 1,
+            "epoch": epoch,
+            "data": {"t": "hi"},
+        }  # no "from": the server published it
+        got = [await next_frame(b), await next_frame(b)]
+        assert [(p["channel"], p["offset"], p["data"]) for p in got] == [
+            ("room:1", 1, {"t": "hi"}),
+            ("room:2", 1, {"t": "hi"}),
+        ]
+
+        # One channel, null data and a conflation key; the next offset.
+        response = await client.post(
+            "/api/publish", json={"channel": "room:1", "data": None, "key": "cursor"}
+        )
+        assert response.json() == {
+            "publications": [{"channel": "room:1", "offset": 2, "epoch": epoch}]
+        }
+        assert (await next_frame(a))["data"] is None
+        assert (await next_frame(b))["offset"] == 2
+    assert node.hub.stats.publications == 3
+
+
+BAD_PUBLISH_BODIES: list[tuple[bytes, int, str]] = [
+    (b"{not json", 400, "body is not JSON: "),
+    (b"", 400, "body is not JSON: "),
+    (b"[1, 2]", 400, "body must be a JSON object, got array"),
+    (b'"a"', 400, "body must be a JSON object, got string"),
+    (b'{"channel": "ok"}', 400, "'data' is missing (it may be null)"),
+    (
+        b'{"data": 1}',
+        400,
+        "give either 'channel' (a string) or 'channels' (a list of strings)",
+    ),
+    (
+        b'{"channel": "ok", "channels": ["ok"], "data": 1}',
+        400,
+        "give either 'channel' (a string) or 'channels' (a list of strings)",
+    ),
+    (b'{"channel": 5, "data": 1}', 400, "'channel' must be a string, got number"),
+    (b'{"channel": ["ok"], "data": 1}', 400, "'channel' must be a string, got array"),
+    (b'{"channels": "ok", "data": 1}', 400, "'channels' must be a list of strings, got string"),
+    (b'{"channels": [], "data": 1}', 400, "'channels' must name 1 to 100 channels"),
+    (
+        orjson.dumps({"channels": [f"c{i}" for i in range(101)], "data": 1}),
+        400,
+        "'channels' must name 1 to 100 channels",
+    ),
+    (b'{"channels": ["ok", null], "data": 1}', 400, "'channels[1]' must be a string, got null"),
+    (b'{"channels": ["ok", "x", "ok"], "data": 1}', 400, "'channels' names 'ok' more than once"),
+    (b'{"channel": "ok", "data": 1, "key": 7}', 400, "'key' must be a string, got number"),
+    (
+        b'{"channel": "ok", "data": 1, "chanel": "x"}',
+        400,
+        "unknown field 'chanel': use channel or channels, data, key",
+    ),
+    (
+        b'{"channel": "ok:*", "data": 1}',
+        422,
+        "channel: wildcards are only allowed in patterns (at position 3)",
+    ),
+    (
+        b'{"channels": ["ok", "room:>"], "data": 1}',
+        422,
+        "channels[1]: wildcards are only allowed in patterns (at position 5)",
+    ),
+    (
+        b'{"channels": ["ok", "a b"], "data": 1}',
+        422,
+        "channels[1]: invalid character U+0020 (at position 1)",
+    ),
+    (b'{"channel": "", "data": 1}', 422, "channel: empty channel name (at position 0)"),
+    (
+        orjson.dumps({"channels": ["ok", "also:ok"], "data": "x" * 1100}),
+        413,
+        "data larger than 1024 bytes (1102 as JSON)",
+    ),
+    (
+        orjson.dumps({"channel": "ok", "data": "x" * 5000}),
+        413,
+        "request body larger than 4096 bytes",
+    ),
+]
+
+
+async def test_a_bad_publish_is_refused_whole(nursery: trio.Nursery) -> None:
+    node = await start(nursery, max_body_bytes=4096, hub=HubConfig(max_payload_bytes=1024))
+    async with open_websocket_url(ws_url(node)) as ws, api(node) as client:
+        await ws_request(ws, cmd="join", id=1, channel="ok")
+        for body, status, message in BAD_PUBLISH_BODIES:
+            response = await client.post(
+                "/api/publish", content=body, headers={"content-type": "application/json"}
+            )
+            got_status, code, got_message = error(response)
+            assert (got_status, code) == (status, status), body[:80]
+            if message.endswith(": "):
+                assert got_message.startswith(message), body[:80]
+            else:
+                assert got_message == message, body[:80]
+        # Nothing was published to 'ok', though many of those requests named it first.
+        assert node.hub.stats.publications == 0
+        history = (await client.get("/api/history/ok")).json()
+        assert (history["offset"], history["publications"]) == (0, [])
+        # Just under both limits is fine, and the subscriber gets only that.
+        data = "x" * 1022  # 1024 bytes as JSON
+        response = await client.post("/api/publish", json={"channel": "ok", "data": data})
+        assert response.json()["publications"][0]["offset"] == 1
+        pub = await next_frame(ws)
+        assert (pub["push"], pub["offset"], pub["data"]) == ("pub", 1, data)
+
+
+async def test_an_oversized_body_closes_the_connection_and_the_next_one_works(
+    nursery: trio.Nursery,
+) -> None:
+    node = await start(nursery, max_body_bytes=1000)
+    async with api(node) as client:
+        response = await client.post("/api/publish", content=b"x" * 1500)
+        assert error(response) == (413, 413, "request body larger than 1000 bytes")
+        assert response.headers["connection"] == "close"  # the rest of the body was not read
+        response = await client.post("/api/publish", json={"channel": "a", "data": 1})
+        assert response.status_code == 200
+    assert node.hub.stats.publications == 1
+
+
+# -- GET /api/history/<channel> ------------------------------------------------------------
+
+
+async def test_history_since_a_position_with_a_limit(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    async with (
+        open_websocket_url(ws_url(node)) as publisher,
+        open_websocket_url(ws_url(node)) as watcher,
+        api(node) as client,
+    ):
+        for n in range(1, 5):
+            await client.post("/api/publish", json={"channel": "h:1", "data": n})
+        await ws_request(publisher, cmd="join", id=1, channel="h:1")
+        await ws_request(watcher, cmd="join", id=1, channel="h:1")
+        await ws_request(publisher, cmd="publish", id=2, channel="h:1", data=5, ack=True)
+        client_id = (await next_frame(watcher))["from"]
+
+        everything = (await client.get("/api/history/h:1")).json()
+        epoch = everything["epoch"]
+        assert everything == {
+            "channel": "h:1",
+            "offset": 5,
+            "epoch": epoch,
+            "recovered": True,
+            "publications": [
+                *({"offset": n, "epoch": epoch, "data": n} for n in range(1, 5)),
+                {"offset": 5, "epoch": epoch, "data": 5, "from": client_id},
+            ],
+            "more": False,
+        }
+
+        since = (await client.get(f"/api/history/h:1?since=2&epoch={epoch}")).json()
+        assert since["recovered"] is True
+        assert [p["data"] for p in since["publications"]] == [3, 4, 5]
+        assert since["more"] is False
+
+        page = await client.get("/api/history/h:1", params={"since": 1, "epoch": epoch, "limit": 2})
+        page_body = page.json()
+        assert [p["offset"] for p in page_body["publications"]] == [2, 3]
+        assert (page_body["more"], page_body["offset"]) == (True, 5)
+        rest = await client.get("/api/history/h:1", params={"since": 3, "epoch": epoch, "limit": 2})
+        assert [p["offset"] for p in rest.json()["publications"]] == [4, 5]
+        assert rest.json()["more"] is False
+
+        at_top = (await client.get(f"/api/history/h:1?since=5&epoch={epoch}")).json()
+        assert (at_top["recovered"], at_top["publications"]) == (True, [])
+
+        for since_query in (f"since=6&epoch={epoch}", "since=2&epoch=another-epoch"):
+            missed = (await client.get(f"/api/history/h:1?{since_query}")).json()
+            assert (missed["recovered"], missed["publications"]) == (False, [])
+            assert (missed["offset"], missed["epoch"]) == (5, epoch)
+
+        # The path is percent-decoded; a channel nobody used has an empty stream.
+        encoded = (await client.get("/api/history/h%3A1?limit=1")).json()
+        assert (encoded["channel"], encoded["more"]) == ("h:1", True)
+        fresh = (await client.get("/api/history/never:used")).json()
+        assert (fresh["offset"], fresh["recovered"], fresh["publications"]) == (0, True, [])
+
+
+async def test_history_trimmed_by_size_is_not_recovered(nursery: trio.Nursery) -> None:
+    node = await start(nursery, hub=HubConfig(history_size=3))
+    async with api(node) as client:
+        response = await client.post("/api/publish", json={"channels": ["t", "other"], "data": 0})
+        epoch = response.json()["publications"][0]["epoch"]
+        for n in range(2, 6):
+            await client.post("/api/publish", json={"channel": "t", "data": n})
+        retained = (await client.get("/api/history/t")).json()
+        # Offsets 1 and 2 are gone: what is left does not reach back to the start.
+        assert retained["recovered"] is False
+        assert [p["offset"] for p in retained["publications"]] == [3, 4, 5]
+        for since, recovered, offsets in ((0, False, []), (1, False, []), (2, True, [3, 4, 5])):
+            body = (await client.get(f"/api/history/t?since={since}&epoch={epoch}")).json()
+            assert (body["recovered"], [p["offset"] for p in body["publications"]]) == (
+                recovered,
+                offsets,
+            ), since
+        untrimmed = (await client.get("/api/history/other")).json()
+        assert (untrimmed["recovered"], len(untrimmed["publications"])) == (True, 1)
+
+
+async def test_history_limit_defaults_to_100_and_stops_at_1000(nursery: trio.Nursery) -> None:
+    node = await start(nursery, hub=HubConfig(history_size=2000))
+    for n in range(1200):
+        node.publish("busy", n)
+    async with api(node) as client:
+        default = (await client.get("/api/history/busy")).json()
+        assert (len(default["publications"]), default["more"]) == (100, True)
+        assert default["publications"][-1]["data"] == 99
+        most = (await client.get("/api/history/busy?limit=1000")).json()
+        assert (len(most["publications"]), most["more"]) == (1000, True)
+        assert error(await client.get("/api/history/busy?limit=1001")) == (
+            400,
+            400,
+            "'limit' must be an integer from 1 to 1000, got '1001'",
+        )
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "message"),
+    [
+        ("since=1", 400, "give 'since' and 'epoch' together (a position), or neither"),
+        ("epoch=e", 400, "give 'since' and 'epoch' together (a position), or neither"),
+        ("since=-1&epoch=e", 400, "'since' must be an integer of at least 0, got '-1'"),
+        ("since=one&epoch=e", 400, "'since' must be an integer of at least 0, got 'one'"),
+        ("limit=0", 400, "'limit' must be an integer from 1 to 1000, got '0'"),
+        ("limit=", 400, "'limit' must be an integer from 1 to 1000, got ''"),
+        ("limit=%C2%B2", 400, "'limit' must be an integer from 1 to 1000, got '²'"),
+    ],
+)
+async def test_bad_history_queries(
+    nursery: trio.Nursery, query: str, status: int, message: str
+) -> None:
+    node = await start(nursery)
+    async with api(node) as client:
+        assert error(await client.get(f"/api/history/h?{query}")) == (status, status, message)
+
+
+async def test_history_and_presence_need_channel_names(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    async with api(node) as client:
+        for route in ("history", "presence"):
+            assert error(await client.get(f"/api/{route}/room:*")) == (
+                422,
+                422,
+                "wildcards are only allowed in patterns (at position 5)",
+            )
+            assert error(await client.get(f"/api/{route}/")) == (
+                422,
+                422,
+                "empty channel name (at position 0)",
+            )
+
+
+# -- GET /api/presence/<channel>, GET /api/channels ----------------------------------------
+
+
+async def test_presence_is_the_native_protocols_presence_map(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    async with open_websocket_url(ws_url(node)) as ws, api(node) as client:
+        await ws_request(ws, cmd="join", id=1, channel="doc:7", presence=True)
+        assert (await next_frame(ws))["push"] == "presence_state"
+        diff = await ws_request(ws, cmd="track", id=2, channel="doc:7", key="ann", meta={"c": 1})
+        assert diff["push"] == "presence_diff"  # the diff goes out before the reply
+        ref = (await next_frame(ws))["ok"]["ref"]
+        native = await ws_request(ws, cmd="presence", id=3, channel="doc:7")
+
+        response = await client.get("/api/presence/doc:7")
+        assert response.status_code == 200
+        assert response.json() == native["ok"]
+        [[entry]] = response.json()["state"].values()
+        assert response.json()["state"].keys() == {"ann"}
+        assert (entry["ref"], entry["meta"]) == (ref, {"c": 1})
+        assert isinstance(entry["client"], str)
+
+        empty = await client.get("/api/presence/doc:8")
+        assert empty.json() == {"channel": "doc:8", "state": {}}
+    # The WebSocket client left: so did its entry.
+    with trio.fail_after(5):
+        while True:
+            async with api(node) as client:
+                state = (await client.get("/api/presence/doc:7")).json()["state"]
+            if not state:
+                break
+            await trio.sleep(0.01)
+
+
+async def test_channels_lists_joined_channels_and_patterns(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    async with (
+        open_websocket_url(ws_url(node)) as a,
+        open_websocket_url(ws_url(node)) as b,
+        api(node) as client,
+    ):
+        assert (await client.get("/api/channels")).json() == {"channels": []}
+        for ws, channel in ((a, "room:b"), (a, "room:a"), (b, "room:*"), (b, "room:a")):
+            await ws_request(ws, cmd="join", id=channel, channel=channel)
+        # Publishing creates no subscription: it does not make a channel listed.
+        await client.post("/api/publish", json={"channel": "quiet", "data": 1})
+        assert (await client.get("/api/channels")).json() == {
+            "channels": [
+                {"channel": "room:*", "subscribers": 1},
+                {"channel": "room:a", "subscribers": 2},
+                {"channel": "room:b", "subscribers": 1},
+            ]
+        }
+        await ws_request(a, cmd="leave", id=9, channel="room:a")
+        listed = (await client.get("/api/channels")).json()["channels"]
+        assert {"channel": "room:a", "subscribers": 1} in listed
+
+
+# -- wrong methods, unknown paths, CORS ----------------------------------------------------
+
+
+async def test_wrong_methods_and_unknown_paths(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    async with api(node) as client:
+        for method, path, allow in [
+            ("GET", "/api/publish", "POST"),
+            ("PUT", "/api/publish", "POST"),
+            ("POST", "/api/channels", "GET"),
+            ("DELETE", "/api/history/a", "GET"),
+            ("POST", "/api/presence/a", "GET"),
+        ]:
+            response = await client.request(method, path)
+            assert error(response) == (405, 405, f"use {allow} for {path}"), (method, path)
+            assert response.headers["allow"] == allow
+        for path in ("/api/nope", "/api/history", "/api/channels/", "/api/publish/a", "/api/"):
+            status, _, message = error(await client.get(path))
+            assert status == 404, path
+            assert message.startswith(f"no API route {path}: there are POST /api/publish")
+        # Outside /api/ the node's own 404 answers.
+        assert error(await client.get("/apix")) == (404, 404, "no route for GET /apix")
+    assert node.hub.stats.publications == 0
+
+
+async def test_cors_for_allowed_origins(nursery: trio.Nursery) -> None:
+    origin = "https://app.example.com"
+    node = await start(nursery, cors_origins=(origin,))
+    async with api(node) as client:
+        response = await client.get("/api/channels", headers={"origin": origin})
+        assert response.headers["access-control-allow-origin"] == origin
+        assert response.headers["vary"] == "origin"
+        # Errors carry it too, so the page can read why.
+        denied = await client.get(
+            "/api/channels", headers={"origin": origin, "authorization": "Bearer no"}
+        )
+        assert denied.status_code == 401
+        assert denied.headers["access-control-allow-origin"] == origin
+        other = await client.get("/api/channels", headers={"origin": "https://evil.example"})
+        assert other.status_code == 200
+        assert "access-control-allow-origin" not in other.headers
+        preflight = await client.options(
+            "/api/publish",
+            headers={
+                "origin": origin,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization, content-type",
+            },
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == origin
+        allowed = {h.strip() for h in preflight.headers["access-control-allow-headers"].split(",")}
+        assert {"authorization", "content-type", "x-api-key", "apikey"} <= allowed
+        assert "POST" in preflight.headers["access-control-allow-methods"]
