@@ -5,7 +5,7 @@ import trio
 from pyrt.client import connect
 
 async def main():
-    async with connect("ws://127.0.0.1:8000/connection/websocket") as client:
+    async with connect("http://127.0.0.1:8000") as client:
         room = await client.join("room:1")
         await room.publish({"text": "hello"})
         async for message in room:
@@ -18,24 +18,51 @@ The client reconnects by itself (exponential backoff with jitter) and rejoins ev
 with `since` set to the last offset it delivered, so messages published while it was away
 arrive in order, once each. When the server no longer has them, `Channel.recovered` turns
 False and `Channel.on_reset` callbacks run: reload your state, then carry on.
+
+It speaks the native protocol over WebSocket, SSE or long-poll, in the order given by
+`transports`: a transport that cannot be opened, or that goes silent for `stall_timeout`, is
+left for the next one. The request/reply/push logic is the same over all three; a transport is
+only a *link* that sends commands and yields frames in order.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import enum
 import itertools
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+import secrets
+import urllib.parse
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import attrs
+import httpx
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from ._core import Matcher
 
-__all__ = ["Channel", "Client", "ClientError", "ConnectionLost", "Message", "connect"]
+__all__ = [
+    "TRANSPORTS",
+    "Channel",
+    "Client",
+    "ClientError",
+    "ConnectionLost",
+    "Message",
+    "connect",
+]
+
+TRANSPORTS: tuple[str, ...] = ("websocket", "sse", "longpoll")
+"""The transports the client can use, in its default order of preference."""
 
 
 class ClientError(Exception):
@@ -214,43 +241,379 @@ class Channel:
             callback(self)
 
 
+# -- links: one per transport, all carrying the same native-protocol frames -----------------
+
+
+class _LinkClosed(Exception):
+    """The link ended, or could not carry a command."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Outcome(enum.Enum):
+    """How a link's session ended, which decides what the client tries next."""
+
+    FAILED = enum.auto()
+    """It could not be opened, or ended before anything arrived: try the next transport."""
+    STALLED = enum.auto()
+    """Nothing arrived for `stall_timeout`: try the next transport."""
+    CLOSED = enum.auto()
+    """It worked, then the server or the network closed it: back off, same transport."""
+    DROPPED = enum.auto()
+    """`drop_connection()`: back off, same transport."""
+    PROBED = enum.auto()
+    """The preferred transport works again: switch back to it now."""
+
+
+@attrs.frozen(slots=True)
+class _Endpoints:
+    """Where each transport lives, derived from the one URL the user gives."""
+
+    websocket: str
+    sse: str
+    poll: str
+    send: str
+
+    @classmethod
+    def from_url(cls, url: str) -> _Endpoints:
+        parts = urllib.parse.urlsplit(url)
+        secure = {"ws": False, "http": False, "wss": True, "https": True}.get(parts.scheme)
+        if secure is None or not parts.netloc:
+            raise ValueError(f"expected an http(s):// or ws(s):// URL, not {url!r}")
+        path = parts.path.rstrip("/")
+        for suffix in ("/connection/websocket", "/connection/sse", "/connection/poll"):
+            path = path.removesuffix(suffix)
+        http = f"{'https' if secure else 'http'}://{parts.netloc}{path}/connection"
+        ws = f"{'wss' if secure else 'ws'}://{parts.netloc}{path}/connection"
+        return cls(f"{ws}/websocket", f"{http}/sse", f"{http}/poll", f"{http}/send")
+
+
+class _Link:
+    """One open connection to the hub over some transport.
+
+    `receive` returns frames in the order the server produced them (replies in-stream with
+    publications, so a join's reply is applied before the publications it announces);
+    `send` hands one command to the server, in call order. Both raise `_LinkClosed` when the
+    link is gone. Any sign of life (a frame, an SSE heartbeat, a poll response) pushes back
+    `watch`'s deadline: the reader uses it to notice a stall.
+    """
+
+    transport: ClassVar[str]
+
+    def __init__(self, stall_timeout: float) -> None:
+        self.stall_timeout = stall_timeout
+        self.watch: trio.CancelScope | None = None
+        self.broken = trio.Event()
+        """Set when a send failed (or `drop_connection()`): the session ends."""
+        self.broken_as = _Outcome.CLOSED
+        self.frames = 0
+        """Frames the reader took from this link."""
+        self.closed = False
+        self.opening_channel: str | None = None
+        """HTTP sessions: the channel it was opened with, left once it is up."""
+        self._sends: set[trio.CancelScope] = set()
+
+    def alive(self) -> None:
+        if self.watch is not None:
+            self.watch.deadline = trio.current_time() + self.stall_timeout
+
+    def break_(self, outcome: _Outcome = _Outcome.CLOSED) -> None:
+        if not self.broken.is_set():
+            self.broken_as = outcome
+            self.broken.set()
+
+    async def send(self, frame: bytes) -> None:
+        if self.closed:
+            raise _LinkClosed("the link is closed")
+        with trio.CancelScope() as scope:
+            self._sends.add(scope)
+            try:
+                await self._send(frame)
+            except _LinkClosed:
+                self.break_()
+                raise
+            finally:
+                self._sends.discard(scope)
+        if scope.cancelled_caught:
+            raise _LinkClosed("the link closed while sending")
+
+    def close(self) -> None:
+        """Stops sends in flight (they raise `_LinkClosed`); the opener frees the rest."""
+        self.closed = True
+        for scope in self._sends:
+            scope.cancel()
+
+    async def _send(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    async def receive(self) -> Any:
+        raise NotImplementedError
+
+
+class _WebSocketLink(_Link):
+    transport = "websocket"
+
+    def __init__(self, ws: WebSocketConnection, stall_timeout: float) -> None:
+        super().__init__(stall_timeout)
+        self.ws = ws
+
+    async def _send(self, frame: bytes) -> None:
+        try:
+            await self.ws.send_message(frame.decode())
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise _LinkClosed(f"websocket closed: {e}") from None
+
+    async def receive(self) -> Any:
+        try:
+            message = await self.ws.get_message()
+        except ConnectionClosed as e:
+            raise _LinkClosed(f"websocket closed: {e.reason}") from None
+        self.alive()
+        return _decode(message)
+
+
+class _HttpLink(_Link):
+    """A session over plain HTTP: commands are POSTed, frames come back on a stream or polls."""
+
+    def __init__(self, http: httpx.AsyncClient, endpoints: _Endpoints, stall_timeout: float):
+        super().__init__(stall_timeout)
+        self.http = http
+        self.endpoints = endpoints
+        self.session = ""
+        self.token = ""
+        self._posting = trio.Lock()
+
+    async def _send(self, frame: bytes) -> None:
+        # One POST at a time: concurrent requests could reach the hub in any order, and the
+        # protocol's ordering (join before publish, track after join) is per connection.
+        async with self._posting:
+            try:
+                response = await self.http.post(
+                    self.endpoints.send,
+                    params={"session": self.session, "token": self.token},
+                    content=frame,
+                    headers={"content-type": "application/json"},
+                    timeout=self.stall_timeout,
+                )
+            except httpx.TimeoutException:
+                self.break_(_Outcome.STALLED)
+                raise _LinkClosed("sending a command timed out") from None
+            except httpx.HTTPError as e:
+                raise _LinkClosed(f"sending a command failed: {e!r}") from None
+        if response.status_code != 202:
+            # 404: the session expired; 401: bad token; 400: the frame closed the session.
+            raise _LinkClosed(f"command refused: {response.status_code} {response.text[:200]}")
+
+
+class _SseLink(_HttpLink):
+    transport = "sse"
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        endpoints: _Endpoints,
+        stall_timeout: float,
+        lines: AsyncIterator[str],
+    ) -> None:
+        super().__init__(http, endpoints, stall_timeout)
+        self.lines = lines
+
+    async def open(self) -> None:
+        first = await self.receive()
+        if first.get("push") != "session":
+            raise _LinkClosed(f"expected the session event first, got {str(first)[:200]}")
+        self.session, self.token = first["session"], first["token"]
+
+    async def receive(self) -> Any:
+        data: list[str] = []
+        while True:
+            try:
+                line = await anext(self.lines)
+            except StopAsyncIteration:
+                raise _LinkClosed("the event stream ended") from None
+            except httpx.HTTPError as e:
+                raise _LinkClosed(f"the event stream broke: {e!r}") from None
+            self.alive()  # heartbeat comments count
+            if not line:
+                if not data:
+                    continue
+                frame = _decode("\n".join(data))
+                if frame.get("push") == "close":
+                    raise _LinkClosed(f"closed by the server: {frame.get('code')}")
+                return frame
+            if line.startswith(":"):
+                continue  # a comment: the server's heartbeat
+            field, _, value = line.partition(":")
+            if field == "data":
+                data.append(value.removeprefix(" "))
+            # `id` (the server's cursor) and `retry` are for browsers: this client resumes
+            # every channel with `since` from what it delivered, on any transport.
+
+
+class _PollLink(_HttpLink):
+    transport = "longpoll"
+
+    def __init__(self, http: httpx.AsyncClient, endpoints: _Endpoints, stall_timeout: float):
+        super().__init__(http, endpoints, stall_timeout)
+        self.cursor = ""
+        self.queue: collections.deque[Any] = collections.deque()
+        self.close_reason: str | None = None
+
+    async def open(self, params: Sequence[tuple[str, str]]) -> None:
+        try:
+            response = await self.http.get(self.endpoints.poll, params=list(params))
+        except httpx.HTTPError as e:
+            raise _LinkClosed(f"opening a long-poll session failed: {e!r}") from None
+        body = self._batch(response)
+        self.session, self.token = body["session"], body["token"]
+
+    def _batch(self, response: httpx.Response) -> Any:
+        if response.status_code != 200:
+            # 404: the session expired; 409: out of step with the server's batches.
+            raise _LinkClosed(f"poll refused: {response.status_code} {response.text[:200]}")
+        body = _decode(response.content)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not isinstance(body.get("cursor"), str):
+            raise _LinkClosed(f"not a poll response: {response.text[:200]}")
+        self.queue.extend(messages)
+        # Sent with the next poll, which happens only once every frame of this batch was
+        # handed to the reader and handled: the cursor acknowledges what was delivered.
+        self.cursor = body["cursor"]
+        close = body.get("close")
+        if close is not None:
+            self.close_reason = f"closed by the server: {close}"
+        return body
+
+    async def receive(self) -> Any:
+        while not self.queue:
+            if self.close_reason is not None:
+                raise _LinkClosed(self.close_reason)
+            await self._poll()
+        return self.queue.popleft()
+
+    async def _poll(self) -> None:
+        params = {"session": self.session, "token": self.token, "cursor": self.cursor}
+        for attempt in range(3):
+            try:
+                # No read timeout: the server holds a poll up to ~25 s, and the reader's
+                # stall watch bounds the wait.
+                response = await self.http.get(
+                    self.endpoints.poll, params=params, timeout=httpx.Timeout(10.0, read=None)
+                )
+            except httpx.TransportError as e:
+                if attempt == 2:
+                    raise _LinkClosed(f"polling failed: {e!r}") from None
+                # A lost response: the same cursor gets the same batch again.
+                await trio.sleep(0.05 * (attempt + 1))
+                continue
+            self.alive()
+            self._batch(response)
+            return
+
+
+def _decode(data: str | bytes) -> Any:
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise _LinkClosed("the server sent a frame that is not JSON") from None
+    if not isinstance(frame, dict):
+        raise _LinkClosed("the server sent a frame that is not a JSON object")
+    return frame
+
+
+# Errors that mean "this transport did not work this time", from opening or closing a link.
+_LINK_ERRORS = (
+    _LinkClosed,
+    HandshakeError,
+    ConnectionClosed,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    httpx.HTTPError,
+)
+
+
 class Client:
-    """A connection to a pyrt hub that stays connected. Make one with `connect()`."""
+    """A connection to a pyrt hub that stays connected. Make one with `connect()`.
+
+    `url` is the server's base URL (`http://host:port`) or any of its connection endpoints
+    (`ws://host:port/connection/websocket`); the others are derived from it.
+
+    Transports are tried in the order of `transports`. One that cannot be opened within
+    `open_timeout` (refused, 404, a proxy that eats upgrades), that ends before anything
+    arrives, or that goes silent for `stall_timeout` while the client waits for frames, is
+    left for the next one at once; after a full round of failures the client backs off
+    (exponentially, with jitter) and starts the next round. A link that worked and then
+    closed is reopened on the same transport after a short backoff. While on a fallback,
+    every `probe_interval` seconds (doubling after each failed probe, up to 32 times) the
+    client tries to open the preferred transport (the first one) and, if it opens, moves back
+    to it: the fallback link is closed and the new one rejoins everything. `None`: no probes.
+
+    Every new link rejoins each channel with `since` = the last position the client
+    delivered and re-tracks its presence, whatever the transport before and after.
+    """
 
     def __init__(
         self,
         url: str,
         *,
+        transports: Sequence[str] = TRANSPORTS,
         min_backoff: float = 0.1,
         max_backoff: float = 10.0,
         ping_interval: float = 20.0,
+        stall_timeout: float = 30.0,
+        open_timeout: float = 10.0,
+        probe_interval: float | None = 60.0,
         buffer: int = 1024,
     ) -> None:
+        unknown = [t for t in transports if t not in TRANSPORTS]
+        if unknown or not transports or len(set(transports)) != len(transports):
+            raise ValueError(
+                f"transports must be distinct names from {TRANSPORTS}, not {tuple(transports)}"
+            )
+        if not 0 < ping_interval < stall_timeout:
+            # The client's pings are answered: a live link is never silent for longer.
+            raise ValueError("need 0 < ping_interval < stall_timeout")
         self.url = url
+        self.transports = tuple(transports)
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.ping_interval = ping_interval
+        self.stall_timeout = stall_timeout
+        self.open_timeout = open_timeout
+        self.probe_interval = probe_interval
         self.buffer = buffer
         self.client_id: str | None = None
         self.connects = 0
-        """How many times a connection was established (1 + reconnects)."""
+        """How many times a link was established (1 + reconnects and switches)."""
+        self.on_transport: list[Callable[[str | None], None]] = []
+        """Called with the transport's name when a link is up, and None when it is lost."""
+        self._endpoints = _Endpoints.from_url(url)
         self._channels: dict[str, Channel] = {}
         self._ids = itertools.count(1)
         self._handles = itertools.count(1)
         self._pending: dict[
             int, tuple[trio.Event, list[Any], Callable[[Mapping[str, Any]], None] | None]
         ] = {}
-        self._ws: WebSocketConnection | None = None
+        self._link: _Link | None = None
         self._connected = trio.Event()
         self._closed = False
-        self._reconnect_now = trio.Event()
         self._patterns = Matcher()
         self._pattern_ids: dict[int, Channel] = {}
         self._task_status: Any = None
+        self._probe_wait = probe_interval or 0.0
 
     @property
     def connected(self) -> bool:
-        return self._ws is not None
+        return self._link is not None
+
+    @property
+    def transport(self) -> str | None:
+        """The transport in use ("websocket", "sse" or "longpoll"); None when disconnected."""
+        return self._link.transport if self._link is not None else None
 
     async def wait_connected(self) -> None:
         await self._connected.wait()
@@ -290,8 +653,9 @@ class Client:
 
     def drop_connection(self) -> None:
         """Closes the current connection as a network failure would (for tests and demos);
-        the client reconnects and resumes."""
-        self._reconnect_now.set()
+        the client reconnects on the same transport and resumes."""
+        if self._link is not None:
+            self._link.break_(_Outcome.DROPPED)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -310,17 +674,17 @@ class Client:
         self, command: dict[str, Any], on_ok: Callable[[Mapping[str, Any]], None] | None = None
     ) -> Any:
         await self._connected.wait()
-        ws = self._ws
-        if ws is None:
+        link = self._link
+        if link is None:
             raise ConnectionLost("not connected")
         rid = next(self._ids)
         done = trio.Event()
         slot: list[Any] = []
         self._pending[rid] = (done, slot, on_ok)
         try:
-            await ws.send_message(orjson.dumps({**command, "id": rid}).decode())
+            await link.send(orjson.dumps({**command, "id": rid}))
             await done.wait()
-        except ConnectionClosed:
+        except _LinkClosed:
             raise ConnectionLost("connection closed before the reply") from None
         finally:
             self._pending.pop(rid, None)
@@ -332,34 +696,123 @@ class Client:
         return reply["ok"]
 
     async def _run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        attempt = 0
         self._task_status = task_status
+        index = 0
+        failures = 0  # transports that failed in a row
+        rounds = 0  # backoff exponent
         while not self._closed:
-            try:
-                async with open_websocket_url(self.url) as ws:
-                    attempt = 0
-                    await self._session(ws)
-            except (HandshakeError, ConnectionClosed, OSError, trio.BrokenResourceError):
-                pass
-            self._lost()
+            transport = self.transports[index]
+            outcome = await self._attempt(transport)
             if self._closed:
                 return
+            if index == 0 and self.probe_interval is not None:
+                # A preferred transport that stalls is probed less and less often.
+                if outcome is _Outcome.STALLED:
+                    self._probe_wait = min(self._probe_wait * 2, self.probe_interval * 32)
+                elif outcome in (_Outcome.CLOSED, _Outcome.DROPPED):
+                    self._probe_wait = self.probe_interval
+            if outcome is _Outcome.PROBED:
+                index, failures, rounds = 0, 0, 0
+                continue
+            if outcome in (_Outcome.FAILED, _Outcome.STALLED):
+                index = (index + 1) % len(self.transports)
+                failures += 1
+                if failures % len(self.transports):
+                    continue  # the next transport, right away
+                delay = min(self.max_backoff, self.min_backoff * 2**rounds)
+                rounds += 1
+            else:
+                failures = 0
+                delay = self.min_backoff
+                rounds = 1
             # Exponential backoff with "equal jitter": at least half the delay, so a flapping
             # link is not hammered, and a random rest, so a restarted server is not stampeded.
-            delay = min(self.max_backoff, self.min_backoff * 2**attempt)
-            attempt += 1
             await trio.sleep(delay / 2 + random.uniform(0, delay / 2))
 
-    async def _session(self, ws: WebSocketConnection) -> None:
-        self._reconnect_now = trio.Event()
+    async def _attempt(self, transport: str) -> _Outcome:
+        """Opens a link on `transport` and runs a session on it until it ends."""
+        outcome = _Outcome.FAILED
+        try:
+            async with self._open_link(transport) as link:
+                outcome = await self._session(link)
+        except _LINK_ERRORS:
+            pass  # failing to open it, or an error while closing it after the session
+        return outcome
+
+    @asynccontextmanager
+    async def _open_link(self, transport: str) -> AsyncGenerator[_Link, None]:
+        endpoints = self._endpoints
+        if transport == "websocket":
+            async with open_websocket_url(
+                endpoints.websocket, connect_timeout=self.open_timeout, disconnect_timeout=1.0
+            ) as ws:
+                ws_link = _WebSocketLink(ws, self.stall_timeout)
+                try:
+                    yield ws_link
+                finally:
+                    ws_link.close()
+                    await ws._stream.aclose()  # do not wait for a close handshake
+                    # trio-websocket's reader may be blocked handing us a frame: take what it
+                    # queued until it notices the closed stream, or closing it would hang.
+                    with trio.move_on_after(1), contextlib.suppress(ConnectionClosed):
+                        while True:
+                            await ws.get_message()
+            return
+        # HTTP sessions open with at least one channel. The client's channels are all joined
+        # the same way on every transport, with `join` and `since` (the server's cursor only
+        # knows what it sent, the client knows what it delivered), so the session opens with
+        # a channel of its own that nobody publishes to, left at once.
+        opening = f"_pyrt:open:{secrets.token_hex(8)}"
+        async with contextlib.AsyncExitStack() as stack:
+            link: _SseLink | _PollLink
+            with trio.fail_after(self.open_timeout):
+                http = await stack.enter_async_context(
+                    httpx.AsyncClient(timeout=httpx.Timeout(self.open_timeout, read=None))
+                )
+                if transport == "sse":
+                    response = await stack.enter_async_context(
+                        http.stream("GET", endpoints.sse, params={"channel": opening})
+                    )
+                    content_type = response.headers.get("content-type", "")
+                    if response.status_code != 200 or not content_type.startswith(
+                        "text/event-stream"
+                    ):
+                        body = (await response.aread())[:200]
+                        raise _LinkClosed(f"no event stream: {response.status_code} {body!r}")
+                    lines = cast("AsyncGenerator[str, None]", response.aiter_lines())
+                    lines = await stack.enter_async_context(contextlib.aclosing(lines))
+                    link = _SseLink(http, endpoints, self.stall_timeout, lines)
+                    await link.open()
+                else:
+                    link = _PollLink(http, endpoints, self.stall_timeout)
+                    await link.open([("channel", opening)])
+            link.opening_channel = opening
+            try:
+                yield link
+            finally:
+                link.close()
+
+    async def _session(self, link: _Link) -> _Outcome:
+        ended: list[_Outcome] = []
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read, ws, nursery.cancel_scope)
-                nursery.start_soon(self._ping, ws)
-                nursery.start_soon(self._watch_drop, ws)
-                self._ws = ws
+
+                def end(outcome: _Outcome) -> None:
+                    if not ended:
+                        ended.append(outcome)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(self._read, link, end)
+                nursery.start_soon(self._ping, link)
+                nursery.start_soon(self._watch, link, end)
+                if self.probe_interval is not None and link.transport != self.transports[0]:
+                    nursery.start_soon(self._probe, end)
+                self._link = link
                 self.connects += 1
                 self._connected.set()
+                self._announce(link.transport)
+                if link.opening_channel is not None:
+                    nursery.start_soon(self._leave_quietly, link.opening_channel)
                 # Rejoin and re-track everything, then tell the caller we are up.
                 for channel in list(self._channels.values()):
                     nursery.start_soon(self._restore, channel)
@@ -367,7 +820,11 @@ class Client:
                     self._task_status.started()
                     self._task_status = None
         finally:
-            await ws._stream.aclose()  # trio-websocket leaves it open after a server close
+            self._lost()
+        outcome = ended[0] if ended else _Outcome.CLOSED
+        if outcome is _Outcome.CLOSED and not link.frames:
+            outcome = _Outcome.FAILED  # it opened, then died before saying anything
+        return outcome
 
     async def _restore(self, channel: Channel) -> None:
         if not channel._active:
@@ -380,19 +837,50 @@ class Client:
             except (ConnectionLost, ClientError):
                 pass  # the next connection tries again
 
-    async def _watch_drop(self, ws: WebSocketConnection) -> None:
-        await self._reconnect_now.wait()
-        await ws._stream.aclose()
+    async def _leave_quietly(self, channel: str) -> None:
+        with contextlib.suppress(ConnectionLost, ClientError):
+            await self._request({"cmd": "leave", "channel": channel})
 
-    async def _ping(self, ws: WebSocketConnection) -> None:
+    async def _watch(self, link: _Link, end: Callable[[_Outcome], None]) -> None:
+        await link.broken.wait()
+        end(link.broken_as)
+
+    async def _ping(self, link: _Link) -> None:
+        # With an id, so the server answers: the answer is what tells a live link from a
+        # stalled one when there is no other traffic.
         while True:
             await trio.sleep(self.ping_interval)
-            await ws.send_message('{"cmd":"ping"}')
+            try:
+                await link.send(b'{"cmd":"ping","id":"ping"}')
+            except _LinkClosed:
+                return  # the link is broken: the watch ends the session
 
-    async def _read(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+    async def _probe(self, end: Callable[[_Outcome], None]) -> None:
+        assert self.probe_interval is not None
+        while True:
+            await trio.sleep(self._probe_wait)
+            try:
+                async with self._open_link(self.transports[0]):
+                    pass
+            except _LINK_ERRORS:
+                self._probe_wait = min(self._probe_wait * 2, self.probe_interval * 32)
+                continue
+            end(_Outcome.PROBED)
+            return
+
+    async def _read(self, link: _Link, end: Callable[[_Outcome], None]) -> None:
         try:
             while True:
-                frame = orjson.loads(await ws.get_message())
+                # The deadline only runs while waiting for the link: a consumer that holds up
+                # the reader (a full channel queue) is not a stalled transport.
+                with trio.CancelScope(deadline=trio.current_time() + self.stall_timeout) as watch:
+                    link.watch = watch
+                    frame = await link.receive()
+                link.watch = None
+                if watch.cancelled_caught:
+                    end(_Outcome.STALLED)
+                    return
+                link.frames += 1
                 if "reply" in frame:
                     pending = self._pending.get(frame["reply"])
                     if pending is not None:
@@ -403,10 +891,8 @@ class Client:
                         done.set()
                     continue
                 await self._push(frame)
-        except ConnectionClosed:
-            pass
-        finally:
-            scope.cancel()
+        except _LinkClosed:
+            end(_Outcome.CLOSED)
 
     async def _push(self, push: Mapping[str, Any]) -> None:
         kind = push.get("push")
@@ -427,9 +913,18 @@ class Client:
         matches = self._patterns.match_channel(name)
         return self._pattern_ids[min(matches)] if matches else None
 
+    def _announce(self, transport: str | None) -> None:
+        for callback in self.on_transport:
+            callback(transport)
+
     def _lost(self) -> None:
-        self._ws = None
-        self._connected = trio.Event()
+        if self._link is not None:
+            self._link = None
+            self._announce(None)
+        if self._connected.is_set():
+            # Only a set event is replaced: requests waiting on an unset one keep waiting
+            # for the next link.
+            self._connected = trio.Event()
         for done, _slot, _on_ok in self._pending.values():
             done.set()  # wakes requests with an empty slot: ConnectionLost
 
