@@ -1,9 +1,14 @@
-"""Cursors: the positions a client has seen, as one opaque token.
+"""Cursors: the positions a client has seen, as one opaque token; and how HTTP streams use them.
 
 SSE event ids and long-poll cursors carry them, so a client that only remembers the last token
 (a browser's EventSource remembers exactly one `Last-Event-ID`) still resumes every channel of
 its stream. A token is unpadded base64url of the JSON `{"p": {channel: [offset, epoch]}}`,
 plus `"s": n` for a long-poll batch number. Clients treat it as opaque.
+
+Both HTTP transports (SSE, long-poll) open a session the same way (`StreamOpening`: channels
+from the query string, joined with `since` from the cursor) and follow the positions they hand
+to the client the same way (`PositionTracker`); that shared logic lives here, once.
+Sans-IO: no trio, no sockets.
 """
 
 from __future__ import annotations
@@ -11,11 +16,17 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
+from typing import Protocol
 
 import attrs
 import orjson
 
+from ._core import check_channel
+from ._errors import ChannelNameError
 from ._history import StreamPosition
+from ._http import HttpError, HttpRequest
+from ._hub import _is_pattern
+from ._protocol import Command, Join
 
 MAX_CURSOR_CHARS = 16 * 1024
 
@@ -61,3 +72,120 @@ def decode_cursor(token: str) -> Cursor:
     if seq is not None and (type(seq) is not int or seq < 0):
         raise ValueError("cursor batch number is malformed")
     return Cursor(positions, seq)
+
+
+class PositionTracker:
+    """The positions an HTTP stream has handed its client, read off the frames it writes.
+
+    Only two kinds of frame move a position: a join reply that carries an offset (the
+    channel's position when joined without `since`, or after a failed recovery) and a `pub`
+    push on a channel joined by name. A join reply with `"recovered": true` moves nothing:
+    the missed publications follow it, and until each is written the client has not seen it.
+    Publications reaching the client only through a pattern join are not tracked (a pattern
+    has no position to resume from), which also keeps the cursor as small as the channel list.
+    """
+
+    __slots__ = ("_names", "_positions")
+
+    def __init__(self, positions: Mapping[str, StreamPosition] | None = None) -> None:
+        self._positions: dict[str, StreamPosition] = dict(positions or {})
+        self._names: set[str] = set(self._positions)
+        """Channels joined by name on this stream, with or without a position yet."""
+
+    @property
+    def positions(self) -> Mapping[str, StreamPosition]:
+        return self._positions
+
+    def cursor(self, seq: int | None = None) -> Cursor:
+        return Cursor(dict(self._positions), seq)
+
+    def observe(self, frame: bytes) -> bool:
+        """Notes what `frame` tells the client; True when a position changed."""
+        # The codec writes these keys first (JsonCodec); anything else moves no position, so
+        # most frames are never parsed.
+        if frame.startswith(b'{"push":"pub",'):
+            push = orjson.loads(frame)
+            channel = push["channel"]
+            if channel not in self._names:
+                return False
+            return self._move(channel, StreamPosition(push["offset"], push["epoch"]))
+        if frame.startswith(b'{"reply":') and b'"offset"' in frame:
+            ok = orjson.loads(frame).get("ok")
+            if not (isinstance(ok, dict) and {"channel", "offset", "epoch"} <= ok.keys()):
+                return False  # a publish ack: no channel named, nothing the client saw
+            channel = ok["channel"]
+            self._names.add(channel)
+            if ok.get("recovered") is True:
+                return False
+            return self._move(channel, StreamPosition(ok["offset"], ok["epoch"]))
+        return False
+
+    def _move(self, channel: str, position: StreamPosition) -> bool:
+        if self._positions.get(channel) == position:
+            return False
+        self._positions[channel] = position
+        return True
+
+
+class CommandSink(Protocol):
+    """Where an opening sends its joins (a `pyrt._node.Session`)."""
+
+    def command(self, command: Command) -> None: ...
+
+
+@attrs.frozen(slots=True)
+class StreamOpening:
+    """What an SSE or long-poll request asks for when it opens a session: the channels of
+    its query string (`channel=`, `presence=`, both repeatable) and where to resume."""
+
+    channels: tuple[str, ...]
+    presence: frozenset[str]
+    cursor: Cursor
+
+    @classmethod
+    def parse(cls, request: HttpRequest, *, max_channels: int, cursor: str | None) -> StreamOpening:
+        """Validates the request before any session exists; HttpError otherwise.
+
+        `cursor` is the token to resume from (the `cursor` parameter, or SSE's
+        `Last-Event-ID`), if any.
+        """
+        query = request.query
+        presence = query.get("presence", [])
+        channels = tuple(dict.fromkeys([*query.get("channel", []), *presence]))
+        if not channels:
+            raise HttpError(400, "give at least one channel: ?channel=<name or pattern>")
+        if len(channels) > max_channels:
+            raise HttpError(429, f"at most {max_channels} channels per connection")
+        for channel in channels:
+            try:
+                check_channel(channel, pattern=True)
+            except ChannelNameError as e:
+                raise HttpError(422, f"channel '{channel[:64]}': {e}") from None
+        for channel in presence:
+            if _is_pattern(channel):
+                raise HttpError(
+                    400, f"presence needs a channel name, not a pattern: '{channel[:64]}'"
+                )
+        try:
+            parsed = decode_cursor(cursor) if cursor else Cursor()
+        except ValueError as e:
+            raise HttpError(400, str(e)) from None
+        return cls(channels, frozenset(presence), parsed)
+
+    def join(self, session: CommandSink) -> PositionTracker:
+        """Joins every channel on `session`, each from its cursor position if it has one;
+        returns the tracker for the stream, starting from those positions."""
+        resume: dict[str, StreamPosition] = {}
+        for channel in self.channels:
+            since = None if _is_pattern(channel) else self.cursor.positions.get(channel)
+            if since is not None:
+                resume[channel] = since
+            session.command(
+                Join(
+                    id=f"join:{channel}",
+                    channel=channel,
+                    since=since,
+                    presence=channel in self.presence,
+                )
+            )
+        return PositionTracker(resume)

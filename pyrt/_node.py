@@ -48,6 +48,12 @@ class Transport(Protocol):
         node reuses the connection if the response ended cleanly, else closes it."""
         ...
 
+    # Optional: `async def run(self, node, *, task_status)`. A transport whose work outlives
+    # its requests (long-poll sessions live between polls) has it run under the node's
+    # nursery: started (and `task_status.started()` awaited) before the node accepts
+    # connections, cancelled when the node has drained. Not declared here, as a Protocol
+    # member it would be required.
+
 
 def load_transports(
     names: Sequence[str] | None = None,
@@ -112,6 +118,7 @@ class Session:
         self.token = secrets.token_urlsafe(18)
         """Authorizes commands sent over HTTP (`POST /connection/send`) for this session."""
         self._wake = trio.Event()
+        self._pulse = trio.Event()
         self.closed = False
 
     def frame_too_big(self) -> None:
@@ -154,8 +161,16 @@ class Session:
             await self._wake.wait()
             self._wake = trio.Event()
 
+    async def wait_changed(self) -> None:
+        """Waits for the hub's next nudge (frames queued, or a close asked) without taking
+        anything, for transports that pop `connection.outbox` themselves (long-poll). Check
+        the state first: a nudge before the call is not seen."""
+        await self._pulse.wait()
+
     def wake(self) -> None:
         self._wake.set()
+        self._pulse.set()
+        self._pulse = trio.Event()
 
     def end(self) -> None:
         """The transport is gone: the hub forgets the connection (presence leaves, etc.)."""
@@ -212,6 +227,10 @@ class Node:
                         self._serve_connection, listeners, handler_nursery=nursery
                     )
 
+            for transport in self.transports:
+                run = getattr(transport, "run", None)
+                if run is not None:
+                    await nursery.start(run, self)
             nursery.start_soon(accept)
             nursery.start_soon(self._clock)
             task_status.started(self)
