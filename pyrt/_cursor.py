@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import urllib.parse
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -149,9 +150,10 @@ class StreamOpening:
         `cursor` is the token to resume from (the `cursor` parameter, or SSE's
         `Last-Event-ID`), if any.
         """
-        query = request.query
-        presence = query.get("presence", [])
-        channels = tuple(dict.fromkeys([*query.get("channel", []), *presence]))
+        # In the order given (one list for both names), each once.
+        pairs = urllib.parse.parse_qsl(request.target.partition("?")[2], keep_blank_values=True)
+        channels = tuple(dict.fromkeys(v for k, v in pairs if k in ("channel", "presence")))
+        presence = [v for k, v in pairs if k == "presence"]
         if not channels:
             raise HttpError(400, "give at least one channel: ?channel=<name or pattern>")
         if len(channels) > max_channels:

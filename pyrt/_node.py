@@ -11,6 +11,7 @@ import functools
 import hmac
 import importlib.metadata
 import importlib.resources
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -207,6 +208,8 @@ class Node:
         self._stop = trio.Event()
         self._sessions_gone = trio.Event()
         self._clock_kick = trio.Event()
+        self._clock_due = math.inf
+        """When the clock ticks next (the hub's answer to the last tick)."""
 
     @property
     def now(self) -> float:
@@ -250,7 +253,7 @@ class Node:
 
     async def _clock(self) -> None:
         while True:
-            due = self.hub.tick(self.now)
+            due = self._clock_due = self.hub.tick(self.now)
             self.pump()
             with trio.move_on_at(due):
                 await self._clock_kick.wait()
@@ -280,6 +283,9 @@ class Node:
         """A new hub connection for a transport; see `Hub.open` for the options."""
         session = Session(self, transport=transport, idle_timeout=idle_timeout, pings=pings)
         self._sessions[session.id] = session
+        idle = session.connection.idle_timeout
+        if idle is not None and self.now + idle < self._clock_due:
+            self._clock_kick.set()  # it expires before the clock's next tick: tick sooner
         return session
 
     def session(self, session_id: str, token: str) -> Session:

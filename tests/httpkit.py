@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -68,7 +69,8 @@ class SseParser:
             if self._data:
                 event.data = "\n".join(self._data)
                 self._data = []
-            return event if (event.data is not None or event.comments) else None
+            has_fields = event.data is not None or event.retry is not None or event.comments
+            return event if has_fields else None
         if line.startswith(":"):
             self._event.comments.append(line[1:].strip())
             return None
@@ -150,7 +152,8 @@ async def stream_get(
 
 
 def sse_target(params: Any = None) -> str:
-    query = httpx.QueryParams(params or {})
+    """The stream's URL path; `params` (a mapping or pairs) keep their order."""
+    query = urllib.parse.urlencode(params or {})
     return f"/connection/sse?{query}" if query else "/connection/sse"
 
 

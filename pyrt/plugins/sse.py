@@ -68,8 +68,8 @@ class SseTransport:
                 nursery.start_soon(_watch_for_hangup, exchange, nursery.cancel_scope)
                 await self._write(session, tracker, exchange)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away mid-write
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-write (maybe inside the nursery: hence except*)
         finally:
             session.end()
 
