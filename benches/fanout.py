@@ -1,19 +1,23 @@
-"""Fan-out over WebSocket: one channel, many subscribers, small messages.
+"""Fan-out on one channel to many subscribers over WebSocket, SSE and long-poll.
 
-    python benches/fanout.py                         # fanout_1ch_1000subs_100B
+    python benches/fanout.py                         # fanout_1ch_1000subs_100B, WebSocket only
+    python benches/fanout.py --subscribers 1000 --sse 200 --longpoll 100
     python benches/fanout.py --subscribers 200 --messages 100
 
-Starts `pyrt serve` in a subprocess (so the server has its own interpreter), opens N
-subscriber connections to one channel, then measures:
+Starts `pyrt serve` in a subprocess (so the server has its own interpreter), opens the
+subscriber connections to one channel (`--subscribers` WebSocket ones, `--sse` SSE streams,
+`--longpoll` long-poll sessions, all on the same channel and getting the same messages), then
+measures, per transport:
 
-- throughput: one publisher sends M 100-byte messages as fast as the server acks them
-  (a window of 64 in flight); deliveries/s = N * M / time until every subscriber has all M;
+- throughput: one publisher (WebSocket) sends M messages as fast as the server acks them
+  (a window of 64 in flight); deliveries/s = subscribers * M / time until every subscriber of
+  that transport has all M;
 - latency: the publisher paces messages (--rate per second); each carries its send time
-  (CLOCK_MONOTONIC, shared by the processes), each subscriber records arrival - send.
+  (CLOCK_MONOTONIC, shared by the processes), each sampled subscriber records arrival - send.
 
-The load generator is Python too (raw sockets, a minimal frame reader, one trio task per
-subscriber) and shares the machine's 2 cores with the server: it is a first measurement, not a
-verdict; the Rust load generator of the fan-out suite replaces it.
+The load generator is Python too (raw sockets, a minimal frame reader, h11 for the HTTP
+transports, one trio task per subscriber) and shares the machine's 2 cores with the server: it
+is a first measurement, not a verdict; the Rust load generator of the fan-out suite replaces it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import sys
 import time
 from typing import Any
 
+import h11
 import orjson
 import trio
 
@@ -103,41 +108,132 @@ async def command(stream: trio.SocketStream, reader: Reader, **cmd: Any) -> dict
             return result
 
 
-async def run(port: int, subscribers: int, messages: int, rate: float, size: int) -> dict[str, Any]:
-    channel = "bench"
-    received = [0] * subscribers
-    latencies: list[float] = []
-    phase = {"name": "throughput", "expect": messages}
-    all_done = trio.Event()
-    remaining = [subscribers]
-    streams: list[trio.SocketStream] = []
+Deliver = Any  # (frame bytes, arrival ns) -> None; Any keeps the callback signature simple
 
-    async def subscriber(i: int, task_status: Any) -> None:
-        stream, reader = await open_ws(port)
-        streams.append(stream)
+
+async def ws_subscriber(port: int, channel: str, deliver: Deliver, task_status: Any) -> None:
+    stream, reader = await open_ws(port)
+    async with stream:
         await command(stream, reader, cmd="join", id=1, channel=channel)
         task_status.started()
         while True:
             frame = await reader.frame()
+            deliver(frame, time.monotonic_ns())
+
+
+class HttpClient:
+    """One keep-alive HTTP/1.1 connection, read with h11 (requests are GETs)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.http = h11.Connection(h11.CLIENT)
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.http.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.http.receive_data(await self.stream.receive_some(1 << 16))
+
+    async def start(self, target: str) -> None:
+        if self.http.our_state is h11.DONE:
+            self.http.start_next_cycle()
+        request = h11.Request(method="GET", target=target, headers=[("host", "127.0.0.1")])
+        await self.stream.send_all(self.http.send(request) + self.http.send(h11.EndOfMessage()))
+        response = await self.next_event()
+        if response.status_code != 200:
+            raise RuntimeError(f"GET {target}: {response.status_code}")
+
+    async def get_json(self, target: str) -> Any:
+        await self.start(target)
+        body = b""
+        while not isinstance(event := await self.next_event(), h11.EndOfMessage):
+            body += event.data
+        return orjson.loads(body)
+
+
+async def sse_subscriber(port: int, channel: str, deliver: Deliver, task_status: Any) -> None:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        client = HttpClient(stream)
+        await client.start(f"/connection/sse?channel={channel}")
+        buffer = b""
+        started = False
+        while True:
+            event = await client.next_event()
+            if not isinstance(event, h11.Data):
+                raise RuntimeError(f"SSE stream ended: {event!r}")
+            buffer += event.data
             now = time.monotonic_ns()
-            if b'"push":"pub"' not in frame[:20]:
-                continue
-            received[i] += 1
-            if phase["name"] == "latency" and i % 10 == 0:
-                sent = int(
-                    frame[frame.index(b'"t":') + 4 : frame.index(b",", frame.index(b'"t":'))]
-                )
-                latencies.append((now - sent) / 1e6)
-            if received[i] == phase["expect"]:
-                remaining[0] -= 1
-                if remaining[0] == 0:
+            *events, buffer = buffer.split(b"\n\n")
+            for block in events:
+                for line in block.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        frame = line[6:]
+                        if not started and frame.startswith(b'{"reply":"join:'):
+                            started = True
+                            task_status.started()
+                        deliver(frame, now)
+
+
+async def longpoll_subscriber(port: int, channel: str, deliver: Deliver, task_status: Any) -> None:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        client = HttpClient(stream)
+        opened = await client.get_json(f"/connection/poll?channel={channel}")
+        session, token, cursor = opened["session"], opened["token"], opened["cursor"]
+        task_status.started()
+        while True:
+            batch = await client.get_json(
+                f"/connection/poll?session={session}&token={token}&cursor={cursor}"
+            )
+            now = time.monotonic_ns()
+            cursor = batch["cursor"]
+            for message in batch["messages"]:
+                deliver(orjson.dumps(message), now)
+
+
+SUBSCRIBERS = {"websocket": ws_subscriber, "sse": sse_subscriber, "longpoll": longpoll_subscriber}
+
+
+async def run(
+    port: int, counts: dict[str, int], messages: int, rate: float, size: int
+) -> dict[str, dict[str, Any]]:
+    channel = "bench"
+    latencies: dict[str, list[float]] = {t: [] for t in counts}
+    finished: dict[str, float] = {}
+    phase = {"name": "throughput", "expect": messages}
+    all_done = trio.Event()
+    remaining = dict(counts)
+    pending = [sum(counts.values())]
+
+    def subscriber_state(transport: str, i: int) -> Deliver:
+        received = [0]
+        sample = i % 10 == 0
+
+        def deliver(frame: bytes, now: int) -> None:
+            if not frame.startswith(b'{"push":"pub"'):
+                return
+            received[0] += 1
+            if phase["name"] == "latency" and sample:
+                at = frame.index(b'"t":') + 4
+                latencies[transport].append((now - int(frame[at : frame.index(b",", at)])) / 1e6)
+            if received[0] == phase["expect"]:
+                remaining[transport] -= 1
+                if remaining[transport] == 0:
+                    finished[transport] = time.perf_counter()
+                pending[0] -= 1
+                if pending[0] == 0:
                     all_done.set()
 
+        return deliver
+
+    connect_rates: dict[str, float] = {}
     async with trio.open_nursery() as nursery:
-        start = time.perf_counter()
-        for i in range(subscribers):
-            await nursery.start(subscriber, i)
-        connect_rate = subscribers / (time.perf_counter() - start)
+        for transport, count in counts.items():
+            start = time.perf_counter()
+            for i in range(count):
+                deliver = subscriber_state(transport, i)
+                await nursery.start(SUBSCRIBERS[transport], port, channel, deliver)
+            connect_rates[transport] = count / (time.perf_counter() - start)
         pub, pub_reader = await open_ws(port)
         await command(pub, pub_reader, cmd="join", id=1, channel=channel)
         pad = "x" * max(0, size - 40)
@@ -162,15 +258,15 @@ async def run(port: int, subscribers: int, messages: int, rate: float, size: int
             for n in range(messages):
                 await window.acquire()
                 await publish(n)
-        with trio.fail_after(120):
+        with trio.fail_after(300):
             await all_done.wait()
-        elapsed = time.perf_counter() - start
-        throughput = subscribers * messages / elapsed
+        elapsed = {t: finished[t] - start for t in counts}
 
         # Latency: paced publishes.
         latency_messages = max(20, int(rate * 2))
         all_done = trio.Event()
-        remaining[0] = subscribers
+        remaining.update(counts)
+        pending[0] = sum(counts.values())
         phase.update(name="latency", expect=messages + latency_messages)
         async with trio.open_nursery() as acking:
             window = trio.Semaphore(64)
@@ -179,20 +275,23 @@ async def run(port: int, subscribers: int, messages: int, rate: float, size: int
                 await window.acquire()
                 await publish(messages + n)
                 await trio.sleep(1 / rate)
-        with trio.fail_after(120):
+        with trio.fail_after(300):
             await all_done.wait()
         nursery.cancel_scope.cancel()
-    for s in [*streams, pub]:
-        await s.aclose()
-    latencies.sort()
-    return {
-        "deliveries_per_s": throughput,
-        "messages_per_s": messages / elapsed,
-        "connect_per_s": connect_rate,
-        "p50_ms": statistics.median(latencies),
-        "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
-        "latency_samples": len(latencies),
-    }
+    await pub.aclose()
+    results = {}
+    for transport, count in counts.items():
+        samples = sorted(latencies[transport])
+        results[transport] = {
+            "subscribers": count,
+            "deliveries_per_s": count * messages / elapsed[transport],
+            "messages_per_s": messages / elapsed[transport],
+            "connect_per_s": connect_rates[transport],
+            "p50_ms": statistics.median(samples),
+            "p99_ms": samples[max(0, int(len(samples) * 0.99) - 1)],
+            "latency_samples": len(samples),
+        }
+    return results
 
 
 def server_rss_kib(pid: int) -> int:
@@ -202,11 +301,22 @@ def server_rss_kib(pid: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--subscribers", type=int, default=1000, help="WebSocket subscribers")
+    parser.add_argument("--sse", type=int, default=0, help="SSE subscribers")
+    parser.add_argument("--longpoll", type=int, default=0, help="long-poll subscribers")
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--rate", type=float, default=20.0, help="messages/s in the latency phase")
     parser.add_argument("--size", type=int, default=100, help="message data size in bytes")
     args = parser.parse_args(argv)
+    counts = {
+        t: n
+        for t, n in (
+            ("websocket", args.subscribers),
+            ("sse", args.sse),
+            ("longpoll", args.longpoll),
+        )
+        if n > 0
+    }
     config = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"pyrt-bench-{os.getpid()}.toml")
     with open(config, "w") as f:
         # Outboxes sized for a burst of the whole run, so the measurement is of fan-out, not
@@ -225,23 +335,26 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"pyrt serve said: {line!r}")
         port = int(match.group(1))
         idle_rss = server_rss_kib(server.pid)
-        result = trio.run(run, port, args.subscribers, args.messages, args.rate, args.size)
+        results = trio.run(run, port, counts, args.messages, args.rate, args.size)
         loaded_rss = server_rss_kib(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
         os.unlink(config)
-    name = f"fanout_1ch_{args.subscribers}subs_{args.size}B"
+    total = sum(counts.values())
+    name = f"fanout_1ch_{total}subs_{args.size}B"
     print(f"## {name} ({' '.join(sys.argv[1:]) or 'defaults'})\n")
-    print("| workload | deliveries/s | publishes/s | p50 | p99 | connects/s | server RSS |")
+    print("| transport | subscribers | deliveries/s | publishes/s | p50 | p99 | connects/s |")
     print("|---|---|---|---|---|---|---|")
-    print(
-        f"| {name} | {result['deliveries_per_s']:,.0f} | {result['messages_per_s']:,.0f} | "
-        f"{result['p50_ms']:.1f} ms | {result['p99_ms']:.1f} ms "
-        f"(at {args.rate:g} msg/s, {result['latency_samples']} samples) | "
-        f"{result['connect_per_s']:,.0f} | {idle_rss / 1024:.0f} -> {loaded_rss / 1024:.0f} MiB |"
-    )
-    print(f"\nMachine: {machine()}")
+    for transport, result in results.items():
+        print(
+            f"| {transport} | {result['subscribers']:,} | {result['deliveries_per_s']:,.0f} | "
+            f"{result['messages_per_s']:,.0f} | {result['p50_ms']:.1f} ms | "
+            f"{result['p99_ms']:.1f} ms (at {args.rate:g} msg/s, "
+            f"{result['latency_samples']} samples) | {result['connect_per_s']:,.0f} |"
+        )
+    print(f"\nServer RSS: {idle_rss / 1024:.0f} -> {loaded_rss / 1024:.0f} MiB")
+    print(f"Machine: {machine()}")
     return 0
 
 

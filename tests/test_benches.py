@@ -24,14 +24,21 @@ def test_matcher_benchmark_prints_its_tables() -> None:
     assert any(line.startswith("Machine: ") for line in lines)
 
 
-def test_fanout_benchmark_prints_its_table() -> None:
+def test_fanout_benchmark_prints_a_row_per_transport() -> None:
     out = subprocess.run(
-        [sys.executable, str(BENCHES / "fanout.py"), "--subscribers", "20", "--messages", "10",
-         "--rate", "50"],
+        [sys.executable, str(BENCHES / "fanout.py"), "--subscribers", "20", "--sse", "5",
+         "--longpoll", "5", "--messages", "10", "--rate", "50"],
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
-    row = next(line for line in out.splitlines() if line.startswith("| fanout_1ch_20subs_100B"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 7
-    assert int(cells[1].replace(",", "")) > 0  # deliveries/s was measured
-    assert cells[3].endswith("ms")
+    assert "## fanout_1ch_30subs_100B" in out
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("websocket", "sse", "longpoll"):
+            rows[cells[0]] = cells
+    assert sorted(rows) == ["longpoll", "sse", "websocket"]
+    assert [rows[t][1] for t in ("websocket", "sse", "longpoll")] == ["20", "5", "5"]
+    for cells in rows.values():
+        assert int(cells[2].replace(",", "")) > 0  # deliveries/s was measured
+        assert cells[4].endswith("ms")
+    assert any(line.startswith("Machine: ") for line in out.splitlines())
