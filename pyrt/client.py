@@ -33,6 +33,7 @@ import enum
 import itertools
 import random
 import secrets
+import ssl
 import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -42,12 +43,17 @@ import attrs
 import httpx
 import orjson
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
 )
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._core import Matcher
 
@@ -313,6 +319,7 @@ class _Link:
         self.closed = False
         self.opening_channel: str | None = None
         """HTTP sessions: the channel it was opened with, left once it is up."""
+        self.ended_as: _Outcome | None = None
         self._sends: set[trio.CancelScope] = set()
 
     def alive(self) -> None:
@@ -353,25 +360,79 @@ class _Link:
 
 
 class _WebSocketLink(_Link):
+    """RFC 6455 over a trio stream, with wsproto doing the protocol (as the server does)."""
+
     transport = "websocket"
 
-    def __init__(self, ws: WebSocketConnection, stall_timeout: float) -> None:
+    def __init__(self, stream: trio.abc.Stream, stall_timeout: float) -> None:
         super().__init__(stall_timeout)
-        self.ws = ws
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.messages: collections.deque[str | bytes] = collections.deque()
+        self._parts: list[Any] = []
+        self._writing = trio.Lock()
+
+    async def open(self, url: str) -> None:
+        """The opening handshake; frames that arrive with the answer are kept."""
+        parts = urllib.parse.urlsplit(url)
+        await self._write(self.ws.send(Request(host=parts.netloc, target=parts.path or "/")))
+        accepted = False
+        while not accepted:
+            for event in await self._events():
+                if isinstance(event, AcceptConnection):
+                    accepted = True
+                elif isinstance(event, RejectConnection):
+                    raise _LinkClosed(f"websocket upgrade refused: {event.status_code}")
+                else:
+                    await self._handle(event)
+
+    async def _write(self, data: bytes) -> None:
+        async with self._writing:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise _LinkClosed(f"websocket write failed: {e!r}") from None
+
+    async def _events(self) -> list[Any]:
+        try:
+            data = await self.stream.receive_some(64 * 1024)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            raise _LinkClosed(f"websocket read failed: {e!r}") from None
+        if not data:
+            raise _LinkClosed("the server closed the connection")
+        try:
+            self.ws.receive_data(bytes(data))
+            return list(self.ws.events())
+        except RemoteProtocolError as e:
+            raise _LinkClosed(f"websocket protocol error: {e}") from None
+
+    async def _handle(self, event: Any) -> None:
+        if isinstance(event, (TextMessage, BytesMessage)):
+            self._parts.append(event.data)
+            if event.message_finished:
+                empty: str | bytes = "" if isinstance(event, TextMessage) else b""
+                self.messages.append(empty.join(self._parts))
+                self._parts.clear()
+        elif isinstance(event, Ping):
+            await self._write(self.ws.send(event.response()))
+        elif isinstance(event, CloseConnection):
+            with contextlib.suppress(LocalProtocolError, _LinkClosed):
+                await self._write(self.ws.send(event.response()))
+            raise _LinkClosed(f"websocket closed: {event.code} {event.reason}")
 
     async def _send(self, frame: bytes) -> None:
         try:
-            await self.ws.send_message(frame.decode())
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            raise _LinkClosed(f"websocket closed: {e}") from None
+            data = self.ws.send(TextMessage(frame.decode()))
+        except LocalProtocolError:
+            raise _LinkClosed("websocket closed") from None
+        await self._write(data)
 
     async def receive(self) -> Any:
-        try:
-            message = await self.ws.get_message()
-        except ConnectionClosed as e:
-            raise _LinkClosed(f"websocket closed: {e.reason}") from None
-        self.alive()
-        return _decode(message)
+        while not self.messages:
+            for event in await self._events():
+                await self._handle(event)
+            self.alive()  # any bytes from the server are a sign of life
+        return _decode(self.messages.popleft())
 
 
 class _HttpLink(_Link):
@@ -390,13 +451,16 @@ class _HttpLink(_Link):
         # protocol's ordering (join before publish, track after join) is per connection.
         async with self._posting:
             try:
-                response = await self.http.post(
+                request = self.http.build_request(
+                    "POST",
                     self.endpoints.send,
                     params={"session": self.session, "token": self.token},
                     content=frame,
                     headers={"content-type": "application/json"},
                     timeout=self.stall_timeout,
                 )
+                request.stream = _Body(frame)
+                response = await self.http.send(request)
             except httpx.TimeoutException:
                 self.break_(_Outcome.STALLED)
                 raise _LinkClosed("sending a command timed out") from None
@@ -405,6 +469,22 @@ class _HttpLink(_Link):
         if response.status_code != 202:
             # 404: the session expired; 401: bad token; 400: the frame closed the session.
             raise _LinkClosed(f"command refused: {response.status_code} {response.text[:200]}")
+
+
+class _Body(httpx.AsyncByteStream):
+    """A request body that is not an async generator: httpx's own, for `content=bytes`, is
+    one, and a POST cancelled mid-send leaves it unfinalized (a ResourceWarning at GC)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._chunks = [data]
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._chunks:
+            raise StopAsyncIteration
+        return self._chunks.pop()
 
 
 class _SseLink(_HttpLink):
@@ -486,6 +566,18 @@ class _PollLink(_HttpLink):
             self.close_reason = f"closed by the server: {close}"
         return body
 
+    async def end(self) -> None:
+        """Ends the session on the server now (its presence leaves at once rather than when
+        the server expires it). Best effort: the server expires it anyway."""
+        with (
+            trio.CancelScope(deadline=trio.current_time() + 0.5, shield=True),
+            contextlib.suppress(httpx.HTTPError),
+        ):
+            await self.http.post(
+                f"{self.endpoints.poll}/end",
+                params={"session": self.session, "token": self.token},
+            )
+
     async def receive(self) -> Any:
         while not self.queue:
             if self.close_reason is not None:
@@ -526,8 +618,6 @@ def _decode(data: str | bytes) -> Any:
 # Errors that mean "this transport did not work this time", from opening or closing a link.
 _LINK_ERRORS = (
     _LinkClosed,
-    HandshakeError,
-    ConnectionClosed,
     OSError,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
@@ -743,20 +833,23 @@ class Client:
     async def _open_link(self, transport: str) -> AsyncGenerator[_Link, None]:
         endpoints = self._endpoints
         if transport == "websocket":
-            async with open_websocket_url(
-                endpoints.websocket, connect_timeout=self.open_timeout, disconnect_timeout=1.0
-            ) as ws:
-                ws_link = _WebSocketLink(ws, self.stall_timeout)
+            with trio.fail_after(self.open_timeout):
+                parts = urllib.parse.urlsplit(endpoints.websocket)
+                host, port = parts.hostname or "", parts.port
+                if parts.scheme == "wss":
+                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                        host, port or 443, ssl_context=ssl.create_default_context()
+                    )
+                else:
+                    stream = await trio.open_tcp_stream(host, port or 80)
+            async with stream:
+                ws_link = _WebSocketLink(stream, self.stall_timeout)
+                with trio.fail_after(self.open_timeout):
+                    await ws_link.open(endpoints.websocket)
                 try:
                     yield ws_link
                 finally:
                     ws_link.close()
-                    await ws._stream.aclose()  # do not wait for a close handshake
-                    # trio-websocket's reader may be blocked handing us a frame: take what it
-                    # queued until it notices the closed stream, or closing it would hang.
-                    with trio.move_on_after(1), contextlib.suppress(ConnectionClosed):
-                        while True:
-                            await ws.get_message()
             return
         # HTTP sessions open with at least one channel. The client's channels are all joined
         # the same way on every transport, with `join` and `since` (the server's cursor only
@@ -791,6 +884,8 @@ class Client:
                 yield link
             finally:
                 link.close()
+                if isinstance(link, _PollLink) and link.ended_as is not _Outcome.STALLED:
+                    await link.end()
 
     async def _session(self, link: _Link) -> _Outcome:
         ended: list[_Outcome] = []
@@ -824,6 +919,7 @@ class Client:
         outcome = ended[0] if ended else _Outcome.CLOSED
         if outcome is _Outcome.CLOSED and not link.frames:
             outcome = _Outcome.FAILED  # it opened, then died before saying anything
+        link.ended_as = outcome
         return outcome
 
     async def _restore(self, channel: Channel) -> None:
