@@ -12,7 +12,16 @@ async def test_my_transport():
 
 `open_client(node)` is an async context manager yielding a `TransportClient` for one
 connection to `node` over your transport: it sends native-protocol commands and returns the
-frames the server sends (docs/protocol.md), and reports how the server closed it.
+frames the server sends (docs/protocol.md), and reports how the server closed it. Leaving it
+ends the connection the way a client of your transport does when it is done.
+
+The checks: joins, publications and replies in order; awkward payloads (every kind of line
+break, NUL, astral characters, 10 KB) arriving unchanged; resuming with and without history;
+presence, including the leave of a client that went away; the channel, payload and frame
+limits (1009) and bad input (4000), each hurting only its own connection; the hub forgetting
+clients that left; and, last, a shutdown: `disconnect`, then the end, and `Node.run` returning
+once the transport let go of every session. HTTP transports whose clients join channels when
+they open say how many with `joins_on_open` (the SSE and long-poll tests do).
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ cancels the keepers, and each ends its session on the way out: no session outliv
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
@@ -30,6 +29,7 @@ from .._cursor import PositionTracker, StreamOpening, decode_cursor
 from .._http import HttpError, HttpExchange, HttpRequest
 from .._node import Node, Session, _bearer
 from .._protocol import CloseCode
+from ._options import integer, seconds
 
 CLOSE_GRACE = 2.0
 """Seconds a session the hub closed waits for a poll to collect its last frames and close;
@@ -89,28 +89,15 @@ class LongPollTransport:
         max_batch_messages: int = 512,
         max_batch_bytes: int = 1024 * 1024,
     ) -> None:
-        for name, value in (("poll_timeout", poll_timeout), ("session_ttl", session_ttl)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a positive number of seconds, not {value}")
+        self.poll_timeout = seconds("poll_timeout", poll_timeout)
+        self.session_ttl = seconds("session_ttl", session_ttl)
         if session_ttl <= poll_timeout:
             raise ValueError(
                 f"session_ttl ({session_ttl}) must exceed poll_timeout ({poll_timeout}): "
                 "a session must outlive the wait between two polls"
             )
-        for name, count in (
-            ("max_batch_messages", max_batch_messages),
-            ("max_batch_bytes", max_batch_bytes),
-        ):
-            if isinstance(count, bool) or not isinstance(count, int):
-                raise TypeError(f"{name} must be an integer, not {count!r}")
-            if count < 1:
-                raise ValueError(f"{name} must be at least 1, not {count}")
-        self.poll_timeout = float(poll_timeout)
-        self.session_ttl = float(session_ttl)
-        self.max_batch_messages = max_batch_messages
-        self.max_batch_bytes = max_batch_bytes
+        self.max_batch_messages = integer("max_batch_messages", max_batch_messages, 1)
+        self.max_batch_bytes = integer("max_batch_bytes", max_batch_bytes, 1)
         self._sessions: dict[str, _PollSession] = {}
         self._nursery: trio.Nursery | None = None
 

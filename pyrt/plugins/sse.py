@@ -9,14 +9,13 @@ which resumes with the last id it saw (`Last-Event-ID`), resumes every channel.
 
 from __future__ import annotations
 
-import math
-
 import orjson
 import trio
 
 from .._cursor import PositionTracker, StreamOpening
 from .._http import HttpError, HttpExchange, HttpRequest
 from .._node import Node, Session
+from ._options import integer, seconds
 
 _HEADERS = (("cache-control", "no-store"), ("x-accel-buffering", "no"))
 
@@ -33,16 +32,8 @@ class SseTransport:
     path = "/connection/sse"
 
     def __init__(self, *, heartbeat: float = 15.0, retry_ms: int = 2000) -> None:
-        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)):
-            raise TypeError(f"heartbeat must be a number of seconds, not {heartbeat!r}")
-        if not (heartbeat > 0 and math.isfinite(heartbeat)):
-            raise ValueError(f"heartbeat must be a positive number of seconds, not {heartbeat}")
-        if isinstance(retry_ms, bool) or not isinstance(retry_ms, int):
-            raise TypeError(f"retry_ms must be an integer (milliseconds), not {retry_ms!r}")
-        if retry_ms < 0:
-            raise ValueError(f"retry_ms must not be negative, not {retry_ms}")
-        self.heartbeat = float(heartbeat)
-        self.retry_ms = retry_ms
+        self.heartbeat = seconds("heartbeat", heartbeat)
+        self.retry_ms = integer("retry_ms", retry_ms, 0, unit=" (milliseconds)")
 
     def claims(self, request: HttpRequest) -> bool:
         return request.path == self.path
