@@ -191,7 +191,7 @@ async def test_heartbeat_comments_while_idle(nursery: trio.Nursery) -> None:
     node = await start(nursery, sse={"heartbeat": 0.05})
     async with open_sse(node, {"channel": "quiet"}) as client:
         await client.receive()  # the join reply
-        with trio.move_on_after(0.5):
+        with trio.move_on_after(3):
             while len(client.comments) < 3:
                 await client.event()
         assert client.comments[:3] == ["ping", "ping", "ping"]
@@ -199,12 +199,12 @@ async def test_heartbeat_comments_while_idle(nursery: trio.Nursery) -> None:
 
 
 async def test_no_heartbeat_while_frames_flow(nursery: trio.Nursery) -> None:
-    node = await start(nursery, sse={"heartbeat": 0.5})
+    node = await start(nursery, sse={"heartbeat": 1.0})
     async with open_sse(node, {"channel": "busy"}) as client:
         await client.receive()
         for n in range(8):
             node.publish("busy", n)
-            await trio.sleep(0.1)  # never half a second of silence
+            await trio.sleep(0.1)  # never a second of silence
             assert (await frame_of(client, "pub"))["data"] == n
         assert client.comments == []
 
