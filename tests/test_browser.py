@@ -23,9 +23,6 @@ from pyrt._node import Node, NodeConfig
 from pyrt.plugins.sse import SseTransport
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="needs Debian's chromium (scripts/bootstrap installs it)"
-)
 
 T = TypeVar("T")
 
@@ -114,6 +111,8 @@ def test_chromium_eventsource_receives_in_order_and_resumes_with_last_event_id()
     # further: it converges, through one cut per outbox-full.)
     hub = HubConfig(outbox_messages=20)
     node = Node(NodeConfig(port=0, hub=hub), transports=[sse])
+    # No skip when the browser is missing: a test that did not run would read as passed.
+    assert CHROMIUM is not None, "Debian's chromium is not installed (scripts/bootstrap does it)"
     with NodeThread(node).running() as served, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
