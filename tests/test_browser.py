@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-import pytest
 import trio
 
 from pyrt._cursor import decode_cursor
