@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import settings
+from pgserver import PostgresServer, start_server
 
 # "ci" is the default so a plain `pytest` runs the differential tests as CI does: a few
 # thousand examples, no deadline (the first call into the compiled module, shrinking and
@@ -25,3 +28,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 with warnings.catch_warnings(), contextlib.suppress(ImportError):
     warnings.simplefilter("ignore", DeprecationWarning)
     import hypothesis.extra._patching  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server (wal_level=logical) for the whole session; see pgserver.py."""
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.cleanup()
