@@ -13,6 +13,7 @@ Roles (all may replicate):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -138,10 +139,8 @@ class PostgresServer:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def cleanup(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # not running
             self.stop("immediate")
-        except RuntimeError:
-            pass  # not running
         shutil.rmtree(self.base, ignore_errors=True)
 
     # -- SQL as the superuser (psql over the Unix socket) ----------------------------------
