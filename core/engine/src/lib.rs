@@ -3,3 +3,4 @@
 //! No Python in here: the `pyrt-core` crate binds it as `pyrt._core`.
 
 pub mod matcher;
+pub mod pgoutput;
