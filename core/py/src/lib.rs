@@ -10,6 +10,9 @@ use pyrt_engine::matcher::{
     Test, Value,
 };
 
+mod pgoutput;
+use pgoutput::PgChange;
+
 /// Builds one of the exceptions of `pyrt._errors` (one home for error types, shared with the
 /// pure-Python reference implementation).
 fn positioned_error(py: Python<'_>, class: &str, reason: &str, position: usize) -> PyErr {
@@ -303,6 +306,33 @@ impl Matcher {
         PyList::new(py, &self.scratch)
     }
 
+    /// Ids of row subscriptions that want a decoded pgoutput change (matched in Rust, no
+    /// Python values built).
+    fn match_change<'py>(
+        &mut self,
+        py: Python<'py>,
+        change: &Bound<'py, PgChange>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        self.scratch.clear();
+        self.inner
+            .match_row(change.get().row_event(), &mut self.scratch);
+        PyList::new(py, &self.scratch)
+    }
+
+    /// `match_change` for each change: one list of ids per change.
+    fn match_changes<'py>(
+        &mut self,
+        py: Python<'py>,
+        changes: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for change in changes.try_iter()? {
+            let change = change?;
+            out.append(self.match_change(py, change.cast::<PgChange>()?)?)?;
+        }
+        Ok(out)
+    }
+
     /// `match_row` for each event: one list of ids per event.
     fn match_rows<'py>(
         &mut self,
@@ -367,5 +397,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RowEvent>()?;
     m.add_function(wrap_pyfunction!(parse_filter, m)?)?;
     m.add_function(wrap_pyfunction!(check_channel, m)?)?;
+    pgoutput::register(m)?;
     Ok(())
 }
