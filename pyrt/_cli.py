@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import secrets
 import signal
 import sys
@@ -14,6 +16,7 @@ import trio
 from . import FilterError, Matcher, RowEvent, __version__
 from ._config import ConfigError, node_config
 from ._node import Node
+from ._sources import SourceError
 
 DEMO_SUBSCRIPTIONS: list[tuple[int, str, str, str, str | None]] = [
     (1, "INSERT", "public", "messages", "room_id=eq.42"),
@@ -66,6 +69,38 @@ async def _serve(node: Node) -> None:
                 break
 
 
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        leaves += _leaves(error) if isinstance(error, BaseExceptionGroup) else [error]
+    return leaves
+
+
+def _pg_setup(args: argparse.Namespace) -> int:
+    """Creates the publication the WAL source reads and reports on replica identities."""
+    from ._pgrepl import setup_publication
+    from ._pgwire import PgConnection, PgConnectionError, PgError
+
+    password = os.environ.get("PGPASSWORD")
+    if password is None and sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+
+    async def setup() -> list[str]:
+        async with await PgConnection.connect(
+            args.host, args.port, args.user, password, args.database
+        ) as conn:
+            report = await setup_publication(conn, args.publication, args.table or None)
+            return report.lines()
+
+    try:
+        lines = trio.run(setup)
+    except (PgError, PgConnectionError) as e:
+        print(f"pyrt pg-setup: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyrt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pyrt {__version__}")
@@ -75,9 +110,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="a TOML file (see docs/configuration.md)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000, 0 = any)")
+    pg = commands.add_parser(
+        "pg-setup",
+        help="create the publication for the WAL source; list tables needing a replica identity",
+        description="Creates the publication (FOR ALL TABLES, or the --table ones) unless it"
+        " exists, then lists published tables without a primary key (UPDATE/DELETE on them"
+        " fail) and tables whose old rows carry the key only, with the SQL to fix them."
+        " The password comes from PGPASSWORD (or a prompt).",
+    )
+    pg.add_argument("--host", default=os.environ.get("PGHOST", "127.0.0.1"))
+    pg.add_argument("--port", type=int, default=int(os.environ.get("PGPORT", "5432")))
+    pg.add_argument("--user", default=os.environ.get("PGUSER", "postgres"))
+    pg.add_argument("--database", default=os.environ.get("PGDATABASE"))
+    pg.add_argument("--publication", default="pyrt", help="publication name (default pyrt)")
+    pg.add_argument("--table", action="append", help="publish this table (schema.name; repeatable)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo()
+    if args.command == "pg-setup":
+        return _pg_setup(args)
     if args.command == "serve":
         try:
             config = node_config(args.config, {"host": args.host, "port": args.port})
@@ -93,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_serve, node)
         except OSError as e:
             print(f"pyrt serve: cannot listen on {config.host}:{config.port}: {e}", file=sys.stderr)
+            return 1
+        except ExceptionGroup as group:
+            failed, rest = group.split(SourceError)
+            if failed is None or rest is not None:
+                raise
+            for error in _leaves(failed):
+                print(f"pyrt serve: {error}", file=sys.stderr)
             return 1
         return 0
     parser.print_help()
