@@ -21,6 +21,11 @@ from ._node import Transport as Transport
 from ._outbox import SlowConsumerPolicy as SlowConsumerPolicy
 from ._protocol import CloseCode as CloseCode
 from ._protocol import ErrorCode as ErrorCode
+from .conflict import HybridClock as HybridClock
+from .conflict import Mutation as Mutation
+from .conflict import Record as Record
+from .conflict import Rejection as Rejection
+from .conflict import Timestamp as Timestamp
 
 __all__ = [
     "ChannelNameError",
@@ -32,14 +37,19 @@ __all__ = [
     "HttpRequest",
     "Hub",
     "HubConfig",
+    "HybridClock",
     "Matcher",
+    "Mutation",
     "Node",
     "NodeConfig",
     "Publication",
+    "Record",
+    "Rejection",
     "RowEvent",
     "Session",
     "SlowConsumerPolicy",
     "StreamPosition",
+    "Timestamp",
     "Transport",
     "__version__",
     "check_channel",

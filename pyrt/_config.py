@@ -72,6 +72,13 @@ def hub_config(table: Mapping[str, Any]) -> HubConfig:
             if not isinstance(value, Mapping):
                 raise ConfigError("hub.channel_policies: must be a table of pattern = policy")
             value = {p: _policy(v, f"hub.channel_policies.{p}") for p, v in value.items()}
+        elif key == "record_policies":
+            # Pattern = "reject" | "lww" | "merge" | the name of a resolver given to the Hub.
+            if not isinstance(value, Mapping) or not all(
+                isinstance(v, str) for v in value.values()
+            ):
+                raise ConfigError("hub.record_policies: must be a table of pattern = policy name")
+            value = dict(value)
         else:
             default = fields[key].default
             expected = type(default)

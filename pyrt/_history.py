@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+
+if TYPE_CHECKING:
+    from .conflict import Timestamp
 
 
 @attrs.frozen(slots=True)
@@ -41,6 +44,8 @@ class Publication:
     """The connection that published it, or None for the server and sources."""
     key: str | None = None
     """Conflation key: under the conflate policy only the latest per key is kept queued."""
+    hlc: Timestamp | None = None
+    """The hub's hybrid logical clock reading when it took the publication (pyrt.conflict)."""
 
     @property
     def position(self) -> StreamPosition:
@@ -82,10 +87,17 @@ class ChannelStream:
         return iter(self._retained)
 
     def append(
-        self, data: Any, now: float, publisher: str | None = None, key: str | None = None
+        self,
+        data: Any,
+        now: float,
+        publisher: str | None = None,
+        key: str | None = None,
+        hlc: Timestamp | None = None,
     ) -> Publication:
         self.top += 1
-        publication = Publication(self.channel, self.top, self.epoch, data, now, publisher, key)
+        publication = Publication(
+            self.channel, self.top, self.epoch, data, now, publisher, key, hlc
+        )
         if self.max_size > 0:
             self._retained.append(publication)  # the deque's maxlen drops the oldest
         self.trim(now)
@@ -153,8 +165,9 @@ class History:
         now: float,
         publisher: str | None = None,
         key: str | None = None,
+        hlc: Timestamp | None = None,
     ) -> Publication:
-        return self.stream(channel, now).append(data, now, publisher, key)
+        return self.stream(channel, now).append(data, now, publisher, key, hlc)
 
     def recover(self, channel: str, since: StreamPosition, now: float) -> Recovery:
         return self.stream(channel, now).recover(since, now)

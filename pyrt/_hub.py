@@ -7,6 +7,12 @@ Nothing here touches a socket, a clock or trio, which is what lets hypothesis dr
 
 Routing goes through the Rust matcher; a publication is encoded once per codec and the same
 frame object is queued for every recipient.
+
+Every publication is stamped with the hub's hybrid logical clock. Channels matching a pattern
+of `record_policies` are *records channels*: they hold keyed records changed by `mutate`
+commands under the channel's conflict policy and by `apply_record_change` (a database source);
+each change is a publication like any other, so history and recovery carry them, and a join
+that does not resume gets the records as a snapshot (pyrt.conflict, docs/conflicts.md).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from ._protocol import (
     Join,
     JsonCodec,
     Leave,
+    Mutate,
     Ping,
     PresenceQuery,
     ProtocolError,
@@ -40,6 +47,17 @@ from ._protocol import (
     RequestId,
     Track,
     Untrack,
+    encode_record,
+)
+from .conflict import (
+    ConflictPolicy,
+    HybridClock,
+    Outcome,
+    Record,
+    RecordStore,
+    Resolver,
+    Timestamp,
+    policy_named,
 )
 
 
@@ -67,6 +85,16 @@ class HubConfig:
     channel_policies: Mapping[str, SlowConsumerPolicy] = attrs.field(factory=dict)
     """Channel pattern -> policy; the first matching pattern (in order) wins."""
     publish_requires_join: bool = True
+    """Also for `mutate`: a connection changes records only of channels it joined."""
+    record_policies: Mapping[str, str] = attrs.field(factory=dict)
+    """Channel pattern -> conflict policy ("reject", "lww", "merge" or the name of a resolver
+    given to the Hub): channels matching one hold records; the first matching pattern wins."""
+    max_clock_drift: float = 1.0
+    """Seconds a client's timestamp may be ahead of the hub's clock; a mutation stamped
+    further ahead is stamped by the hub instead."""
+    mutation_ttl: float = 3600.0
+    """Seconds the hub remembers the idempotency keys of a client (origin) after its last
+    mutation; clients stop re-sending an unanswered mutation well before."""
 
     def __attrs_post_init__(self) -> None:
         positive = ("max_channels_per_connection", "max_payload_bytes", "max_frame_bytes")
@@ -80,6 +108,14 @@ class HubConfig:
             raise ValueError("need 0 < ping_interval < idle_timeout")
         for pattern in self.channel_policies:
             check_channel(pattern, pattern=True)
+        for pattern, name in self.record_policies.items():
+            check_channel(pattern, pattern=True)
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"record policy for {pattern!r} must be a name, not {name!r}")
+        if self.max_clock_drift < 0:
+            raise ValueError("max_clock_drift must not be negative")
+        if self.mutation_ttl <= 0:
+            raise ValueError("mutation_ttl must be positive")
 
 
 @attrs.define(slots=True)
@@ -95,6 +131,12 @@ class HubStats:
     slow_disconnects: int = 0
     recoveries: int = 0
     recovery_misses: int = 0
+    mutations: int = 0
+    """Mutations processed (applied, unchanged or rejected; not duplicates)."""
+    conflicts: int = 0
+    """Mutations the conflict policy rejected."""
+    duplicate_mutations: int = 0
+    """Mutations received again (re-sent) and answered without applying them."""
     errors: int = 0
     matches: int = 0
     match_seconds: float = 0.0
@@ -143,7 +185,12 @@ def _is_pattern(channel: str) -> bool:
 
 
 class Hub:
-    """Every connection, channel and presence entry of one node."""
+    """Every connection, channel, presence entry and record of one node.
+
+    `resolvers` names the user-supplied conflict resolvers (functions or `ConflictPolicy`
+    objects) that `record_policies` may refer to. `wall_clock` gives wall time in seconds for
+    the hybrid logical clock (`replica` is the clock's node name).
+    """
 
     def __init__(
         self,
@@ -152,11 +199,23 @@ class Hub:
         replica: str | None = None,
         new_epoch: Callable[[], str] | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        resolvers: Mapping[str, Resolver | ConflictPolicy] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config or HubConfig()
         self.replica = replica or secrets.token_hex(4)
         self.stats = HubStats()
         self._timer = timer
+        self._wall_clock = wall_clock
+        self.clock = HybridClock(self.replica)
+        """Stamps every publication and record version (pyrt.conflict.HybridClock)."""
+        self._record_policies = [
+            policy_named(name, resolvers) for name in self.config.record_policies.values()
+        ]
+        self._record_matcher = Matcher()
+        for index, pattern in enumerate(self.config.record_policies):
+            self._record_matcher.add_channel(index, pattern)
+        self._stores: dict[str, RecordStore] = {}
         self._connections: dict[str, Connection] = {}
         self._conn_numbers = itertools.count(1)
         self._sub_ids = itertools.count(1)
@@ -299,6 +358,8 @@ class Hub:
                     self._reply(conn, rid, {})
             case Publish():
                 self._client_publish(conn, command, now)
+            case Mutate():
+                self._mutate(conn, command, now)
             case Join():
                 self._join(conn, command, now)
             case Leave(rid, channel):
@@ -339,6 +400,8 @@ class Hub:
                     self._send(conn, conn.codec.ping())
                 next_due = min(next_due, conn.last_ping + config.ping_interval)
         self._history.expire(now, lambda channel: self._channel_users.get(channel, 0) > 0)
+        for store in self._stores.values():
+            store.expire(now, config.mutation_ttl)
         return next_due
 
     # -- publishing ------------------------------------------------------------------------
@@ -355,14 +418,33 @@ class Hub:
     ) -> Publication:
         """Appends `data` to the channel's history and queues it for every subscriber.
 
-        For server-side publishers and sources; `channel` must be a valid channel name.
+        For server-side publishers and sources; `channel` must be a valid channel name, and
+        not a records channel (change those with `apply_record_change`).
         """
         check_channel(channel)
+        if self._record_policy(channel) is not None:
+            raise ValueError(f"'{channel}' is a records channel: use apply_record_change")
+        return self._publish(channel, data, now, publisher=publisher, echo=echo, key=key)
+
+    def _publish(
+        self,
+        channel: str,
+        data: Any,
+        now: float,
+        *,
+        publisher: Connection | None = None,
+        echo: bool = True,
+        key: str | None = None,
+        hlc: Timestamp | None = None,
+        record: bool = False,
+    ) -> Publication:
         publication = self._history.append(
-            channel, data, now, publisher.id if publisher else None, key
+            channel, data, now, publisher.id if publisher else None, key, hlc or self._stamp()
         )
         self.stats.publications += 1
-        policy = self._policy(channel)
+        # A record change that is dropped would leave a client's copy stale for good: those
+        # are never dropped, whatever the channel's policy (a slow client is disconnected).
+        policy = SlowConsumerPolicy.DISCONNECT if record else self._policy(channel)
         conflation_key = (channel, key) if key is not None else None
         frames: dict[str, bytes] = {}
         delivered: set[str] = set()
@@ -424,6 +506,10 @@ class Hub:
         if self.config.publish_requires_join and channel not in conn.joins:
             self._error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before publishing")
             return
+        if self._record_policy(channel) is not None:
+            message = f"'{channel}' holds records: change them with mutate"
+            self._error(conn, rid, ErrorCode.NOT_ALLOWED, message)
+            return
         limit = self.config.max_payload_bytes
         # The frame's size bounds the data's: only encode again when the bound is too big.
         if command.size > limit and len(orjson.dumps(command.data)) > limit:
@@ -483,6 +569,13 @@ class Hub:
                 "epoch": position.epoch,
                 "recovered": recovery.recovered,
             }
+        store = self._record_store(channel)
+        if store is not None:
+            result["policy"] = store.policy.name
+            result["mutation_ttl"] = self.config.mutation_ttl
+            if not result.get("recovered"):
+                # The records as of `offset`: changes after it follow as publications.
+                result["records"] = [encode_record(r) for r in store.records()]
         # Reply first, then the missed publications, then (later) live ones: all in order,
         # because nothing else can run between these lines.
         self._reply(conn, rid, result)
@@ -510,6 +603,142 @@ class Hub:
                 del self._presence_members[channel]
         for key in join.tracked_keys:
             self._broadcast_presence(channel, self._presence.untrack(channel, conn.id, key))
+
+    # -- records ---------------------------------------------------------------------------
+
+    def records(self, channel: str) -> list[Record]:
+        """The records of a records channel (tombstones included), by key."""
+        store = self._record_store(channel)
+        if store is None:
+            raise ValueError(f"'{channel}' is not a records channel (see record_policies)")
+        return store.records()
+
+    def record(self, channel: str, key: str) -> Record:
+        """One record (with `value` None if it does not exist)."""
+        store = self._record_store(channel)
+        if store is None:
+            raise ValueError(f"'{channel}' is not a records channel (see record_policies)")
+        return store.get(key)
+
+    def apply_record_change(
+        self,
+        channel: str,
+        key: str,
+        value: Mapping[str, Any] | None,
+        now: float,
+        *,
+        source_version: int | None = None,
+    ) -> Publication | None:
+        """A record changed at its source of truth (a row in Postgres): set it to `value`
+        (None: deleted), whatever the channel's conflict policy, and publish the change.
+
+        `source_version` is the source's own, increasing version of the row (a version
+        column, the commit LSN): a change not newer than the last one applied for `key` is a
+        replay and is skipped. Returns the publication, or None if nothing changed.
+        """
+        check_channel(channel)
+        store = self._record_store(channel)
+        if store is None:
+            raise ValueError(f"'{channel}' is not a records channel (see record_policies)")
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"a record's value is a mapping or None, not {type(value).__name__}")
+        version = self._stamp()
+        record = store.write(key, value, version, source_version=source_version)
+        if record is None:
+            return None
+        return self._publish(channel, encode_record(record), now, key=key, hlc=version, record=True)
+
+    def _record_policy(self, channel: str) -> ConflictPolicy | None:
+        if not self._record_policies:
+            return None
+        matches = self._record_matcher.match_channel(channel)
+        return self._record_policies[min(matches)] if matches else None
+
+    def _record_store(self, channel: str) -> RecordStore | None:
+        store = self._stores.get(channel)
+        if store is None:
+            policy = self._record_policy(channel)
+            if policy is None or _is_pattern(channel):
+                return None
+            store = self._stores[channel] = RecordStore(policy)
+        return store
+
+    def _stamp(self) -> Timestamp:
+        return self.clock.now(self._physical())
+
+    def _physical(self) -> int:
+        return int(self._wall_clock() * 1000)
+
+    def _mutate(self, conn: Connection, command: Mutate, now: float) -> None:
+        rid, channel, mutation = command.id, command.channel, command.mutation
+        try:
+            check_channel(channel)
+        except ChannelNameError as e:
+            self._error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
+            return
+        if self.config.publish_requires_join and channel not in conn.joins:
+            self._error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before mutating")
+            return
+        store = self._record_store(channel)
+        if store is None:
+            message = f"'{channel}' holds no records (no record policy matches it)"
+            self._error(conn, rid, ErrorCode.NOT_ALLOWED, message)
+            return
+        limit = self.config.max_payload_bytes
+        if command.size > limit and len(orjson.dumps(mutation.value)) > limit:
+            self._error(conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"value larger than {limit} bytes")
+            return
+        origin, seq = mutation.origin, mutation.seq
+        if origin is not None and seq is not None:
+            processed, reply = store.recall(origin, seq, now)
+            if processed:
+                # Sent again (the client did not hear back): answer as the first time, and
+                # apply nothing. Its publication, if any, went out already.
+                self.stats.duplicate_mutations += 1
+                if reply is None:
+                    current = encode_record(store.get(mutation.key))
+                    reply = ("ok", {"applied": None, "duplicate": True, "record": current})
+                self._mutation_reply(conn, rid, reply)
+                return
+        physical = self._physical()
+        stamp = mutation.hlc
+        if stamp is not None:
+            if stamp.wall - physical > self.config.max_clock_drift * 1000:
+                # Too far ahead to trust (it would win every race for that long): the hub
+                # stamps the write itself.
+                mutation = attrs.evolve(mutation, hlc=None)
+            else:
+                self.clock.update(stamp, physical)
+        version = self.clock.now(physical)
+        result = store.apply(mutation, version)
+        self.stats.mutations += 1
+        assert result.record is not None
+        record = encode_record(result.record)
+        if result.outcome is Outcome.APPLIED:
+            data = dict(record)
+            if origin is not None:
+                data.update(origin=origin, seq=seq)
+            publication = self._publish(
+                channel, data, now, publisher=conn, key=mutation.key, hlc=version, record=True
+            )
+            position = {"offset": publication.offset, "epoch": publication.epoch}
+            reply = ("ok", {"applied": True, "record": record, **position})
+        elif result.outcome is Outcome.UNCHANGED:
+            reply = ("ok", {"applied": False, "record": record})
+        else:
+            self.stats.conflicts += 1
+            reply = ("error", ErrorCode.CONFLICT, result.message, {"record": record})
+        if origin is not None and seq is not None:
+            store.remember(origin, seq, reply, now)
+        self._mutation_reply(conn, rid, reply)
+
+    def _mutation_reply(self, conn: Connection, rid: RequestId, reply: Any) -> None:
+        if reply[0] == "ok":
+            self._reply(conn, rid, reply[1])
+        else:
+            _, code, message, details = reply
+            self.stats.errors += 1
+            self._send(conn, conn.codec.error(rid, code, message, details))
 
     # -- presence --------------------------------------------------------------------------
 

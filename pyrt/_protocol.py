@@ -19,6 +19,7 @@ import orjson
 
 from ._history import Publication, StreamPosition
 from ._presence import PresenceDiff, PresenceMeta
+from .conflict import Mutation, Op, Record, Timestamp
 
 
 class ErrorCode(enum.IntEnum):
@@ -30,10 +31,16 @@ class ErrorCode(enum.IntEnum):
     """Not allowed (publishing to a channel the connection has not joined, for now)."""
     UNKNOWN_COMMAND = 404
     """`cmd` names no command."""
+    NOT_ALLOWED = 405
+    """The command does not apply to this kind of channel: `mutate` on a channel without a
+    record policy, `publish` on a records channel."""
     ALREADY_JOINED = 409
     """The connection already joined this channel or pattern."""
     NOT_JOINED = 410
     """The command needs the channel joined first."""
+    CONFLICT = 412
+    """The channel's conflict policy refused the mutation (the record changed since its
+    `base`, or a resolver said no); the error carries the current `record`."""
     PAYLOAD_TOO_LARGE = 413
     """The published data, encoded, is larger than the configured limit."""
     INVALID_CHANNEL = 422
@@ -112,11 +119,20 @@ class PresenceQuery:
 
 
 @attrs.frozen(slots=True)
+class Mutate:
+    id: RequestId
+    channel: str
+    mutation: Mutation
+    size: int = 0
+    """Size of the frame as received, in bytes (for the payload limit)."""
+
+
+@attrs.frozen(slots=True)
 class Ping:
     id: RequestId
 
 
-Command: TypeAlias = Join | Leave | Publish | Track | Untrack | PresenceQuery | Ping
+Command: TypeAlias = Join | Leave | Publish | Mutate | Track | Untrack | PresenceQuery | Ping
 
 
 @attrs.frozen(slots=True)
@@ -184,6 +200,88 @@ def _since(frame: Mapping[str, Any], rid: RequestId) -> StreamPosition | None:
     return StreamPosition(offset, epoch)
 
 
+def _timestamp(frame: Mapping[str, Any], name: str, rid: RequestId) -> Timestamp | None:
+    text = _optional(frame, name, str, rid)
+    if text is None:
+        return None
+    try:
+        return Timestamp.decode(text)
+    except ValueError as e:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{name}': {e}", rid) from None
+
+
+def _mutation(frame: Mapping[str, Any], rid: RequestId) -> Mutation:
+    key = _field(frame, "key", str, rid)
+    if not 1 <= len(key) <= 256:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'key' must be 1 to 256 characters", rid)
+    try:
+        op = Op(_field(frame, "op", str, rid))
+    except ValueError:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "'op' must be one of set, patch, delete", rid
+        ) from None
+    value = _optional(frame, "value", dict, rid)
+    if (value is None) != (op is Op.DELETE):
+        message = "'value' (an object) is required" if value is None else "delete takes no value"
+        raise ProtocolError(ErrorCode.BAD_REQUEST, message, rid)
+    origin = _optional(frame, "origin", str, rid)
+    seq = _optional(frame, "seq", int, rid)
+    if (origin is None) != (seq is None):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'origin' and 'seq' go together", rid)
+    if origin is not None and not 1 <= len(origin) <= 64:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'origin' must be 1 to 64 characters", rid)
+    if seq is not None and seq < 1:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'seq' must be at least 1", rid)
+    return Mutation(
+        key,
+        op,
+        value,
+        base=_timestamp(frame, "base", rid),
+        hlc=_timestamp(frame, "hlc", rid),
+        origin=origin,
+        seq=seq,
+    )
+
+
+def encode_record(record: Record) -> dict[str, Any]:
+    """A record as JSON: `key`, `value` (null: deleted), `version`, and the policy's stamps."""
+    out: dict[str, Any] = {"key": record.key, "value": record.value}
+    if record.version is not None:
+        out["version"] = record.version.encode()
+    if record.written is not None:
+        out["written"] = record.written.encode()
+    if record.fields:
+        out["fields"] = {name: stamp.encode() for name, stamp in record.fields.items()}
+    if record.cleared is not None:
+        out["cleared"] = record.cleared.encode()
+    return out
+
+
+def decode_record(data: Any) -> Record:
+    """The inverse of `encode_record`; ValueError when `data` is not a record."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("key"), str):
+        raise ValueError("a record is an object with a string 'key'")
+    value = data.get("value")
+    if value is not None and not isinstance(value, dict):
+        raise ValueError("a record's 'value' is an object or null")
+
+    def stamp(name: str) -> Timestamp | None:
+        text = data.get(name)
+        return None if text is None else Timestamp.decode(text)
+
+    fields = data.get("fields") or {}
+    if not isinstance(fields, dict):
+        raise ValueError("a record's 'fields' is an object")
+    return Record(
+        data["key"],
+        value,
+        version=stamp("version"),
+        written=stamp("written"),
+        fields={name: Timestamp.decode(text) for name, text in fields.items()},
+        cleared=stamp("cleared"),
+    )
+
+
 class JsonCodec:
     """The native protocol over JSON text frames."""
 
@@ -217,6 +315,10 @@ class JsonCodec:
                 echo=_flag(message, "self", rid),
                 key=_optional(message, "key", str, rid),
                 size=len(frame),  # an upper bound on the data's size, without re-encoding it
+            )
+        if cmd == "mutate":
+            return Mutate(
+                rid, _field(message, "channel", str, rid), _mutation(message, rid), len(frame)
             )
         if cmd == "join":
             return Join(
@@ -254,9 +356,12 @@ class JsonCodec:
     def reply(self, rid: RequestId, result: Mapping[str, Any]) -> bytes:
         return orjson.dumps({"reply": rid, "ok": result}, default=_mapping)
 
-    def error(self, rid: RequestId, code: int, message: str) -> bytes:
-        """An error reply, or an `error` push when the command had no id."""
-        body = {"code": int(code), "message": message}
+    def error(
+        self, rid: RequestId, code: int, message: str, details: Mapping[str, Any] | None = None
+    ) -> bytes:
+        """An error reply, or an `error` push when the command had no id. `details` are extra
+        fields of the error (a conflict's current `record`)."""
+        body = {"code": int(code), "message": message, **(details or {})}
         if rid is None:
             return orjson.dumps({"push": "error", **body})
         return orjson.dumps({"reply": rid, "error": body})
@@ -267,8 +372,10 @@ class JsonCodec:
             "channel": publication.channel,
             "offset": publication.offset,
             "epoch": publication.epoch,
-            "data": publication.data,
         }
+        if publication.hlc is not None:
+            push["hlc"] = publication.hlc.encode()
+        push["data"] = publication.data
         if publication.publisher is not None:
             push["from"] = publication.publisher
         return orjson.dumps(push)

@@ -19,6 +19,17 @@ with `since` set to the last offset it delivered, so messages published while it
 arrive in order, once each. When the server no longer has them, `Channel.recovered` turns
 False and `Channel.on_reset` callbacks run: reload your state, then carry on.
 
+Records channels (`client.records(name)`) hold keyed records with optimistic updates: the
+view changes at once, the server confirms or rejects, and writes survive reconnects (re-sent
+with idempotency keys, applied at most once). See docs/conflicts.md.
+
+```python
+todos = await client.records("todos:42")
+todos.patch("t1", {"done": True})     # the view shows it now
+result = await todos.set("t2", {"title": "milk"})     # or wait for the server's verdict
+print(result.outcome, todos.view)
+```
+
 It speaks the native protocol over WebSocket, SSE or long-poll, in the order given by
 `transports`: a transport that cannot be opened, or that goes silent for `stall_timeout`, is
 left for the next one. The request/reply/push logic is the same over all three; a transport is
@@ -30,10 +41,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import functools
 import itertools
 import random
 import secrets
 import ssl
+import time
 import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -56,6 +69,18 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._core import Matcher
+from ._protocol import decode_record
+from .conflict import (
+    ConflictPolicy,
+    Op,
+    OptimisticStore,
+    Outcome,
+    PendingWrite,
+    Record,
+    Result,
+    StoreUpdate,
+    policy_named,
+)
 
 __all__ = [
     "TRANSPORTS",
@@ -64,6 +89,8 @@ __all__ = [
     "ClientError",
     "ConnectionLost",
     "Message",
+    "Records",
+    "Write",
     "connect",
 ]
 
@@ -245,6 +272,181 @@ class Channel:
             self.presence.setdefault(key, []).extend(metas)
         for callback in self.on_presence:
             callback(self)
+
+
+class Write:
+    """A write to a records channel, already in the view. `await` it for the server's verdict
+    (a `pyrt.conflict.Result`); or don't, and watch `Records.on_result`."""
+
+    def __init__(self, pending: PendingWrite, done: trio.Event) -> None:
+        self.pending = pending
+        self._done = done
+
+    @property
+    def result(self) -> Result | None:
+        """The outcome, once the server has answered (None before)."""
+        return self.pending.result
+
+    def __await__(self) -> Any:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Result:
+        await self._done.wait()
+        assert self.pending.result is not None
+        return self.pending.result
+
+
+@attrs.define(eq=False)
+class Records(Channel):
+    """A joined records channel: a live view of its records, with optimistic writes.
+
+    `view` is always the confirmed records with the pending writes applied on top (by the
+    channel's conflict policy, which the server names on joining). `set`, `patch` and
+    `delete` change the view at once and return a `Write`; when the server answers, the write
+    is confirmed, or it is rolled back and the writes after it are rebased. Pending writes
+    survive reconnects: they are sent again with the same idempotency key. `on_change`
+    callbacks get the keys whose value changed; `on_result` callbacks every resolved write.
+    """
+
+    store: OptimisticStore = attrs.field(kw_only=True)
+    policy: ConflictPolicy | None = attrs.field(default=None, kw_only=True)
+    """Your own prediction of the server's policy (for a resolver); else the server's name."""
+    on_change: list[Callable[[Records, frozenset[str]], None]] = attrs.field(factory=list)
+    on_result: list[Callable[[PendingWrite], None]] = attrs.field(factory=list)
+    _waiters: dict[int, trio.Event] = attrs.field(factory=dict)
+    _settled: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def view(self) -> dict[str, Mapping[str, Any]]:
+        """Key -> value of each record that exists, as this client sees it now."""
+        return self.store.view
+
+    def get(self, key: str) -> Mapping[str, Any] | None:
+        return self.store.record(key).value
+
+    def record(self, key: str) -> Record:
+        """The record as the view shows it (its `version` is a stand-in while pending)."""
+        return self.store.record(key)
+
+    @property
+    def pending(self) -> tuple[PendingWrite, ...]:
+        return self.store.pending
+
+    def set(self, key: str, value: Mapping[str, Any]) -> Write:
+        """Replaces the record's value (creating it)."""
+        return self._write(key, Op.SET, value)
+
+    def patch(self, key: str, fields: Mapping[str, Any]) -> Write:
+        """Sets some fields of the record (creating it)."""
+        return self._write(key, Op.PATCH, fields)
+
+    def delete(self, key: str) -> Write:
+        return self._write(key, Op.DELETE, None)
+
+    async def settled(self) -> None:
+        """Waits until no write is pending."""
+        while self.store.pending:
+            await self._settled.wait()
+
+    async def leave(self) -> None:
+        self._apply(self.store.abandon("left the channel"))
+        await super().leave()
+
+    def _write(self, key: str, op: Op, value: Mapping[str, Any] | None) -> Write:
+        if not self.joined:
+            raise ClientError(410, f"not joined to '{self.name}'")
+        pending, update = self.store.mutate(key, op, value, _wall_ms())
+        done = self._waiters[pending.number] = trio.Event()
+        if self._settled.is_set():
+            self._settled = trio.Event()
+        self._apply(update)
+        self._client._wake_writer()
+        return Write(pending, done)
+
+    def _apply(self, update: StoreUpdate) -> None:
+        for write in update.resolved:
+            event = self._waiters.pop(write.number, None)
+            if event is not None:
+                event.set()
+            for callback in self.on_result:
+                callback(write)
+        if update.keys:
+            for change in self.on_change:
+                change(self, update.keys)
+        if not self.store.pending:
+            self._settled.set()
+
+    # -- fed by the client's reader ----------------------------------------------------------
+
+    def _joined(self, result: Mapping[str, Any]) -> None:
+        super()._joined(result)
+        name = result.get("policy")
+        policy = self.policy
+        if policy is None and isinstance(name, str):
+            try:
+                policy = policy_named(name)
+            except ValueError:
+                policy = None  # a resolver on the server: predict writes as written
+        if policy is not None:
+            self.store.policy = policy
+        records = result.get("records")
+        if isinstance(records, list):
+            self._apply(self.store.reset(_records(records)))
+        self.store.go_online()
+        self._client._wake_writer()
+
+    def _deliver(self, push: Mapping[str, Any]) -> Message | None:
+        message = super()._deliver(push)
+        if message is not None and message.channel == self.name:
+            data = message.data
+            try:
+                record = decode_record(data)
+            except (ValueError, TypeError):
+                return message  # not a record: nothing for the store
+            origin, seq = data.get("origin"), data.get("seq")
+            if not isinstance(origin, str) or not isinstance(seq, int):
+                origin, seq = None, None
+            self._apply(self.store.receive(record, origin, seq))
+        return message
+
+    def _replied(self, seq: int, frame: Mapping[str, Any]) -> None:
+        ok = frame.get("ok")
+        result: Result
+        if isinstance(ok, Mapping):
+            record = _record(ok.get("record"))
+            applied = ok.get("applied")
+            if applied is True:
+                result = Result(Outcome.APPLIED, record)
+            elif applied is False:
+                result = Result(Outcome.UNCHANGED, record)
+            else:
+                # A re-sent write whose first reply the server no longer has: it was
+                # processed, with what effect is unknown (the view follows the server anyway).
+                message = "processed before; its outcome is no longer known"
+                result = Result(Outcome.UNKNOWN, record, message)
+        else:
+            error = frame.get("error") or {}
+            code, message = error.get("code"), str(error.get("message", ""))
+            if code == 412:
+                result = Result(Outcome.REJECTED, _record(error.get("record")), message, code)
+            else:
+                result = Result(Outcome.FAILED, None, message, code)
+        self._apply(self.store.replied(seq, result))
+
+
+def _record(data: Any) -> Record | None:
+    try:
+        return decode_record(data)
+    except (ValueError, TypeError):
+        return None
+
+
+def _records(items: list[Any]) -> list[Record]:
+    return [r for r in map(_record, items) if r is not None]
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
 
 
 # -- links: one per transport, all carrying the same native-protocol frames -----------------
@@ -688,6 +890,9 @@ class Client:
         self._pending: dict[
             int, tuple[trio.Event, list[Any], Callable[[Mapping[str, Any]], None] | None]
         ] = {}
+        self._reply_handlers: dict[int, Callable[[Mapping[str, Any]], None]] = {}
+        """Replies to commands nobody awaits (record writes), by request id."""
+        self._writes_ready = trio.Event()
         self._link: _Link | None = None
         self._connected = trio.Event()
         self._closed = False
@@ -724,6 +929,29 @@ class Client:
             sub_id = next(self._ids)
             self._patterns.add_channel(sub_id, channel)
             self._pattern_ids[sub_id] = joined
+        try:
+            await self._join(joined)
+        except BaseException:
+            self._forget(joined)
+            raise
+        return joined
+
+    async def records(self, channel: str, *, policy: ConflictPolicy | None = None) -> Records:
+        """Joins a records channel (a name: patterns have no records) and returns its live
+        view, with the records as they are now. It stays joined across reconnects; writes
+        made while disconnected are sent when the connection is back.
+
+        `policy` predicts the server's conflict policy in the view; by default the one the
+        server names (a server-side resolver is predicted as "the write as written").
+        """
+        if channel in self._channels:
+            raise ClientError(409, f"already joined to '{channel}'")
+        if any(segment in ("*", ">") for segment in channel.split(":")):
+            raise ValueError("records live on channel names, not patterns")
+        origin = secrets.token_hex(8)
+        store = OptimisticStore(origin, policy)
+        joined = Records(channel, self, iterate=False, store=store, policy=policy)
+        self._channels[channel] = joined
         try:
             await self._join(joined)
         except BaseException:
@@ -899,6 +1127,7 @@ class Client:
 
                 nursery.start_soon(self._read, link, end)
                 nursery.start_soon(self._ping, link)
+                nursery.start_soon(self._send_writes, link)
                 nursery.start_soon(self._watch, link, end)
                 if self.probe_interval is not None and link.transport != self.transports[0]:
                     nursery.start_soon(self._probe, end)
@@ -985,6 +1214,10 @@ class Client:
                             on_ok(frame["ok"])
                         slot.append(frame)
                         done.set()
+                    else:
+                        handler = self._reply_handlers.pop(frame["reply"], None)
+                        if handler is not None:
+                            handler(frame)
                     continue
                 await self._push(frame)
         except _LinkClosed:
@@ -1013,7 +1246,34 @@ class Client:
         for callback in self.on_transport:
             callback(transport)
 
+    def _wake_writer(self) -> None:
+        self._writes_ready.set()
+
+    async def _send_writes(self, link: _Link) -> None:
+        """Sends record writes as they become ready (re-sends first), until the link ends.
+        Their replies come to `_reply_handlers`, in frame order like every reply."""
+        while True:
+            await self._writes_ready.wait()
+            self._writes_ready = trio.Event()
+            for channel in list(self._channels.values()):
+                if not isinstance(channel, Records):
+                    continue
+                channel._apply(channel.store.expire(trio.current_time()))
+                for mutation in channel.store.take_outgoing(trio.current_time()):
+                    assert mutation.seq is not None
+                    rid = next(self._ids)
+                    self._reply_handlers[rid] = functools.partial(channel._replied, mutation.seq)
+                    command = _mutate_command(channel.name, mutation, rid)
+                    try:
+                        await link.send(orjson.dumps(command))
+                    except _LinkClosed:
+                        return  # the session ends; the store re-sends on the next link
+
     def _lost(self) -> None:
+        self._reply_handlers.clear()
+        for channel in self._channels.values():
+            if isinstance(channel, Records):
+                channel.store.go_offline()
         if self._link is not None:
             self._link = None
             self._announce(None)
@@ -1023,6 +1283,25 @@ class Client:
             self._connected = trio.Event()
         for done, _slot, _on_ok in self._pending.values():
             done.set()  # wakes requests with an empty slot: ConnectionLost
+
+
+def _mutate_command(channel: str, mutation: Any, rid: int) -> dict[str, Any]:
+    command: dict[str, Any] = {
+        "cmd": "mutate",
+        "id": rid,
+        "channel": channel,
+        "key": mutation.key,
+        "op": mutation.op.value,
+        "origin": mutation.origin,
+        "seq": mutation.seq,
+    }
+    if mutation.value is not None:
+        command["value"] = mutation.value
+    if mutation.base is not None:
+        command["base"] = mutation.base.encode()
+    if mutation.hlc is not None:
+        command["hlc"] = mutation.hlc.encode()
+    return command
 
 
 @asynccontextmanager

@@ -19,14 +19,19 @@ PUBLIC = {
     "HttpRequest",
     "Hub",
     "HubConfig",
+    "HybridClock",
     "Matcher",
+    "Mutation",
     "Node",
     "NodeConfig",
     "Publication",
+    "Record",
+    "Rejection",
     "RowEvent",
     "Session",
     "SlowConsumerPolicy",
     "StreamPosition",
+    "Timestamp",
     "Transport",
     "__version__",
     "check_channel",
@@ -38,7 +43,7 @@ def test_public_names() -> None:
     assert set(pyrt.__all__) == PUBLIC
     exported = {name for name in vars(pyrt) if not name.startswith("_")} | {"__version__"}
     # Only the curated names, and the public submodules once imported, are visible.
-    assert exported - {"client", "plugins", "testing"} == PUBLIC
+    assert exported - {"client", "conflict", "plugins", "testing"} == PUBLIC
 
 
 def test_version_comes_from_the_compiled_core() -> None:
