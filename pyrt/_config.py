@@ -18,6 +18,10 @@ slow_consumer_policy = "disconnect"
 
 [hub.channel_policies]
 "ticker:>" = "conflate"
+
+[sources.notify]              # a source plugin and its options (docs/sources.md)
+database = "app"
+channels = { orders = "db:orders" }
 ```
 Every key of `[hub]` is a field of `pyrt.HubConfig`; unknown keys are errors, so a typo never
 silently falls back to a default.
@@ -104,9 +108,9 @@ def node_config(
             raise ConfigError(f"{path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    unknown = set(data) - {"server", "hub", "transports"}
+    unknown = set(data) - {"server", "hub", "transports", "sources"}
     if unknown:
-        known = "server, hub, transports"
+        known = "server, hub, transports, sources"
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; known: {known}")
     server = dict(data.get("server", {}))
     server.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -126,6 +130,11 @@ def node_config(
     options = data.get("transports", {})
     if not all(isinstance(v, Mapping) for v in options.values()):
         raise ConfigError("transports: expected a table per plugin, [transports.<name>]")
+    sources = data.get("sources", {})
+    if not isinstance(sources, Mapping) or not all(
+        isinstance(v, Mapping) for v in sources.values()
+    ):
+        raise ConfigError("sources: expected a table per source, [sources.<name>]")
     max_body = server.get("max_body_bytes", 1024 * 1024)
     if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1:
         raise ConfigError(f"server.max_body_bytes: expected a positive integer, got {max_body!r}")
@@ -140,6 +149,7 @@ def node_config(
         api_keys=lists["api_keys"],
         max_body_bytes=max_body,
         transport_options={name: dict(table) for name, table in options.items()},
+        sources={name: dict(table) for name, table in sources.items()},
     )
 
 

@@ -25,6 +25,7 @@ from ._hub import DEFAULT, Hub, HubConfig, _Default
 from ._metrics import NodeMetrics
 from ._protocol import CloseCode, Command
 from ._rest import api_route
+from ._sources import Source, load_sources
 
 Route = Callable[["Node", HttpExchange], Awaitable[bool]]
 """A built-in HTTP route: handles the exchange and returns True, or returns False to pass."""
@@ -98,6 +99,8 @@ class NodeConfig:
     """Keys that authorize the REST API (server-side publishers). None: the API refuses."""
     max_body_bytes: int = 1024 * 1024
     """Largest request body the REST API accepts."""
+    sources: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    """Source name -> its options (`[sources.<name>]`); only these sources run."""
 
 
 class Session:
@@ -188,14 +191,17 @@ class Node:
         config: NodeConfig | None = None,
         hub: Hub | None = None,
         transports: Sequence[Transport] | None = None,
+        sources: Sequence[Source] | None = None,
     ) -> None:
         self.config = config or NodeConfig()
-        self.hub = hub or Hub(self.config.hub)
+        self.hub = hub if hub is not None else Hub(self.config.hub)  # an empty Hub is falsy
         self.transports = (
             list(transports)
             if transports is not None
             else load_transports(self.config.transports, self.config.transport_options)
         )
+        self.sources = list(sources) if sources is not None else load_sources(self.config.sources)
+        """Started after the transports' run hooks, before accepting (see `Source`)."""
         self.cors = CorsPolicy(self.config.cors_origins)
         self.metrics = NodeMetrics(self)
         """The registry `/metrics` serves (add your own collectors to `metrics.registry`)."""
@@ -230,10 +236,17 @@ class Node:
                         self._serve_connection, listeners, handler_nursery=nursery
                     )
 
-            for transport in self.transports:
-                run = getattr(transport, "run", None)
-                if run is not None:
-                    await nursery.start(run, self)
+            try:
+                for transport in self.transports:
+                    run = getattr(transport, "run", None)
+                    if run is not None:
+                        await nursery.start(run, self)
+                for source in self.sources:
+                    await nursery.start(source.run, self)
+            except BaseException:
+                for listener in listeners:  # serve_listeners would have closed them
+                    await trio.aclose_forcefully(listener)
+                raise
             nursery.start_soon(accept)
             nursery.start_soon(self._clock)
             task_status.started(self)

@@ -22,20 +22,45 @@ limits (1009) and bad input (4000), each hurting only its own connection; the hu
 clients that left; and, last, a shutdown: `disconnect`, then the end, and `Node.run` returning
 once the transport let go of every session. HTTP transports whose clients join channels when
 they open say how many with `joins_on_open` (the SSE and long-poll tests do).
+
+A source plugin passes when `check_source` passes with it:
+
+```python
+from pyrt.testing import check_source
+
+async def test_my_source():
+    await check_source(lambda: MySource(...), make_it_emit, channel="db:orders")
+```
+`produce(values)` makes the source emit one event per string, in order (for the NOTIFY
+source: one NOTIFY each); `value(data)` takes the string back out of what the source
+published. The checks: the node starts with the source; its events are published on
+`channel`, in order and unchanged; an error the source meets while publishing stops the
+node with that error (a source must not swallow what it does not expect); and a node
+stops with the source running, promptly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
+import orjson
 import trio
 
-from ._hub import HubConfig
+from ._history import Publication
+from ._hub import Connection, Hub, HubConfig
 from ._node import Node, NodeConfig, Transport
+from ._sources import Source
 
-__all__ = ["ClientFactory", "Closed", "TransportClient", "check_transport"]
+__all__ = [
+    "ClientFactory",
+    "Closed",
+    "SourceKitFailure",
+    "TransportClient",
+    "check_source",
+    "check_transport",
+]
 
 
 class TransportClient(Protocol):
@@ -343,3 +368,152 @@ async def _shutdown(node: Node, open_client: ClientFactory, closes_with_codes: b
             if closes_with_codes:
                 _check(closed.code == 1001, f"shutdown closes with 1001, not {closed.code}")
         await _until(lambda: len(node.hub) == 0, "sessions must end at shutdown", timeout=3.0)
+
+
+# -- sources -------------------------------------------------------------------------------
+
+
+class SourceKitFailure(Exception):
+    """The error `check_source` makes publishing raise; it must come out of `Node.run`."""
+
+
+class _FailingHub(Hub):
+    armed = False
+
+    def publish(
+        self, channel: str, data: Any, now: float, *args: Any, **kwargs: Any
+    ) -> Publication:
+        if self.armed:
+            raise SourceKitFailure(f"check_source: publishing on {channel!r} failed (on purpose)")
+        return super().publish(channel, data, now, *args, **kwargs)
+
+
+SOURCE_KIT_VALUES = [*(f"kit-{n}" for n in range(20)), "kit ünïcödé € 𝄞 🎉", "kit 'quoted' \\"]
+"""What `check_source` asks the source to produce, in this order."""
+
+
+async def check_source(
+    factory: Callable[[], Source],
+    produce: Callable[[Sequence[str]], Awaitable[None]],
+    *,
+    channel: str,
+    value: Callable[[Any], Any] = lambda data: data,
+    timeout: float = 20.0,
+) -> None:
+    """Runs the conformance checks for a source plugin; raises AssertionError naming the
+    first that fails.
+
+    `factory()` makes a fresh source (it is called twice); `produce(values)` makes it emit
+    one event per string in `values`, in order, and returns once they are sent; `value`
+    gets the string back out of a publication's data; `channel` is where they must appear.
+    `timeout` bounds each wait.
+    """
+    config = NodeConfig(port=0, transports=(), drain_timeout=2.0)
+    await _source_publishes_in_order(factory, produce, config, channel, value, timeout)
+    await _source_error_stops_node(factory, produce, config, timeout)
+
+
+@asynccontextmanager
+async def _nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery whose body's lone error (a failed check) comes out as itself."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+async def _source_publishes_in_order(
+    factory: Callable[[], Source],
+    produce: Callable[[Sequence[str]], Awaitable[None]],
+    config: NodeConfig,
+    channel: str,
+    value: Callable[[Any], Any],
+    timeout: float,
+) -> None:
+    node = Node(config, transports=[], sources=[factory()])
+    stopped = trio.Event()
+
+    async def run_node(*, task_status: trio.TaskStatus[Node]) -> None:
+        try:
+            await node.run(task_status=task_status)
+        finally:
+            stopped.set()
+
+    async with _nursery() as nursery:
+        with trio.fail_after(timeout):
+            await nursery.start(run_node)
+        session = node.open_session(transport="check_source", pings=False)
+        session.receive(orjson.dumps({"id": 1, "cmd": "join", "channel": channel}))
+        reply = await _next_frame(session.connection, node, timeout)
+        _check(reply.get("reply") == 1 and "ok" in reply, f"joining {channel!r}: {reply}")
+        with trio.fail_after(timeout):
+            await produce(SOURCE_KIT_VALUES)
+        got = []
+        for _ in SOURCE_KIT_VALUES:
+            frame = await _next_push(session.connection, node, timeout)
+            _check(frame.get("channel") == channel, f"published elsewhere: {frame}")
+            got.append(value(frame["data"]))
+        _check(got == SOURCE_KIT_VALUES, f"events out of order or changed: {got!r}")
+        # A node stops with its source running (the source must not hold on past cancel).
+        session.end()
+        node.stop()
+        with trio.move_on_after(config.drain_timeout + 5):
+            await stopped.wait()
+        hung = not stopped.is_set()
+        if hung:
+            nursery.cancel_scope.cancel()
+    _check(not hung, "the node did not stop with the source running")
+
+
+async def _source_error_stops_node(
+    factory: Callable[[], Source],
+    produce: Callable[[Sequence[str]], Awaitable[None]],
+    config: NodeConfig,
+    timeout: float,
+) -> None:
+    hub = _FailingHub(config.hub)
+    node = Node(config, hub=hub, transports=[], sources=[factory()])
+    failure: list[BaseException] = []
+
+    async def run_node(*, task_status: trio.TaskStatus[Node]) -> None:
+        try:
+            await node.run(task_status=task_status)
+        except Exception as e:  # the node's nursery wraps it in a group
+            failure.append(e)
+
+    with trio.move_on_after(timeout * 2):
+        async with _nursery() as nursery:
+            with trio.fail_after(timeout):
+                await nursery.start(run_node)
+            hub.armed = True
+            await produce(["kit-fail"])
+    _check(bool(failure), "an error while publishing must stop the node (it was swallowed)")
+    error = failure[0]
+    found = (
+        error.subgroup(SourceKitFailure) is not None
+        if isinstance(error, BaseExceptionGroup)
+        else isinstance(error, SourceKitFailure)
+    )
+    _check(found, f"the node stopped with another error than the source's: {error!r}")
+
+
+async def _next_frame(conn: Connection, node: Node, timeout: float) -> dict[str, Any]:
+    session = node._sessions[conn.id]
+    with trio.fail_after(timeout):
+        while True:
+            if len(conn.outbox):
+                frame = conn.outbox.pop(max_bytes=1)[0]
+                data = frame if isinstance(frame, bytes) else frame.encode()
+                result: dict[str, Any] = orjson.loads(data)
+                return result
+            await session.wait_changed()
+
+
+async def _next_push(conn: Connection, node: Node, timeout: float) -> dict[str, Any]:
+    while True:
+        frame = await _next_frame(conn, node, timeout)
+        if frame.get("push") == "pub":
+            return frame
