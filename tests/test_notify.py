@@ -100,6 +100,7 @@ class Stubborn(Swallower):
                     await trio.sleep(9)
 
 
+@pytest.mark.slow
 async def test_the_kit_catches_a_swallowing_or_stubborn_source(postgres: PostgresServer) -> None:
     async def produce(values: Sequence[str]) -> None:
         await notify(postgres, *(("kit", v) for v in values))

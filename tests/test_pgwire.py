@@ -673,6 +673,7 @@ def short_sender_timeout(postgres: PostgresServer) -> Iterator[None]:
         postgres.sql("SELECT pg_reload_conf()")
 
 
+@pytest.mark.slow
 async def test_stream_outlives_wal_sender_timeout(
     postgres: PostgresServer, repl_db: str, short_sender_timeout: None
 ) -> None:
@@ -735,6 +736,32 @@ async def test_invalidated_slot_is_detected(postgres: PostgresServer, repl_db: s
         (result,) = await conn.simple_query("SELECT 1")  # still in step
         assert result.rows == (("1",),)
         await drop_slot(conn, "doomed")
+
+
+async def test_slot_invalidated_while_streaming(postgres: PostgresServer, repl_db: str) -> None:
+    async with await connect(postgres, database=repl_db, replication=True) as conn:
+        await ensure_slot(conn, "streaming_doomed")
+        await sql(postgres, "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        await sql(postgres, "SELECT pg_reload_conf()")
+        try:
+            with pytest.raises(PgError) as caught:  # noqa: PT012 (the stream ends in the loop)
+                async with start_replication(conn, "streaming_doomed", ["pub"]) as stream:
+                    for n in range(4):  # nothing is acked: restart_lsn stays behind
+                        await sql(postgres, f"INSERT INTO items VALUES ({100 + n}, 'x')", repl_db)
+                        await sql(postgres, "SELECT pg_switch_wal()")
+                    await sql(postgres, "CHECKPOINT")
+                    with trio.fail_after(10):
+                        async for _ in stream:
+                            pass
+        finally:
+            await sql(postgres, "ALTER SYSTEM RESET max_slot_wal_keep_size")
+            await sql(postgres, "SELECT pg_reload_conf()")
+        assert caught.value.code == "57P01"  # the checkpoint ended the walsender
+    async with await connect(postgres, database=repl_db, replication=True) as conn:
+        with pytest.raises(SlotInvalidated, match="streaming_doomed"):
+            async with start_replication(conn, "streaming_doomed", ["pub"]):
+                pass
+        await drop_slot(conn, "streaming_doomed")
 
 
 async def test_slot_in_use_is_an_error(postgres: PostgresServer, repl_db: str) -> None:
