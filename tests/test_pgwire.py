@@ -496,7 +496,9 @@ async def test_tls(postgres: PostgresServer) -> None:
 
 
 @pytest.fixture
-def repl_db(postgres: PostgresServer) -> str:
+def repl_db(postgres: PostgresServer) -> Iterator[str]:
+    """A database with a published table; its slots are dropped afterwards (slots are
+    limited, and unacked ones hold WAL for the rest of the session)."""
     db = postgres.new_database("repl")
     postgres.sql(
         "CREATE TABLE items (id int PRIMARY KEY, body text);"
@@ -504,7 +506,11 @@ def repl_db(postgres: PostgresServer) -> str:
         "CREATE PUBLICATION pub FOR TABLE items",
         db,
     )
-    return db
+    yield db
+    postgres.sql(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+        f" WHERE database = '{db}' AND NOT active"
+    )
 
 
 async def slot_lsns(postgres: PostgresServer, db: str, slot: str) -> tuple[int, int]:
