@@ -42,3 +42,22 @@ def test_fanout_benchmark_prints_a_row_per_transport() -> None:
         assert int(cells[2].replace(",", "")) > 0  # deliveries/s was measured
         assert cells[4].endswith("ms")
     assert any(line.startswith("Machine: ") for line in out.splitlines())
+
+
+def test_pgoutput_benchmark_prints_its_table() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "pgoutput.py"), "--changes", "300", "--seconds", "0.02",
+         "--subscriptions", "20"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    assert "## pgoutput_10col_60i30u10d" in out
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("decode_many", "decode", "decode+match+json"):
+            rows[cells[0]] = cells
+    assert sorted(rows) == ["decode", "decode+match+json", "decode_many"]
+    for cells in rows.values():
+        assert cells[2].endswith(" ns")
+        assert cells[4].endswith("x")  # Rust/reference ratio was measured
+    assert any(line.startswith("Machine: ") for line in out.splitlines())

@@ -296,7 +296,21 @@ impl PgChange {
     /// than 64 bytes of JSON are left out and `errors` says `Error 413: Payload Too Large`.
     #[pyo3(signature = (max_bytes = None))]
     fn to_json<'py>(&self, py: Python<'py>, max_bytes: Option<usize>) -> Bound<'py, PyBytes> {
-        let json = py.detach(|| self.inner.to_json(max_bytes));
+        // Releasing the GIL costs more than encoding a usual row: only for large ones.
+        let text: usize = [&self.inner.new, &self.inner.old]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| match d {
+                Datum::Text(t) => t.len(),
+                _ => 0,
+            })
+            .sum();
+        let json = if text > 64 * 1024 {
+            py.detach(|| self.inner.to_json(max_bytes))
+        } else {
+            self.inner.to_json(max_bytes)
+        };
         PyBytes::new(py, &json)
     }
 

@@ -19,8 +19,8 @@ use crate::matcher::{ChangeKind, Row, RowEvent, Value};
 use reader::{Reader, Result};
 pub use value::{
     builtin_type, format_commit_time, is_json, is_json_number, iso_timestamp, iso_timetz,
-    match_value, numeric_value, parse_array, write_json_string, write_value_json, Scalar,
-    ValueKind, BUILTIN_TYPES,
+    match_value, numeric_value, parse_array, write_commit_time, write_json_string,
+    write_value_json, Scalar, ValueKind, BUILTIN_TYPES,
 };
 
 /// Malformed or truncated bytes: what went wrong and at which byte offset of the message.
@@ -74,6 +74,8 @@ pub struct Column {
     /// The type's name: built in, from a Type message seen before the relation, or the OID.
     pub type_name: Box<str>,
     pub kind: ValueKind,
+    /// `"name":`, escaped once for every payload.
+    json_key: Box<[u8]>,
 }
 
 impl Column {
@@ -92,6 +94,9 @@ pub struct Relation {
     /// `d` default, `n` nothing, `f` full, `i` index.
     pub replica_identity: u8,
     pub columns: Vec<Column>,
+    /// `"schema":..,"table":..` and `"columns":[..]` of the payload, encoded once.
+    json_names: Box<[u8]>,
+    json_columns: Box<[u8]>,
 }
 
 /// `Y`: a type that is not built in.
@@ -292,13 +297,13 @@ impl Decoder {
     fn read_relation(&self, r: &mut Reader<'_>) -> Result<Relation> {
         let relid = r.u32("relation id")?;
         let namespace = namespace(r.cstr("namespace")?);
-        let name = r.cstr("relation name")?.into();
+        let name = r.cstr("relation name")?;
         let replica_identity = r.u8("replica identity")?;
         let count = r.count(false, "column count")?;
         let mut columns = Vec::with_capacity(count.min(r.remaining() / 10));
         for _ in 0..count {
             let flags = r.u8("column flags")?;
-            let name = r.cstr("column name")?.into();
+            let name: Box<str> = r.cstr("column name")?.into();
             let type_oid = r.u32("column type")?;
             let type_modifier = r.i32("column type modifier")?;
             let (type_name, kind) = match builtin_type(type_oid) {
@@ -311,6 +316,9 @@ impl Decoder {
                     (name, ValueKind::Scalar(Scalar::Text))
                 }
             };
+            let mut json_key = Vec::with_capacity(name.len() + 3);
+            write_json_string(&mut json_key, &name);
+            json_key.push(b':');
             columns.push(Column {
                 flags,
                 name,
@@ -318,14 +326,33 @@ impl Decoder {
                 type_modifier,
                 type_name,
                 kind,
+                json_key: json_key.into(),
             });
         }
+        let mut json_names = b"{\"schema\":".to_vec();
+        write_json_string(&mut json_names, &namespace);
+        json_names.extend_from_slice(b",\"table\":");
+        write_json_string(&mut json_names, name);
+        let mut json_columns = b",\"columns\":[".to_vec();
+        for (i, column) in columns.iter().enumerate() {
+            if i > 0 {
+                json_columns.push(b',');
+            }
+            json_columns.extend_from_slice(b"{\"name\":");
+            write_json_string(&mut json_columns, &column.name);
+            json_columns.extend_from_slice(b",\"type\":");
+            write_json_string(&mut json_columns, &column.type_name);
+            json_columns.push(b'}');
+        }
+        json_columns.push(b']');
         Ok(Relation {
             relid,
             namespace,
-            name,
+            name: name.into(),
             replica_identity,
             columns,
+            json_names: json_names.into(),
+            json_columns: json_columns.into(),
         })
     }
 
@@ -522,31 +549,38 @@ impl RowChange {
     }
 
     fn write_json(&self, small: Option<(usize, &str)>) -> Vec<u8> {
-        let columns = &self.relation.columns;
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(b"{\"schema\":");
-        write_json_string(&mut out, self.schema());
-        out.extend_from_slice(b",\"table\":");
-        write_json_string(&mut out, self.table());
+        let rel = &self.relation;
+        let text_len = |t: &Option<Vec<Datum>>| {
+            t.iter()
+                .flatten()
+                .map(|d| match d {
+                    Datum::Text(t) => t.len() + 8,
+                    _ => 5,
+                })
+                .sum::<usize>()
+        };
+        let keys: usize = rel.columns.iter().map(|c| c.json_key.len()).sum();
+        let estimate = rel.json_names.len()
+            + rel.json_columns.len()
+            + 2 * keys
+            + text_len(&self.new)
+            + text_len(&self.old)
+            + 128;
+        let mut out = Vec::with_capacity(estimate);
+        out.extend_from_slice(&rel.json_names);
         out.extend_from_slice(b",\"commit_timestamp\":");
-        match self.commit_timestamp() {
-            Some(ts) => write_json_string(&mut out, &ts),
+        match self.transaction {
+            Some(t) => {
+                out.push(b'"');
+                write_commit_time(&mut out, t.commit_time);
+                out.push(b'"');
+            }
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"type\":\"");
         out.extend_from_slice(self.kind.name().as_bytes());
-        out.extend_from_slice(b"\",\"columns\":[");
-        for (i, column) in columns.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(b"{\"name\":");
-            write_json_string(&mut out, &column.name);
-            out.extend_from_slice(b",\"type\":");
-            write_json_string(&mut out, &column.type_name);
-            out.push(b'}');
-        }
-        out.push(b']');
+        out.push(b'"');
+        out.extend_from_slice(&rel.json_columns);
         let limit = small.map(|(n, _)| n);
         if self.kind != ChangeKind::Delete {
             out.extend_from_slice(b",\"record\":");
@@ -573,25 +607,24 @@ impl RowChange {
     ) {
         out.push(b'{');
         let mut first = true;
-        let mut value = Vec::new();
         for (i, column) in self.relation.columns.iter().enumerate() {
-            value.clear();
-            match datum(i) {
-                None => continue,
-                Some(Datum::Null) => value.extend_from_slice(b"null"),
-                Some(Datum::Text(text)) => write_value_json(&mut value, column.kind, text),
-                Some(Datum::Unchanged) => unreachable!("unchanged values are left out"),
-            }
-            if limit.is_some_and(|n| value.len() > n) {
-                continue;
-            }
+            let Some(datum) = datum(i) else { continue };
+            let member = out.len();
             if !first {
                 out.push(b',');
             }
+            out.extend_from_slice(&column.json_key);
+            let value = out.len();
+            match datum {
+                Datum::Null => out.extend_from_slice(b"null"),
+                Datum::Text(text) => write_value_json(out, column.kind, text),
+                Datum::Unchanged => unreachable!("unchanged values are left out"),
+            }
+            if limit.is_some_and(|n| out.len() - value > n) {
+                out.truncate(member);
+                continue;
+            }
             first = false;
-            write_json_string(out, &column.name);
-            out.push(b':');
-            out.extend_from_slice(&value);
         }
         out.push(b'}');
     }

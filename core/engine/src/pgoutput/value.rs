@@ -120,9 +120,7 @@ pub fn match_value(kind: ValueKind, text: &str) -> Value {
                 _ => Value::Text(text.into()),
             },
             Scalar::Int => parse_int(text).map_or_else(|| Value::Text(text.into()), Value::Int),
-            Scalar::Float => {
-                parse_number(text).map_or_else(|| Value::Text(text.into()), Value::Float)
-            }
+            Scalar::Float => float_value(text),
             Scalar::Numeric => numeric_value(text),
             Scalar::Timestamp => Value::Text(iso_timestamp(text).into()),
             Scalar::TimeTz => Value::Text(iso_timetz(text).into()),
@@ -145,7 +143,19 @@ pub fn numeric_value(text: &str) -> Value {
             return Value::Int(i);
         }
     }
-    parse_number(text).map_or_else(|| Value::Text(text.into()), Value::Float)
+    float_value(text)
+}
+
+/// A float for the matcher, read as the matcher reads number literals.
+fn float_value(text: &str) -> Value {
+    // Postgres' usual output is a JSON number, which Rust parses exactly as `parse_number`
+    // would (without its allocation for the nan/infinity check).
+    let number = if is_json_number(text) {
+        text.parse().ok()
+    } else {
+        parse_number(text)
+    };
+    number.map_or_else(|| Value::Text(text.into()), Value::Float)
 }
 
 fn digits(b: &[u8], from: usize, n: usize) -> bool {
@@ -186,9 +196,9 @@ fn iso_offset(zone: &str) -> Option<Cow<'_, str>> {
     }
 }
 
-/// `YYYY-MM-DD HH:MM:SS[.f][+HH[:MM[:SS]]]` as ISO 8601: `T` between date and time, and
-/// the offset as `+HH:MM`. Any other text (`infinity`, BC dates, other DateStyles) is kept.
-pub fn iso_timestamp(text: &str) -> Cow<'_, str> {
+/// Where an ISO 8601 rewrite of `text` splits it: (end of the date, end of the time, whether
+/// the offset needs `:00`); `None` if `text` is not `YYYY-MM-DD HH:MM:SS[.f][+HH[:MM[:SS]]]`.
+fn timestamp_parts(text: &str) -> Option<(usize, usize, bool)> {
     let b = text.as_bytes();
     let year = b.iter().take_while(|c| c.is_ascii_digit()).count();
     let date_ok = year >= 4
@@ -198,30 +208,44 @@ pub fn iso_timestamp(text: &str) -> Cow<'_, str> {
         && digits(b, year + 4, 2)
         && b.get(year + 6) == Some(&b' ');
     if !date_ok {
-        return Cow::Borrowed(text);
+        return None;
     }
-    let Some(end) = time_end(b, year + 7) else {
-        return Cow::Borrowed(text);
-    };
-    match iso_offset(&text[end..]) {
-        Some(zone) => Cow::Owned(format!(
-            "{}T{}{}",
-            &text[..year + 6],
-            &text[year + 7..end],
-            zone
-        )),
+    let end = time_end(b, year + 7)?;
+    let suffix = matches!(iso_offset(&text[end..])?, Cow::Owned(_));
+    Some((year + 6, end, suffix))
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.f][+HH[:MM[:SS]]]` as ISO 8601: `T` between date and time, and
+/// the offset as `+HH:MM`. Any other text (`infinity`, BC dates, other DateStyles) is kept.
+pub fn iso_timestamp(text: &str) -> Cow<'_, str> {
+    match timestamp_parts(text) {
+        Some((date, _, suffix)) => {
+            let mut iso = String::with_capacity(text.len() + 3);
+            iso.push_str(&text[..date]);
+            iso.push('T');
+            iso.push_str(&text[date + 1..]);
+            if suffix {
+                iso.push_str(":00");
+            }
+            Cow::Owned(iso)
+        }
         None => Cow::Borrowed(text),
     }
 }
 
+/// Where `HH:MM:SS[.f]+HH` ends its time, if `text` is that (it needs `:00`).
+fn timetz_needs_minutes(text: &str) -> bool {
+    time_end(text.as_bytes(), 0)
+        .and_then(|end| iso_offset(&text[end..]))
+        .is_some_and(|zone| matches!(zone, Cow::Owned(_)))
+}
+
 /// `HH:MM:SS[.f]+HH` as `HH:MM:SS[.f]+HH:00`; other text is kept.
 pub fn iso_timetz(text: &str) -> Cow<'_, str> {
-    let Some(end) = time_end(text.as_bytes(), 0) else {
-        return Cow::Borrowed(text);
-    };
-    match iso_offset(&text[end..]) {
-        Some(Cow::Owned(zone)) if end > 0 => Cow::Owned(format!("{}{}", &text[..end], zone)),
-        _ => Cow::Borrowed(text),
+    if timetz_needs_minutes(text) {
+        Cow::Owned(format!("{text}:00"))
+    } else {
+        Cow::Borrowed(text)
     }
 }
 
@@ -409,36 +433,46 @@ pub fn parse_array(text: &str) -> Option<Vec<Option<Cow<'_, str>>>> {
     }
 }
 
+/// For each byte: 0 if it goes into a JSON string as is, else the letter after its `\\`.
+static ESCAPES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        table[i] = b'u';
+        i += 1;
+    }
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table[b'\n' as usize] = b'n';
+    table[b'\r' as usize] = b'r';
+    table[b'\t' as usize] = b't';
+    table[0x08] = b'b';
+    table[0x0c] = b'f';
+    table
+};
+
 /// Appends `text` as a JSON string (escapes as Python's `json.dumps(ensure_ascii=False)`).
 pub fn write_json_string(out: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    let b = text.as_bytes();
-    let mut start = 0;
-    for (i, &c) in b.iter().enumerate() {
-        let escape: &[u8] = match c {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            c if c < 0x20 => &[
+    let mut rest = text.as_bytes();
+    while let Some(i) = rest.iter().position(|&c| ESCAPES[c as usize] != 0) {
+        out.extend_from_slice(&rest[..i]);
+        let c = rest[i];
+        match ESCAPES[c as usize] {
+            b'u' => out.extend_from_slice(&[
                 b'\\',
                 b'u',
                 b'0',
                 b'0',
                 HEX[(c >> 4) as usize],
                 HEX[(c & 15) as usize],
-            ],
-            _ => continue,
-        };
-        out.extend_from_slice(&b[start..i]);
-        out.extend_from_slice(escape);
-        start = i + 1;
+            ]),
+            letter => out.extend_from_slice(&[b'\\', letter]),
+        }
+        rest = &rest[i + 1..];
     }
-    out.extend_from_slice(&b[start..]);
+    out.extend_from_slice(rest);
     out.push(b'"');
 }
 
@@ -456,8 +490,25 @@ pub fn write_scalar_json(out: &mut Vec<u8>, scalar: Scalar, text: &str) {
             out.extend_from_slice(text.as_bytes())
         }
         Scalar::Json if is_json(text) => out.extend_from_slice(text.as_bytes()),
-        Scalar::Timestamp => write_json_string(out, &iso_timestamp(text)),
-        Scalar::TimeTz => write_json_string(out, &iso_timetz(text)),
+        // A text that matched the patterns is digits and punctuation: no escapes needed.
+        Scalar::Timestamp => match timestamp_parts(text) {
+            Some((date, _, suffix)) => {
+                out.push(b'"');
+                out.extend_from_slice(&text.as_bytes()[..date]);
+                out.push(b'T');
+                out.extend_from_slice(&text.as_bytes()[date + 1..]);
+                if suffix {
+                    out.extend_from_slice(b":00");
+                }
+                out.push(b'"');
+            }
+            None => write_json_string(out, text),
+        },
+        Scalar::TimeTz if timetz_needs_minutes(text) => {
+            out.push(b'"');
+            out.extend_from_slice(text.as_bytes());
+            out.extend_from_slice(b":00\"");
+        }
         _ => write_json_string(out, text),
     }
 }
@@ -489,6 +540,13 @@ pub fn write_value_json(out: &mut Vec<u8>, kind: ValueKind, text: &str) {
 /// Microseconds since 2000-01-01 00:00 UTC (Postgres' epoch) as
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`, truncated to milliseconds.
 pub fn format_commit_time(micros: i64) -> String {
+    let mut out = Vec::with_capacity(24);
+    write_commit_time(&mut out, micros);
+    String::from_utf8(out).expect("ASCII")
+}
+
+/// Appends [`format_commit_time`]'s text (without quotes).
+pub fn write_commit_time(out: &mut Vec<u8>, micros: i64) {
     let day_micros = 86_400_000_000i64;
     let days = micros.div_euclid(day_micros);
     let in_day = micros.rem_euclid(day_micros);
@@ -503,11 +561,35 @@ pub fn format_commit_time(micros: i64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let ms = in_day / 1000;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        ms / 3_600_000,
-        ms / 60_000 % 60,
-        ms / 1000 % 60,
-        ms % 1000
-    )
+    if (0..10_000).contains(&year) {
+        fn digits(out: &mut Vec<u8>, n: i64, width: u32) {
+            for p in (0..width).rev() {
+                out.push(b'0' + (n / 10i64.pow(p) % 10) as u8);
+            }
+        }
+        digits(out, year, 4);
+        out.push(b'-');
+        digits(out, month, 2);
+        out.push(b'-');
+        digits(out, day, 2);
+        out.push(b'T');
+        digits(out, ms / 3_600_000, 2);
+        out.push(b':');
+        digits(out, ms / 60_000 % 60, 2);
+        out.push(b':');
+        digits(out, ms / 1000 % 60, 2);
+        out.push(b'.');
+        digits(out, ms % 1000, 3);
+        out.push(b'Z');
+    } else {
+        use std::io::Write;
+        let _ = write!(
+            out,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            ms / 3_600_000,
+            ms / 60_000 % 60,
+            ms / 1000 % 60,
+            ms % 1000
+        );
+    }
 }
