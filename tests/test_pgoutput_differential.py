@@ -284,3 +284,44 @@ def test_json_columns_both_embed_and_quote() -> None:
     a, b = rust.decode(enc_insert(1, [deep])), ref.decode(enc_insert(1, [deep]))
     assert a.to_json() == b.to_json()
     assert b'"record":{"j":[[[' in a.to_json()
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_module_accepts(text: str) -> bool:
+    try:
+        json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        return False
+    return True
+
+
+def _embedded(decoder: Any, text: str) -> bool:
+    """Whether to_json wrote the column's text as JSON rather than as a string."""
+    value = json.loads(decoder.decode(enc_insert(1, [text])).to_json())["record"]["v"]
+    return not (isinstance(value, str) and value == text)
+
+
+@given(json_text() | st.text(max_size=8))
+def test_json_columns_are_embedded_exactly_when_the_json_module_parses_them(text: str) -> None:
+    # An independent oracle for the validator both decoders share the design of.
+    rust = core.PgOutputDecoder()
+    rust.decode(enc_relation(1, "s", "t", "d", [(0, "v", 114, -1)]))
+    assert _embedded(rust, text) == _json_module_accepts(text)
+
+
+@given(
+    TEXT_BY_SCALAR["float"] | TEXT_BY_SCALAR["numeric"] | st.text("0123456789.-+eE ", max_size=6)
+)
+def test_numbers_are_json_numbers_exactly_when_the_json_module_reads_one(text: str) -> None:
+    rust = core.PgOutputDecoder()
+    rust.decode(enc_relation(1, "s", "t", "d", [(0, "v", 1700, -1)]))
+    # A JSON number is a number with nothing around it (json.loads allows whitespace).
+    number = (
+        _json_module_accepts(text)
+        and text.strip() == text
+        and isinstance(json.loads(text, parse_constant=_reject_constant), int | float)
+    )
+    assert _embedded(rust, text) == number
