@@ -101,7 +101,27 @@ def _pg_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: Sequence[str]) -> int:
+    """Runs the fan-out suite (benches/suite.py) of the source tree pyrt is running from."""
+    import subprocess
+    from pathlib import Path
+
+    suite = Path(__file__).resolve().parent.parent / "benches" / "suite.py"
+    if not suite.is_file():
+        print(
+            "pyrt bench: the benchmark suite is not installed with the package: it lives in"
+            " pyrt's source tree (benches/suite.py, with a Rust load generator). Run it from"
+            " a checkout: pip install -e '.[bench]' && pyrt bench --quick",
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.run([sys.executable, str(suite), *args]).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])  # every other argument is the suite's (pyrt bench --help)
     parser = argparse.ArgumentParser(prog="pyrt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pyrt {__version__}")
     commands = parser.add_subparsers(dest="command")
@@ -110,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="a TOML file (see docs/configuration.md)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000, 0 = any)")
+    commands.add_parser(
+        "bench",
+        help="fan-out throughput and latency of pyrt, Nchan and python-socketio side by side"
+        " (benches/suite.py; pyrt bench --help for its options)",
+    )
     pg = commands.add_parser(
         "pg-setup",
         help="create the publication for the WAL source; list tables needing a replica identity",

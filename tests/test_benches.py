@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,46 @@ def test_pgoutput_benchmark_prints_its_table() -> None:
         assert cells[2].endswith(" ns")
         assert cells[4].endswith("x")  # Rust/reference ratio was measured
     assert any(line.startswith("Machine: ") for line in out.splitlines())
+
+
+def test_fanout_suite_quick_compares_pyrt_with_its_peers(tmp_path: Path) -> None:
+    """pyrt, Nchan and python-socketio, the Rust load generator, ratios and the plot."""
+    png = tmp_path / "fanout.png"
+    # scripts/test builds the load generator before pytest; here cargo finds it up to date.
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "suite.py"), "--quick", "--plot", str(png)],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout  # fmt: skip
+    sections = {}
+    for block in out.split("\n## ")[1:]:
+        name, _, body = block.partition("\n")
+        sections[name.strip()] = body
+    assert sorted(sections) == [
+        "fanout_1ch_20subs_100B", "fanout_1ch_50subs_100B", "fanout_5ch_10subs_100B",
+        "idle_200conns",
+    ]  # fmt: skip
+    for name, body in sections.items():
+        rows = {}
+        for line in body.splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells[0] in ("pyrt", "Nchan", "python-socketio"):
+                rows[cells[0]] = cells
+        assert sorted(rows) == ["Nchan", "pyrt", "python-socketio"], name
+        if name.startswith("idle_"):
+            for cells in rows.values():
+                assert cells[1] == "200"  # every connection was made
+                assert cells[4].endswith("KiB")
+            assert rows["pyrt"][5] == "1.00x"
+            assert "pyrt/Nchan memory per connection" in body
+        else:
+            for cells in rows.values():
+                assert int(cells[1].replace(",", "")) > 0  # deliveries/s was measured
+                assert cells[2].endswith("x")  # the pyrt/target ratio
+                assert re.match(r"[\d.,]+ ms / [\d.,]+ ms", cells[4])  # p50 / p99
+                assert cells[-1] == "0"  # no errors, nothing missing
+            assert rows["pyrt"][2] == "1.00x"
+            assert "Ratios: pyrt/Nchan throughput" in body
+            assert "pyrt/python-socketio throughput" in body
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(line.startswith("Machine: ") for line in out.splitlines())
+    assert any(line.startswith("Peers: nginx/") for line in out.splitlines())

@@ -1,0 +1,1063 @@
+//! Fan-out load generator for `benches/suite.py`.
+//!
+//! Opens N WebSocket subscribers spread over C channels on a server at 127.0.0.1, then one
+//! publisher sends messages round-robin over the channels: first M as fast as the server
+//! accepts them (a window of W unacknowledged), then, paced, at a fraction of the peak rate
+//! for the latency measurement. Each message carries its send time (nanoseconds since this
+//! process started, monotonic) and sequence number in its data, `{"t":..,"s":..,"p":"xx.."}`
+//! padded to `--size` bytes; subscribers record arrival minus send time.
+//!
+//! Targets (`--target`):
+//! - `pyrt`: the native protocol on `/connection/websocket` (`join`, `publish` with `ack`);
+//!   the server must allow publishing without joining (`publish_requires_join = false`).
+//! - `nchan`: WebSocket subscribers on `/sub/<channel>`, publishing by HTTP POST to
+//!   `/pub/<channel>` over W keep-alive connections.
+//! - `socketio`: Engine.IO v4 / Socket.IO v5 over WebSocket (`/socket.io/?EIO=4&transport=websocket`):
+//!   `40` connect, `42["join",channel]` with an ack, `42["publish",{channel,data}]` with an
+//!   ack; deliveries are `42["pub",data]` events. The server's `2` pings get `3` pongs.
+//!
+//! With `--idle` it only connects (and joins) and holds the connections until a line (or EOF)
+//! arrives on stdin, for measuring the server's memory per connection.
+//!
+//! Stdout: one JSON line per phase boundary (`{"phase": ...}`), so the harness can sample the
+//! server's CPU time at the same instants, then the result as one JSON object.
+
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Pyrt,
+    Nchan,
+    Socketio,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Pyrt => "pyrt",
+            Target::Nchan => "nchan",
+            Target::Socketio => "socketio",
+        }
+    }
+}
+
+const USAGE: &str = "usage: pyrt-loadgen --target pyrt|nchan|socketio --port N [options]
+
+  --channels C             channels; subscriber i joins channel i % C (default 1)
+  --subscribers N          subscriber connections in all (default 1000)
+  --messages M             messages in the peak phase, round-robin over channels (default 100)
+  --size B                 bytes of each message's data, as JSON (default 100)
+  --window W               publishes in flight; for nchan, HTTP connections (default 64)
+  --paced-fraction F       paced phase rate as a fraction of the peak message rate;
+                           0: no paced phase (default 0.5)
+  --paced-rate R           paced phase rate in messages/s (overrides --paced-fraction)
+  --paced-seconds S        length of the paced phase; at least 20 messages (default 4)
+  --connect-concurrency K  connection attempts in flight (default 64)
+  --timeout S              seconds a phase may take before it is cut short (default 120)
+  --threads T              runtime threads; 1: a current-thread runtime (default 1)
+  --latency-every K        record latency on every K-th subscriber (default 1)
+  --prefix P               channel name prefix; unique per run (default bench)
+  --idle                   only connect; hold until a line or EOF on stdin
+";
+
+#[derive(Debug, Clone)]
+struct Args {
+    target: Target,
+    port: u16,
+    channels: usize,
+    subscribers: usize,
+    messages: usize,
+    size: usize,
+    window: usize,
+    paced_fraction: f64,
+    paced_rate: Option<f64>,
+    paced_seconds: f64,
+    connect_concurrency: usize,
+    timeout: f64,
+    threads: usize,
+    idle: bool,
+    prefix: String,
+    latency_every: usize,
+}
+
+impl Args {
+    fn parse(argv: impl Iterator<Item = String>) -> Result<Args, String> {
+        let mut args = Args {
+            target: Target::Pyrt,
+            port: 0,
+            channels: 1,
+            subscribers: 1000,
+            messages: 100,
+            size: 100,
+            window: 64,
+            paced_fraction: 0.5,
+            paced_rate: None,
+            paced_seconds: 4.0,
+            connect_concurrency: 64,
+            timeout: 120.0,
+            threads: 1,
+            idle: false,
+            prefix: "bench".into(),
+            latency_every: 1,
+        };
+        let (mut target, mut port) = (None, None);
+        let mut argv = argv;
+        while let Some(flag) = argv.next() {
+            if flag == "--idle" {
+                args.idle = true;
+                continue;
+            }
+            if flag == "-h" || flag == "--help" {
+                return Err(String::new());
+            }
+            let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            fn num<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+                value
+                    .parse()
+                    .map_err(|_| format!("{flag}: not a valid number: {value:?}"))
+            }
+            match flag.as_str() {
+                "--target" => {
+                    target = Some(match value.as_str() {
+                        "pyrt" => Target::Pyrt,
+                        "nchan" => Target::Nchan,
+                        "socketio" => Target::Socketio,
+                        _ => return Err(format!("--target: unknown target {value:?}")),
+                    })
+                }
+                "--port" => port = Some(num(&flag, &value)?),
+                "--channels" => args.channels = num(&flag, &value)?,
+                "--subscribers" => args.subscribers = num(&flag, &value)?,
+                "--messages" => args.messages = num(&flag, &value)?,
+                "--size" => args.size = num(&flag, &value)?,
+                "--window" => args.window = num(&flag, &value)?,
+                "--paced-fraction" => args.paced_fraction = num(&flag, &value)?,
+                "--paced-rate" => args.paced_rate = Some(num(&flag, &value)?),
+                "--paced-seconds" => args.paced_seconds = num(&flag, &value)?,
+                "--connect-concurrency" => args.connect_concurrency = num(&flag, &value)?,
+                "--timeout" => args.timeout = num(&flag, &value)?,
+                "--threads" => args.threads = num(&flag, &value)?,
+                "--latency-every" => args.latency_every = num(&flag, &value)?,
+                "--prefix" => args.prefix = value,
+                _ => return Err(format!("unknown option {flag}")),
+            }
+        }
+        args.target = target.ok_or("--target is required")?;
+        args.port = port.ok_or("--port is required")?;
+        if args.channels == 0 || (args.subscribers == 0 && !args.idle) {
+            return Err("--channels and --subscribers must be at least 1".into());
+        }
+        if args.subscribers > 20_000 * 200 {
+            return Err("at most 4,000,000 subscribers".into());
+        }
+        if !args.prefix.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err("--prefix: letters and digits only".into());
+        }
+        Ok(args)
+    }
+}
+
+/// Progress of one phase (0: peak, 1: paced) across all subscribers.
+struct Phase {
+    pending: AtomicUsize,
+    delivered: AtomicU64,
+    end_ns: AtomicU64,
+    done: Notify,
+    latencies_us: Mutex<Vec<u32>>,
+}
+
+impl Phase {
+    fn new(subscribers: usize) -> Self {
+        Phase {
+            pending: AtomicUsize::new(subscribers),
+            delivered: AtomicU64::new(0),
+            end_ns: AtomicU64::new(0),
+            done: Notify::new(),
+            latencies_us: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// One subscriber has everything it expects in this phase (or is gone).
+    fn finish_one(&self, now_ns: u64) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.end_ns.store(now_ns, Ordering::Release);
+            self.done.notify_one();
+        }
+    }
+}
+
+struct Shared {
+    start: Instant,
+    peak_messages: u64,
+    phases: [Phase; 2],
+    connected: AtomicUsize,
+    connect_failed: AtomicUsize,
+    connect_done: Notify,
+    subscribers: usize,
+    errors: AtomicU64,
+    error_samples: Mutex<Vec<String>>,
+    /// Expected messages per channel per phase, set before each phase starts.
+    expected: [Mutex<Vec<u64>>; 2],
+    expected_set: [AtomicBool; 2],
+    expected_ready: [Notify; 2],
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn error(&self, message: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut samples = self.error_samples.lock().unwrap();
+        if samples.len() < 10 {
+            samples.push(message);
+        }
+    }
+
+    fn connect_finished(&self) {
+        let done =
+            self.connected.load(Ordering::Acquire) + self.connect_failed.load(Ordering::Acquire);
+        if done == self.subscribers {
+            self.connect_done.notify_one();
+        }
+    }
+
+    async fn expected_for(&self, phase: usize, channel: usize) -> u64 {
+        loop {
+            let notified = self.expected_ready[phase].notified();
+            if self.expected_set[phase].load(Ordering::Acquire) {
+                return self.expected[phase].lock().unwrap()[channel];
+            }
+            notified.await;
+        }
+    }
+
+    fn set_expected(&self, phase: usize, counts: Vec<u64>) {
+        *self.expected[phase].lock().unwrap() = counts;
+        self.expected_set[phase].store(true, Ordering::Release);
+        self.expected_ready[phase].notify_waiters();
+    }
+}
+
+fn channel_name(prefix: &str, index: usize) -> String {
+    format!("{prefix}c{index}")
+}
+
+fn ws_config() -> WebSocketConfig {
+    // Small buffers: 50k idle connections must not cost the load generator gigabytes.
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+}
+
+fn raise_nofile_limit() -> u64 {
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(limit.rlim_max);
+        // Raising the hard limit works as root (CAP_SYS_RESOURCE); otherwise the soft one
+        // goes up to the hard one.
+        let wanted = libc::rlimit {
+            rlim_cur: nr_open,
+            rlim_max: nr_open,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+            let soft = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &soft);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills a local struct.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(usage.ru_utime) + tv(usage.ru_stime)
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn say(value: Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+/// Opens a WebSocket to 127.0.0.1:port. Past ~20k connections the ephemeral ports of one
+/// source address run short, so connections are spread over source addresses 127.0.0.x
+/// (still loopback; the destination is always 127.0.0.1).
+async fn open_ws(port: u16, path: &str, index: usize, spread: bool) -> Result<Ws, String> {
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    if spread {
+        let local = Ipv4Addr::new(127, 0, 0, 1 + (index / 20_000) as u8);
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a pointer to a local int.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        socket
+            .bind(SocketAddr::V4(SocketAddrV4::new(local, 0)))
+            .map_err(|e| format!("bind {local}: {e}"))?;
+    }
+    let server = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+    let stream = socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
+    let url = format!("ws://127.0.0.1:{port}{path}");
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
+        .await
+        .map_err(|e| format!("upgrade {path}: {e}"))?;
+    Ok(ws)
+}
+
+async fn next_text(ws: &mut Ws) -> Result<String, String> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => return Ok(text.as_str().to_owned()),
+            Some(Ok(Message::Close(frame))) => return Err(format!("closed: {frame:?}")),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("read: {e}")),
+            None => return Err("closed".into()),
+        }
+    }
+}
+
+async fn send_text(ws: &mut Ws, text: String) -> Result<(), String> {
+    ws.send(Message::text(text))
+        .await
+        .map_err(|e| format!("write: {e}"))
+}
+
+/// Socket.IO: reads the Engine.IO open packet, connects to the default namespace.
+async fn socketio_connect(ws: &mut Ws) -> Result<(), String> {
+    let open = next_text(ws).await?;
+    if !open.starts_with('0') {
+        return Err(format!("expected an Engine.IO open packet, got {open:.80}"));
+    }
+    send_text(ws, "40".into()).await?;
+    loop {
+        let frame = next_text(ws).await?;
+        if frame.starts_with("40") {
+            return Ok(());
+        }
+        if frame.starts_with("44") {
+            return Err(format!("namespace connect refused: {frame:.80}"));
+        }
+        if frame == "2" {
+            send_text(ws, "3".into()).await?;
+        }
+    }
+}
+
+/// Connects one subscriber and joins its channel (for pyrt and Socket.IO: until the reply).
+async fn connect_subscriber(args: &Args, index: usize, channel: &str) -> Result<Ws, String> {
+    let spread = args.subscribers > 20_000;
+    match args.target {
+        Target::Pyrt => {
+            let mut ws = open_ws(args.port, "/connection/websocket", index, spread).await?;
+            let join = json!({"cmd": "join", "id": 1, "channel": channel}).to_string();
+            send_text(&mut ws, join).await?;
+            loop {
+                let frame = next_text(&mut ws).await?;
+                if frame.starts_with("{\"reply\":1,") {
+                    if frame.contains("\"ok\"") {
+                        return Ok(ws);
+                    }
+                    return Err(format!("join refused: {frame:.120}"));
+                }
+            }
+        }
+        Target::Nchan => open_ws(args.port, &format!("/sub/{channel}"), index, spread).await,
+        Target::Socketio => {
+            let path = "/socket.io/?EIO=4&transport=websocket";
+            let mut ws = open_ws(args.port, path, index, spread).await?;
+            socketio_connect(&mut ws).await?;
+            send_text(&mut ws, format!("421[\"join\",\"{channel}\"]")).await?;
+            loop {
+                let frame = next_text(&mut ws).await?;
+                if frame.starts_with("431") {
+                    return Ok(ws);
+                }
+                if frame == "2" {
+                    send_text(&mut ws, "3".into()).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Finds `"key":<digits>` in a frame.
+fn number_after(frame: &str, key: &str) -> Option<u64> {
+    let at = frame.find(key)? + key.len();
+    let digits = frame[at..].bytes().take_while(u8::is_ascii_digit).count();
+    frame[at..at + digits].parse().ok()
+}
+
+fn is_delivery(target: Target, frame: &str) -> bool {
+    match target {
+        Target::Pyrt => frame.starts_with("{\"push\":\"pub\""),
+        Target::Nchan => frame.contains("\"t\":"),
+        Target::Socketio => frame.starts_with("42[\"pub\""),
+    }
+}
+
+async fn subscriber(args: Arc<Args>, shared: Arc<Shared>, connect: Arc<Semaphore>, index: usize) {
+    let channel_index = index % args.channels;
+    let channel = channel_name(&args.prefix, channel_index);
+    let permit = connect.acquire().await.expect("semaphore closed");
+    let result = connect_subscriber(&args, index, &channel).await;
+    drop(permit);
+    let mut ws = match result {
+        Ok(ws) => {
+            shared.connected.fetch_add(1, Ordering::AcqRel);
+            shared.connect_finished();
+            ws
+        }
+        Err(e) => {
+            shared.error(format!("subscriber {index}: {e}"));
+            shared.connect_failed.fetch_add(1, Ordering::AcqRel);
+            shared.connect_finished();
+            let now = shared.now_ns();
+            shared.phases.iter().for_each(|p| p.finish_one(now));
+            return;
+        }
+    };
+    let sample = index.is_multiple_of(args.latency_every.max(1));
+    let mut phase = 0usize;
+    let mut expected = if args.idle {
+        u64::MAX
+    } else {
+        shared.expected_for(0, channel_index).await
+    };
+    let mut received = 0u64;
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut finished = [false, false];
+    // A phase in which this subscriber expects nothing is done at once.
+    while !args.idle && phase < 2 && received >= expected {
+        shared.phases[phase].finish_one(shared.now_ns());
+        finished[phase] = true;
+        phase += 1;
+        received = 0;
+        if phase < 2 {
+            expected = shared.expected_for(phase, channel_index).await;
+        }
+    }
+    loop {
+        let message = match ws.next().await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => {
+                shared.error(format!(
+                    "subscriber {index}: closed by the server: {frame:?}"
+                ));
+                break;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                shared.error(format!("subscriber {index}: {e}"));
+                break;
+            }
+            None => {
+                shared.error(format!("subscriber {index}: connection ended"));
+                break;
+            }
+        };
+        let frame = message.as_str();
+        if !is_delivery(args.target, frame) {
+            let reply = match (args.target, frame) {
+                (Target::Socketio, "2") => Some("3".to_owned()),
+                // Answer the server's pings with one, so idle connections stay within
+                // the server's idle timeout.
+                (Target::Pyrt, f) if f.starts_with("{\"push\":\"ping\"") => {
+                    Some("{\"cmd\":\"ping\"}".to_owned())
+                }
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                if let Err(e) = send_text(&mut ws, reply).await {
+                    shared.error(format!("subscriber {index}: {e}"));
+                    break;
+                }
+            }
+            continue;
+        }
+        let now = shared.now_ns();
+        let (Some(sent), Some(seq)) =
+            (number_after(frame, "\"t\":"), number_after(frame, "\"s\":"))
+        else {
+            shared.error(format!(
+                "subscriber {index}: delivery without t/s: {frame:.80}"
+            ));
+            continue;
+        };
+        let message_phase = usize::from(seq >= shared.peak_messages);
+        if message_phase != phase || phase >= 2 {
+            shared.error(format!(
+                "subscriber {index}: message {seq} outside its phase"
+            ));
+            continue;
+        }
+        received += 1;
+        shared.phases[phase]
+            .delivered
+            .fetch_add(1, Ordering::Relaxed);
+        if sample {
+            latencies.push((now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+            if latencies.len() >= 4096 {
+                // In batches, so a phase cut short by the timeout still has its samples.
+                shared.phases[phase]
+                    .latencies_us
+                    .lock()
+                    .unwrap()
+                    .append(&mut latencies);
+            }
+        }
+        while phase < 2 && received >= expected {
+            shared.phases[phase]
+                .latencies_us
+                .lock()
+                .unwrap()
+                .append(&mut latencies);
+            shared.phases[phase].finish_one(now);
+            finished[phase] = true;
+            phase += 1;
+            received = 0;
+            if phase < 2 {
+                expected = shared.expected_for(phase, channel_index).await;
+            }
+        }
+    }
+    // Gone before the end: what it has is counted, the rest is missing.
+    let now = shared.now_ns();
+    for (p, state) in shared.phases.iter().enumerate() {
+        if !finished[p] {
+            if p == phase {
+                state.latencies_us.lock().unwrap().append(&mut latencies);
+            }
+            state.finish_one(now);
+        }
+    }
+}
+
+/// One message for the publisher: the window permit was already taken.
+struct Outgoing {
+    seq: u64,
+    channel: usize,
+    data: String,
+}
+
+fn message_data(shared: &Shared, seq: u64, size: usize) -> String {
+    let head = format!("{{\"t\":{},\"s\":{seq}", shared.now_ns());
+    let fixed = head.len() + ",\"p\":\"\"}".len();
+    let pad = size.saturating_sub(fixed);
+    let mut data = String::with_capacity(fixed + pad);
+    data.push_str(&head);
+    data.push_str(",\"p\":\"");
+    data.extend(std::iter::repeat_n('x', pad));
+    data.push_str("\"}");
+    data
+}
+
+/// Starts the publisher; returns where to send messages. The window gets a permit back per
+/// acknowledged (accepted) message.
+async fn start_publisher(
+    args: Arc<Args>,
+    shared: Arc<Shared>,
+    window: Arc<Semaphore>,
+) -> Result<mpsc::UnboundedSender<Outgoing>, String> {
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    match args.target {
+        Target::Pyrt | Target::Socketio => {
+            let ws = if args.target == Target::Pyrt {
+                open_ws(args.port, "/connection/websocket", 0, false).await?
+            } else {
+                let path = "/socket.io/?EIO=4&transport=websocket";
+                let mut ws = open_ws(args.port, path, 0, false).await?;
+                socketio_connect(&mut ws).await?;
+                ws
+            };
+            let (mut sink, mut stream) = ws.split();
+            let (frames_tx, mut frames_rx) = mpsc::unbounded_channel::<String>();
+            let target = args.target;
+            let prefix = args.prefix.clone();
+            let formatter_frames = frames_tx.clone();
+            let mut rx = rx;
+            tokio::spawn(async move {
+                while let Some(out) = rx.recv().await {
+                    let channel = channel_name(&prefix, out.channel);
+                    let id = out.seq + 1;
+                    let frame = match target {
+                        Target::Pyrt => format!(
+                            "{{\"cmd\":\"publish\",\"id\":{id},\"channel\":\"{channel}\",\"ack\":true,\"data\":{}}}",
+                            out.data
+                        ),
+                        _ => format!(
+                            "42{id}[\"publish\",{{\"channel\":\"{channel}\",\"data\":{}}}]",
+                            out.data
+                        ),
+                    };
+                    if formatter_frames.send(frame).is_err() {
+                        break;
+                    }
+                }
+            });
+            let writer_shared = shared.clone();
+            tokio::spawn(async move {
+                while let Some(frame) = frames_rx.recv().await {
+                    if let Err(e) = sink.send(Message::text(frame)).await {
+                        writer_shared.error(format!("publisher: write: {e}"));
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some(message) = stream.next().await {
+                    let text = match message {
+                        Ok(Message::Text(text)) => text,
+                        Ok(Message::Close(frame)) => {
+                            shared.error(format!("publisher: closed by the server: {frame:?}"));
+                            break;
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            shared.error(format!("publisher: {e}"));
+                            break;
+                        }
+                    };
+                    let frame = text.as_str();
+                    match target {
+                        Target::Pyrt if frame.starts_with("{\"reply\":") => {
+                            if !frame.contains("\"ok\"") {
+                                shared.error(format!("publish refused: {frame:.120}"));
+                            }
+                            window.add_permits(1);
+                        }
+                        Target::Pyrt if frame.starts_with("{\"push\":\"ping\"") => {
+                            let _ = frames_tx.send("{\"cmd\":\"ping\"}".into());
+                        }
+                        Target::Socketio if frame.starts_with("43") => window.add_permits(1),
+                        Target::Socketio if frame == "2" => {
+                            let _ = frames_tx.send("3".into());
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+        Target::Nchan => {
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..args.window.max(1) {
+                let rx = rx.clone();
+                let shared = shared.clone();
+                let window = window.clone();
+                let prefix = args.prefix.clone();
+                let port = args.port;
+                tokio::spawn(async move {
+                    let mut conn: Option<TcpStream> = None;
+                    let mut buffer = Vec::with_capacity(4096);
+                    loop {
+                        let next = rx.lock().await.recv().await;
+                        let Some(out) = next else { break };
+                        let channel = channel_name(&prefix, out.channel);
+                        let request = format!(
+                            "POST /pub/{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+                            out.data.len(),
+                            out.data
+                        );
+                        // A keep-alive connection the server closed (after its request limit)
+                        // fails the first attempt; the second one is on a fresh connection.
+                        let mut result = Err(String::new());
+                        for _attempt in 0..2 {
+                            let reused = conn.is_some();
+                            result = http_post(&mut conn, port, &request, &mut buffer).await;
+                            if result.is_ok() || !reused {
+                                break;
+                            }
+                        }
+                        match result {
+                            Ok(status) if (200..300).contains(&status) => {}
+                            Ok(status) => shared.error(format!("nchan publish: HTTP {status}")),
+                            Err(e) => shared.error(format!("nchan publish: {e}")),
+                        }
+                        window.add_permits(1);
+                    }
+                });
+            }
+        }
+    }
+    Ok(tx)
+}
+
+/// Sends one request on `conn` (connecting first if there is none); returns the status.
+/// On any error the connection is dropped.
+async fn http_post(
+    conn: &mut Option<TcpStream>,
+    port: u16,
+    request: &str,
+    buffer: &mut Vec<u8>,
+) -> Result<u16, String> {
+    if conn.is_none() {
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("nodelay: {e}"))?;
+        buffer.clear();
+        *conn = Some(stream);
+    }
+    let stream = conn.as_mut().expect("connected above");
+    let result = async {
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        read_http_response(stream, buffer).await
+    }
+    .await;
+    if result.is_err() {
+        *conn = None;
+    }
+    result
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body; returns its status.
+async fn read_http_response(conn: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<u16, String> {
+    loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).to_string();
+            let status: u16 = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("bad status line: {head:.60}"))?;
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())
+                        .flatten()
+                })
+                .ok_or("response without content-length")?;
+            let total = end + 4 + length;
+            while buffer.len() < total {
+                read_more(conn, buffer).await?;
+            }
+            buffer.drain(..total);
+            return Ok(status);
+        }
+        read_more(conn, buffer).await?;
+    }
+}
+
+async fn read_more(conn: &mut TcpStream, buffer: &mut Vec<u8>) -> Result<(), String> {
+    let mut chunk = [0u8; 4096];
+    let n = conn.read(&mut chunk).await.map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Err("connection closed".into());
+    }
+    buffer.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+fn percentiles(mut samples: Vec<u32>) -> Value {
+    if samples.is_empty() {
+        return json!(null);
+    }
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+        samples[rank - 1] as f64 / 1000.0
+    };
+    json!({
+        "p50": at(0.50), "p90": at(0.90), "p99": at(0.99),
+        "max": *samples.last().unwrap() as f64 / 1000.0,
+        "samples": samples.len(),
+    })
+}
+
+/// Messages per channel for sequence numbers [from, to).
+fn per_channel(from: u64, to: u64, channels: usize) -> Vec<u64> {
+    let mut counts = vec![0u64; channels];
+    for seq in from..to {
+        counts[(seq % channels as u64) as usize] += 1;
+    }
+    counts
+}
+
+/// Sends messages [from, to): as fast as the window allows, or paced at `rate` per second.
+async fn drive(
+    shared: &Shared,
+    args: &Args,
+    tx: &mpsc::UnboundedSender<Outgoing>,
+    window: &Semaphore,
+    from: u64,
+    to: u64,
+    rate: Option<f64>,
+) -> Result<(), String> {
+    let start = Instant::now();
+    for seq in from..to {
+        if let Some(rate) = rate {
+            let due = start + Duration::from_secs_f64((seq - from) as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        window.acquire().await.map_err(|e| e.to_string())?.forget();
+        let data = message_data(shared, seq, args.size);
+        let channel = (seq % args.channels as u64) as usize;
+        tx.send(Outgoing { seq, channel, data })
+            .map_err(|_| "publisher is gone".to_string())?;
+    }
+    Ok(())
+}
+
+async fn wait_phase(shared: &Shared, phase: usize, timeout: Duration) -> bool {
+    let p = &shared.phases[phase];
+    tokio::time::timeout(timeout, async {
+        while p.pending.load(Ordering::Acquire) > 0 {
+            p.done.notified().await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn phase_report(
+    shared: &Shared,
+    phase: usize,
+    expected: u64,
+    start_ns: u64,
+    messages: u64,
+    done: bool,
+) -> Value {
+    let p = &shared.phases[phase];
+    let end_ns = if done {
+        p.end_ns.load(Ordering::Acquire)
+    } else {
+        shared.now_ns()
+    };
+    let seconds = (end_ns.saturating_sub(start_ns)) as f64 / 1e9;
+    let delivered = p.delivered.load(Ordering::Relaxed);
+    let latencies = std::mem::take(&mut *p.latencies_us.lock().unwrap());
+    json!({
+        "messages": messages,
+        "expected": expected,
+        "delivered": delivered,
+        "seconds": seconds,
+        "deliveries_per_s": if seconds > 0.0 { delivered as f64 / seconds } else { 0.0 },
+        "publishes_per_s": if seconds > 0.0 { messages as f64 / seconds } else { 0.0 },
+        "timed_out": !done,
+        "latency_ms": percentiles(latencies),
+    })
+}
+
+async fn run(args: Args) -> Value {
+    let nofile = raise_nofile_limit();
+    let args = Arc::new(args);
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        peak_messages: args.messages as u64,
+        phases: [Phase::new(args.subscribers), Phase::new(args.subscribers)],
+        connected: AtomicUsize::new(0),
+        connect_failed: AtomicUsize::new(0),
+        connect_done: Notify::new(),
+        subscribers: args.subscribers,
+        errors: AtomicU64::new(0),
+        error_samples: Mutex::new(Vec::new()),
+        expected: [Mutex::new(Vec::new()), Mutex::new(Vec::new())],
+        expected_set: [AtomicBool::new(false), AtomicBool::new(false)],
+        expected_ready: [Notify::new(), Notify::new()],
+    });
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let mut report = json!({
+        "target": args.target.name(),
+        "subscribers": args.subscribers,
+        "channels": args.channels,
+        "size": args.size,
+        "nofile_limit": nofile,
+        "threads": args.threads,
+    });
+
+    // Connect.
+    let connect = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let cpu_start = cpu_seconds();
+    let connect_start = Instant::now();
+    for index in 0..args.subscribers {
+        tokio::spawn(subscriber(
+            args.clone(),
+            shared.clone(),
+            connect.clone(),
+            index,
+        ));
+    }
+    let all_connected = tokio::time::timeout(timeout, async {
+        while shared.connected.load(Ordering::Acquire)
+            + shared.connect_failed.load(Ordering::Acquire)
+            < args.subscribers
+        {
+            shared.connect_done.notified().await;
+        }
+    })
+    .await
+    .is_ok();
+    let connect_seconds = connect_start.elapsed().as_secs_f64();
+    let connected = shared.connected.load(Ordering::Acquire);
+    report["connect"] = json!({
+        "connected": connected,
+        "failed": shared.connect_failed.load(Ordering::Acquire),
+        "seconds": connect_seconds,
+        "per_s": connected as f64 / connect_seconds,
+        "timed_out": !all_connected,
+        "loadgen_cpu_s": cpu_seconds() - cpu_start,
+    });
+    say(json!({"phase": "connected", "connected": connected}));
+
+    if args.idle {
+        report["loadgen_rss_kib"] = json!(rss_kib());
+        let mut line = String::new();
+        let mut stdin = BufReader::new(tokio::io::stdin());
+        let _ = tokio::time::timeout(timeout, stdin.read_line(&mut line)).await;
+    } else if all_connected {
+        let window = Arc::new(Semaphore::new(args.window.max(1)));
+        match start_publisher(args.clone(), shared.clone(), window.clone()).await {
+            Err(e) => shared.error(format!("publisher: {e}")),
+            Ok(tx) => {
+                // Peak: as fast as the server accepts.
+                let m = args.messages as u64;
+                let counts = per_channel(0, m, args.channels);
+                let expected_peak: u64 = (0..args.subscribers)
+                    .map(|i| counts[i % args.channels])
+                    .sum();
+                shared.set_expected(0, counts);
+                say(json!({"phase": "peak_start"}));
+                let cpu0 = cpu_seconds();
+                let start_ns = shared.now_ns();
+                let sent = drive(&shared, &args, &tx, &window, 0, m, None).await;
+                if let Err(e) = sent {
+                    shared.error(format!("publish: {e}"));
+                }
+                let done = wait_phase(&shared, 0, timeout).await;
+                let mut peak = phase_report(&shared, 0, expected_peak, start_ns, m, done);
+                peak["loadgen_cpu_s"] = json!(cpu_seconds() - cpu0);
+                say(json!({"phase": "peak_end"}));
+                let peak_rate = peak["publishes_per_s"].as_f64().unwrap_or(0.0);
+                report["peak"] = peak;
+
+                // Paced: latency at a fraction of the peak rate.
+                let rate = args.paced_rate.unwrap_or(args.paced_fraction * peak_rate);
+                if done && rate > 0.0 {
+                    let count = ((rate * args.paced_seconds).ceil() as u64).max(20);
+                    let counts = per_channel(m, m + count, args.channels);
+                    let expected: u64 = (0..args.subscribers)
+                        .map(|i| counts[i % args.channels])
+                        .sum();
+                    shared.set_expected(1, counts);
+                    // Wait for every window permit, so the paced phase starts from quiet.
+                    let _ = window.acquire_many(args.window.max(1) as u32).await;
+                    say(json!({"phase": "paced_start"}));
+                    let cpu0 = cpu_seconds();
+                    let start_ns = shared.now_ns();
+                    if let Err(e) =
+                        drive(&shared, &args, &tx, &window, m, m + count, Some(rate)).await
+                    {
+                        shared.error(format!("publish: {e}"));
+                    }
+                    let done = wait_phase(&shared, 1, timeout).await;
+                    let mut paced = phase_report(&shared, 1, expected, start_ns, count, done);
+                    paced["rate"] = json!(rate);
+                    paced["loadgen_cpu_s"] = json!(cpu_seconds() - cpu0);
+                    say(json!({"phase": "paced_end"}));
+                    report["paced"] = paced;
+                }
+            }
+        }
+    }
+    report["loadgen_rss_kib"] = report
+        .get("loadgen_rss_kib")
+        .cloned()
+        .unwrap_or(json!(rss_kib()));
+    report["errors"] = json!(shared.errors.load(Ordering::Relaxed));
+    report["error_samples"] = json!(*shared.error_samples.lock().unwrap());
+    report["loadgen_cpu_s"] = json!(cpu_seconds() - cpu_start);
+    report
+}
+
+fn main() {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("pyrt-loadgen: {message}");
+            }
+            eprint!("{USAGE}");
+            std::process::exit(if message.is_empty() { 0 } else { 2 });
+        }
+    };
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    }
+    .expect("tokio runtime");
+    let report = runtime.block_on(run(args));
+    say(report);
+    // Connections are torn down by the exit; no need to close 50k sockets one by one.
+    std::process::exit(0);
+}
