@@ -46,6 +46,9 @@ class Publication:
     """Conflation key: under the conflate policy only the latest per key is kept queued."""
     hlc: Timestamp | None = None
     """The hub's hybrid logical clock reading when it took the publication (pyrt.conflict)."""
+    change: Any = None
+    """For a row event from a database source: the change itself (a `PgChange`, kept in
+    Rust), which a recovering subscriber's row filters are matched against."""
 
     @property
     def position(self) -> StreamPosition:
@@ -93,15 +96,21 @@ class ChannelStream:
         publisher: str | None = None,
         key: str | None = None,
         hlc: Timestamp | None = None,
+        change: Any = None,
     ) -> Publication:
         self.top += 1
         publication = Publication(
-            self.channel, self.top, self.epoch, data, now, publisher, key, hlc
+            self.channel, self.top, self.epoch, data, now, publisher, key, hlc, change
         )
         if self.max_size > 0:
             self._retained.append(publication)  # the deque's maxlen drops the oldest
         self.trim(now)
         return publication
+
+    def reset(self, epoch: str) -> None:
+        """History was lost upstream (a source's gap): a new epoch, nothing retained."""
+        self.epoch = epoch
+        self._retained.clear()
 
     def trim(self, now: float) -> None:
         """Forgets publications older than max_age."""
@@ -166,8 +175,19 @@ class History:
         publisher: str | None = None,
         key: str | None = None,
         hlc: Timestamp | None = None,
+        change: Any = None,
     ) -> Publication:
-        return self.stream(channel, now).append(data, now, publisher, key, hlc)
+        return self.stream(channel, now).append(data, now, publisher, key, hlc, change)
+
+    def reset(self, channel: str, now: float) -> StreamPosition:
+        """Gives the channel's stream a new epoch and forgets what it retained, so a client
+        resuming from before gets recovered=False. Returns the new position."""
+        stream = self.stream(channel, now)
+        stream.reset(self._new_epoch())
+        return stream.position
+
+    def channels(self) -> list[str]:
+        return list(self._streams)
 
     def recover(self, channel: str, since: StreamPosition, now: float) -> Recovery:
         return self.stream(channel, now).recover(since, now)

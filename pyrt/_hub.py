@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import orjson
 
-from ._core import Matcher, check_channel
+from ._core import Matcher, PgChange, check_channel
 from ._errors import ChannelNameError
 from ._history import History, Publication, Recovery, StreamPosition
 from ._outbox import Outbox, SlowConsumerPolicy
@@ -48,7 +48,9 @@ from ._protocol import (
     Track,
     Untrack,
     encode_record,
+    table_channel,
 )
+from ._rows import TRUNCATE, InvalidRowSubscription, RowSubscriptions
 from .conflict import (
     ConflictPolicy,
     HybridClock,
@@ -149,6 +151,9 @@ class _Join:
     presence: bool
     tracked_keys: set[str] = attrs.field(factory=set)
     """Presence keys this connection tracked in the channel, untracked when it leaves."""
+    row_ids: tuple[int, ...] = ()
+    """A join with `changes`: its row subscriptions' ids (it gets only the row events they
+    match, not the channel's other publications)."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -221,6 +226,7 @@ class Hub:
         self._sub_ids = itertools.count(1)
         self._matcher = Matcher()
         self._subscribers: dict[int, tuple[Connection, str]] = {}
+        self._rows = RowSubscriptions()
         self._channel_users: dict[str, int] = {}
         self._presence = Presence(self.replica)
         self._presence_members: dict[str, dict[str, Connection]] = {}
@@ -464,6 +470,104 @@ class Hub:
             self._send(conn, frame, droppable=True, policy=policy, key=conflation_key)
         return publication
 
+    # -- row events (database sources) -----------------------------------------------------
+
+    def publish_change(
+        self, change: PgChange, now: float, *, max_bytes: int | None = None
+    ) -> Publication:
+        """A row change from a database source: appended to its table's channel
+        (`table_channel`) and queued, as one frame per codec, for the joins whose row
+        subscriptions match it (found by the Rust matcher) and for plain joins of the channel.
+
+        The payload is the change's Supabase-shaped JSON, encoded once; over `max_bytes` it
+        keeps only small fields and says so in `errors` (PgChange.to_json)."""
+        started = self._timer()
+        ids = self._rows.matcher.match_change(change) if len(self._rows) else []
+        self.stats.match_seconds += self._timer() - started
+        self.stats.matches += 1
+        channel = table_channel(change.schema, change.table)
+        return self._publish_row(channel, change.to_json(max_bytes), change, ids, now)
+
+    def publish_truncate(
+        self,
+        schema: str,
+        table: str,
+        now: float,
+        *,
+        commit_timestamp: str | None = None,
+        columns: list[tuple[str, str]] | None = None,
+    ) -> Publication:
+        """A TRUNCATE of `schema.table`: an event of type TRUNCATE on its channel, for the
+        row subscriptions of every event (`*`) on the table, whatever their filter."""
+        data = {
+            "schema": schema,
+            "table": table,
+            "commit_timestamp": commit_timestamp,
+            "type": "TRUNCATE",
+            "columns": [{"name": n, "type": t} for n, t in columns or ()],
+            "errors": None,
+        }
+        ids = self._rows.truncate_ids(schema, table)
+        channel = table_channel(schema, table)
+        return self._publish_row(channel, orjson.dumps(data), (TRUNCATE, schema, table), ids, now)
+
+    def _publish_row(
+        self, channel: str, payload: bytes, change: Any, ids: list[int], now: float
+    ) -> Publication:
+        publication = self._history.append(
+            channel, orjson.Fragment(payload), now, None, None, self._stamp(), change
+        )
+        self.stats.publications += 1
+        recipients: dict[str, Connection] = {}
+        if ids:
+            ids.sort()
+            self._rows.recipients(ids, recipients)
+        for sub_id in self._matcher.match_channel(channel):  # plain joins get every row
+            conn = self._subscribers[sub_id][0]
+            recipients[conn.id] = conn
+        if not recipients:
+            return publication
+        policy = self._policy(channel)
+        frames: dict[str, bytes] = {}
+        for conn in recipients.values():
+            frame = frames.get(conn.codec.name)
+            if frame is None:
+                frame = frames[conn.codec.name] = conn.codec.change(publication, ids)
+            self._send(conn, frame, droppable=True, policy=policy)
+        return publication
+
+    def _replay_rows(
+        self,
+        conn: Connection,
+        row_ids: tuple[int, ...],
+        missed: tuple[Publication, ...],
+        policy: SlowConsumerPolicy,
+    ) -> None:
+        """Sends a recovering row subscriber the missed row events its filters match."""
+        rows = [p for p in missed if p.change is not None]
+        matched = self._rows.replay(row_ids, [p.change for p in rows])
+        for publication, ids in zip(rows, matched, strict=True):
+            if ids:
+                self._send(conn, conn.codec.change(publication, ids), policy=policy)
+
+    def reset_channels(self, pattern: str, now: float) -> list[str]:
+        """History of the channels matching `pattern` was lost upstream (a database source
+        lost its replication slot): each gets a new epoch, and each connection joined to one
+        by name gets a `reset` push (recovered: false). Returns the channels reset."""
+        check_channel(pattern, pattern=True)
+        matcher = Matcher()
+        matcher.add_channel(0, pattern)
+        names = {c for c in self._history.channels() if not _is_pattern(c)}
+        names.update(c for c in self._channel_users if not _is_pattern(c))
+        reset = sorted(c for c in names if matcher.match_channel(c))
+        positions = {channel: self._history.reset(channel, now) for channel in reset}
+        for conn in list(self._connections.values()):
+            for channel in conn.joins:
+                position = positions.get(channel)
+                if position is not None:
+                    self._send(conn, conn.codec.reset(channel, position))
+        return reset
+
     def history_position(self, channel: str, now: float) -> StreamPosition:
         return self._history.stream(channel, now).position
 
@@ -542,13 +646,28 @@ class Hub:
             limit = self.config.max_channels_per_connection
             self._error(conn, rid, ErrorCode.TOO_MANY_CHANNELS, f"at most {limit} channels")
             return
+        row_ids: tuple[int, ...] = ()
+        if command.changes:
+            try:
+                row_ids = self._rows.add(conn.id, conn, command.changes)
+            except InvalidRowSubscription as e:
+                details = {"index": e.index, "reason": e.reason, "position": e.position}
+                self.stats.errors += 1
+                self._send(conn, conn.codec.error(rid, ErrorCode.BAD_REQUEST, str(e), details))
+                return
         sub_id = next(self._sub_ids)
-        self._matcher.add_channel(sub_id, channel)
+        if not row_ids:
+            self._matcher.add_channel(sub_id, channel)
         self._subscribers[sub_id] = (conn, channel)
-        conn.joins[channel] = _Join(sub_id, command.presence)
+        conn.joins[channel] = _Join(sub_id, command.presence, row_ids=row_ids)
         self._channel_users[channel] = self._channel_users.get(channel, 0) + 1
         if pattern:
-            self._reply(conn, rid, {"channel": channel})
+            reply: dict[str, Any] = {"channel": channel}
+            if row_ids:
+                reply["changes"] = [
+                    c.encode(i) for c, i in zip(command.changes, row_ids, strict=True)
+                ]
+            self._reply(conn, rid, reply)
             return
         result: dict[str, Any]
         missed: tuple[Publication, ...] = ()
@@ -576,10 +695,15 @@ class Hub:
             if not result.get("recovered"):
                 # The records as of `offset`: changes after it follow as publications.
                 result["records"] = [encode_record(r) for r in store.records()]
+        if row_ids:
+            result["changes"] = [c.encode(i) for c, i in zip(command.changes, row_ids, strict=True)]
         # Reply first, then the missed publications, then (later) live ones: all in order,
         # because nothing else can run between these lines.
         self._reply(conn, rid, result)
         policy = self._policy(channel)
+        if row_ids:
+            self._replay_rows(conn, row_ids, missed, policy)
+            missed = ()
         for publication in missed:
             key = (channel, publication.key) if publication.key is not None else None
             self._send(conn, conn.codec.publication(publication), policy=policy, key=key)
@@ -590,6 +714,7 @@ class Hub:
     def _drop_join(self, conn: Connection, channel: str) -> None:
         join = conn.joins.pop(channel)
         self._matcher.remove(join.sub_id)
+        self._rows.remove(conn.id, join.row_ids)
         del self._subscribers[join.sub_id]
         users = self._channel_users[channel] - 1
         if users:

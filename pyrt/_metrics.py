@@ -125,6 +125,25 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "pyrt_errors", "Error replies and pushes sent to clients.", stats.errors
         )
+        lag_bytes = GaugeMetricFamily(
+            "pyrt_source_lag_bytes",
+            "WAL a replication source has not put in history yet (server WAL end - acked).",
+            labels=["source"],
+        )
+        lag_seconds = GaugeMetricFamily(
+            "pyrt_source_lag_seconds",
+            "Seconds from a commit to its changes being in history (the open transaction's"
+            " age while one is being read).",
+            labels=["source"],
+        )
+        for source in self._node.sources:
+            # Sources that know their lag say so with these attributes (the WAL source).
+            if hasattr(source, "lag_bytes") and hasattr(source, "lag_seconds"):
+                lag_bytes.add_metric([source.name], source.lag_bytes)
+                lag_seconds.add_metric([source.name], source.lag_seconds)
+        yield lag_bytes
+        yield lag_seconds
+
         yield SummaryMetricFamily(
             "pyrt_match_seconds",
             "Time spent finding the recipients of publications.",

@@ -11,6 +11,7 @@ text frames; the codec returns bytes so one encoded frame can be written to many
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Mapping
 from typing import Any, TypeAlias
 
@@ -69,11 +70,34 @@ RequestId: TypeAlias = int | str | None
 
 
 @attrs.frozen(slots=True)
+class RowSubscription:
+    """One entry of a join's `changes`: row changes of `schema`.`table` (`*`: any) of kind
+    `event` (INSERT, UPDATE, DELETE or `*`) whose row passes `filter` (docs/matcher.md)."""
+
+    event: str = "*"
+    schema: str = "public"
+    table: str = "*"
+    filter: str | None = None
+
+    def encode(self, sub_id: int) -> dict[str, Any]:
+        """The entry as the join reply lists it, with its subscription id."""
+        return {
+            "event": self.event,
+            "schema": self.schema,
+            "table": self.table,
+            "filter": self.filter,
+            "id": sub_id,
+        }
+
+
+@attrs.frozen(slots=True)
 class Join:
     id: RequestId
     channel: str
     since: StreamPosition | None = None
     presence: bool = False
+    changes: tuple[RowSubscription, ...] = ()
+    """Row-change subscriptions: the join receives only the row events they match."""
 
 
 @attrs.frozen(slots=True)
@@ -243,6 +267,82 @@ def _mutation(frame: Mapping[str, Any], rid: RequestId) -> Mutation:
     )
 
 
+TABLE_CHANNEL_PREFIX = "pg"
+"""Row events of table `s.t` are published on the channel `pg:<s>:<t>` (`table_channel`)."""
+
+_MAX_SEGMENT_BYTES = 125
+"""Two segments this long and the prefix fit in a channel name (255 bytes)."""
+
+
+def _channel_segment(name: str) -> str:
+    """A schema or table name as one channel segment: characters a segment cannot hold
+    (`:`, `*`, `>`, controls, whitespace) and `%` and `~` are percent-encoded (UTF-8, `%3A`);
+    a name whose encoding is over 125 bytes becomes `~` and 32 hex digits of its BLAKE2b."""
+    out: list[str] = []
+    for char in name:
+        if char in ":*>%~" or char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F:
+            out.extend(f"%{byte:02X}" for byte in char.encode())
+        else:
+            out.append(char)
+    segment = "".join(out)
+    if len(segment.encode()) > _MAX_SEGMENT_BYTES:
+        return "~" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
+    return segment
+
+
+def table_channel(schema: str, table: str) -> str:
+    """The channel of a table's row events: `pg:<schema>:<table>`, each name encoded as
+    `_channel_segment` says. `*` (any schema, any table) gives a wildcard segment, so the
+    result is a pattern (`pg:public:*`); a table really named `*` is `%2A`."""
+    if not schema or not table:
+        raise ValueError("schema and table must not be empty")
+    parts = [s if s == "*" else _channel_segment(s) for s in (schema, table)]
+    return f"{TABLE_CHANNEL_PREFIX}:{parts[0]}:{parts[1]}"
+
+
+def _row_subscription(item: Any, index: int, rid: RequestId) -> RowSubscription:
+    where = f"changes[{index}]"
+    if not isinstance(item, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{where}' must be an object", rid)
+    values: dict[str, Any] = {}
+    for name in ("event", "schema", "table", "filter"):
+        value = item.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            got = type(value).__name__
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"'{where}.{name}' must be str, got {got}", rid
+            )
+        if name != "filter" and not value:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{where}.{name}' must not be empty", rid)
+        values[name] = value.upper() if name == "event" else value
+    if values.get("event", "*") not in ("*", "INSERT", "UPDATE", "DELETE"):
+        message = f"'{where}.event' must be INSERT, UPDATE, DELETE or *, not {item['event']!r}"
+        raise ProtocolError(ErrorCode.BAD_REQUEST, message, rid)
+    if values.get("filter") == "":
+        values["filter"] = None
+    return RowSubscription(**values)
+
+
+def _changes(
+    message: Mapping[str, Any], rid: RequestId
+) -> tuple[str | None, tuple[RowSubscription, ...]]:
+    """The join's `changes` and the channel they live on (None without `changes`)."""
+    items = _optional(message, "changes", list, rid)
+    if items is None:
+        return None, ()
+    if not items:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'changes' must not be empty", rid)
+    changes = tuple(_row_subscription(item, i, rid) for i, item in enumerate(items))
+    channels = {table_channel(c.schema, c.table) for c in changes}
+    if len(channels) > 1:
+        text = "every entry of 'changes' must name the same schema and table (one per join)"
+        raise ProtocolError(ErrorCode.BAD_REQUEST, text, rid)
+    (channel,) = channels
+    return channel, changes
+
+
 def encode_record(record: Record) -> dict[str, Any]:
     """A record as JSON: `key`, `value` (null: deleted), `version`, and the policy's stamps."""
     out: dict[str, Any] = {"key": record.key, "value": record.value}
@@ -321,11 +421,18 @@ class JsonCodec:
                 rid, _field(message, "channel", str, rid), _mutation(message, rid), len(frame)
             )
         if cmd == "join":
+            table, changes = _changes(message, rid)
+            if table is None or message.get("channel") is not None:
+                channel = _field(message, "channel", str, rid)
+                if table is not None and channel != table:
+                    text = f"'channel' must be '{table}' for these changes (or left out)"
+                    raise ProtocolError(ErrorCode.BAD_REQUEST, text, rid)
             return Join(
                 rid,
-                _field(message, "channel", str, rid),
+                table if table is not None else channel,
                 since=_since(message, rid),
                 presence=_flag(message, "presence", rid),
+                changes=changes,
             )
         if cmd == "leave":
             return Leave(rid, _field(message, "channel", str, rid))
@@ -379,6 +486,34 @@ class JsonCodec:
         if publication.publisher is not None:
             push["from"] = publication.publisher
         return orjson.dumps(push)
+
+    def change(self, publication: Publication, ids: list[int]) -> bytes:
+        """A row event (a `pub` push whose `data` is the encoded change) with the ids of
+        the row subscriptions it matched."""
+        push: dict[str, Any] = {
+            "push": "pub",
+            "channel": publication.channel,
+            "offset": publication.offset,
+            "epoch": publication.epoch,
+        }
+        if publication.hlc is not None:
+            push["hlc"] = publication.hlc.encode()
+        push["ids"] = ids
+        push["data"] = publication.data
+        return orjson.dumps(push)
+
+    def reset(self, channel: str, position: StreamPosition) -> bytes:
+        """The channel's history was lost while the client was joined (a source's gap):
+        what came before `position` cannot be recovered."""
+        return orjson.dumps(
+            {
+                "push": "reset",
+                "channel": channel,
+                "offset": position.offset,
+                "epoch": position.epoch,
+                "recovered": False,
+            }
+        )
 
     def presence_state(self, channel: str, state: Mapping[str, tuple[PresenceMeta, ...]]) -> bytes:
         return orjson.dumps(

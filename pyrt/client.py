@@ -69,7 +69,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._core import Matcher
-from ._protocol import decode_record
+from ._protocol import decode_record, table_channel
 from .conflict import (
     ConflictPolicy,
     Op,
@@ -121,6 +121,8 @@ class Message:
     epoch: str
     data: Any
     sender: str | None = None
+    ids: tuple[int, ...] = ()
+    """For a row event: the ids of this channel's row subscriptions it matched."""
 
 
 @attrs.define(eq=False)
@@ -153,6 +155,10 @@ class Channel:
     """Whether messages are queued for `async for` (else only callbacks see them)."""
     _active: bool = False
     """Joined on the server at least once: reconnects rejoin it."""
+    changes: tuple[Mapping[str, Any], ...] = ()
+    """Row-change subscriptions (`Client.changes`): only matching row events arrive."""
+    subscription_ids: list[int] = attrs.field(factory=list)
+    """The server's id for each of `changes`, in order (from the last join's reply)."""
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel(self._client.buffer)
@@ -229,6 +235,8 @@ class Channel:
     # -- fed by the client's reader ----------------------------------------------------------
 
     def _joined(self, result: Mapping[str, Any]) -> None:
+        if self.changes:
+            self.subscription_ids = [entry["id"] for entry in result.get("changes", ())]
         if "offset" not in result:
             return  # a pattern: no single position to resume from
         recovered = result.get("recovered")
@@ -250,10 +258,21 @@ class Channel:
             if offset > last[0] + 1:
                 self.gaps += 1
         self._positions[name] = (offset, epoch)
-        message = Message(name, offset, epoch, push["data"], push.get("from"))
+        ids: tuple[int, ...] = ()
+        if "ids" in push:
+            # A row event lists every subscription it matched hub-wide: keep ours.
+            ids = tuple(i for i in push["ids"] if i in self.subscription_ids)
+        message = Message(name, offset, epoch, push["data"], push.get("from"), ids)
         for callback in self.on_message:
             callback(message)
         return message
+
+    def _reset(self, push: Mapping[str, Any]) -> None:
+        """The server lost the channel's history while we were joined (a source's gap)."""
+        self.recovered = False
+        self._positions[self.name] = (push["offset"], push["epoch"])
+        for callback in self.on_reset:
+            callback(self)
 
     def _presence_state(self, state: Mapping[str, list[dict[str, Any]]]) -> None:
         self.presence = {k: list(v) for k, v in state.items()}
@@ -959,6 +978,34 @@ class Client:
             raise
         return joined
 
+    async def changes(
+        self, changes: Sequence[Mapping[str, Any]], *, iterate: bool = True
+    ) -> Channel:
+        """Subscribes to row changes: `changes` is a list of `{"event", "schema", "table",
+        "filter"}` (docs/protocol.md), all on one table (or one `*` pattern). Returns the
+        table's channel, which delivers only the matching row events (`Message.data` is the
+        change, `Message.ids` the subscriptions it matched) and resumes across reconnects
+        like any channel; `subscription_ids` are the server's ids for `changes`."""
+        specs = tuple(dict(c) for c in changes)
+        names = {table_channel(c.get("schema") or "public", c.get("table") or "*") for c in specs}
+        if len(names) != 1:
+            raise ValueError("every entry of changes must name the same schema and table")
+        (name,) = names
+        if name in self._channels:
+            raise ClientError(409, f"already joined to '{name}'")
+        joined = Channel(name, self, iterate=iterate, changes=specs)
+        self._channels[name] = joined
+        if any(segment in ("*", ">") for segment in name.split(":")):
+            sub_id = next(self._ids)
+            self._patterns.add_channel(sub_id, name)
+            self._pattern_ids[sub_id] = joined
+        try:
+            await self._join(joined)
+        except BaseException:
+            self._forget(joined)
+            raise
+        return joined
+
     def _forget(self, channel: Channel) -> None:
         self._channels.pop(channel.name, None)
         for sub_id, joined in list(self._pattern_ids.items()):
@@ -979,6 +1026,8 @@ class Client:
 
     async def _join(self, channel: Channel) -> None:
         command: dict[str, Any] = {"cmd": "join", "channel": channel.name}
+        if channel.changes:
+            command["changes"] = list(channel.changes)
         if channel.presence_enabled:
             command["presence"] = True
         position = channel._positions.get(channel.name)
@@ -1232,6 +1281,8 @@ class Client:
                 message = channel._deliver(push)
                 if message is not None and channel.iterate:
                     await channel._send.send(message)
+        elif channel is not None and kind == "reset":
+            channel._reset(push)
         elif channel is not None and kind == "presence_state":
             channel._presence_state(push["state"])
         elif channel is not None and kind == "presence_diff":

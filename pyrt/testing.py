@@ -387,6 +387,11 @@ class _FailingHub(Hub):
             raise SourceKitFailure(f"check_source: publishing on {channel!r} failed (on purpose)")
         return super().publish(channel, data, now, *args, **kwargs)
 
+    def publish_change(self, change: Any, now: float, *args: Any, **kwargs: Any) -> Publication:
+        if self.armed:
+            raise SourceKitFailure("check_source: publishing a row change failed (on purpose)")
+        return super().publish_change(change, now, *args, **kwargs)
+
 
 SOURCE_KIT_VALUES = [*(f"kit-{n}" for n in range(20)), "kit ünïcödé € 𝄞 🎉", "kit 'quoted' \\"]
 """What `check_source` asks the source to produce, in this order."""

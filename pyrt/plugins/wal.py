@@ -1,0 +1,432 @@
+"""The WAL source: row changes from PostgreSQL logical replication, as row events.
+
+```toml
+[sources.wal]
+host = "127.0.0.1"
+port = 5432
+user = "app"                  # needs the REPLICATION attribute
+password_env = "PGPASSWORD"   # or password = "..."
+database = "app"
+publication = "pyrt"          # made by `pyrt pg-setup`
+slot = "pyrt"
+create_slot = true
+max_event_bytes = 1048576
+messages_channel = "pg:messages"   # optional: where pg_logical_emit_message goes
+```
+
+Each INSERT, UPDATE and DELETE of a published table becomes a row event on the table's
+channel `pg:<schema>:<table>` (`Hub.publish_change`), each TRUNCATE an event on every
+truncated table's channel; clients subscribe with a join's `changes` (docs/protocol.md).
+
+Delivery is at least once from Postgres to the hub and exactly once into history: a commit's
+end LSN is acked only after every change of it is in history, a restart resumes from the
+slot's confirmed LSN, and what the slot sends again is skipped (a transaction whose commit LSN
+is not after the last one put in history, and the changes of a half-published transaction
+already in history). docs/sources.md has the details: hub restarts, invalidated slots (a gap:
+`reset` pushes, a new epoch, a new slot), reconnecting, lag metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import ssl as _ssl
+import time
+from typing import Any
+
+import trio
+
+from .._core import (
+    PgBegin,
+    PgChange,
+    PgCommit,
+    PgLogicalMessage,
+    PgOutputDecoder,
+    PgTruncate,
+    PgUnknown,
+    check_channel,
+)
+from .._node import Node
+from .._pgoutput import DecodeError, format_commit_time
+from .._pgrepl import (
+    PG_EPOCH_UNIX,
+    ReplicationStream,
+    SlotInvalidated,
+    XLogData,
+    check_slot_name,
+    drop_slot,
+    ensure_slot,
+    format_lsn,
+    slot_status,
+    start_replication,
+)
+from .._pgwire import PgAuthError, PgConnection, PgConnectionError, PgError, quote_literal
+from .._protocol import TABLE_CHANNEL_PREFIX
+from .._sources import SourceError
+from ._options import integer, seconds
+
+__all__ = ["WalSource"]
+
+log = logging.getLogger("pyrt.sources.wal")
+
+
+def _text(name: str, value: object, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{name} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _fatal(error: Exception) -> bool:
+    """Errors that retrying will not fix (before the first connection): credentials, a
+    missing database, publication or slot. Connection trouble (class 08), a server shutting
+    down or starting up (57), resources (53) and a slot in use by another consumer (55006:
+    another hub streams it; take over when it lets go) are retried."""
+    if isinstance(error, PgAuthError):
+        return True
+    if isinstance(error, PgError):
+        return not (error.code.startswith(("08", "57", "53")) or error.code == "55006")
+    return False
+
+
+class WalSource:
+    """Streams a publication through a logical slot into the hub; see the module."""
+
+    name = "wal"
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 5432,
+        user: str = "postgres",
+        password: str | None = None,
+        password_env: str | None = None,
+        database: str | None = None,
+        publication: str = "pyrt",
+        slot: str = "pyrt",
+        create_slot: bool = True,
+        max_event_bytes: int = 1024 * 1024,
+        messages_channel: str | None = None,
+        ssl: bool = False,
+        ssl_root_cert: str | None = None,
+        reconnect_min: float = 0.5,
+        reconnect_max: float = 30.0,
+        connect_timeout: float = 10.0,
+        startup_timeout: float = 30.0,
+        status_interval: float = 10.0,
+        application_name: str = "pyrt-wal",
+    ) -> None:
+        self.host = str(_text("host", host))
+        self.port = integer("port", port, 1)
+        if self.port > 65535:
+            raise ValueError(f"port must be at most 65535, not {port}")
+        self.user = str(_text("user", user))
+        self.password = _text("password", password, optional=True)
+        self.password_env = _text("password_env", password_env, optional=True)
+        if self.password is not None and self.password_env is not None:
+            raise ValueError("give password or password_env, not both")
+        self.database = _text("database", database, optional=True)
+        self.publication = str(_text("publication", publication))
+        self.slot = check_slot_name(str(_text("slot", slot)))
+        if not isinstance(create_slot, bool):
+            raise TypeError(f"create_slot must be true or false, not {create_slot!r}")
+        self.create_slot = create_slot
+        self.max_event_bytes = integer("max_event_bytes", max_event_bytes, 256, " of bytes")
+        self.messages_channel = _text("messages_channel", messages_channel, optional=True)
+        if self.messages_channel is not None:
+            try:
+                check_channel(self.messages_channel)
+            except ValueError as e:
+                raise ValueError(f"messages_channel: {e}") from None
+        if not isinstance(ssl, bool):
+            raise TypeError(f"ssl must be true or false, not {ssl!r}")
+        self.ssl_root_cert = _text("ssl_root_cert", ssl_root_cert, optional=True)
+        self.ssl = ssl or self.ssl_root_cert is not None
+        self.reconnect_min = seconds("reconnect_min", reconnect_min)
+        self.reconnect_max = seconds("reconnect_max", reconnect_max)
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max must not be less than reconnect_min")
+        self.connect_timeout = seconds("connect_timeout", connect_timeout)
+        self.startup_timeout = seconds("startup_timeout", startup_timeout)
+        self.status_interval = seconds("status_interval", status_interval)
+        self.application_name = str(_text("application_name", application_name))
+        self.random = random.Random()
+
+        self.connected = False
+        """Whether the source is streaming right now."""
+        self.connects = 0
+        """Replication sessions started (more than one: it reconnected)."""
+        self.last_error: Exception | None = None
+        """Why the last session ended or failed."""
+        self.invalidations = 0
+        """Times the slot was found invalidated (each a gap, reported to clients)."""
+        self.events = 0
+        """Row events (changes, truncated tables) put in history."""
+        self.skipped = 0
+        """Changes the slot sent again that were already in history (skipped)."""
+        self.committed_lsn = 0
+        """End LSN of the last commit whose changes are all in history (what was acked)."""
+        self._done_commit_lsn = 0
+        self._partial: tuple[int, int] | None = None
+        """(commit LSN, changes put in history) of a transaction cut off before its commit."""
+        self._message_lsn = 0
+        self._server_lsn = 0
+        self._stream: ReplicationStream | None = None
+        self._open_since: float | None = None
+        """Commit time (Unix seconds) of the transaction being read, if any."""
+        self._last_delay = 0.0
+
+    def __repr__(self) -> str:
+        where = f"{self.user}@{self.host}:{self.port}/{self.database}"
+        return f"<WalSource {self.name} {where} slot={self.slot} publication={self.publication}>"
+
+    # -- lag (for /metrics) ------------------------------------------------------------------
+
+    @property
+    def lag_bytes(self) -> int:
+        """WAL the server has that is not in history yet: its last known WAL end minus the
+        acked position (0 on a quiet, caught-up stream)."""
+        stream = self._stream
+        if stream is None:
+            return max(0, self._server_lsn - self.committed_lsn) if self.committed_lsn else 0
+        server = max(self._server_lsn, stream.progress.received)
+        return max(0, server - stream.acked_lsn)
+
+    @property
+    def lag_seconds(self) -> float:
+        """How long the transaction being read has been committed; between transactions,
+        how long the last one took from its commit to history."""
+        if self._open_since is not None:
+            return max(0.0, time.time() - self._open_since)
+        return self._last_delay
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    async def connect(self) -> PgConnection:
+        """A replication connection (`replication=database`)."""
+        password = self.password
+        if self.password_env is not None:
+            password = os.environ.get(self.password_env)
+            if password is None:
+                raise PgAuthError(f"the environment variable {self.password_env} is not set")
+        context = None
+        if self.ssl:
+            context = _ssl.create_default_context(cafile=self.ssl_root_cert)
+        return await PgConnection.connect(
+            self.host,
+            self.port,
+            self.user,
+            password,
+            self.database,
+            replication=True,
+            ssl_context=context,
+            timeout=self.connect_timeout,
+            application_name=self.application_name,
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.reconnect_max, self.reconnect_min * 2 ** min(attempt, 30))
+        return self.random.uniform(ceiling / 2, ceiling)  # "equal jitter"
+
+    async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+        deadline = trio.current_time() + self.startup_timeout
+        attempt = 0
+        while True:
+            delay = 0.0
+            try:
+                conn = await self.connect()
+                async with conn:
+                    await self._prepare(node, conn)
+                    async with start_replication(
+                        conn,
+                        self.slot,
+                        [self.publication],
+                        messages=True,
+                        status_interval=self.status_interval,
+                    ) as stream:
+                        self._stream = stream
+                        self.connected = True
+                        self.connects += 1
+                        if started:
+                            log.info("%s: streaming slot %s again", self.name, self.slot)
+                        else:
+                            started = True
+                            task_status.started()
+                        attempt = 0
+                        await self.pump(node, stream)
+                    raise PgConnectionError("the replication stream ended")
+            except SlotInvalidated as e:
+                # Lost between the check and START_REPLICATION: the next round's check
+                # reports the gap and makes a new slot.
+                self.last_error = e
+                log.warning("%s: %s", self.name, e)
+            except (PgError, PgConnectionError, trio.TooSlowError) as e:
+                self.last_error = e
+                delay = self._backoff(attempt)
+                attempt += 1
+                if not started:
+                    if _fatal(e):
+                        raise SourceError(f"sources.{self.name}: {e}") from e
+                    if trio.current_time() + delay > deadline:
+                        raise SourceError(
+                            f"sources.{self.name}: no connection to PostgreSQL within"
+                            f" startup_timeout ({self.startup_timeout:g} s): {e}"
+                        ) from e
+                log.warning("%s: %s; retrying in %.1f s", self.name, e, delay)
+            finally:
+                self.connected = False
+                if self._stream is not None:
+                    self._server_lsn = max(self._server_lsn, self._stream.progress.received)
+                    self._stream = None
+                self._open_since = None
+            await trio.sleep(delay)
+
+    async def _prepare(self, node: Node, conn: PgConnection) -> None:
+        """Checks the publication and makes (or finds) the slot; an invalidated slot is a
+        gap: reported to clients, then replaced by a new slot."""
+        (found,) = await conn.simple_query(
+            f"SELECT 1 FROM pg_publication WHERE pubname = {quote_literal(self.publication)}"
+        )
+        if not found.rows:
+            raise PgError(
+                {
+                    "C": "42704",
+                    "M": f"publication {self.publication!r} does not exist",
+                    "H": "create it with pyrt pg-setup (or CREATE PUBLICATION)",
+                },
+                context=f"database {conn.database!r}",
+            )
+        try:
+            await self._ensure_slot(conn)
+        except SlotInvalidated as e:
+            self.invalidations += 1
+            channels = node.hub.reset_channels(f"{TABLE_CHANNEL_PREFIX}:>", node.now)
+            node.pump()
+            log.error(
+                "%s: %s; %d channel(s) told recovered=false (a gap)", self.name, e, len(channels)
+            )
+            if not self.create_slot:
+                raise SourceError(
+                    f"sources.{self.name}: {e}; create_slot is false, so drop and create the"
+                    f" slot yourself (changes since it was lost are gone)"
+                ) from e
+            await drop_slot(conn, self.slot)
+            await self._ensure_slot(conn)
+            log.warning("%s: made a new slot %s", self.name, self.slot)
+
+    async def _ensure_slot(self, conn: PgConnection) -> None:
+        if self.create_slot:
+            _status, created = await ensure_slot(conn, self.slot)
+            if created:
+                log.info("%s: created replication slot %s", self.name, self.slot)
+            return
+        status = await slot_status(conn, self.slot)
+        if status is None:
+            raise PgError(
+                {"C": "42704", "M": f"replication slot {self.slot!r} does not exist"},
+                context="create_slot is false: create it, or set create_slot = true",
+            )
+        if status.wal_status == "lost":
+            raise SlotInvalidated(self.slot, "wal_status is 'lost' (max_slot_wal_keep_size)")
+
+    # -- the pump ------------------------------------------------------------------------------
+
+    async def pump(self, node: Node, stream: Any) -> None:
+        """Decodes the XLogData of one replication session (`async for` over `stream`),
+        puts row events in history and calls `stream.ack(end_lsn)` once a commit's are all
+        there. Any async iterable of XLogData with an `ack` method will do (tests)."""
+        decoder = PgOutputDecoder()  # Relation messages come again in each session
+        hub = node.hub
+        limit = self.max_event_bytes
+        commit_lsn = 0
+        commit_time: str | None = None
+        skip_all = False
+        skip_first = 0
+        seq = 0
+        item: XLogData
+        async for item in stream:
+            self._server_lsn = max(self._server_lsn, item.wal_end)
+            try:
+                message = decoder.decode(item.payload)
+            except DecodeError as e:
+                raise SourceError(
+                    f"sources.{self.name}: cannot decode the pgoutput message at"
+                    f" {format_lsn(item.wal_start)}: {e}"
+                ) from e
+            if isinstance(message, PgChange):
+                seq += 1
+                if skip_all or seq <= skip_first:
+                    self.skipped += 1
+                    continue
+                hub.publish_change(message, node.now, max_bytes=limit)
+                self.events += 1
+                self._partial = (commit_lsn, seq)
+                node.pump()
+            elif isinstance(message, PgBegin):
+                commit_lsn = message.final_lsn
+                commit_time = format_commit_time(message.commit_time)
+                self._open_since = message.commit_time / 1e6 + PG_EPOCH_UNIX
+                seq = 0
+                # Sent again after a reconnect: all of it, or the part before the cut.
+                skip_all = commit_lsn <= self._done_commit_lsn
+                partial = self._partial
+                skip_first = partial[1] if partial and partial[0] == commit_lsn else 0
+            elif isinstance(message, PgCommit):
+                self._done_commit_lsn = max(self._done_commit_lsn, message.commit_lsn)
+                self.committed_lsn = max(self.committed_lsn, message.end_lsn)
+                self._partial = None
+                if self._open_since is not None:
+                    self._last_delay = max(0.0, time.time() - self._open_since)
+                self._open_since = None
+                stream.ack(message.end_lsn)
+            elif isinstance(message, PgTruncate):
+                seq += 1
+                if skip_all or seq <= skip_first:
+                    self.skipped += 1
+                    continue
+                for relid, (schema, table) in zip(message.relids, message.tables, strict=True):
+                    relation = decoder.relation(relid)
+                    columns = [(c[1], c[4]) for c in relation.columns] if relation else []
+                    hub.publish_truncate(
+                        schema, table, node.now, commit_timestamp=commit_time, columns=columns
+                    )
+                    self.events += 1
+                self._partial = (commit_lsn, seq)
+                node.pump()
+            elif isinstance(message, PgLogicalMessage):
+                if message.transactional:
+                    seq += 1
+                    if skip_all or seq <= skip_first:
+                        continue
+                    self._partial = (commit_lsn, seq)
+                elif message.lsn <= max(self._message_lsn, self._done_commit_lsn):
+                    continue
+                else:
+                    self._message_lsn = message.lsn
+                self._logical_message(node, message)
+            elif isinstance(message, PgUnknown):
+                log.warning("%s: skipping pgoutput message %r", self.name, chr(message.tag))
+
+    def _logical_message(self, node: Node, message: PgLogicalMessage) -> None:
+        if self.messages_channel is None:
+            log.info(
+                "%s: skipping a logical message (prefix %r; set messages_channel to publish them)",
+                self.name,
+                message.prefix,
+            )
+            return
+        data: dict[str, Any] = {
+            "prefix": message.prefix,
+            "transactional": message.transactional,
+            "lsn": format_lsn(message.lsn),
+        }
+        try:
+            data["content"] = message.content.decode()
+        except UnicodeDecodeError:
+            data["content"] = None
+            data["content_hex"] = message.content.hex()
+        node.publish(self.messages_channel, data)
