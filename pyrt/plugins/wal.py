@@ -378,7 +378,8 @@ class WalSource:
             elif isinstance(message, PgCommit):
                 self._done_commit_lsn = max(self._done_commit_lsn, message.commit_lsn)
                 self.committed_lsn = max(self.committed_lsn, message.end_lsn)
-                self._partial = None
+                if self._partial is not None and self._partial[0] <= message.commit_lsn:
+                    self._partial = None  # (a commit sent again before it keeps it)
                 if self._open_since is not None:
                     self._last_delay = max(0.0, time.time() - self._open_since)
                 self._open_since = None

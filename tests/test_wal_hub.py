@@ -1,0 +1,268 @@
+"""Row-change subscriptions in the sans-IO hub and the WAL source's pump, without a server:
+pgoutput messages are encoded by the test (as test_pgoutput does)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from test_pgoutput import enc_begin, enc_commit, enc_insert, enc_relation, enc_truncate
+
+from pyrt._core import PgChange, PgOutputDecoder, check_channel
+from pyrt._hub import Connection, Hub
+from pyrt._node import Node, NodeConfig
+from pyrt._pgrepl import XLogData
+from pyrt._protocol import table_channel
+from pyrt.plugins.wal import WalSource
+
+INT4, TEXT = 23, 25
+RELATION = enc_relation(
+    16384, "public", "items", "d", [(1, "id", INT4, -1), (0, "body", TEXT, -1), (0, "n", INT4, -1)]
+)
+
+
+def changes(*rows: tuple[int, str, int]) -> list[PgChange]:
+    decoder = PgOutputDecoder()
+    decoder.decode(RELATION)
+    decoder.decode(enc_begin(100, 0, 7))
+    out = []
+    for row in rows:
+        change = decoder.decode(enc_insert(16384, [str(row[0]), row[1], str(row[2])]))
+        assert isinstance(change, PgChange)
+        out.append(change)
+    return out
+
+
+def frames(conn: Connection) -> list[dict[str, Any]]:
+    return [orjson.loads(f) for f in conn.outbox.pop(max_bytes=1 << 30)]
+
+
+def join(hub: Hub, conn: Connection, rid: int = 1, **command: Any) -> dict[str, Any]:
+    (reply,) = join_all(hub, conn, rid, **command)
+    return reply
+
+
+def join_all(hub: Hub, conn: Connection, rid: int = 1, **command: Any) -> list[dict[str, Any]]:
+    """The join's reply and what follows it (a replay)."""
+    hub.receive(conn.id, orjson.dumps({"cmd": "join", "id": rid, **command}), 0.0)
+    return frames(conn)
+
+
+# -- channel names ---------------------------------------------------------------------------
+
+
+def test_table_channels_carry_any_postgres_name() -> None:
+    assert table_channel("public", "orders") == "pg:public:orders"
+    assert table_channel("public", "*") == "pg:public:*"
+    assert table_channel("*", "*") == "pg:*:*"
+    assert table_channel("my schema", "a:b*>%~") == "pg:my%20schema:a%3Ab%2A%3E%25%7E"
+    assert table_channel("public", "*") != table_channel("public", "%2A")
+    assert table_channel("s", "tab\tle\x7f") == "pg:s:tab%09le%7F"
+    assert table_channel("s", "Ünïcödé") == "pg:s:Ünïcödé"
+    assert table_channel("s", "é" * 31 + "\u3000") == "pg:s:" + "é" * 31 + "%E3%80%80"
+    long = table_channel("s" * 63, "\u3000" * 21)  # 63 bytes of ideographic spaces
+    schema, table = long.split(":")[1:]
+    assert schema == "s" * 63
+    assert table.startswith("~")
+    assert len(table) == 33
+    worst = table_channel("\u3000" * 21, " " * 63)
+    check_channel(worst)
+    assert len(worst.encode()) <= 255
+    for name in ["a b", ":", "**", ">", "%", "\x00x", "tab\t"]:
+        check_channel(table_channel(name, name))
+    with pytest.raises(ValueError, match="empty"):
+        table_channel("", "t")
+
+
+# -- joining -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ({"changes": []}, "'changes' must not be empty"),
+        ({"changes": [1]}, "'changes[0]' must be an object"),
+        ({"changes": [{"event": "TRUNCATE"}]}, "must be INSERT, UPDATE, DELETE or *"),
+        ({"changes": [{"table": 5}]}, "'changes[0].table' must be str, got int"),
+        ({"changes": [{"table": ""}]}, "'changes[0].table' must not be empty"),
+        ({"changes": [{"table": "a"}, {"table": "b"}]}, "must name the same schema and table"),
+        ({"channel": "pg:public:b", "changes": [{"table": "a"}]}, "'channel' must be"),
+        ({"changes": [{"table": "a"}, {"table": "a", "filter": "x=gt"}]}, "changes[1].filter"),
+        ({"changes": [{"schema": "*", "table": "a"}], "since": {"offset": 0, "epoch": "e"}}, ""),
+    ],
+)
+def test_bad_changes_are_refused_and_register_nothing(
+    command: dict[str, Any], message: str
+) -> None:
+    hub = Hub()
+    conn = hub.open(0.0)
+    reply = join(hub, conn, **command)
+    assert reply["error"]["code"] == 400
+    assert message in reply["error"]["message"]
+    assert hub.channels() == {}
+    assert len(hub._rows) == 0
+
+
+def test_identical_subscriptions_share_one_id_until_the_last_leaves() -> None:
+    hub = Hub()
+    a, b = hub.open(0.0), hub.open(0.0)
+    spec = {"event": "insert", "table": "items", "filter": "n=gt.1"}
+    first = join(hub, a, changes=[spec, spec])["ok"]
+    assert [c["id"] for c in first["changes"]] == [1, 1]
+    assert first["changes"][0] == {
+        "event": "INSERT",
+        "schema": "public",
+        "table": "items",
+        "filter": "n=gt.1",
+        "id": 1,
+    }
+    assert join(hub, b, changes=[spec])["ok"]["changes"][0]["id"] == 1
+    hub.receive(a.id, b'{"cmd":"leave","id":2,"channel":"pg:public:items"}', 0.0)
+    assert len(hub._rows) == 1
+    hub.disconnect(b.id, 0.0)
+    assert len(hub._rows) == 0
+    assert len(hub._rows.matcher) == 0
+
+
+def test_one_frame_for_every_recipient_and_plain_joins_get_every_row() -> None:
+    hub = Hub()
+    conns = [hub.open(0.0) for _ in range(4)]
+    join(hub, conns[0], changes=[{"table": "items", "filter": "n=gt.5"}])
+    join(hub, conns[1], changes=[{"table": "items", "filter": "n=lt.100"}])
+    join(hub, conns[2], channel="pg:public:items")  # no filter
+    join(hub, conns[3], changes=[{"table": "items", "filter": "n=lt.0"}])
+    small, big = changes((1, "a", 1), (2, "b", 50))
+    hub.publish_change(small, 1.0)
+    hub.publish_change(big, 2.0)
+    out = [c.outbox.pop(max_bytes=1 << 30) for c in conns]
+    assert [len(frames_) for frames_ in out] == [1, 2, 2, 0]
+    # The same bytes object was queued for every recipient of `big`.
+    assert out[0][0] is out[1][1] is out[2][1]
+    push = orjson.loads(out[0][0])
+    assert (push["offset"], push["ids"]) == (2, [1, 2])
+    assert push["data"]["record"] == {"id": 2, "body": "b", "n": 50}
+
+
+def test_since_replays_matching_rows_and_truncates() -> None:
+    hub = Hub()
+    conn = hub.open(0.0)
+    reply = join(hub, conn, changes=[{"table": "items", "filter": "n=gt.5"}])["ok"]
+    since = {"offset": reply["offset"], "epoch": reply["epoch"]}
+    hub.disconnect(conn.id, 0.0)
+    for change in changes((1, "a", 1), (2, "b", 10), (3, "c", 2)):
+        hub.publish_change(change, 1.0)
+    hub.publish_truncate("public", "items", 1.0)
+    back = hub.open(1.0)
+    reply, *replay = join_all(
+        hub, back, changes=[{"table": "items", "filter": "n=gt.5"}], since=since
+    )
+    assert reply["ok"]["recovered"] is True
+    assert [(f["offset"], f["data"]["type"]) for f in replay] == [(2, "INSERT"), (4, "TRUNCATE")]
+    # Only subscriptions for every event get truncates.
+    only_inserts = hub.open(1.0)
+    _, *replay = join_all(
+        hub, only_inserts, changes=[{"event": "INSERT", "table": "items"}], since=since
+    )
+    assert [f["offset"] for f in replay] == [1, 2, 3]
+
+
+def test_reset_channels_gives_new_epochs_and_tells_joined_clients() -> None:
+    hub = Hub()
+    named, pattern, elsewhere = hub.open(0.0), hub.open(0.0), hub.open(0.0)
+    old = join(hub, named, changes=[{"table": "items"}])["ok"]["epoch"]
+    join(hub, pattern, changes=[{"table": "*"}])
+    join(hub, elsewhere, channel="room:1")
+    hub.publish_change(changes((1, "a", 1))[0], 1.0)
+    frames(named), frames(pattern)
+    assert hub.reset_channels("pg:>", 2.0) == ["pg:public:items"]
+    (reset,) = frames(named)
+    assert reset["push"] == "reset"
+    assert reset["recovered"] is False
+    assert (reset["channel"], reset["offset"]) == ("pg:public:items", 1)
+    assert reset["epoch"] != old
+    assert frames(pattern) == []
+    assert frames(elsewhere) == []
+    again = hub.open(2.0)
+    reply = join(hub, again, changes=[{"table": "items"}], since={"offset": 0, "epoch": old})
+    assert reply["ok"]["recovered"] is False
+
+
+# -- the pump ----------------------------------------------------------------------------------
+
+
+class FakeStream:
+    """Recorded XLogData for `WalSource.pump`, with the acks it got."""
+
+    def __init__(self, payloads: list[bytes]) -> None:
+        self.payloads = payloads
+        self.acks: list[int] = []
+
+    def ack(self, lsn: int) -> None:
+        self.acks.append(lsn)
+
+    async def __aiter__(self) -> AsyncIterator[XLogData]:
+        for lsn, payload in enumerate(self.payloads, start=1):
+            yield XLogData(lsn, lsn, 0, payload)
+
+
+def transaction(commit_lsn: int, *ids: int, commit: bool = True) -> list[bytes]:
+    out = [enc_begin(commit_lsn, 0, commit_lsn)]
+    out += [enc_insert(16384, [str(i), "x", str(i)]) for i in ids]
+    if commit:
+        out.append(enc_commit(0, commit_lsn, commit_lsn + 8, 0))
+    return out
+
+
+async def test_pump_skips_what_the_slot_sends_again() -> None:
+    source = WalSource(slot="fake")
+    node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[])
+    conn = node.hub.open(0.0)
+    join(node.hub, conn, channel="pg:public:items")
+    # A session cut off in the middle of the second transaction...
+    first = FakeStream([RELATION, *transaction(100, 1, 2), *transaction(200, 3, 4, commit=False)])
+    await source.pump(node, first)
+    assert first.acks == [108]
+    # ...then the slot sends both again (the first's ack was lost), and a third.
+    second = FakeStream(
+        [RELATION, *transaction(100, 1, 2), *transaction(200, 3, 4, 5), *transaction(300, 6)]
+    )
+    await source.pump(node, second)
+    assert second.acks == [108, 208, 308]
+    ids = [f["data"]["record"]["id"] for f in frames(conn)]
+    assert ids == [1, 2, 3, 4, 5, 6]
+    assert source.skipped == 4
+    assert source.committed_lsn == 308
+
+
+async def test_pump_publishes_truncates_per_table() -> None:
+    source = WalSource(slot="fake")
+    node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[])
+    conn = node.hub.open(0.0)
+    join(node.hub, conn, changes=[{"table": "*"}])
+    other = enc_relation(16385, "public", "other", "d", [(1, "id", INT4, -1)])
+    stream = FakeStream(
+        [
+            RELATION,
+            other,
+            enc_begin(100, 0, 1),
+            enc_truncate(0, [16384, 16385]),
+            enc_commit(0, 100, 108, 0),
+        ]
+    )
+    await source.pump(node, stream)
+    got = [(f["channel"], f["data"]["type"], f["data"]["columns"]) for f in frames(conn)]
+    assert got == [
+        (
+            "pg:public:items",
+            "TRUNCATE",
+            [
+                {"name": "id", "type": "int4"},
+                {"name": "body", "type": "text"},
+                {"name": "n", "type": "int4"},
+            ],
+        ),
+        ("pg:public:other", "TRUNCATE", [{"name": "id", "type": "int4"}]),
+    ]
+    assert stream.acks == [108]
