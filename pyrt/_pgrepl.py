@@ -339,6 +339,17 @@ class ReplicationStream:
                 raise self._error from None
             raise StopAsyncIteration from None
 
+    def take_ready(self, limit: int = 1024) -> list[XLogData]:
+        """Up to `limit` messages already received, without waiting (none: empty), so a
+        consumer can handle a burst as one batch after `async for` gave it the first."""
+        ready: list[XLogData] = []
+        while len(ready) < limit:
+            try:
+                ready.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return ready
+
     def ack(self, lsn: int) -> None:
         """Everything up to `lsn` is safe: the slot may let go of it. The status update goes
         out at once (from the stream's own task); acks never move backwards."""
@@ -374,7 +385,12 @@ class ReplicationStream:
                     message = parse_copy_payload(data)
                     if isinstance(message, XLogData):
                         self.progress.data(message)
-                        await self._send.send(message)
+                        try:
+                            # Not `send`: it yields every time, so the consumer would get
+                            # one message per scheduler round. This yields at socket reads.
+                            self._send.send_nowait(message)
+                        except trio.WouldBlock:
+                            await self._send.send(message)
                     else:
                         self.keepalives += 1
                         self.progress.keepalive(message)

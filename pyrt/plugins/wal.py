@@ -53,7 +53,6 @@ from .._pgrepl import (
     PG_EPOCH_UNIX,
     ReplicationStream,
     SlotInvalidated,
-    XLogData,
     check_slot_name,
     drop_slot,
     ensure_slot,
@@ -347,70 +346,75 @@ class WalSource:
         skip_all = False
         skip_first = 0
         seq = 0
-        item: XLogData
-        async for item in stream:
-            self._server_lsn = max(self._server_lsn, item.wal_end)
-            try:
-                message = decoder.decode(item.payload)
-            except DecodeError as e:
-                raise SourceError(
-                    f"sources.{self.name}: cannot decode the pgoutput message at"
-                    f" {format_lsn(item.wal_start)}: {e}"
-                ) from e
-            if isinstance(message, PgChange):
-                seq += 1
-                if skip_all or seq <= skip_first:
-                    self.skipped += 1
-                    continue
-                hub.publish_change(message, node.now, max_bytes=limit)
-                self.events += 1
-                self._partial = (commit_lsn, seq)
-                node.pump()
-            elif isinstance(message, PgBegin):
-                commit_lsn = message.final_lsn
-                commit_time = format_commit_time(message.commit_time)
-                self._open_since = message.commit_time / 1e6 + PG_EPOCH_UNIX
-                seq = 0
-                # Sent again after a reconnect: all of it, or the part before the cut.
-                skip_all = commit_lsn <= self._done_commit_lsn
-                partial = self._partial
-                skip_first = partial[1] if partial and partial[0] == commit_lsn else 0
-            elif isinstance(message, PgCommit):
-                self._done_commit_lsn = max(self._done_commit_lsn, message.commit_lsn)
-                self.committed_lsn = max(self.committed_lsn, message.end_lsn)
-                if self._partial is not None and self._partial[0] <= message.commit_lsn:
-                    self._partial = None  # (a commit sent again before it keeps it)
-                if self._open_since is not None:
-                    self._last_delay = max(0.0, time.time() - self._open_since)
-                self._open_since = None
-                stream.ack(message.end_lsn)
-            elif isinstance(message, PgTruncate):
-                seq += 1
-                if skip_all or seq <= skip_first:
-                    self.skipped += 1
-                    continue
-                for relid, (schema, table) in zip(message.relids, message.tables, strict=True):
-                    relation = decoder.relation(relid)
-                    columns = [(c[1], c[4]) for c in relation.columns] if relation else []
-                    hub.publish_truncate(
-                        schema, table, node.now, commit_timestamp=commit_time, columns=columns
-                    )
-                    self.events += 1
-                self._partial = (commit_lsn, seq)
-                node.pump()
-            elif isinstance(message, PgLogicalMessage):
-                if message.transactional:
+        async for first in stream:
+            batch = [first]
+            take_ready = getattr(stream, "take_ready", None)
+            if take_ready is not None:
+                # A burst is handled as one batch and the transports woken once, so each
+                # connection writes its frames together instead of one write per event.
+                batch += take_ready()
+            for item in batch:
+                self._server_lsn = max(self._server_lsn, item.wal_end)
+                try:
+                    message = decoder.decode(item.payload)
+                except DecodeError as e:
+                    raise SourceError(
+                        f"sources.{self.name}: cannot decode the pgoutput message at"
+                        f" {format_lsn(item.wal_start)}: {e}"
+                    ) from e
+                if isinstance(message, PgChange):
                     seq += 1
                     if skip_all or seq <= skip_first:
+                        self.skipped += 1
                         continue
+                    hub.publish_change(message, node.now, max_bytes=limit)
+                    self.events += 1
                     self._partial = (commit_lsn, seq)
-                elif message.lsn <= max(self._message_lsn, self._done_commit_lsn):
-                    continue
-                else:
-                    self._message_lsn = message.lsn
-                self._logical_message(node, message)
-            elif isinstance(message, PgUnknown):
-                log.warning("%s: skipping pgoutput message %r", self.name, chr(message.tag))
+                elif isinstance(message, PgBegin):
+                    commit_lsn = message.final_lsn
+                    commit_time = format_commit_time(message.commit_time)
+                    self._open_since = message.commit_time / 1e6 + PG_EPOCH_UNIX
+                    seq = 0
+                    # Sent again after a reconnect: all of it, or the part before the cut.
+                    skip_all = commit_lsn <= self._done_commit_lsn
+                    partial = self._partial
+                    skip_first = partial[1] if partial and partial[0] == commit_lsn else 0
+                elif isinstance(message, PgCommit):
+                    self._done_commit_lsn = max(self._done_commit_lsn, message.commit_lsn)
+                    self.committed_lsn = max(self.committed_lsn, message.end_lsn)
+                    if self._partial is not None and self._partial[0] <= message.commit_lsn:
+                        self._partial = None  # (a commit sent again before it keeps it)
+                    if self._open_since is not None:
+                        self._last_delay = max(0.0, time.time() - self._open_since)
+                    self._open_since = None
+                    stream.ack(message.end_lsn)
+                elif isinstance(message, PgTruncate):
+                    seq += 1
+                    if skip_all or seq <= skip_first:
+                        self.skipped += 1
+                        continue
+                    for relid, (schema, table) in zip(message.relids, message.tables, strict=True):
+                        relation = decoder.relation(relid)
+                        columns = [(c[1], c[4]) for c in relation.columns] if relation else []
+                        hub.publish_truncate(
+                            schema, table, node.now, commit_timestamp=commit_time, columns=columns
+                        )
+                        self.events += 1
+                    self._partial = (commit_lsn, seq)
+                elif isinstance(message, PgLogicalMessage):
+                    if message.transactional:
+                        seq += 1
+                        if skip_all or seq <= skip_first:
+                            continue
+                        self._partial = (commit_lsn, seq)
+                    elif message.lsn <= max(self._message_lsn, self._done_commit_lsn):
+                        continue
+                    else:
+                        self._message_lsn = message.lsn
+                    self._logical_message(node, message)
+                elif isinstance(message, PgUnknown):
+                    log.warning("%s: skipping pgoutput message %r", self.name, chr(message.tag))
+            node.pump()
 
     def _logical_message(self, node: Node, message: PgLogicalMessage) -> None:
         if self.messages_channel is None:
