@@ -178,6 +178,7 @@ struct Phase {
     pending: AtomicUsize,
     delivered: AtomicU64,
     end_ns: AtomicU64,
+    last_delivery_ns: AtomicU64,
     done: Notify,
     latencies_us: Mutex<Vec<u32>>,
 }
@@ -188,6 +189,7 @@ impl Phase {
             pending: AtomicUsize::new(subscribers),
             delivered: AtomicU64::new(0),
             end_ns: AtomicU64::new(0),
+            last_delivery_ns: AtomicU64::new(0),
             done: Notify::new(),
             latencies_us: Mutex::new(Vec::new()),
         }
@@ -553,6 +555,9 @@ async fn subscriber(args: Arc<Args>, shared: Arc<Shared>, connect: Arc<Semaphore
         shared.phases[phase]
             .delivered
             .fetch_add(1, Ordering::Relaxed);
+        shared.phases[phase]
+            .last_delivery_ns
+            .fetch_max(now, Ordering::Relaxed);
         if sample {
             latencies.push((now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
             if latencies.len() >= 4096 {
@@ -883,10 +888,12 @@ fn phase_report(
     done: bool,
 ) -> Value {
     let p = &shared.phases[phase];
+    // Cut short: the rate up to the last delivery (a server that stopped delivering is not
+    // charged for the rest of the timeout; the missing deliveries are reported as such).
     let end_ns = if done {
         p.end_ns.load(Ordering::Acquire)
     } else {
-        shared.now_ns()
+        p.last_delivery_ns.load(Ordering::Relaxed).max(start_ns)
     };
     let seconds = (end_ns.saturating_sub(start_ns)) as f64 / 1e9;
     let delivered = p.delivered.load(Ordering::Relaxed);
