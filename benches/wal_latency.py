@@ -7,7 +7,8 @@ Starts a PostgreSQL server (tests/pgserver.py: wal_level=logical, fsync off), th
 filter kind and rate: `pyrt serve` in a subprocess with the WAL source, `--subscribers`
 WebSocket connections (in this process) each joined with one row subscription that matches a
 tenth of the rows, and a writer subprocess that inserts `rate` rows per second into the
-published table, in one transaction every 10 ms (rate/100 rows each), every row carrying its
+published table, in one transaction every 10 ms (rate/100 rows each; below 100 rows/s,
+one row per transaction), every row carrying its
 `clock_timestamp()`. Each subscriber records, for every row event it gets, arrival time minus
 that timestamp (one machine, one clock): commit, WAL decoding, history, matching, fan-out,
 the socket and the client's frame reading, all included.
@@ -38,7 +39,7 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from fanout import command, open_ws  # noqa: E402 (benches/ is a folder of programs)
+from fanout import client_frame, command, open_ws  # noqa: E402 (benches/ is a folder of programs)
 from matcher import machine  # noqa: E402
 
 TICK = 0.01
@@ -56,14 +57,15 @@ async def write(port: int, database: str, rate: int, seconds: float) -> None:
     from pyrt._pgwire import PgConnection
 
     per_tick = max(1, round(rate * TICK))
+    tick_seconds = per_tick / rate  # TICK, or longer for rates under 100 rows/s
     conn = await PgConnection.connect(
         "127.0.0.1", port, "pyrt_scram", "secret", database, application_name="bench-writer"
     )
     async with conn:
         start = trio.current_time()
-        ticks = int(seconds / TICK)
+        ticks = int(seconds / tick_seconds)
         for tick in range(ticks):
-            await trio.sleep_until(start + tick * TICK)
+            await trio.sleep_until(start + tick * tick_seconds)
             first = tick * per_tick
             await conn.simple_query(
                 "INSERT INTO bench (bucket, sent, body)"
@@ -113,9 +115,17 @@ async def measure(
             if "ok" not in reply:
                 raise RuntimeError(f"join refused: {reply}")
             task_status.started()
-            while True:
-                frame = await reader.frame()
-                deliver(frame, time.time())
+
+            async def ping() -> None:  # the hub closes connections silent for 60 s
+                while True:
+                    await trio.sleep(20)
+                    await stream.send_all(client_frame(b'{"cmd":"ping"}'))
+
+            async with trio.open_nursery() as pinging:
+                pinging.start_soon(ping)
+                while True:
+                    frame = await reader.frame()
+                    deliver(frame, time.time())
 
     async with trio.open_nursery() as nursery:
         for i in range(subscribers):
