@@ -20,7 +20,7 @@ import orjson
 
 from ._history import Publication, StreamPosition
 from ._presence import PresenceDiff, PresenceMeta
-from .conflict import Mutation, Op, Record, Timestamp
+from .conflict import Mutation, Op, Outcome, Record, Result, Timestamp
 
 
 class ErrorCode(enum.IntEnum):
@@ -380,6 +380,55 @@ def decode_record(data: Any) -> Record:
         fields={name: Timestamp.decode(text) for name, text in fields.items()},
         cleared=stamp("cleared"),
     )
+
+
+def encode_mutate(channel: str, mutation: Mutation, rid: RequestId) -> dict[str, Any]:
+    """The `mutate` command a client sends for `mutation` (JSON-ready)."""
+    command: dict[str, Any] = {
+        "cmd": "mutate",
+        "id": rid,
+        "channel": channel,
+        "key": mutation.key,
+        "op": mutation.op.value,
+    }
+    if mutation.value is not None:
+        command["value"] = mutation.value
+    for name in ("base", "hlc"):
+        stamp = getattr(mutation, name)
+        if stamp is not None:
+            command[name] = stamp.encode()
+    if mutation.origin is not None:
+        command.update(origin=mutation.origin, seq=mutation.seq)
+    return command
+
+
+def decode_mutate_reply(frame: Mapping[str, Any]) -> Result:
+    """A client's reading of the reply to its `mutate`: applied, unchanged, rejected (412,
+    with the current record) or failed (any other error)."""
+    ok = frame.get("ok")
+    if isinstance(ok, Mapping):
+        record = _maybe_record(ok.get("record"))
+        applied = ok.get("applied")
+        if applied is True:
+            return Result(Outcome.APPLIED, record)
+        if applied is False:
+            return Result(Outcome.UNCHANGED, record)
+        # A re-sent mutation whose first reply the hub no longer has: it was processed, with
+        # what effect is unknown (the record is the current one either way).
+        return Result(Outcome.UNKNOWN, record, "processed before; its outcome is forgotten")
+    error = frame.get("error")
+    error = error if isinstance(error, Mapping) else {}
+    code, message = error.get("code"), str(error.get("message", ""))
+    if code == ErrorCode.CONFLICT:
+        return Result(Outcome.REJECTED, _maybe_record(error.get("record")), message, code)
+    return Result(Outcome.FAILED, None, message, code if isinstance(code, int) else None)
+
+
+def _maybe_record(data: Any) -> Record | None:
+    try:
+        return decode_record(data)
+    except (ValueError, TypeError):
+        return None
 
 
 class JsonCodec:

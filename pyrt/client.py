@@ -69,12 +69,11 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._core import Matcher
-from ._protocol import decode_record, table_channel
+from ._protocol import decode_mutate_reply, decode_record, encode_mutate, table_channel
 from .conflict import (
     ConflictPolicy,
     Op,
     OptimisticStore,
-    Outcome,
     PendingWrite,
     Record,
     Result,
@@ -383,6 +382,9 @@ class Records(Channel):
         return Write(pending, done)
 
     def _apply(self, update: StoreUpdate) -> None:
+        if update.resolved:
+            # A resolved write may unblock the next write of its record.
+            self._client._wake_writer()
         for write in update.resolved:
             event = self._waiters.pop(write.number, None)
             if event is not None:
@@ -429,28 +431,7 @@ class Records(Channel):
         return message
 
     def _replied(self, seq: int, frame: Mapping[str, Any]) -> None:
-        ok = frame.get("ok")
-        result: Result
-        if isinstance(ok, Mapping):
-            record = _record(ok.get("record"))
-            applied = ok.get("applied")
-            if applied is True:
-                result = Result(Outcome.APPLIED, record)
-            elif applied is False:
-                result = Result(Outcome.UNCHANGED, record)
-            else:
-                # A re-sent write whose first reply the server no longer has: it was
-                # processed, with what effect is unknown (the view follows the server anyway).
-                message = "processed before; its outcome is no longer known"
-                result = Result(Outcome.UNKNOWN, record, message)
-        else:
-            error = frame.get("error") or {}
-            code, message = error.get("code"), str(error.get("message", ""))
-            if code == 412:
-                result = Result(Outcome.REJECTED, _record(error.get("record")), message, code)
-            else:
-                result = Result(Outcome.FAILED, None, message, code)
-        self._apply(self.store.replied(seq, result))
+        self._apply(self.store.replied(seq, decode_mutate_reply(frame)))
 
 
 def _record(data: Any) -> Record | None:
@@ -742,6 +723,7 @@ class _SseLink(_HttpLink):
                     continue
                 frame = _decode("\n".join(data))
                 if frame.get("push") == "close":
+                    await self._drain()
                     raise _LinkClosed(f"closed by the server: {frame.get('code')}")
                 return frame
             if line.startswith(":"):
@@ -751,6 +733,13 @@ class _SseLink(_HttpLink):
                 data.append(value.removeprefix(" "))
             # `id` (the server's cursor) and `retry` are for browsers: this client resumes
             # every channel with `since` from what it delivered, on any transport.
+
+    async def _drain(self) -> None:
+        """Reads the stream to its end (the server ends it right after a close event), so
+        httpx's nested async generators finish instead of being garbage collected open."""
+        with trio.move_on_after(1.0), contextlib.suppress(httpx.HTTPError):
+            async for _line in self.lines:
+                pass
 
 
 class _PollLink(_HttpLink):
@@ -1314,7 +1303,7 @@ class Client:
                     assert mutation.seq is not None
                     rid = next(self._ids)
                     self._reply_handlers[rid] = functools.partial(channel._replied, mutation.seq)
-                    command = _mutate_command(channel.name, mutation, rid)
+                    command = encode_mutate(channel.name, mutation, rid)
                     try:
                         await link.send(orjson.dumps(command))
                     except _LinkClosed:
@@ -1334,25 +1323,6 @@ class Client:
             self._connected = trio.Event()
         for done, _slot, _on_ok in self._pending.values():
             done.set()  # wakes requests with an empty slot: ConnectionLost
-
-
-def _mutate_command(channel: str, mutation: Any, rid: int) -> dict[str, Any]:
-    command: dict[str, Any] = {
-        "cmd": "mutate",
-        "id": rid,
-        "channel": channel,
-        "key": mutation.key,
-        "op": mutation.op.value,
-        "origin": mutation.origin,
-        "seq": mutation.seq,
-    }
-    if mutation.value is not None:
-        command["value"] = mutation.value
-    if mutation.base is not None:
-        command["base"] = mutation.base.encode()
-    if mutation.hlc is not None:
-        command["hlc"] = mutation.hlc.encode()
-    return command
 
 
 @asynccontextmanager

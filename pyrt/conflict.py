@@ -831,10 +831,9 @@ class OptimisticStore:
         made it, if any: one of ours is then confirmed)."""
         if record.version is not None:
             self.clock.observe(record.version)
-        current = self._confirmed.get(record.key)
-        fresh = current is None or _after(record.version, current.version)
-        if fresh:
-            self._confirmed[record.key] = record
+            current = self._confirmed.get(record.key)
+            if current is None or _after(record.version, current.version):
+                self._confirmed[record.key] = record
         update = StoreUpdate()
         if origin == self.origin and seq is not None:
             write = self._by_seq.get(seq)
@@ -848,9 +847,8 @@ class OptimisticStore:
         if write is None or write.done:
             return StoreUpdate()
         record = result.record
-        if record is not None:
-            if record.version is not None:
-                self.clock.observe(record.version)
+        if record is not None and record.version is not None:  # else: no such record
+            self.clock.observe(record.version)
             current = self._confirmed.get(record.key)
             if current is None or _after(record.version, current.version):
                 self._confirmed[record.key] = record
