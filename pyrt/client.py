@@ -410,6 +410,10 @@ class Records(Channel):
                 policy = None  # a resolver on the server: predict writes as written
         if policy is not None:
             self.store.policy = policy
+        ttl = result.get("mutation_ttl")
+        if isinstance(ttl, (int, float)) and ttl > 0:
+            # Stop re-sending well before the hub may forget a write's idempotency key.
+            self.store.resend_window = min(self.store.resend_window, ttl / 2)
         records = result.get("records")
         if isinstance(records, list):
             self._apply(self.store.reset(_records(records)))

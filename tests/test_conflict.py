@@ -8,7 +8,9 @@ test_conflict_e2e.py.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -822,3 +824,10 @@ def test_config_record_policies() -> None:
         hub_config({"record_policies": {"todo:*x": "reject"}})
     with pytest.raises(ValueError, match="mutation_ttl"):
         HubConfig(mutation_ttl=0)
+
+
+def test_every_error_code_is_in_the_protocol_docs() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
+    table = dict(re.findall(r"^\| (\d{3}) \| (\w+) \|", docs, re.MULTILINE))
+    for code in ErrorCode:
+        assert table.get(str(code.value)) == code.name.lower(), code

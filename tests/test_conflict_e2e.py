@@ -65,6 +65,8 @@ async def test_two_clients_edit_the_same_record_one_is_rejected_and_rolled_back(
     async with connect(url) as ann, connect(url) as bob:
         a = await ann.records("todo:1")
         b = await bob.records("todo:1")
+        # Re-sends stop well before the hub may forget a write's key (mutation_ttl: 3600 s).
+        assert a.store.resend_window == 1800
         created = await a.set("t", {"title": "milk", "done": False})
         assert created.outcome is Outcome.APPLIED
         await until(lambda: "t" in b.view)
