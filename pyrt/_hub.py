@@ -424,12 +424,11 @@ class Hub:
     ) -> Publication:
         """Appends `data` to the channel's history and queues it for every subscriber.
 
-        For server-side publishers and sources; `channel` must be a valid channel name, and
-        not a records channel (change those with `apply_record_change`).
+        For server-side publishers and sources; `channel` must be a valid channel name. On a
+        records channel, change records with `apply_record_change` instead: a publication
+        that is not a record change is delivered, and clients' record stores skip it.
         """
         check_channel(channel)
-        if self._record_policy(channel) is not None:
-            raise ValueError(f"'{channel}' is a records channel: use apply_record_change")
         return self._publish(channel, data, now, publisher=publisher, echo=echo, key=key)
 
     def _publish(

@@ -192,6 +192,12 @@ async def test_late_joiners_get_a_snapshot_and_database_changes_reach_everyone(
             node.hub.apply_record_change("todo:9", f"t{n}", {"n": n}, node.now)
         node.pump()
         await until(lambda: len(a.view) == 5)
+        # A server-side publication that is not a record (the REST API, say) is delivered
+        # and skipped by the stores.
+        messages: list[Any] = []
+        a.on_message.append(lambda m: messages.append(m.data))
+        node.publish("todo:9", "not a record")
+        await until(lambda: messages == ["not a record"])
         async with connect(url) as bob:
             b = await bob.records("todo:9")
             assert b.view == a.view  # the join reply's snapshot
