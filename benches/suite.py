@@ -460,7 +460,7 @@ def fanout_table(results: dict[str, Result]) -> str:
             LABELS[target],
             f"{r.rate:,.0f}",
             fmt_ratio(ratio),
-            f"{float(peak.get('publishes_per_s', 0)):,.0f}",
+            "-" if peak.get("timed_out") else f"{float(peak.get('publishes_per_s', 0)):,.0f}",
             f"{fmt_ms(r.latency('paced', 'p50'))} / {fmt_ms(p99)}"
             + (f" ({float(paced.get('rate', 0)):,.0f} msg/s)" if paced else ""),
             fmt_ratio(p99_ratio),
@@ -533,6 +533,7 @@ def plot(all_results: dict[Scenario, dict[str, Result]], path: Path) -> bool:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     series: dict[str, list[tuple[int, float, float | None]]] = {}
+    incomplete: dict[str, list[tuple[int, float]]] = {}  # cut short: drawn hollow
     for s, results in all_results.items():
         if s.idle or s.channels != 1 or s.size != 100:
             continue
@@ -540,6 +541,8 @@ def plot(all_results: dict[Scenario, dict[str, Result]], path: Path) -> bool:
             if r.rate:
                 point = (s.subscribers, r.rate, r.latency("paced", "p99"))
                 series.setdefault(target, []).append(point)
+                if (r.report.get("peak") or {}).get("timed_out"):
+                    incomplete.setdefault(target, []).append((s.subscribers, r.rate))
     if not series:
         return False
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
@@ -547,7 +550,17 @@ def plot(all_results: dict[Scenario, dict[str, Result]], path: Path) -> bool:
     for target, points in series.items():
         points.sort()
         xs = [p[0] for p in points]
-        top.plot(xs, [p[1] for p in points], marker=markers[target], label=LABELS[target])
+        line = top.plot(xs, [p[1] for p in points], marker=markers[target], label=LABELS[target])
+        if target in incomplete:
+            top.scatter(
+                [x for x, _ in incomplete[target]],
+                [y for _, y in incomplete[target]],
+                s=120,
+                facecolors="white",
+                edgecolors=line[0].get_color(),
+                zorder=3,
+                label=f"{LABELS[target]}: cut short (rate until its last delivery)",
+            )
         lat = [(p[0], p[2]) for p in points if p[2] is not None]
         bottom.plot(
             [x for x, _ in lat],
@@ -567,10 +580,10 @@ def plot(all_results: dict[Scenario, dict[str, Result]], path: Path) -> bool:
     bottom.set_xticks(counts)
     bottom.xaxis.set_major_formatter(plain)
     bottom.xaxis.set_minor_formatter(NullFormatter())
-    for ax in (top, bottom):
+    for ax, corner in ((top, "lower left"), (bottom, "upper left")):
         ax.yaxis.set_major_formatter(plain)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(loc=corner, fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
