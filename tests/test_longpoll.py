@@ -251,23 +251,26 @@ async def test_a_waiting_poll_keeps_its_session_alive(nursery: trio.Nursery) -> 
 
 
 async def test_batches_are_bounded(nursery: trio.Nursery) -> None:
-    node = await start(nursery, longpoll={"max_batch_messages": 3, "max_batch_bytes": 300})
+    node = await start(nursery, longpoll={"max_batch_messages": 3, "max_batch_bytes": 1000})
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         p = await Poller.open(http, channel="a")
         for n in range(7):
             node.publish("a", n)
-        sizes = [len((await p.poll())["messages"]) for _ in range(3)]
-        assert sizes == [3, 3, 1]
-        # ~110 bytes per frame: two fit in 300 bytes, three do not.
+        batches = [(await p.poll())["messages"] for _ in range(3)]
+        assert [len(b) for b in batches] == [3, 3, 1]
+        # Small frames (under 200 bytes each, with the envelope): the message count bound.
+        assert all(len(orjson.dumps(m)) < 200 for b in batches for m in b)
+        # 300 bytes of data plus the envelope: two frames fit in 1000 bytes, three do not.
         for n in range(4):
-            node.publish("a", "x" * 30 + str(n))
+            node.publish("a", "x" * 300 + str(n))
         batches = [(await p.poll())["messages"] for _ in range(2)]
         assert [len(b) for b in batches] == [2, 2]
-        assert all(sum(len(orjson.dumps(m)) for m in b) <= 300 for b in batches)
+        assert all(334 < len(orjson.dumps(m)) < 500 for b in batches for m in b)
+        assert all(sum(len(orjson.dumps(m)) for m in b) <= 1000 for b in batches)
         # A frame larger than the bound still goes, alone.
-        node.publish("a", "big" * 200)
+        node.publish("a", "big" * 400)
         node.publish("a", "small")
-        assert [m["data"] for m in (await p.poll())["messages"]] == ["big" * 200]
+        assert [m["data"] for m in (await p.poll())["messages"]] == ["big" * 400]
         assert [m["data"] for m in (await p.poll())["messages"]] == ["small"]
         assert seq(p.cursor) == 7
 
