@@ -59,6 +59,7 @@ from .conflict import (
     RecordStore,
     Resolver,
     Timestamp,
+    origin_tag,
     policy_named,
 )
 
@@ -841,7 +842,7 @@ class Hub:
         if result.outcome is Outcome.APPLIED:
             data = dict(record)
             if origin is not None:
-                data.update(origin=origin, seq=seq)
+                data.update(writer=origin_tag(origin), seq=seq)
             publication = self._publish(
                 channel, data, now, publisher=conn, key=mutation.key, hlc=version, record=True
             )

@@ -428,10 +428,10 @@ class Records(Channel):
                 record = decode_record(data)
             except (ValueError, TypeError):
                 return message  # not a record: nothing for the store
-            origin, seq = data.get("origin"), data.get("seq")
-            if not isinstance(origin, str) or not isinstance(seq, int):
-                origin, seq = None, None
-            self._apply(self.store.receive(record, origin, seq))
+            writer, seq = data.get("writer"), data.get("seq")
+            if not isinstance(writer, str) or not isinstance(seq, int):
+                writer, seq = None, None
+            self._apply(self.store.receive(record, writer, seq))
         return message
 
     def _replied(self, seq: int, frame: Mapping[str, Any]) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import enum
 import functools
+import hashlib
 import itertools
 import re
 from collections import OrderedDict
@@ -56,6 +57,7 @@ __all__ = [
     "Result",
     "StoreUpdate",
     "Timestamp",
+    "origin_tag",
     "policy_named",
 ]
 
@@ -278,7 +280,8 @@ class Mutation:
     `base` is the version of the record the client saw when it made the change (None: it saw
     no record). `hlc` is the client's timestamp for the write (None: the server stamps it).
     `origin` and `seq` together are the idempotency key: a mutation with a key the server has
-    processed is never applied again, however often it is sent.
+    processed is never applied again, however often it is sent. Keep `origin` secret: the
+    server publishes only its `origin_tag`.
     """
 
     key: str
@@ -516,6 +519,13 @@ def policy_named(
     return CustomResolver(found, name)
 
 
+def origin_tag(origin: str) -> str:
+    """What publications show of an origin: its SHA-256, 32 hex digits. The origin itself
+    stays between a client and the hub, so nobody who sees publications can send mutations
+    under it (and have the client's own writes refused as duplicates)."""
+    return hashlib.sha256(origin.encode()).hexdigest()[:32]
+
+
 # -- the server's records -----------------------------------------------------------------------
 
 
@@ -715,8 +725,11 @@ class OptimisticStore:
         if not 1 <= max_in_flight <= _OUTCOMES_PER_ORIGIN // 2:
             raise ValueError(f"max_in_flight must be 1..{_OUTCOMES_PER_ORIGIN // 2}")
         self.origin = origin
+        self.tag = origin_tag(origin)
+        """How the hub's publications name this store's writes."""
         self.policy = policy or _Optimistic()
-        self.clock = clock or HybridClock(origin)
+        # Not the origin as the clock's name: timestamps are public, the origin is not.
+        self.clock = clock or HybridClock(self.tag[:16])
         self.max_in_flight = max_in_flight
         self.resend_window = resend_window
         self.online = False
@@ -853,17 +866,17 @@ class OptimisticStore:
         return self._refresh(old | set(self._confirmed) | {w.key for w in self._pending})
 
     def receive(
-        self, record: Record, origin: str | None = None, seq: int | None = None
+        self, record: Record, writer: str | None = None, seq: int | None = None
     ) -> StoreUpdate:
-        """A record change published on the channel (origin and seq name the mutation that
-        made it, if any: one of ours is then confirmed)."""
+        """A record change published on the channel (`writer`, the tag of an origin, and
+        `seq` name the mutation that made it, if any: one of ours is then confirmed)."""
         if record.version is not None:
             self.clock.observe(record.version)
             current = self._confirmed.get(record.key)
             if current is None or _after(record.version, current.version):
                 self._confirmed[record.key] = record
         update = StoreUpdate()
-        if origin == self.origin and seq is not None:
+        if writer == self.tag and seq is not None:
             write = self._by_seq.get(seq)
             if write is not None and not write.done:
                 update |= self._resolve(write, Result(Outcome.APPLIED, record), refresh=False)

@@ -38,6 +38,7 @@ from pyrt.conflict import (
     RejectOnConflict,
     Result,
     Timestamp,
+    origin_tag,
     policy_named,
 )
 
@@ -415,7 +416,7 @@ def exchange(client: OptimisticStore, server: Server) -> list[Result]:
         results.append(result)
         if result.outcome is Outcome.APPLIED:
             assert result.record is not None
-            client.receive(result.record, mutation.origin, mutation.seq)
+            client.receive(result.record, client.tag, mutation.seq)
         client.replied(mutation.seq, result)
     return results
 
@@ -722,6 +723,10 @@ def test_resent_mutations_are_answered_as_before_and_applied_once() -> None:
     first = a.request(**command, value={"x": 1}, origin="o1", seq=1)
     assert first["ok"]["applied"] is True
     a.request(**command, value={"x": 2}, origin="o1", seq=2)
+    [pub] = a.pushes
+    # Publications name the writer by a tag: the origin stays between the client and the hub.
+    assert (pub["data"]["writer"], pub["data"]["seq"]) == (origin_tag("o1"), 2)
+    assert "o1" not in orjson.dumps(pub).decode()
     again = a.request(**command, value={"x": 1}, origin="o1", seq=1)
     assert again["ok"] == first["ok"]  # the first answer, record and offset included
     assert a.pushes == []  # no new publication

@@ -159,7 +159,7 @@ async def test_writes_survive_dropped_connections_and_apply_once(
     ):
         observer = await observer_client.join("doc:2", iterate=False)
         observer.on_message.append(
-            lambda m: published.append((m.data.get("origin"), m.data.get("seq")))
+            lambda m: published.append((m.data.get("writer"), m.data.get("seq")))
         )
         doc = await writer.records("doc:2")
         assert isinstance(doc, Records)

@@ -58,6 +58,7 @@ from pyrt.conflict import (
     PendingWrite,
     Record,
     Rejection,
+    origin_tag,
     policy_named,
 )
 
@@ -175,7 +176,7 @@ class RecordsConvergence(RuleBasedStateMachine):
             frame = orjson.dumps(encode_mutate(CHANNEL, mutation, rid))
             client.up.append(frame)
             client.sent.append(frame)
-            key = (mutation.origin, mutation.seq)
+            key = (origin_tag(mutation.origin), mutation.seq)
             assert self.sent_mutations.setdefault(key, mutation) == mutation, "a key reused"
 
     def deliver_up_one(self, client: Client) -> None:
@@ -223,7 +224,8 @@ class RecordsConvergence(RuleBasedStateMachine):
                 assert position[0] == last[0] + 1, "a gap in a records channel"
             client.position = position
             data = frame["data"]
-            store.receive(decode_record(data), data.get("origin"), data.get("seq"))
+            assert data.get("writer") != store.origin  # origins stay secret
+            store.receive(decode_record(data), data.get("writer"), data.get("seq"))
 
     # -- rules -----------------------------------------------------------------------------------
 
@@ -396,20 +398,23 @@ class RecordsConvergence(RuleBasedStateMachine):
                     Outcome.UNCHANGED,
                     Outcome.REJECTED,
                 ), write.result
+        # Origins (half of each idempotency key) never leave the client's link to the hub.
+        origins = [c.store.origin.encode() for c in self.clients.values()]
+        assert not any(o in orjson.dumps(push) for push in self.log for o in origins)
         # The log is the hub's whole history, in order, without gaps.
         assert [p["offset"] for p in self.log] == list(range(1, len(self.log) + 1))
         by_key: dict[tuple[str, int], list[dict[str, Any]]] = collections.defaultdict(list)
         for push in self.log:
             data = push["data"]
-            if "origin" in data:
-                by_key[(data["origin"], data["seq"])].append(data)
+            if "writer" in data:
+                by_key[(data["writer"], data["seq"])].append(data)
         # At most once.
         assert all(len(pubs) == 1 for pubs in by_key.values()), by_key
         # Applied exactly when published, with the record the client was told.
         for client in self.clients.values():
             for write in client.writes:
                 assert write.result is not None
-                published = by_key.get((client.store.origin, write.seq or -1))
+                published = by_key.get((client.store.tag, write.seq or -1))
                 if write.result.outcome is Outcome.APPLIED:
                     assert published is not None, write
                     assert write.result.record == decode_record(published[0])
@@ -432,13 +437,13 @@ class RecordsConvergence(RuleBasedStateMachine):
             assert record.version is not None
             assert record.version > previous.version
         if self.policy_name == "reject":
-            if "origin" in data:
-                mutation = self.sent_mutations[(data["origin"], data["seq"])]
+            if "writer" in data:
+                mutation = self.sent_mutations[(data["writer"], data["seq"])]
                 assert mutation.base == previous.version or (
                     mutation.base is None and previous.value is None
                 ), "a write applied to a version it was not based on"
             return
-        if "origin" not in data:
+        if "writer" not in data:
             return  # the database's changes replace the record
         merge = LastWriterWins.merge if self.policy_name == "lww" else FieldMerge.merge
         assert merge(previous, record) == record, "a state lost what the one before had"
