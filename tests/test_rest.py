@@ -14,6 +14,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from pyrt._hub import HubConfig
 from pyrt._node import Node, NodeConfig
+from pyrt.conflict import Timestamp
 
 KEY = "k"
 
@@ -146,8 +147,10 @@ async def test_publish_reaches_websocket_subscribers(nursery: trio.Nursery) -> N
             "channel": "room:1",
             "offset": 1,
             "epoch": epoch,
+            "hlc": pub["hlc"],  # the hub's clock (pyrt.conflict.Timestamp, checked below)
             "data": {"t": "hi"},
         }  # no "from": the server published it
+        Timestamp.decode(pub["hlc"])
         got = [await next_frame(b), await next_frame(b)]
         assert [(p["channel"], p["offset"], p["data"]) for p in got] == [
             ("room:1", 1, {"t": "hi"}),
