@@ -320,6 +320,13 @@ class Hub:
         self._closing.clear()
         return closing
 
+    def push(self, conn_id: str, frame: bytes) -> None:
+        """Queues a frame the transport's protocol layer made itself (a reply that sums up
+        several hub commands, a notice of its own), in order with the hub's frames."""
+        conn = self._connections.get(conn_id)
+        if conn is not None:
+            self._send(conn, frame)
+
     def shutdown(self, now: float) -> None:
         """Tells every client to reconnect elsewhere; the transport then closes them all."""
         for conn in list(self._connections.values()):

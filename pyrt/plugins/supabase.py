@@ -1,0 +1,589 @@
+"""The Supabase Realtime transport: the official Supabase clients (supabase-js, supabase-py's
+`realtime`) against pyrt's hub, unmodified (docs/supabase.md).
+
+Serves WebSocket upgrades at `/realtime/v1/websocket` and `/socket/websocket` (Phoenix
+channels, vsn 1.0.0 or 2.0.0; frames in pyrt._phoenix) and Supabase's broadcast REST API at
+`POST /api/broadcast` and `POST /api/broadcast/<topic>/events/<event>` (also under
+`/realtime/v1`). Each Phoenix channel of a socket is one hub connection, with a
+`ChannelCodec` naming its topic: broadcasts are publications on the topic's channel, presence
+is the hub's presence, and `postgres_changes` are the hub's row-change subscriptions (one
+hub join per table), so Supabase and native clients share channels, history and rows.
+
+wsproto does the handshake, control frames and close, as in the native WebSocket transport;
+data frames are built by pyrt._wsframe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from .._core import check_channel
+from .._errors import ChannelNameError
+from .._http import HttpError, HttpExchange, HttpRequest
+from .._node import Node, Session
+from .._phoenix import (
+    PHOENIX_TOPIC,
+    TOPIC_PREFIX,
+    VERSIONS,
+    VSN_1,
+    BadFrame,
+    ChannelCodec,
+    JoinError,
+    Message,
+    decode,
+    encode,
+    is_binary,
+    new_presence_key,
+    parse_join,
+    topic_channel,
+)
+from .._protocol import CloseCode, Join, Leave, Publish, Track, Untrack
+from .._wsframe import BINARY, TEXT, data_frame
+from ._options import integer
+
+SOCKET_PATHS = ("/realtime/v1/websocket", "/socket/websocket")
+BROADCAST_PATHS = ("/api/broadcast", "/realtime/v1/api/broadcast")
+MAX_REST_MESSAGES = 100
+"""Most messages one `POST /api/broadcast` may carry."""
+
+
+def _matches(given: str, keys: Sequence[str]) -> bool:
+    # Compared with every key, without stopping at a match (as the REST API does).
+    candidate = given.encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, key.encode())
+    return matched
+
+
+class _Refused(Exception):
+    """An HTTP request refused the way Supabase does: `status` and `{"error": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SupabaseTransport:
+    """Supabase Realtime's protocol over WebSocket, and its broadcast REST API.
+
+    `apikeys`: keys a client may give as `apikey` (query) or `x-api-key`/`apikey` (header),
+    besides the node's `api_keys`; Supabase apps ship their anon key in the browser, so give
+    them one of these rather than a server key. With no key configured at all, the socket
+    is open (as `/connection/websocket` is) and the REST API refuses.
+    `max_channels`: Phoenix channels one socket may join (Supabase's hosted limit is 100).
+    """
+
+    name = "supabase"
+
+    def __init__(self, *, apikeys: Sequence[str] = (), max_channels: int = 100) -> None:
+        if isinstance(apikeys, str) or not all(isinstance(k, str) and k for k in apikeys):
+            raise TypeError("apikeys must be a list of non-empty strings")
+        self.apikeys = tuple(apikeys)
+        self.max_channels = integer("max_channels", max_channels, 1)
+
+    def claims(self, request: HttpRequest) -> bool:
+        path = request.path
+        return path in SOCKET_PATHS or any(
+            path == p or path.startswith(p + "/") for p in BROADCAST_PATHS
+        )
+
+    def keys(self, node: Node) -> tuple[str, ...]:
+        return self.apikeys + tuple(node.config.api_keys)
+
+    async def serve(self, node: Node, exchange: HttpExchange) -> None:
+        try:
+            if exchange.request.path in SOCKET_PATHS:
+                await self._socket(node, exchange)
+            else:
+                await self._rest(node, exchange)
+        except _Refused as e:
+            await exchange.respond(e.status, orjson.dumps({"error": e.message}))
+
+    # -- the socket ------------------------------------------------------------------------
+
+    async def _socket(self, node: Node, exchange: HttpExchange) -> None:
+        request = exchange.request
+        if not request.is_websocket_upgrade:
+            raise _Refused(400, "this endpoint takes WebSocket upgrades only")
+        vsn = request.param("vsn") or VSN_1
+        if vsn not in VERSIONS:
+            raise _Refused(400, f"unsupported vsn '{vsn[:16]}': use 1.0.0 or 2.0.0")
+        keys = self.keys(node)
+        if keys:
+            given = (
+                request.param("apikey") or request.header("x-api-key") or request.header("apikey")
+            )
+            if not given:
+                raise _Refused(401, "missing apikey: send it as ?apikey= or an x-api-key header")
+            if not _matches(given, keys):
+                raise _Refused(401, "invalid apikey")
+        ws = WSConnection(ConnectionType.SERVER)
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers]
+        try:
+            ws.initiate_upgrade_connection(headers, request.target)
+        except RemoteProtocolError as e:
+            raise _Refused(400, f"bad websocket upgrade: {e}") from None
+        stream = exchange.stream
+        for event in ws.events():
+            if isinstance(event, Request):
+                await stream.send_all(ws.send(AcceptConnection()))
+        socket = _Socket(node, stream, ws, vsn, self.max_channels)
+        if exchange.trailing:
+            await socket.feed(exchange.trailing)
+        await socket.run()
+
+    # -- REST ------------------------------------------------------------------------------
+
+    async def _rest(self, node: Node, exchange: HttpExchange) -> None:
+        request = exchange.request
+        if request.method != "POST":
+            raise _Refused(405, f"use POST for {request.path[:128]}")
+        self._authorize(node, request)
+        path = next(p for p in BROADCAST_PATHS if request.path.startswith(p))
+        rest = request.path[len(path) :]
+        limit = node.hub.config.max_payload_bytes
+        if not rest:
+            body = await self._json(node, exchange)
+            messages = _broadcast_messages(body)
+        else:
+            topic, slash, event = rest[1:].partition("/events/")
+            if not slash or not topic or not event or "/" in event:
+                raise _Refused(404, "use POST /api/broadcast/<topic>/events/<event>")
+            if request.param("private") == "true":
+                raise _Refused(400, "private channels are not supported by pyrt yet")
+            content_type = (request.header("content-type") or "").split(";")[0].strip()
+            if content_type == "application/octet-stream":
+                raise _Refused(415, "binary broadcast payloads are not supported by pyrt yet")
+            payload = await self._json(node, exchange)
+            messages = [(topic, event, payload)]
+        channels = []
+        for index, (topic, event, payload) in enumerate(messages):
+            size = len(orjson.dumps(payload))
+            if size > limit:
+                raise _Refused(413, f"messages[{index}].payload larger than {limit} bytes")
+            channels.append((_channel_of(TOPIC_PREFIX + topic), event, payload))
+        for channel, event, payload in channels:
+            node.hub.publish(channel, {"event": event, "payload": payload}, node.now)
+        node.metrics.api_messages_in += len(channels)
+        node.pump()
+        await exchange.respond(202, b"")
+
+    def _authorize(self, node: Node, request: HttpRequest) -> None:
+        keys = self.keys(node)
+        if not keys:
+            raise _Refused(401, "the broadcast API is disabled: no API keys configured")
+        candidates = [request.header("apikey"), request.header("x-api-key")]
+        authorization = request.header("authorization") or ""
+        if authorization[:7].lower() == "bearer ":
+            candidates.append(authorization[7:].strip())
+        given = [c for c in candidates if c]
+        if not given:
+            raise _Refused(401, "missing apikey: send an apikey header")
+        if not any(_matches(c, keys) for c in given):
+            raise _Refused(401, "invalid apikey")
+
+    async def _json(self, node: Node, exchange: HttpExchange) -> Any:
+        try:
+            raw = await exchange.body(node.config.max_body_bytes)
+        except HttpError as e:
+            raise _Refused(e.status, e.message) from None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise _Refused(400, f"body is not JSON: {e}") from None
+
+
+def _channel_of(topic: str) -> str:
+    channel = topic_channel(topic)
+    try:
+        check_channel(channel)
+    except ChannelNameError:
+        # A character one side calls whitespace and the other does not: hash it.
+        channel = topic_channel(TOPIC_PREFIX + "\x00" * 256 + topic)
+    return channel
+
+
+def _broadcast_messages(body: Any) -> list[tuple[str, str, Any]]:
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise _Refused(400, 'body must be {"messages": [{topic, event, payload}, ...]}')
+    items = body["messages"]
+    if not 1 <= len(items) <= MAX_REST_MESSAGES:
+        raise _Refused(400, f"'messages' must hold 1 to {MAX_REST_MESSAGES} messages")
+    out = []
+    for index, item in enumerate(items):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict):
+            raise _Refused(400, f"{where} must be an object")
+        topic, event = item.get("topic"), item.get("event")
+        if not isinstance(topic, str) or not topic or not isinstance(event, str) or not event:
+            raise _Refused(400, f"{where} needs a 'topic' and an 'event' (non-empty strings)")
+        if item.get("private") is True:
+            raise _Refused(400, f"{where}: private channels are not supported by pyrt yet")
+        out.append((topic, event, item.get("payload", {})))
+    return out
+
+
+@attrs.define(eq=False)
+class _Channel:
+    """One joined Phoenix channel of a socket: a hub session and its settings."""
+
+    topic: str
+    session: Session
+    codec: ChannelCodec
+    channel: str
+    """The hub channel of its broadcasts and presence."""
+    ack: bool
+    echo: bool
+    presence_key: str
+    track_ref: str | None = None
+    """The ref of this channel's presence entry, replaced by the next track."""
+    access_token: str | None = None
+    leaving: bool = False
+
+
+class _Socket:
+    """One accepted Supabase socket: a reader, and a writer task per joined channel."""
+
+    def __init__(
+        self, node: Node, stream: trio.abc.Stream, ws: WSConnection, vsn: str, max_channels: int
+    ) -> None:
+        self.node = node
+        self.hub = node.hub
+        self.stream = stream
+        self.ws = ws
+        self.vsn = vsn
+        self.max_channels = max_channels
+        self.max_message = node.hub.config.max_frame_bytes
+        self.idle_timeout = node.hub.config.idle_timeout
+        self.channels: dict[str, _Channel] = {}
+        self.send_lock = trio.Lock()
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done = False
+        self.closing = False
+        self.read_scope = trio.CancelScope()
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                await self.read()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            for channel in list(self.channels.values()):
+                channel.session.end()
+            self.channels.clear()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    async def send_frames(self, frames: Sequence[bytes]) -> None:
+        wire = b"".join(data_frame(f, BINARY if is_binary(f) else TEXT) for f in frames if f)
+        if wire:
+            await self.send(wire)
+
+    async def send_message(self, message: Message) -> None:
+        """A frame of the socket's own (heartbeat replies, refusals before a channel exists)."""
+        await self.send_frames([encode(message, self.vsn)])
+
+    async def reply(self, message: Message, status: str, response: dict[str, Any]) -> None:
+        join_ref = message.join_ref if message.join_ref is not None else message.ref
+        payload = {"status": status, "response": response}
+        await self.send_message(Message(message.topic, "phx_reply", payload, message.ref, join_ref))
+
+    async def refuse(self, message: Message, reason: str) -> None:
+        await self.reply(message, "error", {"reason": reason})
+
+    async def close(self, code: CloseCode, reason: str) -> None:
+        """Sends the close frame; the reader then waits (2 s at most) for the client's."""
+        if self.closing:
+            return
+        self.closing = True
+        self.read_scope.deadline = min(self.read_scope.deadline, trio.current_time() + 2.0)
+        with contextlib.suppress(LocalProtocolError):
+            await self.send(self.ws.send(CloseConnection(code=int(code), reason=reason[:120])))
+
+    async def write(self, channel: _Channel) -> None:
+        """Writes what the hub queues for one channel until it is left or closed."""
+        session = channel.session
+        closing = None
+        try:
+            while True:
+                frames = await session.outgoing()
+                if not frames:
+                    break
+                await self.send_frames(frames)
+                if channel.leaving and not len(session.connection.outbox):
+                    break
+            closing = session.close_request
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            session.end()
+            if self.channels.get(channel.topic) is channel:
+                del self.channels[channel.topic]
+        if closing is None or channel.leaving:
+            return
+        code, reason = closing
+        if code == CloseCode.SLOW:
+            # This channel fell behind: it errors (the client rejoins), the others go on.
+            error = channel.codec.message("phx_error", {"reason": reason}, channel.codec.join_ref)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.send_frames([error])
+        else:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.close(code, reason)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read(self) -> None:
+        while not self.done:
+            self.read_scope = trio.CancelScope(
+                deadline=trio.current_time() + self.idle_timeout
+                if not self.closing
+                else self.read_scope.deadline
+            )
+            data = None
+            with self.read_scope:
+                try:
+                    data = await self.stream.receive_some(64 * 1024)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+            if self.read_scope.cancelled_caught:
+                if self.closing:
+                    return  # the client did not answer our close
+                idle = self.idle_timeout
+                await self.close(CloseCode.IDLE_TIMEOUT, f"nothing received for {idle:g} s")
+                continue
+            try:
+                await self.feed(bytes(data) if data else None)
+            except RemoteProtocolError:
+                return
+            if not data:
+                return
+
+    async def feed(self, data: bytes | None) -> None:
+        self.ws.receive_data(data)
+        for event in self.ws.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                if self.closing:
+                    continue
+                chunk = event.data.encode() if isinstance(event.data, str) else bytes(event.data)
+                self.parts.append(chunk)
+                self.size += len(chunk)
+                if self.size > self.max_message:
+                    self.parts.clear()
+                    limit = self.max_message
+                    await self.close(CloseCode.MESSAGE_TOO_BIG, f"frame larger than {limit} bytes")
+                    continue
+                if event.message_finished:
+                    frame = b"".join(self.parts)
+                    self.parts.clear()
+                    self.size = 0
+                    await self.receive(frame, binary=isinstance(event, BytesMessage))
+            elif isinstance(event, Ping):
+                await self.send(self.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                self.done = True
+                with contextlib.suppress(LocalProtocolError):  # we had sent our close already
+                    await self.send(self.ws.send(event.response()))
+
+    async def receive(self, frame: bytes, *, binary: bool) -> None:
+        try:
+            message = decode(frame, self.vsn, binary=binary)
+        except BadFrame as e:
+            await self.close(e.code, e.message)
+            return
+        if message.topic == PHOENIX_TOPIC:
+            if message.event == "heartbeat":
+                await self.reply(message, "ok", {})
+            else:
+                await self.refuse(message, f"UnknownEvent: '{message.event[:64]}' on phoenix")
+            return
+        if message.event == "phx_join":
+            await self.join(message, len(frame))
+            return
+        channel = self.channels.get(message.topic)
+        if channel is None:
+            await self.refuse(message, "unmatched topic")
+            return
+        await self.handle(channel, message, len(frame))
+        self.node.pump()
+
+    # -- channels --------------------------------------------------------------------------
+
+    async def join(self, message: Message, size: int) -> None:
+        topic = message.topic
+        if not topic.startswith(TOPIC_PREFIX):
+            await self.refuse(message, "unmatched topic")
+            return
+        try:
+            request = parse_join(message.payload)
+            if request.private:
+                message_ = "private channels (authorization by RLS) are not supported by pyrt yet"
+                raise JoinError("PrivateChannelsNotSupported", message_)
+        except JoinError as e:
+            await self.refuse(message, e.reason)
+            return
+        previous = self.channels.pop(topic, None)
+        if previous is not None:  # joined again (a client's rejoin): the new join replaces it
+            previous.leaving = True
+            previous.session.end()
+            previous.session.wake()  # its writer sees the end
+        if len(self.channels) >= self.max_channels:
+            limit = self.max_channels
+            await self.refuse(message, f"TooManyChannels: at most {limit} channels per socket")
+            return
+        groups = request.groups()
+        if len(groups) + 1 > self.hub.config.max_channels_per_connection:
+            limit = self.hub.config.max_channels_per_connection - 1
+            await self.refuse(message, f"TooManyChannels: at most {limit} tables per channel")
+            return
+        join_ref = message.join_ref if message.join_ref is not None else message.ref
+        codec = ChannelCodec(topic, join_ref, self.vsn, extras=request.extras)
+        session = self.node.open_session(transport="supabase", idle_timeout=None, pings=False)
+        conn = session.connection
+        conn.codec = codec
+        hub, now = self.hub, self.node.now
+        ids = [0] * len(request.changes)
+        for table, indexes in groups.items():
+            subs = tuple(request.changes[i].subscription for i in indexes)
+            hub.handle(conn, Join(None, table, changes=subs), now)
+            joined = conn.joins.get(table)
+            if joined is None:  # refused by the hub (the binding was checked: not expected)
+                session.end()
+                await self.refuse(message, f"InvalidJoinPayload: cannot subscribe to {table}")
+                return
+            for index, sub_id in zip(indexes, joined.row_ids, strict=True):
+                ids[index] = sub_id
+        channel_name = _channel_of(topic)
+        response: dict[str, Any] = {
+            "postgres_changes": [
+                {**binding.raw, "id": sub_id}
+                for binding, sub_id in zip(request.changes, ids, strict=True)
+            ]
+        }
+        if request.extras:
+            if request.since is not None:
+                recovery = hub.history(channel_name, now, since=request.since)
+                position, recovered = recovery.position, recovery.recovered
+            else:
+                position, recovered = hub.history_position(channel_name, now), True
+            response["pyrt"] = {
+                "channel": channel_name,
+                "offset": position.offset,
+                "epoch": position.epoch,
+                "recovered": recovered,
+            }
+        # The reply, then what the join sends (missed broadcasts, presence_state), then the
+        # row subscriptions' confirmation: they are live from the hub.handle above.
+        hub.push(conn.id, codec.ok(message.ref, response))
+        hub.handle(
+            conn,
+            Join(None, channel_name, since=request.since, presence=request.presence_enabled),
+            now,
+        )
+        if request.changes:
+            hub.push(conn.id, codec.system("ok", "Subscribed to PostgreSQL", "postgres_changes"))
+        channel = _Channel(
+            topic,
+            session,
+            codec,
+            channel_name,
+            ack=request.ack,
+            echo=request.echo,
+            presence_key=request.presence_key or new_presence_key(),
+            access_token=request.access_token,
+        )
+        self.channels[topic] = channel
+        assert self.nursery is not None
+        self.nursery.start_soon(self.write, channel)
+        self.node.pump()
+
+    async def handle(self, channel: _Channel, message: Message, size: int) -> None:
+        hub, now, conn = self.hub, self.node.now, channel.session.connection
+        payload = message.payload
+        event = message.event
+        if not isinstance(payload, dict):
+            await self.refuse(message, "InvalidMessage: 'payload' must be an object")
+            return
+        if event == "broadcast":
+            name = payload.get("event")
+            if not isinstance(name, str) or not name:
+                await self.refuse(message, "InvalidMessage: a broadcast needs an 'event' string")
+                return
+            data = payload.get("payload", {})
+            if isinstance(data, bytes):
+                reason = "BinaryPayloadNotSupported: binary broadcast payloads are not supported"
+                await self.refuse(message, f"{reason} by pyrt yet; send JSON")
+                return
+            publish = Publish(
+                message.ref,
+                channel.channel,
+                {"event": name, "payload": data},
+                ack=channel.ack,
+                echo=channel.echo,
+                size=size,
+            )
+            hub.handle(conn, publish, now)
+        elif event == "presence":
+            kind = payload.get("event")
+            if kind == "track":
+                meta = payload.get("payload", {})
+                if not isinstance(meta, dict):
+                    await self.refuse(message, "InvalidMessage: presence payload must be an object")
+                    return
+                key = channel.presence_key
+                track = Track(message.ref, channel.channel, key, meta, channel.track_ref)
+                hub.handle(conn, track, now)
+                mine = [m for m in hub.presence(channel.channel).get(key, ()) if m.conn == conn.id]
+                channel.track_ref = mine[-1].ref if mine else None
+            elif kind == "untrack":
+                hub.handle(conn, Untrack(message.ref, channel.channel, channel.presence_key), now)
+                channel.track_ref = None
+            else:
+                await self.refuse(
+                    message, "InvalidMessage: presence event must be track or untrack"
+                )
+        elif event == "access_token":
+            token = payload.get("access_token")
+            if not isinstance(token, str):
+                await self.refuse(message, "InvalidMessage: 'access_token' must be a string")
+                return
+            channel.access_token = token
+            hub.push(conn.id, channel.codec.ok(message.ref))
+        elif event == "phx_leave":
+            for joined in list(conn.joins):
+                hub.handle(conn, Leave(None, joined), now)
+            channel.leaving = True
+            del self.channels[channel.topic]
+            codec = channel.codec
+            hub.push(conn.id, codec.ok(message.ref))
+            hub.push(conn.id, codec.message("phx_close", {}, codec.join_ref))
+        else:
+            await self.refuse(message, f"UnknownEvent: '{event[:64]}'")
