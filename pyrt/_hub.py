@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 import orjson
 
-from ._core import Matcher, PgChange, check_channel
+from ._core import FanOut, Matcher, PgChange, check_channel
 from ._errors import ChannelNameError
 from ._history import History, Publication, Recovery, StreamPosition
 from ._outbox import Outbox, SlowConsumerPolicy
@@ -54,6 +54,7 @@ from ._rows import TRUNCATE, InvalidRowSubscription, RowSubscriptions
 from .conflict import (
     ConflictPolicy,
     HybridClock,
+    Mutation,
     Outcome,
     Record,
     RecordStore,
@@ -98,6 +99,14 @@ class HubConfig:
     mutation_ttl: float = 3600.0
     """Seconds the hub remembers the idempotency keys of a client (origin) after its last
     mutation; clients stop re-sending an unanswered mutation well before."""
+    tombstone_ttl: float = 86400.0
+    """Seconds a deleted record's tombstone is kept (by the hub's clock) before it may be
+    forgotten; a mutation based on a forgotten version is then refused as a conflict
+    (docs/conflicts.md). `math.inf` keeps tombstones for good."""
+    direct_writes: bool = True
+    """Let the Rust fan-out write publications straight to WebSocket sockets that can take
+    them now (`attach_socket`); False sends every frame through the outbox and the
+    connection's writer task (slower; for comparison)."""
 
     def __attrs_post_init__(self) -> None:
         positive = ("max_channels_per_connection", "max_payload_bytes", "max_frame_bytes")
@@ -119,6 +128,8 @@ class HubConfig:
             raise ValueError("max_clock_drift must not be negative")
         if self.mutation_ttl <= 0:
             raise ValueError("mutation_ttl must be positive")
+        if not self.tombstone_ttl > 0:
+            raise ValueError("tombstone_ttl must be positive")
 
 
 @attrs.define(slots=True)
@@ -130,6 +141,8 @@ class HubStats:
     publications: int = 0
     frames_out: int = 0
     bytes_out: int = 0
+    direct_frames: int = 0
+    """Of `frames_out`, those the Rust fan-out wrote straight to a socket."""
     evicted: int = 0
     slow_disconnects: int = 0
     recoveries: int = 0
@@ -177,6 +190,23 @@ class Connection:
     closing: CloseCode | None = None
     told_to_go: bool = False
     """A `disconnect` push was queued (at shutdown)."""
+    handle: int = -1
+    """The connection's handle in the hub's Rust fan-out."""
+    direct: bool = False
+    """A socket is attached: the fan-out may write publications to it directly."""
+
+
+@attrs.frozen(slots=True)
+class MutationReply:
+    """The hub's answer to a mutation, as the `mutate` command's reply carries it: `ok`, the
+    reply (`applied`, `record`...), or an error `code` and `message` with the current
+    `record` (a conflict)."""
+
+    outcome: Outcome
+    ok: Mapping[str, Any] | None = None
+    code: ErrorCode | None = None
+    message: str = ""
+    record: Mapping[str, Any] | None = None
 
 
 class _Default(enum.Enum):
@@ -243,6 +273,10 @@ class Hub:
             self._policy_matcher.add_channel(index, pattern)
         self._ready: dict[str, Connection] = {}
         self._closing: dict[str, tuple[CloseCode, str]] = {}
+        self._fanout = FanOut()
+        self._by_handle: dict[int, Connection] = {}
+        self._native = JsonCodec()
+        """The codec of the frames the fan-out writes directly (attached connections')."""
 
     # -- connections -----------------------------------------------------------------------
 
@@ -273,8 +307,10 @@ class Hub:
             if isinstance(idle_timeout, _Default)
             else idle_timeout,
             pings=pings,
+            handle=self._fanout.open(),
         )
         self._connections[conn.id] = conn
+        self._by_handle[conn.handle] = conn
         self.stats.connections_opened += 1
         return conn
 
@@ -305,8 +341,50 @@ class Hub:
             self._drop_join(conn, channel)
         for channel, diff in self._presence.untrack_conn(conn.id).items():
             self._broadcast_presence(channel, diff)
+        self._fanout.close(conn.handle)  # detaches the socket: before the transport closes it
+        del self._by_handle[conn.handle]
+        conn.direct = False
         self._ready.pop(conn_id, None)
         self._closing.pop(conn_id, None)
+
+    # -- the direct write path (Rust fan-out) ------------------------------------------------
+
+    def attach_socket(self, conn: Connection, fd: int) -> bool:
+        """Lets the fan-out write publications straight to the socket `fd` (a WebSocket
+        carrying this hub's native JSON frames). Returns False when it cannot (direct writes
+        are off, or the connection uses another codec): then everything goes through the
+        outbox as before. The transport must then write only what `take_wire` hands it,
+        call `release` when it has written everything, and end the connection
+        (`disconnect`) before it closes the socket."""
+        if not self.config.direct_writes or conn.codec.name != self._native.name:
+            return False
+        if conn.id not in self._connections or conn.closing is not None:
+            return False
+        self._fanout.attach(conn.handle, fd)
+        conn.direct = True
+        return True
+
+    def take_wire(self, conn: Connection) -> bytes:
+        """Bytes the fan-out could write only in part: the transport writes them first."""
+        return self._fanout.take_pending(conn.handle) if conn.direct else b""
+
+    def hold(self, conn: Connection) -> None:
+        """The transport is about to write to the socket itself (a control frame): the
+        fan-out leaves it alone until `release`."""
+        if conn.direct:
+            self._fanout.hold(conn.handle)
+
+    def release(self, conn: Connection) -> bool:
+        """The transport has written everything queued: the fan-out may write directly
+        again. Returns whether it may (not if something is queued or closing)."""
+        if not conn.direct or len(conn.outbox) or conn.closing is not None:
+            return False
+        return self._fanout.release(conn.handle)
+
+    def fanout_stats(self) -> dict[str, int]:
+        """The Rust fan-out's counters (direct frames and bytes, partial and refused
+        writes, handles, attached sockets, subscriptions)."""
+        return self._fanout.stats()
 
     def take_ready(self) -> list[Connection]:
         """Connections that got new frames since the last call."""
@@ -414,8 +492,11 @@ class Hub:
                     self._send(conn, conn.codec.ping())
                 next_due = min(next_due, conn.last_ping + config.ping_interval)
         self._history.expire(now, lambda channel: self._channel_users.get(channel, 0) > 0)
+        horizon = self._physical() - config.tombstone_ttl * 1000
         for store in self._stores.values():
             store.expire(now, config.mutation_ttl)
+            if store.tombstones:
+                store.compact(horizon)
         return next_due
 
     # -- publishing ------------------------------------------------------------------------
@@ -459,23 +540,32 @@ class Hub:
         # are never dropped, whatever the channel's policy (a slow client is disconnected).
         policy = SlowConsumerPolicy.DISCONNECT if record else self._policy(channel)
         conflation_key = (channel, key) if key is not None else None
-        frames: dict[str, bytes] = {}
-        delivered: set[str] = set()
-        skip = None if publisher is None or echo else publisher.id
-        started = self._timer()
-        recipients = self._matcher.match_channel(channel)
-        self.stats.match_seconds += self._timer() - started
+        native = self._native.publication(publication)
+        frames: dict[str, bytes] = {self._native.name: native}
+        skip = None if publisher is None or echo else publisher.handle
+        # The Rust fan-out matches the channel and writes the frame to every recipient that
+        # can take it now; the rest come back here, to their outbox and its policy.
+        slow, woken, direct, seconds = self._fanout.publish(self._matcher, channel, native, skip)
+        self.stats.match_seconds += seconds
         self.stats.matches += 1
-        for sub_id in recipients:
-            conn = self._subscribers[sub_id][0]
-            if conn.id in delivered or conn.id == skip:
-                continue
-            delivered.add(conn.id)
+        self._count_direct(direct, len(native), woken)
+        for handle in slow:
+            conn = self._by_handle[handle]
             frame = frames.get(conn.codec.name)
             if frame is None:
                 frame = frames[conn.codec.name] = conn.codec.publication(publication)
             self._send(conn, frame, droppable=True, policy=policy, key=conflation_key)
         return publication
+
+    def _count_direct(self, frames: int, size: int, woken: list[int]) -> None:
+        """Accounts for frames the fan-out wrote; wakes the writers of partly written ones."""
+        if frames:
+            self.stats.frames_out += frames
+            self.stats.direct_frames += frames
+            self.stats.bytes_out += frames * size
+        for handle in woken:
+            conn = self._by_handle[handle]
+            self._ready[conn.id] = conn
 
     # -- row events (database sources) -----------------------------------------------------
 
@@ -536,7 +626,16 @@ class Hub:
             return publication
         policy = self._policy(channel)
         frames: dict[str, bytes] = {}
+        handles = [conn.handle for conn in recipients.values() if conn.direct]
+        if handles:
+            native = frames[self._native.name] = self._native.change(publication, ids)
+            slow, woken, direct = self._fanout.send(handles, native)
+            self._count_direct(direct, len(native), woken)
+            for handle in slow:
+                self._send(self._by_handle[handle], native, droppable=True, policy=policy)
         for conn in recipients.values():
+            if conn.direct:
+                continue
             frame = frames.get(conn.codec.name)
             if frame is None:
                 frame = frames[conn.codec.name] = conn.codec.change(publication, ids)
@@ -665,6 +764,7 @@ class Hub:
         sub_id = next(self._sub_ids)
         if not row_ids:
             self._matcher.add_channel(sub_id, channel)
+            self._fanout.subscribe(sub_id, conn.handle)
         self._subscribers[sub_id] = (conn, channel)
         conn.joins[channel] = _Join(sub_id, command.presence, row_ids=row_ids)
         self._channel_users[channel] = self._channel_users.get(channel, 0) + 1
@@ -721,6 +821,7 @@ class Hub:
     def _drop_join(self, conn: Connection, channel: str) -> None:
         join = conn.joins.pop(channel)
         self._matcher.remove(join.sub_id)
+        self._fanout.unsubscribe(join.sub_id)
         self._rows.remove(conn.id, join.row_ids)
         del self._subscribers[join.sub_id]
         users = self._channel_users[channel] - 1
@@ -744,6 +845,11 @@ class Hub:
         if store is None:
             raise ValueError(f"'{channel}' is not a records channel (see record_policies)")
         return store.records()
+
+    @property
+    def record_stores(self) -> Mapping[str, RecordStore]:
+        """The record store of every records channel used so far, by channel (for metrics)."""
+        return dict(self._stores)
 
     def record(self, channel: str, key: str) -> Record:
         """One record (with `value` None if it does not exist)."""
@@ -801,6 +907,17 @@ class Hub:
     def _physical(self) -> int:
         return int(self._wall_clock() * 1000)
 
+    def mutate(self, channel: str, mutation: Mutation, now: float) -> MutationReply:
+        """Changes a record from server-side code (the REST API) exactly as a client's
+        `mutate` does: under the channel's conflict policy, at most once per idempotency key
+        (`origin`, `seq`) if it has one, published if it applied. ValueError if `channel`
+        holds no records."""
+        check_channel(channel)
+        store = self._record_store(channel)
+        if store is None:
+            raise ValueError(f"'{channel}' is not a records channel (see record_policies)")
+        return self._apply_mutation(store, channel, mutation, now, None)
+
     def _mutate(self, conn: Connection, command: Mutate, now: float) -> None:
         rid, channel, mutation = command.id, command.channel, command.mutation
         try:
@@ -820,6 +937,16 @@ class Hub:
         if command.size > limit and len(orjson.dumps(mutation.value)) > limit:
             self._error(conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"value larger than {limit} bytes")
             return
+        self._mutation_reply(conn, rid, self._apply_mutation(store, channel, mutation, now, conn))
+
+    def _apply_mutation(
+        self,
+        store: RecordStore,
+        channel: str,
+        mutation: Mutation,
+        now: float,
+        publisher: Connection | None,
+    ) -> MutationReply:
         origin, seq = mutation.origin, mutation.seq
         if origin is not None and seq is not None:
             processed, reply = store.recall(origin, seq, now)
@@ -829,9 +956,10 @@ class Hub:
                 self.stats.duplicate_mutations += 1
                 if reply is None:
                     current = encode_record(store.get(mutation.key))
-                    reply = ("ok", {"applied": None, "duplicate": True, "record": current})
-                self._mutation_reply(conn, rid, reply)
-                return
+                    ok = {"applied": None, "duplicate": True, "record": current}
+                    reply = MutationReply(Outcome.UNKNOWN, ok)
+                assert isinstance(reply, MutationReply)
+                return reply
         physical = self._physical()
         stamp = mutation.hlc
         if stamp is not None:
@@ -851,26 +979,29 @@ class Hub:
             if origin is not None:
                 data.update(writer=origin_tag(origin), seq=seq)
             publication = self._publish(
-                channel, data, now, publisher=conn, key=mutation.key, hlc=version, record=True
+                channel, data, now, publisher=publisher, key=mutation.key, hlc=version, record=True
             )
             position = {"offset": publication.offset, "epoch": publication.epoch}
-            reply = ("ok", {"applied": True, "record": record, **position})
+            reply = MutationReply(result.outcome, {"applied": True, "record": record, **position})
         elif result.outcome is Outcome.UNCHANGED:
-            reply = ("ok", {"applied": False, "record": record})
+            reply = MutationReply(result.outcome, {"applied": False, "record": record})
         else:
             self.stats.conflicts += 1
-            reply = ("error", ErrorCode.CONFLICT, result.message, {"record": record})
+            reply = MutationReply(
+                result.outcome, None, ErrorCode.CONFLICT, result.message, record
+            )
         if origin is not None and seq is not None:
             store.remember(origin, seq, reply, now)
-        self._mutation_reply(conn, rid, reply)
+        return reply
 
-    def _mutation_reply(self, conn: Connection, rid: RequestId, reply: Any) -> None:
-        if reply[0] == "ok":
-            self._reply(conn, rid, reply[1])
+    def _mutation_reply(self, conn: Connection, rid: RequestId, reply: MutationReply) -> None:
+        if reply.ok is not None:
+            self._reply(conn, rid, reply.ok)
         else:
-            _, code, message, details = reply
+            assert reply.code is not None
             self.stats.errors += 1
-            self._send(conn, conn.codec.error(rid, code, message, details))
+            details = {"record": reply.record}
+            self._send(conn, conn.codec.error(rid, reply.code, reply.message, details))
 
     # -- presence --------------------------------------------------------------------------
 
@@ -922,6 +1053,8 @@ class Hub:
     ) -> None:
         if conn.closing is not None:
             return
+        if conn.direct:
+            self._fanout.hold(conn.handle)  # what follows goes after this frame, in order
         result = conn.outbox.push(
             frame, droppable=droppable, policy=policy, key=key, size=len(frame)
         )
@@ -951,3 +1084,5 @@ class Hub:
         if conn.closing is None:
             conn.closing = code
             self._closing[conn.id] = (code, reason)
+            if conn.direct:
+                self._fanout.hold(conn.handle)

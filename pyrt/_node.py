@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.resources
 import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ import attrs
 import h11
 import trio
 
+from ._historylog import HistoryLog
 from ._http import CorsPolicy, HttpError, HttpExchange, HttpRequest, next_request
 from ._hub import DEFAULT, Hub, HubConfig, _Default
 from ._metrics import NodeMetrics
@@ -101,6 +103,14 @@ class NodeConfig:
     """Largest request body the REST API accepts."""
     sources: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     """Source name -> its options (`[sources.<name>]`); only these sources run."""
+    history_dir: str | None = None
+    """Durable history: a directory for the history log (pyrt._historylog), reloaded at
+    start so offsets, epochs and recovery survive a restart. None: history in memory."""
+    history_fsync_interval: float = 1.0
+    """With `history_dir`: fsync the log this often when something was written (sources
+    that acknowledge upstream fsync before each acknowledgement anyway)."""
+    history_segment_bytes: int = 16 * 1024 * 1024
+    """With `history_dir`: the log's segment size; old segments are deleted whole."""
 
 
 class Session:
@@ -165,6 +175,42 @@ class Session:
             await self._wake.wait()
             self._wake = trio.Event()
 
+    def attach(self, fd: int) -> bool:
+        """Offers the connection's socket to the hub's Rust fan-out, which then writes
+        publications to it directly while nothing is queued (`Hub.attach_socket`). A
+        transport that attaches must write only what `outgoing_wire` returns, and call
+        `hold` before writing anything else (a control frame) itself."""
+        return not self.closed and self._node.hub.attach_socket(self.connection, fd)
+
+    def hold(self) -> None:
+        """Keeps the fan-out off the socket while the transport writes to it itself (call
+        `wake` once done, so that the writer hands the socket back)."""
+        self._node.hub.hold(self.connection)
+
+    async def outgoing_wire(
+        self, frame: Callable[[bytes], bytes], idle: Callable[[], bool], max_bytes: int = 256 * 1024
+    ) -> bytes:
+        """For transports that `attach`: the next bytes to write, waiting for some: what the
+        fan-out wrote only in part, then queued frames, each wrapped by `frame`. Empty once
+        the connection must close and everything was handed out. When nothing is queued and
+        `idle()` (the transport writes nothing itself just now), the socket is handed back
+        to the fan-out before waiting."""
+        hub, conn, outbox = self._node.hub, self.connection, self.connection.outbox
+        while True:
+            data = hub.take_wire(conn)
+            if len(outbox):
+                frames = outbox.pop(max_bytes=max_bytes)
+                wire = (frame(f if isinstance(f, bytes) else f.encode()) for f in frames)
+                return data + b"".join(wire)
+            if data:
+                return data
+            if self.close_request is not None or self.closed:
+                return b""
+            if idle():
+                hub.release(conn)
+            await self._wake.wait()
+            self._wake = trio.Event()
+
     async def wait_changed(self) -> None:
         """Waits for the hub's next nudge (frames queued, or a close asked) without taking
         anything, for transports that pop `connection.outbox` themselves (long-poll). Check
@@ -202,6 +248,14 @@ class Node:
         )
         self.sources = list(sources) if sources is not None else load_sources(self.config.sources)
         """Started after the transports' run hooks, before accepting (see `Source`)."""
+        self.history_log: HistoryLog | None = None
+        """The durable history log (`config.history_dir`), or None: history in memory."""
+        if self.config.history_dir is not None:
+            if not self.config.history_fsync_interval > 0:
+                raise ValueError("history_fsync_interval must be positive")
+            self.history_log = HistoryLog(
+                self.config.history_dir, segment_bytes=self.config.history_segment_bytes
+            )
         self.cors = CorsPolicy(self.config.cors_origins)
         self.metrics = NodeMetrics(self)
         """The registry `/metrics` serves (add your own collectors to `metrics.registry`)."""
@@ -225,6 +279,17 @@ class Node:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Serves until `stop()`; then stops accepting, tells clients to go, and drains."""
+        log = self.history_log
+        if log is not None:
+            # Replayed before anything can publish or join: offsets and epochs continue.
+            self.hub._history.attach(log, self.now, time.time())
+        try:
+            await self._run(task_status)
+        finally:
+            if log is not None:
+                log.close()
+
+    async def _run(self, task_status: Any) -> None:
         async with trio.open_nursery() as nursery:
             listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
             self.port = listeners[0].socket.getsockname()[1]
@@ -249,6 +314,8 @@ class Node:
                 raise
             nursery.start_soon(accept)
             nursery.start_soon(self._clock)
+            if self.history_log is not None:
+                nursery.start_soon(self._sync_history, self.history_log)
             task_status.started(self)
             await self._stop.wait()
             accepting.cancel()
@@ -263,6 +330,11 @@ class Node:
     def stop(self) -> None:
         """Begins a graceful shutdown."""
         self._stop.set()
+
+    async def _sync_history(self, log: HistoryLog) -> None:
+        while True:
+            await trio.sleep(self.config.history_fsync_interval)
+            await log.sync_async()
 
     async def _clock(self) -> None:
         while True:

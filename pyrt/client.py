@@ -158,6 +158,9 @@ class Channel:
     """Row-change subscriptions (`Client.changes`): only matching row events arrive."""
     subscription_ids: list[int] = attrs.field(factory=list)
     """The server's id for each of `changes`, in order (from the last join's reply)."""
+    _carry: collections.deque[Message] = attrs.field(factory=collections.deque)
+    """Delivered messages whose hand-over to the queue was cut short (the connection ended
+    while the queue was full): they go out after the queued ones, before any newer one."""
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel(self._client.buffer)
@@ -178,9 +181,26 @@ class Channel:
 
     async def __anext__(self) -> Message:
         try:
+            if self._carry:
+                try:
+                    return self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    return self._carry.popleft()
             return await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
+
+    async def _queue(self, message: Message) -> None:
+        """Hands a delivered message (its offset counted as seen) to `async for`: kept in
+        `_carry` if the connection ends while waiting for room, never lost."""
+        while self._carry:
+            await self._send.send(self._carry[0])
+            self._carry.popleft()
+        try:
+            await self._send.send(message)
+        except trio.Cancelled:
+            self._carry.append(message)
+            raise
 
     async def publish(self, data: Any, *, key: str | None = None, echo: bool = False) -> int:
         """Publishes `data` and returns its offset once the server has given it one."""
@@ -1273,7 +1293,7 @@ class Client:
             if channel is not None:
                 message = channel._deliver(push)
                 if message is not None and channel.iterate:
-                    await channel._send.send(message)
+                    await channel._queue(message)
         elif channel is not None and kind == "reset":
             channel._reset(push)
         elif channel is not None and kind == "presence_state":

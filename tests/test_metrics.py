@@ -169,7 +169,13 @@ async def traffic(
 
 
 async def test_slow_consumers_and_dropped_publications(nursery: trio.Nursery) -> None:
-    hub = HubConfig(outbox_messages=4, channel_policies={"drop:>": SlowConsumerPolicy.DROP_OLDEST})
+    # Without direct writes, so that the outbox alone decides (the kernel's socket buffers
+    # would take these frames otherwise: tests/test_fanout.py covers that path).
+    hub = HubConfig(
+        outbox_messages=4,
+        channel_policies={"drop:>": SlowConsumerPolicy.DROP_OLDEST},
+        direct_writes=False,
+    )
     node = await start(nursery, hub=hub)
     async with (
         http(node) as client,

@@ -2,6 +2,12 @@
 
 wsproto does the handshake, the reading, the control frames and the close; data frames to the
 client are built by `pyrt._wsframe`, so the hub's encoded frame bytes go out as they are.
+
+The socket is attached to the hub's Rust fan-out (`Session.attach`): while nothing is queued
+for the connection, publications are written to it straight from Rust. The writer task writes
+everything else (and what the fan-out could write only in part), and hands the socket back
+when it is done; the reader's control replies (pong, close) hold the fan-out off while they
+are written. So one socket never has two writers at once, and frames keep their order.
 """
 
 from __future__ import annotations
@@ -68,6 +74,11 @@ class _Connection:
         self.size = 0
         self.done = False
         self.peer_closed = trio.Event()
+        self.replying = 0
+        """Control replies being written by the reader (the fan-out must stay off)."""
+        socket = getattr(stream, "socket", None)
+        if socket is not None:
+            self.session.attach(socket.fileno())
 
     async def run(self) -> None:
         try:
@@ -81,6 +92,19 @@ class _Connection:
     async def send(self, data: bytes) -> None:
         async with self.send_lock:
             await self.stream.send_all(data)
+
+    async def reply(self, data: bytes) -> None:
+        """A control frame from the reader: the fan-out stays off the socket meanwhile."""
+        self.replying += 1
+        self.session.hold()
+        try:
+            await self.send(data)
+        finally:
+            self.replying -= 1
+            self.session.wake()  # the writer hands the socket back to the fan-out
+
+    def idle(self) -> bool:
+        return not self.replying
 
     def feed(self, data: bytes | None) -> list[bytes]:
         """Gives received bytes to wsproto; returns control replies to send."""
@@ -117,17 +141,17 @@ class _Connection:
             except RemoteProtocolError:
                 return
             for reply in replies:
-                await self.send(reply)
+                await self.reply(reply)
             if not data:
                 return
 
     async def write(self, cancel_scope: trio.CancelScope) -> None:
         try:
             while True:
-                frames = await self.session.outgoing()
-                if not frames:
+                data = await self.session.outgoing_wire(data_frame, self.idle)
+                if not data:
                     break
-                await self.send(b"".join(data_frame(f) for f in frames))
+                await self.send(data)
             code, reason = self.session.close_request or (CloseCode.NORMAL, "")
             with contextlib.suppress(LocalProtocolError):  # the client closed first
                 await self.send(self.ws.send(CloseConnection(code=int(code), reason=reason)))

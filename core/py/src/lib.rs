@@ -10,6 +10,7 @@ use pyrt_engine::matcher::{
     Test, Value,
 };
 
+mod fanout;
 mod pgoutput;
 use pgoutput::PgChange;
 
@@ -398,5 +399,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_filter, m)?)?;
     m.add_function(wrap_pyfunction!(check_channel, m)?)?;
     pgoutput::register(m)?;
+    fanout::register(m)?;
     Ok(())
 }

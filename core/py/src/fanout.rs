@@ -1,0 +1,378 @@
+//! The fan-out write path: a publication's WebSocket frame is built once and written by this
+//! module straight to the socket of every subscriber that can take it now, without a Python
+//! step per recipient.
+//!
+//! Hand-written because it is the one place where no library fits: it has to share the hub's
+//! subscription ids (the Rust matcher), the hub's per-connection ordering rules and trio's
+//! sockets (by file descriptor).
+//!
+//! Every hub connection has a *handle* here. A connection is written directly only while it
+//! is *attached* (its transport gave a socket: WebSocket) and *free*: nothing of it is queued
+//! on the Python side. Everything else about a recipient is the hub's business, so a recipient
+//! is handed back ("slow") when it is not attached, is held, or its socket would block; the
+//! hub then queues the frame in the connection's outbox under its slow-consumer policy and
+//! the connection stays *held* until its trio writer has written everything queued and
+//! releases it. When the kernel takes only part of a frame, the rest is kept here as the
+//! connection's *pending* bytes, the connection is held, and it is reported "woken": its
+//! writer writes the rest before anything else. So bytes reach a socket in the order the hub
+//! produced them, whichever path carries them.
+//!
+//! Sockets are duplicated (`dup`) on attach and closed on detach, so a descriptor number that
+//! the transport closed and the kernel reused is never written to by mistake.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use pyo3::exceptions::{PyKeyError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+use crate::{positioned_error, Matcher};
+
+struct Slot {
+    /// Our duplicate of the socket, or -1 when not attached.
+    fd: RawFd,
+    /// Writes go through the hub's outbox (and the transport's writer) until released.
+    held: bool,
+    /// The unwritten rest of a frame the kernel took only part of.
+    pending: Vec<u8>,
+    /// The publication number this connection last got a frame of (dedupes patterns).
+    stamp: u64,
+    open: bool,
+}
+
+impl Slot {
+    fn closed() -> Self {
+        Slot {
+            fd: -1,
+            held: true,
+            pending: Vec::new(),
+            stamp: 0,
+            open: false,
+        }
+    }
+
+    fn detach(&mut self) {
+        if self.fd >= 0 {
+            // SAFETY: `fd` is our own duplicate, closed exactly once (set to -1 right after).
+            unsafe { libc::close(self.fd) };
+            self.fd = -1;
+        }
+        self.pending = Vec::new();
+        self.held = true;
+    }
+}
+
+enum Write {
+    /// The whole frame is in the kernel's buffer.
+    Done,
+    /// Part of it is; the rest is the slot's pending bytes and the slot is held.
+    Partial,
+    /// Nothing was written (would block, or the socket failed); the slot is held.
+    Refused,
+}
+
+/// Sends `frame` without blocking; see `Write`.
+fn write_frame(slot: &mut Slot, frame: &[u8]) -> Write {
+    loop {
+        // SAFETY: `frame` is a live slice; `slot.fd` is an open descriptor we own.
+        let n = unsafe {
+            libc::send(
+                slot.fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            let n = n as usize;
+            if n == frame.len() {
+                return Write::Done;
+            }
+            slot.held = true;
+            if n == 0 {
+                return Write::Refused;
+            }
+            slot.pending.extend_from_slice(&frame[n..]);
+            return Write::Partial;
+        }
+        if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        // Would block, or broken: the trio writer takes over (and sees any error itself).
+        slot.held = true;
+        return Write::Refused;
+    }
+}
+
+/// One unfragmented, unmasked WebSocket text frame (RFC 6455 5.2) around `payload`.
+fn text_frame(payload: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(payload.len() + 10);
+    out.push(0x81);
+    let len = payload.len();
+    if len < 126 {
+        out.push(len as u8);
+    } else if len < 1 << 16 {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
+/// The hub's direct write path; see the module documentation and `pyrt/_hub.py`.
+#[pyclass(module = "pyrt._core", name = "FanOut")]
+#[derive(Default)]
+pub struct FanOut {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Channel subscription id -> the handle of its connection.
+    subs: HashMap<u64, u32>,
+    generation: u64,
+    frame: Vec<u8>,
+    direct_frames: u64,
+    direct_bytes: u64,
+    partial_writes: u64,
+    refused_writes: u64,
+}
+
+impl FanOut {
+    fn slot(&mut self, handle: u32) -> PyResult<&mut Slot> {
+        match self.slots.get_mut(handle as usize) {
+            Some(slot) if slot.open => Ok(slot),
+            _ => Err(PyKeyError::new_err(format!("no open handle {handle}"))),
+        }
+    }
+
+    /// Writes the frame in `self.frame` to `handle` if it can; sorts it into slow or woken.
+    /// Returns whether the frame was written (in whole or in part).
+    fn deliver(
+        &mut self,
+        handle: u32,
+        payload_len: usize,
+        slow: &mut Vec<u32>,
+        woken: &mut Vec<u32>,
+    ) -> bool {
+        let slot = &mut self.slots[handle as usize];
+        if slot.held || slot.fd < 0 {
+            slow.push(handle);
+            return false;
+        }
+        match write_frame(slot, &self.frame) {
+            Write::Done => {}
+            Write::Partial => {
+                self.partial_writes += 1;
+                woken.push(handle);
+            }
+            Write::Refused => {
+                self.refused_writes += 1;
+                slow.push(handle);
+                return false;
+            }
+        }
+        self.direct_frames += 1;
+        self.direct_bytes += payload_len as u64;
+        true
+    }
+}
+
+/// (slow handles, woken handles, frames written directly).
+type Delivery<'py> = (Bound<'py, PyList>, Bound<'py, PyList>, usize);
+
+#[pymethods]
+impl FanOut {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    /// A handle for a new connection: not attached, so everything to it is handed back.
+    fn open(&mut self) -> u32 {
+        let slot = Slot {
+            open: true,
+            ..Slot::closed()
+        };
+        if let Some(handle) = self.free.pop() {
+            self.slots[handle as usize] = slot;
+            handle
+        } else {
+            self.slots.push(slot);
+            (self.slots.len() - 1) as u32
+        }
+    }
+
+    /// Forgets `handle` (detaching its socket); unsubscribe its subscriptions first.
+    fn close(&mut self, handle: u32) -> PyResult<()> {
+        let slot = self.slot(handle)?;
+        slot.detach();
+        *slot = Slot::closed();
+        self.free.push(handle);
+        Ok(())
+    }
+
+    /// Lets this module write to the socket `fd` for `handle` (which starts held: its writer
+    /// releases it). The descriptor is duplicated; the caller keeps and closes its own.
+    fn attach(&mut self, handle: u32, fd: RawFd) -> PyResult<()> {
+        let slot = self.slot(handle)?;
+        if slot.fd >= 0 {
+            return Err(PyValueError::new_err(format!(
+                "handle {handle} is attached already"
+            )));
+        }
+        // SAFETY: dup() of a descriptor number has no memory effects; errors are checked.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(PyOSError::new_err(format!(
+                "cannot duplicate socket {fd}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        slot.fd = dup;
+        slot.held = true;
+        Ok(())
+    }
+
+    /// Stops direct writes to `handle` (closes our duplicate of its socket; pending bytes
+    /// are discarded). Call it before the transport closes the socket.
+    fn detach(&mut self, handle: u32) -> PyResult<()> {
+        self.slot(handle)?.detach();
+        Ok(())
+    }
+
+    /// Whether `handle` has a socket attached.
+    fn attached(&mut self, handle: u32) -> PyResult<bool> {
+        Ok(self.slot(handle)?.fd >= 0)
+    }
+
+    /// Whether frames to `handle` go through its outbox now.
+    fn held(&mut self, handle: u32) -> PyResult<bool> {
+        Ok(self.slot(handle)?.held)
+    }
+
+    /// Frames to `handle` go through its outbox from now on (the hub queued one there).
+    fn hold(&mut self, handle: u32) -> PyResult<()> {
+        self.slot(handle)?.held = true;
+        Ok(())
+    }
+
+    /// Direct writes to `handle` may resume: its writer has written everything queued.
+    /// Returns False (and stays held) when it is not attached or has pending bytes.
+    fn release(&mut self, handle: u32) -> PyResult<bool> {
+        let slot = self.slot(handle)?;
+        if slot.fd < 0 || !slot.pending.is_empty() {
+            return Ok(false);
+        }
+        slot.held = false;
+        Ok(true)
+    }
+
+    /// The rest of a partly written frame, to be written before anything else (empty if
+    /// none). The handle stays held.
+    fn take_pending<'py>(&mut self, py: Python<'py>, handle: u32) -> PyResult<Bound<'py, PyBytes>> {
+        let slot = self.slot(handle)?;
+        let pending = std::mem::take(&mut slot.pending);
+        Ok(PyBytes::new(py, &pending))
+    }
+
+    /// Channel subscription `sub_id` (of the hub's matcher) belongs to `handle`.
+    fn subscribe(&mut self, sub_id: u64, handle: u32) -> PyResult<()> {
+        self.slot(handle)?;
+        self.subs.insert(sub_id, handle);
+        Ok(())
+    }
+
+    /// Forgets channel subscription `sub_id`; returns whether it was known.
+    fn unsubscribe(&mut self, sub_id: u64) -> bool {
+        self.subs.remove(&sub_id).is_some()
+    }
+
+    /// Matches `channel` with `matcher` and delivers `payload` (framed as one WebSocket text
+    /// frame, built once) to every subscribed connection once, except `skip`. Returns the
+    /// handles handed back to the hub (slow: queue the frame there) and the handles with
+    /// pending bytes (woken: their writer must run), how many frames it wrote directly, and
+    /// the seconds spent matching.
+    #[pyo3(signature = (matcher, channel, payload, skip = None))]
+    fn publish<'py>(
+        &mut self,
+        py: Python<'py>,
+        mut matcher: PyRefMut<'_, Matcher>,
+        channel: &str,
+        payload: &[u8],
+        skip: Option<u32>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, usize, f64)> {
+        let started = Instant::now();
+        let matcher = &mut *matcher;
+        matcher.scratch.clear();
+        matcher
+            .inner
+            .match_channel(channel, &mut matcher.scratch)
+            .map_err(|e| positioned_error(py, "ChannelNameError", &e.reason, e.position))?;
+        let matched = started.elapsed().as_secs_f64();
+        self.generation += 1;
+        let generation = self.generation;
+        text_frame(payload, &mut self.frame);
+        let (mut slow, mut woken, mut written) = (Vec::new(), Vec::new(), 0);
+        for sub_id in &matcher.scratch {
+            let Some(&handle) = self.subs.get(sub_id) else {
+                continue; // a row subscription's join, or not the hub's
+            };
+            let slot = &mut self.slots[handle as usize];
+            if slot.stamp == generation || skip == Some(handle) {
+                continue;
+            }
+            slot.stamp = generation;
+            written += usize::from(self.deliver(handle, payload.len(), &mut slow, &mut woken));
+        }
+        let (slow, woken) = (PyList::new(py, slow)?, PyList::new(py, woken)?);
+        Ok((slow, woken, written, matched))
+    }
+
+    /// Delivers `payload` (one WebSocket text frame) to each of `handles` (distinct, open);
+    /// returns (slow, woken, written) as `publish` does.
+    fn send<'py>(
+        &mut self,
+        py: Python<'py>,
+        handles: Vec<u32>,
+        payload: &[u8],
+    ) -> PyResult<Delivery<'py>> {
+        for &handle in &handles {
+            self.slot(handle)?;
+        }
+        text_frame(payload, &mut self.frame);
+        let (mut slow, mut woken, mut written) = (Vec::new(), Vec::new(), 0);
+        for handle in handles {
+            written += usize::from(self.deliver(handle, payload.len(), &mut slow, &mut woken));
+        }
+        Ok((PyList::new(py, slow)?, PyList::new(py, woken)?, written))
+    }
+
+    /// Counters: frames and payload bytes written directly, partial and refused writes,
+    /// open handles, attached sockets, subscriptions.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("direct_frames", self.direct_frames)?;
+        d.set_item("direct_bytes", self.direct_bytes)?;
+        d.set_item("partial_writes", self.partial_writes)?;
+        d.set_item("refused_writes", self.refused_writes)?;
+        d.set_item("handles", self.slots.iter().filter(|s| s.open).count())?;
+        d.set_item("attached", self.slots.iter().filter(|s| s.fd >= 0).count())?;
+        d.set_item("subscriptions", self.subs.len())?;
+        Ok(d)
+    }
+}
+
+impl Drop for FanOut {
+    fn drop(&mut self) {
+        for slot in &mut self.slots {
+            slot.detach();
+        }
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<FanOut>()
+}
