@@ -22,6 +22,10 @@ slow_consumer_policy = "disconnect"
 [sources.notify]              # a source plugin and its options (docs/sources.md)
 database = "app"
 channels = { orders = "db:orders" }
+
+[history]                     # durable history (default: in memory; docs/sources.md)
+dir = "/var/lib/pyrt/history"
+fsync_interval = 1.0
 ```
 Every key of `[hub]` is a field of `pyrt.HubConfig`; unknown keys are errors, so a typo never
 silently falls back to a default.
@@ -108,9 +112,9 @@ def node_config(
             raise ConfigError(f"{path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    unknown = set(data) - {"server", "hub", "transports", "sources"}
+    unknown = set(data) - {"server", "hub", "transports", "sources", "history"}
     if unknown:
-        known = "server, hub, transports, sources"
+        known = "server, hub, transports, sources, history"
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; known: {known}")
     server = dict(data.get("server", {}))
     server.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -150,7 +154,31 @@ def node_config(
         max_body_bytes=max_body,
         transport_options={name: dict(table) for name, table in options.items()},
         sources={name: dict(table) for name, table in sources.items()},
+        **_history(data.get("history", {})),
     )
+
+
+def _history(table: Any) -> dict[str, Any]:
+    """`[history]`: dir (durable history; none: in memory), fsync_interval, segment_bytes."""
+    if not isinstance(table, Mapping):
+        raise ConfigError("history: expected a table, [history]")
+    known = {"dir": str, "fsync_interval": float, "segment_bytes": int}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        expected = known.get(key)
+        if expected is None:
+            raise ConfigError(f"history.{key}: unknown setting; known: {', '.join(sorted(known))}")
+        ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
+        if not ok or isinstance(value, bool):
+            raise ConfigError(f"history.{key}: expected {expected.__name__}, got {value!r}")
+        if key == "dir" and not value:
+            raise ConfigError("history.dir: must not be empty")
+        if key == "fsync_interval" and not value > 0:
+            raise ConfigError(f"history.fsync_interval: must be positive, got {value!r}")
+        if key == "segment_bytes" and value < 4096:
+            raise ConfigError(f"history.segment_bytes: must be at least 4096, got {value!r}")
+        values[f"history_{key}"] = float(value) if expected is float else value
+    return values
 
 
 def _strings(server: Mapping[str, Any], key: str) -> tuple[str, ...]:

@@ -8,7 +8,9 @@ for a recoverable one. Recovery is all or nothing: either every missed publicati
 (`recovered=True`) or none is (`recovered=False`, reload your state).
 
 Sans-IO: time is passed in as `now` (seconds, any monotonic origin), epochs come from a
-callable the owner passes in.
+callable the owner passes in. Durable history is an attached `HistoryLog` (pyrt._historylog,
+the IO side): every publication is written to it before `append` returns, that is before the
+hub queues it for anyone, and `attach` replays it at start.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import orjson
+
+from ._core import PgChange, RowEvent
+from .conflict import Timestamp
 
 if TYPE_CHECKING:
-    from .conflict import Timestamp
+    from ._historylog import HistoryLog, LogRecord
 
 
 @attrs.frozen(slots=True)
@@ -112,6 +118,30 @@ class ChannelStream:
         self.epoch = epoch
         self._retained.clear()
 
+    def holds(self, epoch: str, offset: int) -> bool:
+        """Whether the publication at (`offset`, `epoch`) is still retained."""
+        if epoch != self.epoch or not self._retained:
+            return False
+        return self._retained[0].offset <= offset <= self.top
+
+    def restore(self, publication: Publication) -> None:
+        """Puts back a publication read from a durable log (offsets in order; a gap in
+        them means what came before it is not recoverable)."""
+        if publication.epoch != self.epoch:
+            self.reset(publication.epoch)
+        if publication.offset != self.top + 1:
+            self._retained.clear()
+        self.top = publication.offset
+        if self.max_size > 0:
+            self._retained.append(publication)
+
+    def restore_top(self, epoch: str, top: int) -> None:
+        if epoch != self.epoch:
+            self.reset(epoch)
+        if top != self.top:
+            self._retained.clear()
+            self.top = top
+
     def trim(self, now: float) -> None:
         """Forgets publications older than max_age."""
         oldest_kept = now - self.max_age
@@ -151,6 +181,8 @@ class History:
         self._new_epoch = new_epoch
         self._streams: dict[str, ChannelStream] = {}
         self._last_used: dict[str, float] = {}
+        self.log: HistoryLog | None = None
+        """The durable log every publication is written to (`attach`), or None."""
 
     def __contains__(self, channel: str) -> bool:
         return channel in self._streams
@@ -164,6 +196,8 @@ class History:
         if stream is None:
             stream = ChannelStream(channel, self._new_epoch(), self.max_size, self.max_age)
             self._streams[channel] = stream
+            if self.log is not None:
+                self.log.note_epoch(channel, stream.epoch, 0)
         self._last_used[channel] = now
         return stream
 
@@ -177,14 +211,93 @@ class History:
         hlc: Timestamp | None = None,
         change: Any = None,
     ) -> Publication:
-        return self.stream(channel, now).append(data, now, publisher, key, hlc, change)
+        publication = self.stream(channel, now).append(data, now, publisher, key, hlc, change)
+        log = self.log
+        if log is not None:
+            log.append(publication, _encode_change(change))
+            if log.full:
+                log.start_segment(self._snapshot())
+                log.compact(self._holds)
+        return publication
 
     def reset(self, channel: str, now: float) -> StreamPosition:
         """Gives the channel's stream a new epoch and forgets what it retained, so a client
         resuming from before gets recovered=False. Returns the new position."""
         stream = self.stream(channel, now)
         stream.reset(self._new_epoch())
+        if self.log is not None:
+            self.log.note_epoch(channel, stream.epoch, stream.top)
         return stream.position
+
+    # -- durable history -------------------------------------------------------------------
+
+    def attach(self, log: HistoryLog, now: float, wall: float) -> None:
+        """Replays `log` (opened here) into the streams, then writes every publication to it.
+
+        `now` is the owner's monotonic time and `wall` the wall clock at the same moment
+        (publications keep their age across the restart). A log found damaged (a torn or
+        corrupt record, or not closed before a reboot) gives every channel a new epoch:
+        which channels lost records is unknown, so no old position is trusted.
+        """
+        if self.log is not None:
+            raise RuntimeError("a durable log is attached already")
+        records = log.open()
+        for record in records:
+            self._replay(record, now, wall)
+        if log.damaged or log.unclean_reboot:
+            for stream in self._streams.values():
+                stream.reset(self._new_epoch())
+        for channel, stream in self._streams.items():
+            stream.trim(now)
+            self._last_used[channel] = now
+        log.start_segment(self._snapshot())
+        log.compact(self._holds)
+        self.log = log
+
+    def _replay(self, record: LogRecord, now: float, wall: float) -> None:
+        fields = record.fields
+        if record.kind == "p":
+            channel, epoch = fields["c"], fields["e"]
+            stream = self._streams.get(channel)
+            if stream is None:
+                stream = ChannelStream(channel, epoch, self.max_size, self.max_age)
+                self._streams[channel] = stream
+            data = fields["d"]
+            if fields.get("f"):
+                data = orjson.Fragment(orjson.dumps(data))
+            hlc = fields.get("h")
+            publication = Publication(
+                channel,
+                fields["o"],
+                epoch,
+                data,
+                now - max(0.0, wall - fields["w"]),
+                fields.get("u"),
+                fields.get("y"),
+                Timestamp.decode(hlc) if hlc is not None else None,
+                _decode_change(fields.get("r")),
+            )
+            stream.restore(publication)
+        elif record.kind == "e":
+            self._restore_top(fields["c"], fields["e"], fields["o"])
+        elif record.kind == "s":
+            for channel, epoch, top in fields.get("streams", ()):
+                self._restore_top(channel, epoch, top)
+
+    def _restore_top(self, channel: str, epoch: str, top: int) -> None:
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = ChannelStream(
+                channel, epoch, self.max_size, self.max_age
+            )
+        stream.restore_top(epoch, top)
+
+    def _snapshot(self) -> list[tuple[str, str, int]]:
+        return [(c, s.epoch, s.top) for c, s in self._streams.items()]
+
+    def _holds(self, channel: str, epoch: str, offset: int) -> bool:
+        stream = self._streams.get(channel)
+        return stream is not None and stream.holds(epoch, offset)
 
     def channels(self) -> list[str]:
         return list(self._streams)
@@ -205,4 +318,27 @@ class History:
                 del self._streams[channel]
                 del self._last_used[channel]
                 dropped.append(channel)
+        if self.log is not None:
+            self.log.compact(self._holds)
         return dropped
+
+
+def _encode_change(change: Any) -> Any:
+    """A publication's row change as the durable log keeps it: the fields a recovering
+    subscriber's row filters are matched against."""
+    if change is None:
+        return None
+    if isinstance(change, tuple):  # (TRUNCATE, schema, table)
+        return list(change)
+    if isinstance(change, PgChange):
+        event = change.event
+        return ["ROW", event.type, event.schema, event.table, event.record, event.old_record]
+    return None
+
+
+def _decode_change(value: Any) -> Any:
+    if not value:
+        return None
+    if value[0] == "ROW":
+        return RowEvent(value[1], value[2], value[3], value[4], value[5])
+    return tuple(value)

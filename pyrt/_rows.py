@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ._core import Matcher
+from ._core import Matcher, PgChange, RowEvent
 from ._errors import FilterError
 from ._protocol import RowSubscription
 
@@ -116,12 +116,17 @@ class RowSubscriptions:
         for sub_id in wanted:
             spec = self._specs[sub_id]
             matcher.add_rows(sub_id, spec.event, spec.schema, spec.table, spec.filter)
-        rows = [c for c in changes if not isinstance(c, tuple)]
+        rows = [c for c in changes if isinstance(c, PgChange)]
         matched = iter(matcher.match_changes(rows))
+        # Row events reloaded from a durable history log are RowEvents (pyrt._historylog).
+        events = [c for c in changes if isinstance(c, RowEvent)]
+        matched_events = iter(matcher.match_rows(events) if events else ())
         out = []
         for change in changes:
             if isinstance(change, tuple):  # (TRUNCATE, schema, table)
                 out.append(self.truncate_ids(change[1], change[2], wanted))
+            elif isinstance(change, RowEvent):
+                out.append(sorted(next(matched_events)))
             else:
                 out.append(sorted(next(matched)))
         return out

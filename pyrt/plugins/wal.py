@@ -230,7 +230,26 @@ class WalSource:
         ceiling = min(self.reconnect_max, self.reconnect_min * 2 ** min(attempt, 30))
         return self.random.uniform(ceiling / 2, ceiling)  # "equal jitter"
 
+    def _restore(self, node: Node) -> None:
+        """With durable history: continue after the last change the log holds (its commit
+        LSN and place in the transaction), so what the slot sends again is skipped."""
+        history_log = node.history_log
+        position = history_log.position(self.name) if history_log is not None else None
+        if position is None:
+            return
+        commit_lsn, seq, message_lsn = position
+        self._done_commit_lsn = max(self._done_commit_lsn, commit_lsn - 1)
+        self._partial = (commit_lsn, seq)
+        self._message_lsn = max(self._message_lsn, message_lsn)
+        log.info(
+            "%s: history holds changes up to %s (change %d of its transaction)",
+            self.name,
+            format_lsn(commit_lsn),
+            seq,
+        )
+
     async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
+        self._restore(node)
         started = False
         deadline = trio.current_time() + self.startup_timeout
         attempt = 0
@@ -340,6 +359,8 @@ class WalSource:
         there. Any async iterable of XLogData with an `ack` method will do (tests)."""
         decoder = PgOutputDecoder()  # Relation messages come again in each session
         hub = node.hub
+        history_log = getattr(node, "history_log", None)
+        name = self.name
         limit = self.max_event_bytes
         commit_lsn = 0
         commit_time: str | None = None
@@ -353,6 +374,7 @@ class WalSource:
                 # A burst is handled as one batch and the transports woken once, so each
                 # connection writes its frames together instead of one write per event.
                 batch += take_ready()
+            ack = 0
             for item in batch:
                 self._server_lsn = max(self._server_lsn, item.wal_end)
                 try:
@@ -367,6 +389,8 @@ class WalSource:
                     if skip_all or seq <= skip_first:
                         self.skipped += 1
                         continue
+                    if history_log is not None:
+                        history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
                     hub.publish_change(message, node.now, max_bytes=limit)
                     self.events += 1
                     self._partial = (commit_lsn, seq)
@@ -387,15 +411,22 @@ class WalSource:
                     if self._open_since is not None:
                         self._last_delay = max(0.0, time.time() - self._open_since)
                     self._open_since = None
-                    stream.ack(message.end_lsn)
+                    ack = message.end_lsn
                 elif isinstance(message, PgTruncate):
                     seq += 1
                     if skip_all or seq <= skip_first:
                         self.skipped += 1
                         continue
-                    for relid, (schema, table) in zip(message.relids, message.tables, strict=True):
+                    last = len(message.relids) - 1
+                    for i, (relid, (schema, table)) in enumerate(
+                        zip(message.relids, message.tables, strict=True)
+                    ):
                         relation = decoder.relation(relid)
                         columns = [(c[1], c[4]) for c in relation.columns] if relation else []
+                        if history_log is not None and i == last:
+                            # Only the last table's event says the truncate is in history:
+                            # a crash halfway publishes it again (twice, never zero times).
+                            history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
                         hub.publish_truncate(
                             schema, table, node.now, commit_timestamp=commit_time, columns=columns
                         )
@@ -411,10 +442,17 @@ class WalSource:
                         continue
                     else:
                         self._message_lsn = message.lsn
+                    if history_log is not None and self.messages_channel is not None:
+                        history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
                     self._logical_message(node, message)
                 elif isinstance(message, PgUnknown):
                     log.warning("%s: skipping pgoutput message %r", self.name, chr(message.tag))
             node.pump()
+            if ack:
+                if history_log is not None:
+                    # The commits' events are written; on disk before the slot lets go.
+                    await history_log.sync_async()
+                stream.ack(ack)
 
     def _logical_message(self, node: Node, message: PgLogicalMessage) -> None:
         if self.messages_channel is None:
