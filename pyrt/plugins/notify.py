@@ -32,9 +32,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import os
 import random
-import ssl as _ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -46,7 +44,8 @@ from .._core import check_channel
 from .._node import Node
 from .._pgwire import PgAuthError, PgConnection, PgConnectionError, PgError
 from .._sources import SourceError
-from ._options import integer, seconds
+from ._options import seconds
+from ._postgres import PgOptions
 
 __all__ = ["CatchUp", "NotifySource", "Route"]
 
@@ -143,14 +142,6 @@ def _hook(value: object) -> CatchUpHook | None:
     return found  # type: ignore[no-any-return]
 
 
-def _text(name: str, value: object, *, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{name} must be a non-empty string, not {value!r}")
-    return value
-
-
 def _fatal(error: Exception) -> bool:
     """Errors that retrying will not fix: credentials, a missing database, bad SQL in the
     catch-up hook. Connection trouble (class 08), a server shutting down or starting up
@@ -171,52 +162,23 @@ class NotifySource:
         self,
         *,
         channels: Mapping[str, str | Mapping[str, str]],
-        host: str = "127.0.0.1",
-        port: int = 5432,
-        user: str = "postgres",
-        password: str | None = None,
-        password_env: str | None = None,
-        database: str | None = None,
         json: bool = True,
         catch_up: str | CatchUpHook | None = None,
-        ssl: bool = False,
-        ssl_root_cert: str | None = None,
-        reconnect_min: float = 0.5,
-        reconnect_max: float = 30.0,
-        connect_timeout: float = 10.0,
-        startup_timeout: float = 30.0,
         ping_interval: float = 30.0,
         ping_timeout: float = 10.0,
-        application_name: str = "pyrt-notify",
+        **connection: Any,
     ) -> None:
         self.routes = _routes(channels)
-        self.host = str(_text("host", host))
-        self.port = integer("port", port, 1)
-        if self.port > 65535:
-            raise ValueError(f"port must be at most 65535, not {port}")
-        self.user = str(_text("user", user))
-        self.password = _text("password", password, optional=True)
-        self.password_env = _text("password_env", password_env, optional=True)
-        if self.password is not None and self.password_env is not None:
-            raise ValueError("give password or password_env, not both")
-        self.database = _text("database", database, optional=True)
+        connection.setdefault("application_name", "pyrt-notify")
+        self.pg = PgOptions(**connection)
+        """Where and how to connect, and the reconnect backoff (the options every Postgres
+        source shares: host, port, user, password(_env), database, ssl, ...)."""
         if not isinstance(json, bool):
             raise TypeError(f"json must be true or false, not {json!r}")
         self.json = json
         self.catch_up = _hook(catch_up)
-        if not isinstance(ssl, bool):
-            raise TypeError(f"ssl must be true or false, not {ssl!r}")
-        self.ssl_root_cert = _text("ssl_root_cert", ssl_root_cert, optional=True)
-        self.ssl = ssl or self.ssl_root_cert is not None
-        self.reconnect_min = seconds("reconnect_min", reconnect_min)
-        self.reconnect_max = seconds("reconnect_max", reconnect_max)
-        if self.reconnect_max < self.reconnect_min:
-            raise ValueError("reconnect_max must not be less than reconnect_min")
-        self.connect_timeout = seconds("connect_timeout", connect_timeout)
-        self.startup_timeout = seconds("startup_timeout", startup_timeout)
         self.ping_interval = seconds("ping_interval", ping_interval)
         self.ping_timeout = seconds("ping_timeout", ping_timeout)
-        self.application_name = str(_text("application_name", application_name))
         self.random = random.Random()
         self.connected = False
         """Whether the source is listening right now."""
@@ -226,7 +188,7 @@ class NotifySource:
         """Why the last connection ended or failed."""
 
     def __repr__(self) -> str:
-        return f"<NotifySource {self.name} {self.user}@{self.host}:{self.port}/{self.database}>"
+        return f"<NotifySource {self.name} {self.pg.where()}>"
 
     # -- publishing --------------------------------------------------------------------
 
@@ -248,32 +210,11 @@ class NotifySource:
     # -- running -------------------------------------------------------------------------
 
     async def connect(self) -> PgConnection:
-        password = self.password
-        if self.password_env is not None:
-            password = os.environ.get(self.password_env)
-            if password is None:
-                raise PgAuthError(f"the environment variable {self.password_env} is not set")
-        context = None
-        if self.ssl:
-            context = _ssl.create_default_context(cafile=self.ssl_root_cert)
-        return await PgConnection.connect(
-            self.host,
-            self.port,
-            self.user,
-            password,
-            self.database,
-            ssl_context=context,
-            timeout=self.connect_timeout,
-            application_name=self.application_name,
-        )
-
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.reconnect_max, self.reconnect_min * 2 ** min(attempt, 30))
-        return self.random.uniform(ceiling / 2, ceiling)  # "equal jitter"
+        return await self.pg.connect()
 
     async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
         started = False
-        deadline = trio.current_time() + self.startup_timeout
+        deadline = trio.current_time() + self.pg.startup_timeout
         attempt = 0
         while True:
             delay = 0.0
@@ -293,7 +234,7 @@ class NotifySource:
                     await self._relay(node, conn)
             except (PgError, PgConnectionError, trio.TooSlowError) as e:
                 self.last_error = e
-                delay = self._backoff(attempt)
+                delay = self.pg.backoff(attempt, self.random)
                 attempt += 1
                 if not started:
                     if _fatal(e):
@@ -301,7 +242,7 @@ class NotifySource:
                     if trio.current_time() + delay > deadline:
                         raise SourceError(
                             f"sources.{self.name}: no connection to PostgreSQL within"
-                            f" startup_timeout ({self.startup_timeout:g} s): {e}"
+                            f" startup_timeout ({self.pg.startup_timeout:g} s): {e}"
                         ) from e
                 log.warning("%s: %s; retrying in %.1f s", self.name, e, delay)
             finally:

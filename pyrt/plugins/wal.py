@@ -29,9 +29,7 @@ already in history). docs/sources.md has the details: hub restarts, invalidated 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import ssl as _ssl
 import time
 from typing import Any
 
@@ -64,6 +62,7 @@ from .._pgwire import PgAuthError, PgConnection, PgConnectionError, PgError, quo
 from .._protocol import TABLE_CHANNEL_PREFIX
 from .._sources import SourceError
 from ._options import integer, seconds
+from ._postgres import PgOptions
 
 __all__ = ["WalSource"]
 
@@ -98,36 +97,18 @@ class WalSource:
     def __init__(
         self,
         *,
-        host: str = "127.0.0.1",
-        port: int = 5432,
-        user: str = "postgres",
-        password: str | None = None,
-        password_env: str | None = None,
-        database: str | None = None,
         publication: str = "pyrt",
         slot: str = "pyrt",
         create_slot: bool = True,
         max_event_bytes: int = 1024 * 1024,
         messages_channel: str | None = None,
-        ssl: bool = False,
-        ssl_root_cert: str | None = None,
-        reconnect_min: float = 0.5,
-        reconnect_max: float = 30.0,
-        connect_timeout: float = 10.0,
-        startup_timeout: float = 30.0,
         status_interval: float = 10.0,
-        application_name: str = "pyrt-wal",
+        **connection: Any,
     ) -> None:
-        self.host = str(_text("host", host))
-        self.port = integer("port", port, 1)
-        if self.port > 65535:
-            raise ValueError(f"port must be at most 65535, not {port}")
-        self.user = str(_text("user", user))
-        self.password = _text("password", password, optional=True)
-        self.password_env = _text("password_env", password_env, optional=True)
-        if self.password is not None and self.password_env is not None:
-            raise ValueError("give password or password_env, not both")
-        self.database = _text("database", database, optional=True)
+        connection.setdefault("application_name", "pyrt-wal")
+        self.pg = PgOptions(**connection)
+        """Where and how to connect, and the reconnect backoff (the options every Postgres
+        source shares: host, port, user, password(_env), database, ssl, ...)."""
         self.publication = str(_text("publication", publication))
         self.slot = check_slot_name(str(_text("slot", slot)))
         if not isinstance(create_slot, bool):
@@ -140,18 +121,7 @@ class WalSource:
                 check_channel(self.messages_channel)
             except ValueError as e:
                 raise ValueError(f"messages_channel: {e}") from None
-        if not isinstance(ssl, bool):
-            raise TypeError(f"ssl must be true or false, not {ssl!r}")
-        self.ssl_root_cert = _text("ssl_root_cert", ssl_root_cert, optional=True)
-        self.ssl = ssl or self.ssl_root_cert is not None
-        self.reconnect_min = seconds("reconnect_min", reconnect_min)
-        self.reconnect_max = seconds("reconnect_max", reconnect_max)
-        if self.reconnect_max < self.reconnect_min:
-            raise ValueError("reconnect_max must not be less than reconnect_min")
-        self.connect_timeout = seconds("connect_timeout", connect_timeout)
-        self.startup_timeout = seconds("startup_timeout", startup_timeout)
         self.status_interval = seconds("status_interval", status_interval)
-        self.application_name = str(_text("application_name", application_name))
         self.random = random.Random()
 
         self.connected = False
@@ -179,7 +149,7 @@ class WalSource:
         self._last_delay = 0.0
 
     def __repr__(self) -> str:
-        where = f"{self.user}@{self.host}:{self.port}/{self.database}"
+        where = self.pg.where()
         return f"<WalSource {self.name} {where} slot={self.slot} publication={self.publication}>"
 
     # -- lag (for /metrics) ------------------------------------------------------------------
@@ -206,29 +176,7 @@ class WalSource:
 
     async def connect(self) -> PgConnection:
         """A replication connection (`replication=database`)."""
-        password = self.password
-        if self.password_env is not None:
-            password = os.environ.get(self.password_env)
-            if password is None:
-                raise PgAuthError(f"the environment variable {self.password_env} is not set")
-        context = None
-        if self.ssl:
-            context = _ssl.create_default_context(cafile=self.ssl_root_cert)
-        return await PgConnection.connect(
-            self.host,
-            self.port,
-            self.user,
-            password,
-            self.database,
-            replication=True,
-            ssl_context=context,
-            timeout=self.connect_timeout,
-            application_name=self.application_name,
-        )
-
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.reconnect_max, self.reconnect_min * 2 ** min(attempt, 30))
-        return self.random.uniform(ceiling / 2, ceiling)  # "equal jitter"
+        return await self.pg.connect(replication=True)
 
     def _restore(self, node: Node) -> None:
         """With durable history: continue after the last change the log holds (its commit
@@ -251,7 +199,7 @@ class WalSource:
     async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
         self._restore(node)
         started = False
-        deadline = trio.current_time() + self.startup_timeout
+        deadline = trio.current_time() + self.pg.startup_timeout
         attempt = 0
         while True:
             delay = 0.0
@@ -284,7 +232,7 @@ class WalSource:
                 log.warning("%s: %s", self.name, e)
             except (PgError, PgConnectionError, trio.TooSlowError) as e:
                 self.last_error = e
-                delay = self._backoff(attempt)
+                delay = self.pg.backoff(attempt, self.random)
                 attempt += 1
                 if not started:
                     if _fatal(e):
@@ -292,7 +240,7 @@ class WalSource:
                     if trio.current_time() + delay > deadline:
                         raise SourceError(
                             f"sources.{self.name}: no connection to PostgreSQL within"
-                            f" startup_timeout ({self.startup_timeout:g} s): {e}"
+                            f" startup_timeout ({self.pg.startup_timeout:g} s): {e}"
                         ) from e
                 log.warning("%s: %s; retrying in %.1f s", self.name, e, delay)
             finally:
