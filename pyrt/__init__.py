@@ -19,15 +19,26 @@ from ._node import NodeConfig as NodeConfig
 from ._node import Session as Session
 from ._node import Transport as Transport
 from ._outbox import SlowConsumerPolicy as SlowConsumerPolicy
+from ._pgwire import PgAuthError as PgAuthError
+from ._pgwire import PgConnection as PgConnection
+from ._pgwire import PgConnectionError as PgConnectionError
+from ._pgwire import PgError as PgError
 from ._protocol import CloseCode as CloseCode
 from ._protocol import ErrorCode as ErrorCode
+from ._sources import Source as Source
+from ._sources import SourceError as SourceError
 from .conflict import HybridClock as HybridClock
 from .conflict import Mutation as Mutation
 from .conflict import Record as Record
 from .conflict import Rejection as Rejection
 from .conflict import Timestamp as Timestamp
+from .plugins._postgres import PgOptions as PgOptions
+from .plugins.notify import CatchUp as CatchUp
+from .plugins.notify import NotifySource as NotifySource
+from .plugins.wal import WalSource as WalSource
 
 __all__ = [
+    "CatchUp",
     "ChannelNameError",
     "CloseCode",
     "ErrorCode",
@@ -42,15 +53,24 @@ __all__ = [
     "Mutation",
     "Node",
     "NodeConfig",
+    "NotifySource",
+    "PgAuthError",
+    "PgConnection",
+    "PgConnectionError",
+    "PgError",
+    "PgOptions",
     "Publication",
     "Record",
     "Rejection",
     "RowEvent",
     "Session",
     "SlowConsumerPolicy",
+    "Source",
+    "SourceError",
     "StreamPosition",
     "Timestamp",
     "Transport",
+    "WalSource",
     "__version__",
     "check_channel",
     "parse_filter",
