@@ -987,9 +987,7 @@ class Hub:
             reply = MutationReply(result.outcome, {"applied": False, "record": record})
         else:
             self.stats.conflicts += 1
-            reply = MutationReply(
-                result.outcome, None, ErrorCode.CONFLICT, result.message, record
-            )
+            reply = MutationReply(result.outcome, None, ErrorCode.CONFLICT, result.message, record)
         if origin is not None and seq is not None:
             store.remember(origin, seq, reply, now)
         return reply

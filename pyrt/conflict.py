@@ -50,6 +50,7 @@ __all__ = [
     "Outcome",
     "PendingWrite",
     "Record",
+    "RecordStats",
     "RecordStore",
     "RejectOnConflict",
     "Rejection",
@@ -563,25 +564,66 @@ class _OriginLog:
             self.replies.popitem(last=False)
 
 
+@attrs.define(slots=True)
+class RecordStats:
+    """What a `RecordStore` did, for metrics; the counters only grow."""
+
+    applied: int = 0
+    """Mutations that changed a record."""
+    unchanged: int = 0
+    """Mutations processed without effect (a lost last-writer-wins race, say)."""
+    rejected: int = 0
+    """Mutations the policy refused (conflicts)."""
+    duplicates: int = 0
+    """Mutations received again with an idempotency key already processed (not applied)."""
+    compacted: int = 0
+    """Tombstones forgotten by `compact`."""
+
+
 class RecordStore:
     """The records of one channel on the server, under one policy, with idempotency.
 
     The hub owns one per records channel: it stamps versions, publishes changes and remembers
     replies; this class decides and keeps state.
+
+    Deleted records stay as tombstones until `compact` forgets them. The store then remembers
+    one timestamp, `forgotten`: the newest version of a tombstone it forgot. A record it holds
+    nothing for reads as a tombstone at that version (the policy's own tombstone, stamped
+    `forgotten`): at least as new as any tombstone forgotten for that key, so whatever a
+    forgotten tombstone refused is still refused (a mutation based on a version the store
+    forgot is a conflict; a write stamped before a forgotten delete loses), and never less.
     """
 
     def __init__(self, policy: ConflictPolicy) -> None:
         self.policy = policy
         self._records: dict[str, Record] = {}
+        self._tombstones: dict[str, Timestamp] = {}
+        """Key -> version of every record held that does not exist (deleted)."""
         self._origins: dict[str, _OriginLog] = {}
         self._source_versions: dict[str, int] = {}
+        self.forgotten: Timestamp | None = None
+        """The newest version of a tombstone `compact` forgot (None: none forgotten)."""
+        self.stats = RecordStats()
 
     def __len__(self) -> int:
         return len(self._records)
 
+    @property
+    def tombstones(self) -> int:
+        """How many of the records held are tombstones."""
+        return len(self._tombstones)
+
     def get(self, key: str) -> Record:
         """The record `key` (with `value` None if it does not exist)."""
-        return self._records.get(key) or Record(key)
+        record = self._records.get(key)
+        if record is not None:
+            return record
+        if self.forgotten is None:
+            return Record(key)
+        # Nothing held: it never existed, or its tombstone was forgotten. Read it as the
+        # newest tombstone forgotten, which refuses at least what the forgotten one would.
+        deleted = self.policy.write(Record(key), Mutation(key, Op.DELETE), self.forgotten)
+        return attrs.evolve(deleted, key=key, version=self.forgotten)
 
     def records(self) -> list[Record]:
         """Every record, tombstones included, by key."""
@@ -593,11 +635,14 @@ class RecordStore:
         stamp = mutation.hlc or version
         decided = self.policy.apply(current, mutation, stamp)
         if isinstance(decided, Rejection):
+            self.stats.rejected += 1
             return Result(Outcome.REJECTED, current, decided.reason, 412)
         if decided.same_state(current):
+            self.stats.unchanged += 1
             return Result(Outcome.UNCHANGED, current)
         record = attrs.evolve(decided, key=mutation.key, version=version)
-        self._records[mutation.key] = record
+        self._put(record)
+        self.stats.applied += 1
         return Result(Outcome.APPLIED, record)
 
     def write(
@@ -622,8 +667,29 @@ class RecordStore:
         op = Op.DELETE if value is None else Op.SET
         decided = self.policy.write(current, Mutation(key, op, value), version)
         record = attrs.evolve(decided, key=key, version=version)
-        self._records[key] = record
+        self._put(record)
         return record
+
+    def _put(self, record: Record) -> None:
+        key = record.key
+        self._records[key] = record
+        self._tombstones.pop(key, None)
+        if record.value is None:
+            assert record.version is not None
+            self._tombstones[key] = record.version
+
+    def compact(self, before: float) -> int:
+        """Forgets the tombstones whose version is older than `before` (wall time in ms);
+        returns how many. What the store answers for them afterwards is in the class doc.
+        The source versions of `write` are kept (a few bytes a key), so a source replaying
+        an old change cannot bring a forgotten row back."""
+        old = [(key, v) for key, v in self._tombstones.items() if v.wall < before]
+        for key, version in old:
+            del self._records[key]
+            del self._tombstones[key]
+            self.forgotten = _newest(self.forgotten, version)
+        self.stats.compacted += len(old)
+        return len(old)
 
     def recall(self, origin: str, seq: int, now: float) -> tuple[bool, Any]:
         """Whether (origin, seq) was processed, and the reply remembered for it (or None)."""
@@ -631,6 +697,7 @@ class RecordStore:
         if log is None or not log.processed(seq):
             return False, None
         log.last_used = now
+        self.stats.duplicates += 1
         return True, log.replies.get(seq)
 
     def remember(self, origin: str, seq: int, reply: Any, now: float) -> None:
