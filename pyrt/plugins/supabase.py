@@ -331,7 +331,6 @@ class _Socket:
     async def write(self, channel: _Channel) -> None:
         """Writes what the hub queues for one channel until it is left or closed."""
         session = channel.session
-        closing = None
         try:
             while True:
                 frames = await session.outgoing()
@@ -341,23 +340,22 @@ class _Socket:
                 if channel.leaving and not len(session.connection.outbox):
                     break
             closing = session.close_request
+            if closing is not None and not channel.leaving:
+                code, reason = closing
+                if code == CloseCode.SLOW:
+                    # This channel fell behind: it errors (the client rejoins); others go on.
+                    codec = channel.codec
+                    error = codec.message("phx_error", {"reason": reason}, codec.join_ref)
+                    await self.send_frames([error])
+                else:
+                    await self.close(code, reason)  # before the session ends: a node
+                    # shutting down waits for its sessions, not for its sockets
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             session.end()
             if self.channels.get(channel.topic) is channel:
                 del self.channels[channel.topic]
-        if closing is None or channel.leaving:
-            return
-        code, reason = closing
-        if code == CloseCode.SLOW:
-            # This channel fell behind: it errors (the client rejoins), the others go on.
-            error = channel.codec.message("phx_error", {"reason": reason}, channel.codec.join_ref)
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.send_frames([error])
-        else:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.close(code, reason)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -567,9 +565,7 @@ class _Socket:
                 hub.handle(conn, Untrack(message.ref, channel.channel, channel.presence_key), now)
                 channel.track_ref = None
             else:
-                await self.refuse(
-                    message, "InvalidMessage: presence event must be track or untrack"
-                )
+                await self.refuse(message, "InvalidMessage: a presence event is track or untrack")
         elif event == "access_token":
             token = payload.get("access_token")
             if not isinstance(token, str):
