@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 import time
+from collections.abc import Mapping
 from typing import Any
 
+import orjson
 import trio
 
 from .._core import (
@@ -58,7 +61,14 @@ from .._pgrepl import (
     slot_status,
     start_replication,
 )
-from .._pgwire import PgAuthError, PgConnection, PgConnectionError, PgError, quote_literal
+from .._pgwire import (
+    PgAuthError,
+    PgConnection,
+    PgConnectionError,
+    PgError,
+    quote_ident,
+    quote_literal,
+)
 from .._protocol import TABLE_CHANNEL_PREFIX
 from .._sources import SourceError
 from ._options import integer, seconds
@@ -75,6 +85,61 @@ def _text(name: str, value: object, *, optional: bool = False) -> str | None:
     if not isinstance(value, str) or not value:
         raise TypeError(f"{name} must be a non-empty string, not {value!r}")
     return value
+
+
+def _record_tables(records: object) -> dict[tuple[str, str], str]:
+    """`records = {"public.todos" = "todos"}`: (schema, table) -> records channel."""
+    if records is None:
+        return {}
+    if not isinstance(records, Mapping):
+        raise TypeError(f'records must be a table of "schema.table" = "channel", not {records!r}')
+    tables = {}
+    for name, channel in records.items():
+        if not isinstance(name, str) or not name or not isinstance(channel, str):
+            raise TypeError(f'records: expected "schema.table" = "channel", not {name!r}')
+        schema, dot, table = name.rpartition(".")
+        if not table or (dot and not schema):
+            raise ValueError(f"records: {name!r} is not a table name (schema.table)")
+        try:
+            check_channel(channel)
+        except ValueError as e:
+            raise ValueError(f"records.{name}: {channel!r} is not a channel: {e}") from None
+        tables[(schema or "public", table)] = channel
+    return tables
+
+
+def _record_key(values: Mapping[str, Any], key_columns: list[str]) -> str | None:
+    """A row's record key: its primary key value (several columns: joined by ':')."""
+    parts = [values.get(column) for column in key_columns]
+    if not parts or any(part is None for part in parts):
+        return None
+    return ":".join(str(part) for part in parts)
+
+
+def _cstr(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def _snapshot_messages(
+    schema: str, table: str, columns: list[tuple[str, int, int]], keys: set[str], rows: Any
+) -> tuple[bytes, list[bytes]]:
+    """pgoutput Relation and Insert messages for rows read with SELECT (text values), so the
+    decoder types them exactly as it types the stream's rows."""
+    relation = b"R" + struct.pack(">I", 1) + _cstr(schema) + _cstr(table) + b"d"
+    relation += struct.pack(">h", len(columns))
+    for name, oid, typmod in columns:
+        relation += struct.pack(">B", name in keys) + _cstr(name) + struct.pack(">Ii", oid, typmod)
+    inserts = []
+    for row in rows:
+        out = b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", len(row))
+        for value in row:
+            if value is None:
+                out += b"n"
+            else:
+                data = value.encode()
+                out += b"t" + struct.pack(">I", len(data)) + data
+        inserts.append(out)
+    return relation, inserts
 
 
 def _fatal(error: Exception) -> bool:
@@ -102,6 +167,7 @@ class WalSource:
         create_slot: bool = True,
         max_event_bytes: int = 1024 * 1024,
         messages_channel: str | None = None,
+        records: Mapping[str, str] | None = None,
         status_interval: float = 10.0,
         **connection: Any,
     ) -> None:
@@ -122,6 +188,10 @@ class WalSource:
             except ValueError as e:
                 raise ValueError(f"messages_channel: {e}") from None
         self.status_interval = seconds("status_interval", status_interval)
+        self.records = _record_tables(records)
+        """(schema, table) -> the records channel its rows keep up to date (key: the
+        primary key), through `Hub.apply_record_change`."""
+        self._records_loaded = False
         self.random = random.Random()
 
         self.connected = False
@@ -207,6 +277,8 @@ class WalSource:
                 conn = await self.connect()
                 async with conn:
                     await self._prepare(node, conn)
+                    if self.records and not self._records_loaded:
+                        await self._load_records(node, conn)
                     async with start_replication(
                         conn,
                         self.slot,
@@ -284,6 +356,101 @@ class WalSource:
             await self._ensure_slot(conn)
             log.warning("%s: made a new slot %s", self.name, self.slot)
 
+    async def _load_records(self, node: Node, conn: PgConnection) -> None:
+        """Fills the records channels from the tables as they are (the database is the
+        source of truth): then changes from the slot keep them up to date."""
+        hub = node.hub
+        for (schema, table), channel in self.records.items():
+            try:
+                hub.records(channel)
+            except ValueError as e:
+                raise SourceError(
+                    f"sources.{self.name}: records for {schema}.{table}: {e}; add it to"
+                    " [hub.record_policies]"
+                ) from None
+            name = f"{quote_ident(schema)}.{quote_ident(table)}"
+            (keys,) = await conn.simple_query(
+                "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid ="
+                " i.indrelid AND a.attnum = ANY(i.indkey) WHERE i.indisprimary AND"
+                f" i.indrelid = {quote_literal(name)}::regclass"
+            )
+            key_columns = {str(row[0]) for row in keys.rows}
+            if not key_columns:
+                raise SourceError(
+                    f"sources.{self.name}: records for {schema}.{table} need a primary key"
+                )
+            (rows,) = await conn.simple_query(f"SELECT * FROM {name}")
+            columns = [(c.name, c.type_oid, c.type_modifier) for c in rows.columns]
+            relation, inserts = _snapshot_messages(schema, table, columns, key_columns, rows.rows)
+            decoder = PgOutputDecoder()
+            decoder.decode(relation)
+            ordered = [c[0] for c in columns if c[0] in key_columns]
+            for insert in inserts:
+                change = decoder.decode(insert)
+                assert isinstance(change, PgChange)
+                record = orjson.loads(change.to_json())["record"]
+                key = _record_key(record, ordered)
+                if key is not None:
+                    hub.apply_record_change(channel, key, record, node.now)
+            log.info(
+                "%s: loaded %d row(s) of %s.%s into %s",
+                self.name,
+                len(inserts),
+                schema,
+                table,
+                channel,
+            )
+        self._records_loaded = True
+        node.pump()
+
+    def _record_change(
+        self, node: Node, decoder: PgOutputDecoder, change: PgChange, version: int
+    ) -> None:
+        channel = self.records.get((change.schema, change.table))
+        if channel is None:
+            return
+        relation = decoder.relation(change.relid)
+        key_columns = [c[1] for c in relation.columns if c[0] & 1] if relation else []
+        data = orjson.loads(change.to_json())
+        hub = node.hub
+        if change.type == "DELETE":
+            key = _record_key(data.get("old_record") or {}, key_columns)
+            value = None
+        else:
+            value = data.get("record") or {}
+            key = _record_key(value, key_columns)
+            if key is not None and change.type == "UPDATE":
+                # Unchanged TOAST values are not sent: keep them from the record.
+                current = hub.record(channel, key).value
+                if current is not None:
+                    value = {**current, **value}
+            if change.type == "UPDATE":
+                old_key = _record_key(data.get("old_record") or {}, key_columns)
+                if old_key is not None and old_key != key:  # the key itself changed
+                    hub.apply_record_change(
+                        channel, old_key, None, node.now, source_version=version
+                    )
+        if key is None:
+            log.warning(
+                "%s: a %s on %s.%s without its key columns; records not updated",
+                self.name,
+                change.type,
+                change.schema,
+                change.table,
+            )
+            return
+        hub.apply_record_change(channel, key, value, node.now, source_version=version)
+
+    def _truncate_records(self, node: Node, schema: str, table: str, version: int) -> None:
+        channel = self.records.get((schema, table))
+        if channel is None:
+            return
+        for record in node.hub.records(channel):
+            if record.value is not None:
+                node.hub.apply_record_change(
+                    channel, record.key, None, node.now, source_version=version
+                )
+
     async def _ensure_slot(self, conn: PgConnection) -> None:
         if self.create_slot:
             _status, created = await ensure_slot(conn, self.slot)
@@ -309,6 +476,7 @@ class WalSource:
         hub = node.hub
         history_log = getattr(node, "history_log", None)
         name = self.name
+        records = self.records
         limit = self.max_event_bytes
         commit_lsn = 0
         commit_time: str | None = None
@@ -340,6 +508,8 @@ class WalSource:
                     if history_log is not None:
                         history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
                     hub.publish_change(message, node.now, max_bytes=limit)
+                    if records:
+                        self._record_change(node, decoder, message, commit_lsn << 32 | seq)
                     self.events += 1
                     self._partial = (commit_lsn, seq)
                 elif isinstance(message, PgBegin):
@@ -378,6 +548,8 @@ class WalSource:
                         hub.publish_truncate(
                             schema, table, node.now, commit_timestamp=commit_time, columns=columns
                         )
+                        if records:
+                            self._truncate_records(node, schema, table, commit_lsn << 32 | seq)
                         self.events += 1
                     self._partial = (commit_lsn, seq)
                 elif isinstance(message, PgLogicalMessage):
