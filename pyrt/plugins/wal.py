@@ -12,7 +12,10 @@ slot = "pyrt"
 create_slot = true
 max_event_bytes = 1048576
 messages_channel = "pg:messages"   # optional: where pg_logical_emit_message goes
+records = { "public.todos" = "todos" }   # optional: rows kept as records (docs/conflicts.md)
 ```
+Connection options (host, port, user, password, ssl, reconnect backoff, ...) are the ones
+every Postgres source shares: `pyrt.plugins._postgres.PgOptions`.
 
 Each INSERT, UPDATE and DELETE of a published table becomes a row event on the table's
 channel `pg:<schema>:<table>` (`Hub.publish_change`), each TRUNCATE an event on every
@@ -22,8 +25,11 @@ Delivery is at least once from Postgres to the hub and exactly once into history
 end LSN is acked only after every change of it is in history, a restart resumes from the
 slot's confirmed LSN, and what the slot sends again is skipped (a transaction whose commit LSN
 is not after the last one put in history, and the changes of a half-published transaction
-already in history). docs/sources.md has the details: hub restarts, invalidated slots (a gap:
-`reset` pushes, a new epoch, a new slot), reconnecting, lag metrics.
+already in history). With durable history (`[history] dir`) each change is logged with its
+commit LSN and place in the transaction, the log is fsynced before every ack, and after a
+restart the source skips what the log holds, so a restarted hub puts each change in history
+once. docs/sources.md has the details: hub restarts, invalidated slots (a gap: `reset`
+pushes, a new epoch, a new slot), reconnecting, lag metrics, rows as records.
 """
 
 from __future__ import annotations
