@@ -508,6 +508,13 @@ async def test_v2_arrays_and_binary_user_broadcasts(nursery: trio.Nursery) -> No
         open_websocket_url(socket_url(node, vsn="2.0.0")) as v2_reader,
         open_websocket_url(socket_url(node, vsn="1.0.0")) as v1_reader,
     ):
+        await send(sender, [None, "h1", "phoenix", "heartbeat", {}])
+        ok = {"status": "ok", "response": {}}
+        assert await receive(sender) == [None, "h1", "phoenix", "phx_reply", ok]
+        await send(sender, ["j", "j", "realtime:x", "phx_join", {"config": {"private": True}}])
+        refused = await receive(sender)
+        assert refused[:4] == ["j", "j", "realtime:x", "phx_reply"]
+        assert refused[4]["status"] == "error"
         await send(
             sender, ["1", "1", "realtime:bin", "phx_join", {"config": {"broadcast": {"ack": True}}}]
         )

@@ -312,7 +312,9 @@ class _Socket:
         await self.send_frames([encode(message, self.vsn)])
 
     async def reply(self, message: Message, status: str, response: dict[str, Any]) -> None:
-        join_ref = message.join_ref if message.join_ref is not None else message.ref
+        join_ref = message.join_ref
+        if join_ref is None and message.event == "phx_join":
+            join_ref = message.ref  # a join's reply names the join
         payload = {"status": status, "response": response}
         await self.send_message(Message(message.topic, "phx_reply", payload, message.ref, join_ref))
 
