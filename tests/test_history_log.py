@@ -240,3 +240,24 @@ def test_row_events_replay_filtered_after_a_restart(tmp_path: Path) -> None:
         (f["data"]["type"], (f["data"].get("record") or {}).get("id")) for f in replies[1:]
     ] == [("INSERT", 2), ("INSERT", 3), ("TRUNCATE", None)]
     assert frames(conn) == []
+
+
+def test_history_section_of_the_config_file(tmp_path: Path) -> None:
+    from pyrt._config import ConfigError, node_config
+
+    path = tmp_path / "pyrt.toml"
+    path.write_text(f'[history]\ndir = "{tmp_path / "h"}"\nfsync_interval = 2\n')
+    config = node_config(path)
+    assert (config.history_dir, config.history_fsync_interval) == (str(tmp_path / "h"), 2.0)
+    assert node_config().history_dir is None  # the default: history in memory
+    for text, message in [
+        ("[history]\ndri = 'x'", "history.dri: unknown setting"),
+        ("[history]\ndir = 5", "history.dir: expected str, got 5"),
+        ("[history]\ndir = ''", "history.dir: must not be empty"),
+        ("[history]\nfsync_interval = 0", "history.fsync_interval: must be positive"),
+        ("[history]\nsegment_bytes = 10", "history.segment_bytes: must be at least 4096"),
+        ("[history]\nsegment_bytes = true", "history.segment_bytes: expected int"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            node_config(path)
