@@ -802,6 +802,9 @@ class Hub:
             if not result.get("recovered"):
                 # The records as of `offset`: changes after it follow as publications.
                 result["records"] = [encode_record(r) for r in store.records()]
+                if store.forgotten is not None:
+                    # Records not listed are absent at least up to this version.
+                    result["forgotten"] = store.forgotten.encode()
         if row_ids:
             result["changes"] = [c.encode(i) for c, i in zip(command.changes, row_ids, strict=True)]
         # Reply first, then the missed publications, then (later) live ones: all in order,

@@ -78,6 +78,7 @@ from .conflict import (
     Record,
     Result,
     StoreUpdate,
+    Timestamp,
     policy_named,
 )
 
@@ -436,7 +437,9 @@ class Records(Channel):
             self.store.resend_window = min(self.store.resend_window, ttl / 2)
         records = result.get("records")
         if isinstance(records, list):
-            self._apply(self.store.reset(_records(records)))
+            forgotten = result.get("forgotten")
+            floor = Timestamp.decode(forgotten) if isinstance(forgotten, str) else None
+            self._apply(self.store.reset(_records(records), forgotten=floor))
         self.store.go_online()
         self._client._wake_writer()
 

@@ -801,6 +801,9 @@ class OptimisticStore:
         self.resend_window = resend_window
         self.online = False
         self._confirmed: dict[str, Record] = {}
+        self._floor: Timestamp | None = None
+        """The snapshot's `forgotten`: a record it did not list is absent at least up to this
+        version (its tombstone was forgotten, or it never existed)."""
         self._pending: list[PendingWrite] = []
         self._by_seq: dict[int, PendingWrite] = {}
         self._view: dict[str, Record] = {}
@@ -919,13 +922,24 @@ class OptimisticStore:
 
     # -- from the server ------------------------------------------------------------------------
 
-    def reset(self, records: Iterable[Record], policy: ConflictPolicy | None = None) -> StoreUpdate:
+    def reset(
+        self,
+        records: Iterable[Record],
+        policy: ConflictPolicy | None = None,
+        forgotten: Timestamp | None = None,
+    ) -> StoreUpdate:
         """A snapshot of the channel (a join that did not resume): the new confirmed state.
-        Pending writes stay and are applied again on top of it."""
+        Pending writes stay and are applied again on top of it. `forgotten` is the server's
+        newest forgotten tombstone (`RecordStore.forgotten`): a record the snapshot does not
+        list that comes later with a version not after it is from before the snapshot (a
+        re-sent mutation's first reply, say), and stays out."""
         if policy is not None:
             self.policy = policy
         old = set(self._confirmed)
         self._confirmed = {}
+        self._floor = forgotten
+        if forgotten is not None:
+            self.clock.observe(forgotten)
         for record in records:
             self._confirmed[record.key] = record
             if record.version is not None:
@@ -937,11 +951,7 @@ class OptimisticStore:
     ) -> StoreUpdate:
         """A record change published on the channel (`writer`, the tag of an origin, and
         `seq` name the mutation that made it, if any: one of ours is then confirmed)."""
-        if record.version is not None:
-            self.clock.observe(record.version)
-            current = self._confirmed.get(record.key)
-            if current is None or _after(record.version, current.version):
-                self._confirmed[record.key] = record
+        self._confirm(record)
         update = StoreUpdate()
         if writer == self.tag and seq is not None:
             write = self._by_seq.get(seq)
@@ -954,15 +964,21 @@ class OptimisticStore:
         write = self._by_seq.get(seq)
         if write is None or write.done:
             return StoreUpdate()
-        record = result.record
-        if record is not None and record.version is not None:  # else: no such record
-            self.clock.observe(record.version)
-            current = self._confirmed.get(record.key)
-            if current is None or _after(record.version, current.version):
-                self._confirmed[record.key] = record
+        if result.record is not None:
+            self._confirm(result.record)
         return self._resolve(write, result)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _confirm(self, record: Record) -> None:
+        """Takes `record` as confirmed if it is newer than what is confirmed."""
+        if record.version is None:
+            return  # no such record
+        self.clock.observe(record.version)
+        current = self._confirmed.get(record.key)
+        floor = current.version if current is not None else self._floor
+        if _after(record.version, floor):
+            self._confirmed[record.key] = record
 
     def _confirmed_record(self, key: str) -> Record:
         return self._confirmed.get(key) or Record(key)

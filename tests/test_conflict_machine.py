@@ -8,14 +8,17 @@ are cut with frames in flight both ways (what was sent is re-sent on the next co
 the same idempotency key); old `mutate` frames are delivered again late, on later connections;
 old frames to clients are delivered again; the database changes records under everyone
 (`apply_record_change`); clients' clocks are skewed, one beyond the drift the hub accepts.
-History is short, so some resumes get a snapshot instead of the missed changes.
+History is short, so some resumes get a snapshot instead of the missed changes. Tombstones
+are compacted (forgotten) once older than 0.4 s, so clients hold tombstones the hub forgot,
+resume past them, and base writes on them.
 
 Every value a write puts in a record is unique to that write, so the checks can tell whose
 write a value came from. An observer connection logs every publication in offset order: the
 ground truth of what the hub did.
 
 When the network is quiet (every connection up, every frame delivered):
-- every client's view equals the hub's records, and its confirmed records are the hub's;
+- every client's view equals the hub's records, and its confirmed records are the hub's
+  (where the hub forgot a tombstone, a client may still hold it, or what the hub read for it);
 - no write is pending, and every write has exactly one result;
 - no mutation was applied twice: at most one publication per idempotency key;
 - no acknowledged write is lost or misreported: a write is APPLIED exactly when a publication
@@ -58,6 +61,7 @@ from pyrt.conflict import (
     PendingWrite,
     Record,
     Rejection,
+    Timestamp,
     origin_tag,
     policy_named,
 )
@@ -102,6 +106,7 @@ class RecordsConvergence(RuleBasedStateMachine):
                 ping_interval=10**5,
                 idle_timeout=10**6,
                 max_clock_drift=1.0,
+                tombstone_ttl=0.4,
             ),
             replica="hub",
             new_epoch=lambda: f"e{next(epochs)}",
@@ -118,6 +123,7 @@ class RecordsConvergence(RuleBasedStateMachine):
         self.sent_mutations: dict[tuple[str, int], Mutation] = {}
         self.markers = itertools.count(1)
         self.dirty = 0
+        self.forgotten: set[Any] = set()  # every version the hub's store read forgotten records at
         self.pump()
         for client in self.clients.values():
             self.connect(client)
@@ -205,9 +211,13 @@ class RecordsConvergence(RuleBasedStateMachine):
                     self.stats["resume recovered"] += 1
                 assert ok["policy"] == self.policy_name
                 if "records" in ok:
+                    forgotten = ok.get("forgotten")
                     store.reset(
-                        [decode_record(r) for r in ok["records"]], policy_named(ok["policy"])
+                        [decode_record(r) for r in ok["records"]],
+                        policy_named(ok["policy"]),
+                        Timestamp.decode(forgotten) if forgotten is not None else None,
                     )
+                    self.stats["snapshot with forgotten"] += forgotten is not None
                 store.go_online()
             elif isinstance(kind, int):
                 result = decode_mutate_reply(frame)
@@ -352,8 +362,14 @@ class RecordsConvergence(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.0005, 0.003, 0.5]))
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
+        store = self.hub.record_stores.get(CHANNEL)
+        compacted = store.stats.compacted if store is not None else 0
         self.hub.tick(self.now)
         self.pump()
+        if store is not None:
+            self.stats["tombstones forgotten"] += store.stats.compacted - compacted
+            if store.forgotten is not None:
+                self.forgotten.add(store.forgotten)
 
     @precondition(lambda self: self.dirty >= 25)
     @rule()
@@ -390,7 +406,14 @@ class RecordsConvergence(RuleBasedStateMachine):
         for client in self.clients.values():
             assert client.store.pending == (), client.name
             assert client.store.view == visible, client.name
-            assert dict(client.store.confirmed) == server, client.name
+            confirmed = dict(client.store.confirmed)
+            for key, record in confirmed.items():
+                if key in server:
+                    assert record == server[key], client.name
+                else:  # a tombstone the hub forgot, or the tombstone it reads for it now
+                    assert record.value is None, client.name
+                    self.stats["client holds a tombstone the hub forgot"] += 1
+            assert set(server) <= set(confirmed), client.name
             for write in client.writes:
                 assert write.result is not None
                 assert write.result.outcome in (
@@ -426,7 +449,8 @@ class RecordsConvergence(RuleBasedStateMachine):
             previous = last.get(record.key, Record(record.key))
             self.check_step(previous, record, push["data"])
             last[record.key] = record
-        assert last == {key: r for key, r in server.items() if r.version is not None}
+        assert {k: r for k, r in last.items() if k in server} == server
+        assert all(r.value is None for k, r in last.items() if k not in server)
         if self.policy_name == "reject":
             self.check_rejected_leave_no_trace(server)
         self.stats["quiescence"] += 1
@@ -439,9 +463,14 @@ class RecordsConvergence(RuleBasedStateMachine):
         if self.policy_name == "reject":
             if "writer" in data:
                 mutation = self.sent_mutations[(data["writer"], data["seq"])]
-                assert mutation.base == previous.version or (
-                    mutation.base is None and previous.value is None
-                ), "a write applied to a version it was not based on"
+                if mutation.base != previous.version and previous.value is None:
+                    # Created anew: based on no record, or on what the hub read for a
+                    # record whose tombstone it forgot (the newest version forgotten).
+                    forgotten = mutation.base in self.forgotten
+                    assert mutation.base is None or forgotten, "applied to a forgotten version"
+                    self.stats["created on a forgotten tombstone"] += forgotten
+                else:
+                    assert mutation.base == previous.version, "applied to another version"
             return
         if "writer" not in data:
             return  # the database's changes replace the record
@@ -509,6 +538,9 @@ def test_records_converge(policy: str) -> None:
         "duplicate publication ignored",
         "resume recovered",
         "resume missed: snapshot",
+        "tombstones forgotten",
+        "client holds a tombstone the hub forgot",
+        "snapshot with forgotten",
     ]
     if policy == "reject":
         expected += ["write rejected", "rejected writes checked"]
