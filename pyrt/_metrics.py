@@ -144,9 +144,53 @@ class _HubCollector(Collector):
         yield lag_bytes
         yield lag_seconds
 
+        yield from self._records()
+
         yield SummaryMetricFamily(
             "pyrt_match_seconds",
             "Time spent finding the recipients of publications.",
             count_value=stats.matches,
             sum_value=stats.match_seconds,
         )
+
+    def _records(self) -> Iterator[Metric]:
+        """Records channels, by conflict policy: mutations and what the stores hold."""
+        hub = self._node.hub
+        names = dict.fromkeys(sorted(set(hub.config.record_policies.values())))
+        mutations = CounterMetricFamily(
+            "pyrt_record_mutations",
+            "Record mutations, by the channel's conflict policy and outcome: applied,"
+            " unchanged, conflict (refused by the policy), duplicate (sent again, not applied).",
+            labels=["policy", "outcome"],
+        )
+        records = GaugeMetricFamily(
+            "pyrt_records", "Records held that exist, by conflict policy.", labels=["policy"]
+        )
+        tombstones = GaugeMetricFamily(
+            "pyrt_record_tombstones",
+            "Deleted records held as tombstones, by conflict policy.",
+            labels=["policy"],
+        )
+        compacted = CounterMetricFamily(
+            "pyrt_record_tombstones_compacted",
+            "Tombstones forgotten after hub.tombstone_ttl, by conflict policy.",
+            labels=["policy"],
+        )
+        totals = {name: [0] * 7 for name in names}
+        for store in hub.record_stores.values():
+            row = totals.setdefault(store.policy.name, [0] * 7)
+            stats = store.stats
+            counts = (stats.applied, stats.unchanged, stats.rejected, stats.duplicates)
+            held = (len(store) - store.tombstones, store.tombstones, stats.compacted)
+            for index, count in enumerate((*counts, *held)):
+                row[index] += count
+        for name, row in sorted(totals.items()):
+            for outcome, count in zip(_OUTCOMES, row[:4], strict=True):
+                mutations.add_metric([name, outcome], count)
+            records.add_metric([name], row[4])
+            tombstones.add_metric([name], row[5])
+            compacted.add_metric([name], row[6])
+        yield from (mutations, records, tombstones, compacted)
+
+
+_OUTCOMES = ("applied", "unchanged", "conflict", "duplicate")

@@ -1,4 +1,5 @@
-"""The REST API under `/api/`: server-side publishing and reads of hub state (docs/http.md).
+"""The REST API under `/api/`: server-side publishing, records, and reads of hub state
+(docs/http.md).
 
 For backends, not browsers' end users: every request needs one of `NodeConfig.api_keys`.
 Requests are validated whole before anything happens, so a rejected publish published nothing.
@@ -7,6 +8,7 @@ Requests are validated whole before anything happens, so a rejected publish publ
 from __future__ import annotations
 
 import hmac
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +17,9 @@ import orjson
 from ._core import check_channel
 from ._errors import ChannelNameError
 from ._history import StreamPosition
-from ._http import HttpError, HttpExchange
-from ._protocol import _presence_map
+from ._http import HttpError, HttpExchange, HttpRequest
+from ._protocol import _presence_map, encode_record
+from .conflict import Mutation, Op, Timestamp
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -29,8 +32,18 @@ HISTORY_LIMIT = 100
 MAX_HISTORY_LIMIT = 1000
 
 _PUBLISH_FIELDS = frozenset({"channel", "channels", "data", "key"})
+_MUTATE_FIELDS = frozenset({"op", "value", "base", "origin", "seq"})
+RECORDS_PREFIX = API_PREFIX + "records/"
+MAX_KEY_LENGTH = 256
 
 _Handler = Callable[["Node", HttpExchange, str], Awaitable[None]]
+
+
+_ROUTES = (
+    "there are POST /api/publish, GET /api/history/<channel>, GET /api/presence/<channel>,"
+    " GET /api/channels, GET /api/records/<channel> and GET or POST"
+    " /api/records/<channel>/<key>"
+)
 
 
 class _MethodNotAllowed(HttpError):
@@ -52,7 +65,10 @@ async def api_route(node: Node, exchange: HttpExchange) -> bool:
         await exchange.respond(e.status, e.body(), headers=headers)
         return True
     try:
-        handler, argument = _resolve(path, exchange.request.method)
+        if path.startswith(RECORDS_PREFIX):
+            handler, argument = _resolve_records(exchange.request)
+        else:
+            handler, argument = _resolve(path, exchange.request.method)
     except _MethodNotAllowed as e:
         await exchange.respond(405, e.body(), headers=[("allow", e.allow)])
         return True
@@ -76,15 +92,28 @@ def _resolve(path: str, method: str) -> tuple[_Handler, str]:
         elif slash and prefix == "presence":
             route = ("GET", _presence)
     if route is None:
-        raise HttpError(
-            404,
-            f"no API route {path}: there are POST /api/publish, GET /api/history/<channel>,"
-            " GET /api/presence/<channel> and GET /api/channels",
-        )
+        raise HttpError(404, f"no API route {path}: {_ROUTES}")
     allow, handler = route
     if method != allow:
         raise _MethodNotAllowed(allow, path)
     return handler, argument
+
+
+def _resolve_records(request: HttpRequest) -> tuple[_Handler, str]:
+    """`/api/records/<channel>[/<key>]`. The raw path is split at the first `/` before
+    percent-decoding, so channels and keys may hold any character (`/` as `%2F`)."""
+    raw = request.target.split("?", 1)[0].removeprefix(RECORDS_PREFIX)
+    channel, slash, key = raw.partition("/")
+    argument = urllib.parse.unquote(channel)
+    if not slash:
+        if request.method != "GET":
+            raise _MethodNotAllowed("GET", request.path)
+        return _records, argument
+    if request.method not in ("GET", "POST"):
+        raise _MethodNotAllowed("GET, POST", request.path)
+    # Channel names hold no NUL: it separates the two parts for the handler.
+    argument += "\0" + urllib.parse.unquote(key)
+    return (_record if request.method == "GET" else _mutate), argument
 
 
 def _authorize(keys: Sequence[str], exchange: HttpExchange) -> None:
@@ -260,3 +289,112 @@ async def _channels(node: Node, exchange: HttpExchange, _argument: str) -> None:
     await exchange.respond_json(
         200, {"channels": [{"channel": c, "subscribers": n} for c, n in channels]}
     )
+
+
+# -- /api/records/<channel>[/<key>] ----------------------------------------------------------
+
+
+def _records_channel(node: Node, channel: str) -> str:
+    """A records channel's name; HttpError 422 (not a channel name) or 404 (no records)."""
+    channel = _channel_name(channel)
+    if not _holds_records(node, channel):
+        raise HttpError(
+            404, f"'{channel[:64]}' holds no records: no pattern of hub.record_policies matches it"
+        )
+    return channel
+
+
+def _holds_records(node: Node, channel: str) -> bool:
+    try:
+        node.hub.record(channel, "")
+    except ValueError:
+        return False
+    return True
+
+
+def _channel_and_key(node: Node, argument: str) -> tuple[str, str]:
+    channel, _, key = argument.partition("\0")
+    channel = _records_channel(node, channel)
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise HttpError(422, f"a record key is 1 to {MAX_KEY_LENGTH} characters, got {len(key)}")
+    return channel, key
+
+
+async def _records(node: Node, exchange: HttpExchange, argument: str) -> None:
+    channel = _records_channel(node, argument)
+    hub = node.hub
+    records = hub.records(channel)
+    position = hub.history_position(channel, node.now)
+    body: dict[str, Any] = {
+        "channel": channel,
+        "policy": hub.record_stores[channel].policy.name,
+        "offset": position.offset,
+        "epoch": position.epoch,
+        "records": [encode_record(r) for r in records],
+    }
+    forgotten = hub.record_stores[channel].forgotten
+    if forgotten is not None:
+        body["forgotten"] = forgotten.encode()
+    await exchange.respond_json(200, body)
+
+
+async def _record(node: Node, exchange: HttpExchange, argument: str) -> None:
+    channel, key = _channel_and_key(node, argument)
+    record = node.hub.record(channel, key)
+    await exchange.respond_json(200, {"channel": channel, "record": encode_record(record)})
+
+
+async def _mutate(node: Node, exchange: HttpExchange, argument: str) -> None:
+    channel, key = _channel_and_key(node, argument)
+    body = await exchange.json_body(node.config.max_body_bytes)
+    mutation = _mutation_request(key, body, node.hub.config.max_payload_bytes)
+    reply = node.hub.mutate(channel, mutation, node.now)
+    node.pump()
+    if reply.ok is not None:
+        await exchange.respond_json(200, reply.ok)
+        return
+    assert reply.code is not None
+    error = {"code": int(reply.code), "message": reply.message, "record": reply.record}
+    await exchange.respond_json(int(reply.code), {"error": error})
+
+
+def _mutation_request(key: str, body: Any, max_payload: int) -> Mutation:
+    """The mutation a `POST /api/records/<channel>/<key>` body asks for; HttpError 400/413."""
+    if not isinstance(body, dict):
+        raise HttpError(400, f"body must be a JSON object, got {_json_type(body)}")
+    unknown = sorted(set(body) - _MUTATE_FIELDS)
+    if unknown:
+        raise HttpError(400, f"unknown field '{unknown[0][:64]}': use op, value, base, origin, seq")
+    raw_op = body.get("op")
+    if raw_op not in ("set", "patch", "delete"):
+        got = "missing" if "op" not in body else f"got {_json_type(raw_op)} {str(raw_op)[:32]!r}"
+        raise HttpError(400, f"'op' must be one of set, patch, delete ({got})")
+    op = Op(raw_op)
+    value = body.get("value")
+    if op is Op.DELETE:
+        if value is not None:
+            raise HttpError(400, "delete takes no 'value'")
+    elif not isinstance(value, dict):
+        raise HttpError(400, f"'value' must be an object for {op.value}, got {_json_type(value)}")
+    base = body.get("base")
+    if base is not None:
+        if not isinstance(base, str):
+            raise HttpError(
+                400, f"'base' must be a record's version (a string) or null, got {_json_type(base)}"
+            )
+        try:
+            base = Timestamp.decode(base)
+        except ValueError as e:
+            raise HttpError(400, f"'base': {e}") from None
+    origin, seq = body.get("origin"), body.get("seq")
+    if (origin is None) != (seq is None):
+        raise HttpError(400, "'origin' and 'seq' go together (an idempotency key), or neither")
+    if origin is not None and (not isinstance(origin, str) or not 1 <= len(origin) <= 64):
+        raise HttpError(400, "'origin' must be a string of 1 to 64 characters")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 1):
+        raise HttpError(400, "'seq' must be an integer of at least 1")
+    if value is not None:
+        size = len(orjson.dumps(value))
+        if size > max_payload:
+            raise HttpError(413, f"value larger than {max_payload} bytes ({size} as JSON)")
+    return Mutation(key, op, value, base, None, origin, seq)

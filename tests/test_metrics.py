@@ -235,3 +235,72 @@ async def test_metrics_is_get_only_and_per_node(nursery: trio.Nursery) -> None:
         assert response.json() == {"error": {"code": 405, "message": "use GET for /metrics"}}
         assert value(await scrape(client_a), "pyrt_publications_total") == 1
         assert value(await scrape(client_b), "pyrt_publications_total") == 0
+
+
+async def test_record_mutations_and_stores(nursery: trio.Nursery) -> None:
+    policies = {"todos:>": "reject", "cursors:>": "lww", "docs:>": "merge"}
+    node = await start(nursery, hub=HubConfig(record_policies=policies, tombstone_ttl=0.01))
+    async with http(node) as client, open_websocket_url(ws_url(node)) as ws:
+        fresh = await scrape(client)
+        for policy in ("lww", "merge", "reject"):
+            for outcome in ("applied", "unchanged", "conflict", "duplicate"):
+                name = "pyrt_record_mutations_total"
+                assert value(fresh, name, policy=policy, outcome=outcome) == 0
+            assert value(fresh, "pyrt_records", policy=policy) == 0
+            assert value(fresh, "pyrt_record_tombstones", policy=policy) == 0
+            assert value(fresh, "pyrt_record_tombstones_compacted_total", policy=policy) == 0
+        await ws_request(ws, cmd="join", id=1, channel="todos:1")
+        mutate = {"cmd": "mutate", "channel": "todos:1", "op": "set", "value": {"n": 1}}
+        created = await ws_request(ws, id=2, key="a", origin="o1", seq=1, **mutate)
+        assert created["push"] == "pub"  # the change comes before the reply
+        reply = orjson.loads(await ws.get_message())
+        assert reply["ok"]["applied"] is True
+        again = await ws_request(ws, id=3, key="a", origin="o1", seq=1, **mutate)  # re-sent
+        assert again["ok"] == reply["ok"]
+        conflict = await ws_request(ws, id=4, key="a", **mutate)  # based on no record
+        assert conflict["error"]["code"] == 412
+        headers = {"x-api-key": "k"}
+        for key in ("b", "c"):
+            response = await client.post(
+                f"/api/records/todos:2/{key}", json={"op": "set", "value": {}}, headers=headers
+            )
+            assert response.json()["applied"] is True
+        version = response.json()["record"]["version"]
+        response = await client.post(
+            "/api/records/todos:2/c", json={"op": "delete", "base": version}, headers=headers
+        )
+        assert response.json()["applied"] is True
+        cursor = "/api/records/cursors:1/x"
+        await client.post(cursor, json={"op": "set", "value": {"at": 1}}, headers=headers)
+        # Under lww a write stamped before the record's is processed without effect.
+        await ws_request(ws, cmd="join", id=5, channel="cursors:1")
+        old = "0000000000001.00000.old"
+        late = {"cmd": "mutate", "channel": "cursors:1", "key": "x", "op": "delete", "hlc": old}
+        assert (await ws_request(ws, id=6, **late))["ok"]["applied"] is False
+        after = await scrape(client)
+        changed = diff(fresh, after)
+        for name in ("pyrt_messages_in_total", "pyrt_messages_out_total", "pyrt_bytes_out_total"):
+            for key in [k for k in changed if k.startswith(name)]:
+                del changed[key]
+        for key in [k for k in changed if k.startswith(("pyrt_match", "pyrt_connections"))]:
+            del changed[key]
+        assert changed == {
+            "pyrt_channels": 2,
+            "pyrt_publications_total": 5,
+            "pyrt_errors_total": 1,
+            'pyrt_record_mutations_total{outcome="applied",policy="reject"}': 4,
+            'pyrt_record_mutations_total{outcome="conflict",policy="reject"}': 1,
+            'pyrt_record_mutations_total{outcome="duplicate",policy="reject"}': 1,
+            'pyrt_record_mutations_total{outcome="applied",policy="lww"}': 1,
+            'pyrt_record_mutations_total{outcome="unchanged",policy="lww"}': 1,
+            'pyrt_records{policy="lww"}': 1,
+            'pyrt_records{policy="reject"}': 2,  # todos:1/a and todos:2/b
+            'pyrt_record_tombstones{policy="reject"}': 1,  # todos:2/c
+        }
+        await trio.sleep(0.05)
+        node.hub.tick(node.now)  # the node's timer does this every ping_interval
+        compacted = diff(after, await scrape(client))
+        assert compacted == {
+            'pyrt_record_tombstones{policy="reject"}': -1,
+            'pyrt_record_tombstones_compacted_total{policy="reject"}': 1,
+        }

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import httpx
 import orjson
 import pytest
@@ -514,3 +515,207 @@ async def test_cors_for_allowed_origins(nursery: trio.Nursery) -> None:
         allowed = {h.strip() for h in preflight.headers["access-control-allow-headers"].split(",")}
         assert {"authorization", "content-type", "x-api-key", "apikey"} <= allowed
         assert "POST" in preflight.headers["access-control-allow-methods"]
+
+
+# -- records -------------------------------------------------------------------------------
+
+RECORDS = HubConfig(record_policies={"todos:>": "reject", "docs:>": "merge"})
+
+
+async def test_records_read_and_mutate_like_the_mutate_command(nursery: trio.Nursery) -> None:
+    node = await start(nursery, hub=RECORDS)
+    async with api(node) as client, open_websocket_url(ws_url(node)) as ws:
+        joined = await ws_request(ws, cmd="join", id=1, channel="todos:1")
+        assert joined["ok"]["records"] == []
+        empty = await client.get("/api/records/todos:1")
+        assert empty.status_code == 200
+        assert empty.json() == {
+            "channel": "todos:1",
+            "policy": "reject",
+            "offset": 0,
+            "epoch": joined["ok"]["epoch"],
+            "records": [],
+        }
+        created = await client.post(
+            "/api/records/todos:1/t1", json={"op": "set", "value": {"title": "milk"}}
+        )
+        assert created.status_code == 200
+        body = created.json()
+        assert body["applied"] is True
+        assert (body["offset"], body["epoch"]) == (1, joined["ok"]["epoch"])
+        record = body["record"]
+        assert (record["key"], record["value"]) == ("t1", {"title": "milk"})
+        v1 = record["version"]
+        Timestamp.decode(v1)
+        pub = await next_frame(ws)  # subscribers get the change as from a client
+        assert (pub["push"], pub["offset"], pub["data"]) == ("pub", 1, record)
+        listed = (await client.get("/api/records/todos:1")).json()
+        assert (listed["offset"], listed["records"]) == (1, [record])
+        assert (await client.get("/api/records/todos:1/t1")).json() == {
+            "channel": "todos:1",
+            "record": record,
+        }
+        # Based on nothing while the record exists: a conflict, with the record as it is.
+        conflict = await client.post(
+            "/api/records/todos:1/t1", json={"op": "patch", "value": {"done": True}}
+        )
+        assert conflict.status_code == 412
+        error_body = conflict.json()["error"]
+        assert error_body["code"] == 412
+        assert error_body["message"].startswith("conflict: based on no record")
+        assert error_body["record"] == record
+        patched = await client.post(
+            "/api/records/todos:1/t1",
+            json={"op": "patch", "value": {"done": True}, "base": v1},
+        )
+        assert patched.json()["record"]["value"] == {"title": "milk", "done": True}
+        v2 = patched.json()["record"]["version"]
+        assert v2 > v1
+        # An idempotency key: sent twice, applied once, the same reply both times.
+        delete = {"op": "delete", "base": v2, "origin": "backend-1", "seq": 1}
+        first = await client.post("/api/records/todos:1/t1", json=delete)
+        again = await client.post("/api/records/todos:1/t1", json=delete)
+        assert first.status_code == again.status_code == 200
+        assert first.json() == again.json()
+        assert first.json()["record"]["value"] is None
+        assert node.hub.stats.duplicate_mutations == 1
+        assert node.hub.stats.publications == 3
+        tombstone = (await client.get("/api/records/todos:1/t1")).json()["record"]
+        assert tombstone == first.json()["record"]
+        # A record never written: no value, no version.
+        never = (await client.get("/api/records/todos:1/nothing")).json()
+        assert never == {"channel": "todos:1", "record": {"key": "nothing", "value": None}}
+        # Keys are percent-decoded after the path is split: any character works.
+        slash = await client.post("/api/records/todos:1/a%2Fb%20c", json={"op": "set", "value": {}})
+        assert slash.json()["record"]["key"] == "a/b c"
+
+
+async def test_records_under_field_merge(nursery: trio.Nursery) -> None:
+    node = await start(nursery, hub=RECORDS)
+    async with api(node) as client:
+        first = await client.post("/api/records/docs:1/d", json={"op": "set", "value": {"a": 1}})
+        base = first.json()["record"]["version"]
+        for field in ("b", "c"):  # both based on the same version: both win their field
+            response = await client.post(
+                "/api/records/docs:1/d", json={"op": "patch", "value": {field: 2}, "base": base}
+            )
+            assert response.json()["applied"] is True
+        record = (await client.get("/api/records/docs:1/d")).json()["record"]
+        assert record["value"] == {"a": 1, "b": 2, "c": 2}
+        assert set(record["fields"]) == {"a", "b", "c"}
+
+
+async def test_forgotten_tombstones_over_rest(nursery: trio.Nursery) -> None:
+    node = await start(nursery, hub=attrs.evolve(RECORDS, tombstone_ttl=0.01))
+    async with api(node) as client:
+        url = "/api/records/todos:2/t"
+        v1 = (await client.post(url, json={"op": "set", "value": {}})).json()["record"]["version"]
+        deleted = await client.post(url, json={"op": "delete", "base": v1})
+        tombstone = deleted.json()["record"]["version"]
+        await trio.sleep(0.05)
+        node.hub.tick(node.now)  # the node's timer does this every ping_interval
+        listed = (await client.get("/api/records/todos:2")).json()
+        assert listed["records"] == []
+        assert listed["forgotten"] == tombstone
+        # Based on the forgotten tombstone itself (the newest forgotten): creates again.
+        again = await client.post(url, json={"op": "set", "value": {"n": 1}, "base": tombstone})
+        assert again.json()["applied"] is True
+        # Based on a version older than the newest forgotten one: a conflict, whose record
+        # gives the version to base the next try on.
+        stale = await client.post(
+            "/api/records/todos:2/u", json={"op": "set", "value": {}, "base": v1}
+        )
+        assert stale.status_code == 412
+        current = stale.json()["error"]["record"]
+        assert current == {"key": "u", "value": None, "version": tombstone}
+        retry = await client.post(
+            "/api/records/todos:2/u", json={"op": "set", "value": {}, "base": tombstone}
+        )
+        assert retry.json()["applied"] is True
+
+
+async def test_bad_record_requests(nursery: trio.Nursery) -> None:
+    node = await start(nursery, hub=RECORDS)
+    node.publish("room:1", "not records")
+    publications = node.hub.stats.publications
+    version = "1718000000000.00003.n1"
+    url = "/api/records/todos:1/t1"
+    async with api(node) as client:
+        bad_bodies: list[tuple[Any, str]] = [
+            ([1], "body must be a JSON object, got array"),
+            ({}, "'op' must be one of set, patch, delete (missing)"),
+            (
+                {"op": "put", "value": {}},
+                "'op' must be one of set, patch, delete (got string 'put')",
+            ),
+            ({"op": "set"}, "'value' must be an object for set, got null"),
+            ({"op": "patch", "value": [1]}, "'value' must be an object for patch, got array"),
+            ({"op": "delete", "value": {}}, "delete takes no 'value'"),
+            (
+                {"op": "delete", "bsae": version},
+                "unknown field 'bsae': use op, value, base, origin, seq",
+            ),
+            (
+                {"op": "delete", "base": 17},
+                "'base' must be a record's version (a string) or null, got number",
+            ),
+            ({"op": "delete", "base": "yesterday"}, "'base': not a timestamp: 'yesterday'"),
+            (
+                {"op": "delete", "origin": "o"},
+                "'origin' and 'seq' go together (an idempotency key), or neither",
+            ),
+            ({"op": "delete", "origin": "o", "seq": 0}, "'seq' must be an integer of at least 1"),
+            (
+                {"op": "delete", "origin": "", "seq": 1},
+                "'origin' must be a string of 1 to 64 characters",
+            ),
+        ]
+        for body, message in bad_bodies:
+            assert error(await client.post(url, json=body)) == (400, 400, message), body
+        not_json = await client.post(url, content=b"{op: set")
+        status, code, message = error(not_json)
+        assert (status, code) == (400, 400)
+        assert message.startswith("body is not JSON: ")
+        big = {"op": "set", "value": {"x": "y" * 70_000}}
+        assert error(await client.post(url, json=big)) == (
+            413,
+            413,
+            "value larger than 65536 bytes (70008 as JSON)",
+        )
+        for path in ("/api/records/todos:*/t1", "/api/records/todos:*"):
+            status, code, message = error(await client.get(path))
+            assert (status, code) == (422, 422), path
+            assert message.startswith("wildcards are only allowed in patterns")
+        for path in ("/api/records/room:1", "/api/records/room:1/t1", "/api/records/never:used"):
+            status, code, message = error(await client.get(path))
+            assert (status, code) == (404, 404), path
+            assert message.endswith(
+                "holds no records: no pattern of hub.record_policies matches it"
+            )
+        status, _, message = error(
+            await client.post("/api/records/room:1/t1", json={"op": "delete"})
+        )
+        assert status == 404
+        long_key = "/api/records/todos:1/" + "k" * 257
+        for path in (long_key, "/api/records/todos:1/"):
+            response = await client.post(path, json={"op": "delete"})
+            length = 257 if path == long_key else 0
+            assert error(response) == (
+                422,
+                422,
+                f"a record key is 1 to 256 characters, got {length}",
+            )
+        for method, path, allow in [
+            ("POST", "/api/records/todos:1", "GET"),
+            ("PUT", "/api/records/todos:1/t1", "GET, POST"),
+            ("DELETE", "/api/records/todos:1/t1", "GET, POST"),
+        ]:
+            response = await client.request(method, path)
+            assert error(response) == (405, 405, f"use {allow} for {path}")
+            assert response.headers["allow"] == allow
+        no_key = await client.post(
+            url, json={"op": "delete"}, headers={"authorization": "Bearer x"}
+        )
+        assert error(no_key) == (401, 401, "wrong API key")
+    assert node.hub.stats.publications == publications
+    assert node.hub.stats.mutations == 0
