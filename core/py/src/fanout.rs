@@ -17,8 +17,10 @@
 //! writer writes the rest before anything else. So bytes reach a socket in the order the hub
 //! produced them, whichever path carries them.
 //!
-//! Sockets are duplicated (`dup`) on attach and closed on detach, so a descriptor number that
-//! the transport closed and the kernel reused is never written to by mistake.
+//! Sockets are borrowed by descriptor number, not duplicated (a duplicate would double the
+//! descriptors a hub needs, and descriptors are what limits connection counts): the hub
+//! detaches a connection (`close`) when its transport ends it, before the transport closes
+//! the socket, so a number the kernel reuses is never written to by mistake.
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
@@ -31,7 +33,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use crate::{positioned_error, Matcher};
 
 struct Slot {
-    /// Our duplicate of the socket, or -1 when not attached.
+    /// The socket (borrowed from the transport), or -1 when not attached.
     fd: RawFd,
     /// Writes go through the hub's outbox (and the transport's writer) until released.
     held: bool,
@@ -54,11 +56,7 @@ impl Slot {
     }
 
     fn detach(&mut self) {
-        if self.fd >= 0 {
-            // SAFETY: `fd` is our own duplicate, closed exactly once (set to -1 right after).
-            unsafe { libc::close(self.fd) };
-            self.fd = -1;
-        }
+        self.fd = -1;
         self.pending = Vec::new();
         self.held = true;
     }
@@ -76,7 +74,8 @@ enum Write {
 /// Sends `frame` without blocking; see `Write`.
 fn write_frame(slot: &mut Slot, frame: &[u8]) -> Write {
     loop {
-        // SAFETY: `frame` is a live slice; `slot.fd` is an open descriptor we own.
+        // SAFETY: `frame` is a live slice; `slot.fd` is open (detached before it is closed),
+        // and send() on a descriptor touches no memory of ours beyond the slice.
         let n = unsafe {
             libc::send(
                 slot.fd,
@@ -215,7 +214,8 @@ impl FanOut {
     }
 
     /// Lets this module write to the socket `fd` for `handle` (which starts held: its writer
-    /// releases it). The descriptor is duplicated; the caller keeps and closes its own.
+    /// releases it). The descriptor is borrowed: `detach` or `close` the handle before the
+    /// socket is closed.
     fn attach(&mut self, handle: u32, fd: RawFd) -> PyResult<()> {
         let slot = self.slot(handle)?;
         if slot.fd >= 0 {
@@ -223,21 +223,33 @@ impl FanOut {
                 "handle {handle} is attached already"
             )));
         }
-        // SAFETY: dup() of a descriptor number has no memory effects; errors are checked.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(PyOSError::new_err(format!(
-                "cannot duplicate socket {fd}: {}",
-                std::io::Error::last_os_error()
-            )));
+        let mut kind: libc::c_int = 0;
+        let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `size` bytes into `kind`, a c_int we own.
+        let got = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&mut kind as *mut libc::c_int).cast(),
+                &mut size,
+            )
+        };
+        if got < 0 || kind != libc::SOCK_STREAM {
+            let why = if got < 0 {
+                std::io::Error::last_os_error().to_string()
+            } else {
+                "not a stream socket".to_owned()
+            };
+            return Err(PyOSError::new_err(format!("cannot attach {fd}: {why}")));
         }
-        slot.fd = dup;
+        slot.fd = fd;
         slot.held = true;
         Ok(())
     }
 
-    /// Stops direct writes to `handle` (closes our duplicate of its socket; pending bytes
-    /// are discarded). Call it before the transport closes the socket.
+    /// Stops direct writes to `handle` (pending bytes are discarded). Call it (or `close`)
+    /// before the transport closes the socket.
     fn detach(&mut self, handle: u32) -> PyResult<()> {
         self.slot(handle)?.detach();
         Ok(())
@@ -362,14 +374,6 @@ impl FanOut {
         d.set_item("attached", self.slots.iter().filter(|s| s.fd >= 0).count())?;
         d.set_item("subscriptions", self.subs.len())?;
         Ok(d)
-    }
-}
-
-impl Drop for FanOut {
-    fn drop(&mut self) {
-        for slot in &mut self.slots {
-            slot.detach();
-        }
     }
 }
 

@@ -1,0 +1,414 @@
+"""The Rust fan-out write path (core/py/src/fanout.rs) and its use by the hub.
+
+The first half drives `pyrt._core.FanOut` over real socket pairs: what it writes, what it hands
+back, partial writes, descriptor safety and its errors. The second half runs a Node and real
+WebSocket clients: order across the direct and the queued path, slow consumers under each
+policy, and big frames that the kernel takes only in part.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+import trio
+import trio.testing
+from trio_websocket import open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
+
+from pyrt._core import FanOut, Matcher
+from pyrt._hub import HubConfig
+from pyrt._node import Node, NodeConfig
+from pyrt._outbox import SlowConsumerPolicy
+
+# -- FanOut over socket pairs ---------------------------------------------------------------
+
+
+def read_frames(sock: socket.socket) -> list[bytes]:
+    """Every complete WebSocket frame readable now; fails on a partial one."""
+    sock.setblocking(False)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return list(parse_frames(data))
+
+
+def parse_frames(data: bytes) -> Iterator[bytes]:
+    while data:
+        assert data[0] == 0x81, f"not a final text frame: {data[:2]!r}"
+        length, start = data[1], 2
+        assert length & 0x80 == 0, "server frames are never masked"
+        if length == 126:
+            (length,), start = struct.unpack("!H", data[2:4]), 4
+        elif length == 127:
+            (length,), start = struct.unpack("!Q", data[2:10]), 10
+        assert len(data) >= start + length, "a frame was cut short"
+        yield data[start : start + length]
+        data = data[start + length :]
+
+
+@pytest.fixture
+def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+    made: list[tuple[socket.socket, socket.socket]] = []
+    yield made
+    for a, b in made:
+        a.close()
+        b.close()
+
+
+def pair(made: list[tuple[socket.socket, socket.socket]]) -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    made.append((a, b))
+    return a, b
+
+
+def test_a_frame_is_written_to_free_attached_sockets_and_the_rest_handed_back(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    fanout, matcher = FanOut(), Matcher()
+    socks = [pair(pairs) for _ in range(3)]
+    handles = [fanout.open() for _ in range(4)]
+    for n, handle in enumerate(handles):
+        matcher.add_channel(n, "room")
+        fanout.subscribe(n, handle)
+    for handle, (ours, _) in zip(handles, socks, strict=False):
+        fanout.attach(handle, ours.fileno())
+    assert fanout.held(handles[0])  # attached sockets start held: their writer releases them
+    for handle in handles[:2]:
+        assert fanout.release(handle)
+    assert not fanout.release(handles[3])  # not attached: never released
+    payload = b'{"push":"pub","data":"' + b"x" * 300 + b'"}'
+    slow, woken, written, seconds = fanout.publish(matcher, "room", payload)
+    assert sorted(slow) == [handles[2], handles[3]]  # held, and not attached
+    assert woken == []
+    assert written == 2
+    assert seconds >= 0
+    for _, theirs in socks[:2]:
+        assert read_frames(theirs) == [payload]
+    assert read_frames(socks[2][1]) == []
+    stats = fanout.stats()
+    assert stats["direct_frames"] == 2
+    assert stats["direct_bytes"] == 2 * len(payload)
+    assert (stats["handles"], stats["attached"], stats["subscriptions"]) == (4, 3, 4)
+
+
+def test_patterns_reach_a_connection_once_and_skip_leaves_out_the_publisher(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    fanout, matcher = FanOut(), Matcher()
+    (a, a_peer), (b, b_peer) = pair(pairs), pair(pairs)
+    ha, hb = fanout.open(), fanout.open()
+    for handle, sock in ((ha, a), (hb, b)):
+        fanout.attach(handle, sock.fileno())
+        fanout.release(handle)
+    for sub_id, pattern, handle in ((1, "a:*", ha), (2, "a:b", ha), (3, ">", ha), (4, "a:b", hb)):
+        matcher.add_channel(sub_id, pattern)
+        fanout.subscribe(sub_id, handle)
+    assert fanout.publish(matcher, "a:b", b"1")[2] == 2
+    assert fanout.publish(matcher, "a:b", b"2", skip=ha)[2] == 1
+    assert fanout.unsubscribe(4)
+    assert not fanout.unsubscribe(4)
+    assert fanout.publish(matcher, "a:b", b"3")[2] == 1
+    assert read_frames(a_peer) == [b"1", b"3"]
+    assert read_frames(b_peer) == [b"1", b"2"]
+
+
+def test_a_full_socket_keeps_the_rest_of_a_frame_and_stays_held(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    fanout = FanOut()
+    ours, theirs = pair(pairs)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    handle = fanout.open()
+    fanout.attach(handle, ours.fileno())
+    fanout.release(handle)
+    payloads = [bytes([65 + n % 26]) * 3000 for n in range(200)]
+    outcomes = []
+    for payload in payloads:
+        slow, woken, written = fanout.send([handle], payload)
+        outcomes.append((slow, woken, written))
+        if slow or woken:
+            break
+    slow, woken, written = outcomes[-1]
+    assert len(outcomes) < len(payloads), "the socket buffer never filled"
+    assert fanout.held(handle)
+    # Once held, nothing is written directly: every later frame is handed back.
+    assert fanout.send([handle], b"later") == ([handle], [], 0)
+    if woken:  # the kernel took part of the last frame: the rest is pending
+        assert written == 1
+        assert not fanout.release(handle)  # not while bytes are pending
+        sent = len(outcomes)
+    else:  # it took none of it: the hub queues that frame
+        assert slow == [handle]
+        assert written == 0
+        sent = len(outcomes) - 1
+    received = b""
+    theirs.setblocking(True)
+    pending = fanout.take_pending(handle)
+    assert fanout.take_pending(handle) == b""
+    frame_bytes = sum(len(p) + 4 for p in payloads[:sent])  # 3000 B: a 4-byte header
+    while len(received) < frame_bytes - len(pending):
+        received += theirs.recv(1 << 16)
+    assert list(parse_frames(received + pending)) == payloads[:sent]
+    assert fanout.release(handle)  # nothing pending any more
+
+
+def test_detach_stops_direct_writes_and_leaves_the_socket_alone(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    fanout = FanOut()
+    ours, theirs = pair(pairs)
+    handle = fanout.open()
+    fanout.attach(handle, ours.fileno())
+    fanout.release(handle)
+    assert fanout.send([handle], b"direct")[2] == 1
+    fanout.detach(handle)
+    assert not fanout.attached(handle)
+    assert not fanout.release(handle)  # not attached: stays held
+    assert fanout.send([handle], b"x") == ([handle], [], 0)  # detached: handed back
+    ours.sendall(b"still ours")  # the transport's socket is untouched (borrowed, not closed)
+    theirs.settimeout(5)
+    expected = b"\x81\x06direct" + b"still ours"
+    received = b""
+    while len(received) < len(expected):
+        received += theirs.recv(100)
+    assert received == expected
+    fanout.attach(handle, ours.fileno())  # attachable again
+
+
+def test_a_closed_peer_is_handed_back_not_raised(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    fanout = FanOut()
+    ours, theirs = pair(pairs)
+    handle = fanout.open()
+    fanout.attach(handle, ours.fileno())
+    fanout.release(handle)
+    theirs.close()
+    assert fanout.send([handle], b"nobody reads this") == ([handle], [], 0)
+    assert fanout.stats()["refused_writes"] == 1
+
+
+def test_bad_handles_and_descriptors_are_errors(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    fanout = FanOut()
+    ours, _ = pair(pairs)
+    handle = fanout.open()
+    with pytest.raises(OSError, match="cannot attach 10000000: Bad file descriptor"):
+        fanout.attach(handle, 10_000_000)
+    with (
+        open(__file__, "rb") as not_a_socket,
+        pytest.raises(OSError, match="Socket operation on non-socket"),
+    ):
+        fanout.attach(handle, not_a_socket.fileno())
+    datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with datagram, pytest.raises(OSError, match="not a stream socket"):
+        fanout.attach(handle, datagram.fileno())
+    fanout.attach(handle, ours.fileno())
+    with pytest.raises(ValueError, match="attached already"):
+        fanout.attach(handle, ours.fileno())
+    fanout.close(handle)
+    for call in (fanout.hold, fanout.release, fanout.take_pending, fanout.detach, fanout.close):
+        with pytest.raises(KeyError, match=f"no open handle {handle}"):
+            call(handle)
+    with pytest.raises(KeyError):
+        fanout.send([handle], b"x")
+    with pytest.raises(KeyError):
+        fanout.subscribe(1, handle)
+    assert fanout.open() == handle  # closed handles are reused
+    assert not fanout.attached(handle)
+
+
+# -- the hub's direct path over real WebSockets ---------------------------------------------
+
+
+async def start(nursery: trio.Nursery, **hub: Any) -> tuple[Node, str]:
+    node: Node = await nursery.start(Node(NodeConfig(port=0, hub=HubConfig(**hub))).run)
+    return node, f"ws://127.0.0.1:{node.port}/connection/websocket"
+
+
+async def test_direct_and_queued_frames_keep_their_order(nursery: trio.Nursery) -> None:
+    """Server publications go out directly while the same client's requests put replies in
+    its outbox: the client sees every publication once, in offset order, and every reply."""
+    node, url = await start(nursery)
+    async with open_websocket_url(url) as ws:
+        await ws.send_message(orjson.dumps({"cmd": "join", "id": 0, "channel": "c"}))
+        assert "ok" in orjson.loads(await ws.get_message())
+        offsets: list[int] = []
+        replies: list[int] = []
+        total = 3000
+
+        async def publish() -> None:
+            for n in range(total):
+                node.publish("c", n)
+                if n % 50 == 0:
+                    await trio.sleep(0)
+
+        async def ask() -> None:
+            for n in range(1, 200):
+                await ws.send_message(orjson.dumps({"cmd": "ping", "id": n}))
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(publish)
+            inner.start_soon(ask)
+            with trio.fail_after(30):
+                while len(offsets) < total or len(replies) < 199:
+                    frame = orjson.loads(await ws.get_message())
+                    if frame.get("push") == "pub":
+                        offsets.append(frame["offset"])
+                    elif "reply" in frame:
+                        replies.append(frame["reply"])
+    assert offsets == list(range(1, total + 1))
+    assert replies == list(range(1, 200))
+    stats = node.hub.fanout_stats()
+    assert stats["direct_frames"] > 0  # the direct path carried some
+    assert node.hub.stats.frames_out >= total + 199
+
+
+async def test_with_direct_writes_off_everything_goes_through_the_outbox(
+    nursery: trio.Nursery,
+) -> None:
+    node, url = await start(nursery, direct_writes=False)
+    async with open_websocket_url(url) as ws:
+        await ws.send_message(orjson.dumps({"cmd": "join", "id": 0, "channel": "c"}))
+        await ws.get_message()
+        for n in range(10):
+            node.publish("c", n)
+        with trio.fail_after(5):
+            got = [orjson.loads(await ws.get_message())["data"] for _ in range(10)]
+    assert got == list(range(10))
+    assert node.hub.fanout_stats()["direct_frames"] == 0
+    assert node.hub.fanout_stats()["attached"] == 0
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+class Subscriber:
+    """A WebSocket client on wsproto that reads only when told to: while it does not, the
+    frames it is sent wait in the kernel's buffers, as for a stalled client."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.events: list[Any] = []
+        self.parts: list[str] = []
+
+    async def next_event(self) -> Any:
+        while not self.events:
+            data = await self.stream.receive_some(1 << 16)
+            self.ws.receive_data(data or None)
+            self.events.extend(self.ws.events())
+        return self.events.pop(0)
+
+    async def get_message(self) -> str:
+        """The next whole text message; raises ConnectionClosed with the close code."""
+        while True:
+            event = await self.next_event()
+            if isinstance(event, CloseConnection):
+                raise ConnectionClosed(event)
+            if isinstance(event, TextMessage):
+                self.parts.append(event.data)
+                if event.message_finished:
+                    text = "".join(self.parts)
+                    self.parts.clear()
+                    return text
+
+
+@asynccontextmanager
+async def subscriber(port: int, channel: str) -> AsyncIterator[Subscriber]:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        client = Subscriber(stream)
+        request = Request(host="127.0.0.1", target="/connection/websocket")
+        await stream.send_all(client.ws.send(request))
+        assert isinstance(await client.next_event(), AcceptConnection)
+        join = orjson.dumps({"cmd": "join", "id": 0, "channel": channel}).decode()
+        await stream.send_all(client.ws.send(Message(data=join)))
+        assert "ok" in orjson.loads(await client.get_message())
+        yield client
+
+
+async def drain(client: Subscriber) -> tuple[list[int], int]:
+    """Offsets of every publication left to read, and the close code."""
+    offsets: list[int] = []
+    with trio.fail_after(30):
+        try:
+            while True:
+                frame = orjson.loads(await client.get_message())
+                if frame.get("push") == "pub":
+                    offsets.append(frame["offset"])
+        except ConnectionClosed as e:
+            return offsets, e.args[0].code
+
+
+async def test_a_client_that_stops_reading_is_closed_as_slow_and_loses_nothing_before(
+    nursery: trio.Nursery,
+) -> None:
+    """The kernel's buffers, then the outbox (512 KiB here), fill up; the hub closes the
+    connection with 4008. What the client did get is every publication up to a point, in
+    order, with no gap: it resumes from there. A reading client meanwhile gets them all."""
+    node, _ = await start(nursery, outbox_bytes=512 * 1024)
+    got: list[int] = []
+    payload = "y" * 64 * 1024
+    async with subscriber(node.port, "c") as stalled, subscriber(node.port, "c") as reader:
+        with trio.fail_after(60):
+            for _ in range(400):  # in step with the reader: only `stalled` falls behind
+                node.publish("c", payload)
+                got.append(orjson.loads(await reader.get_message())["offset"])
+        assert got == list(range(1, 401))
+        assert node.hub.stats.slow_disconnects == 1
+        offsets, code = await drain(stalled)
+    assert code == 4008
+    assert offsets == list(range(1, len(offsets) + 1))
+    assert 0 < len(offsets) < 400
+
+
+async def test_drop_oldest_on_a_full_socket_leaves_gaps_not_disorder(
+    nursery: trio.Nursery,
+) -> None:
+    policies = {"lossy": SlowConsumerPolicy.DROP_OLDEST}
+    node, _ = await start(nursery, outbox_bytes=256 * 1024, channel_policies=policies)
+    offsets: list[int] = []
+    async with subscriber(node.port, "lossy") as stalled:
+        for _ in range(300):
+            node.publish("lossy", "z" * 32 * 1024)
+        await trio.sleep(0.2)
+        assert node.hub.stats.slow_disconnects == 0
+        assert node.hub.stats.evicted > 0
+        with trio.fail_after(30):
+            while not offsets or offsets[-1] < 300:
+                frame = orjson.loads(await stalled.get_message())
+                offsets.append(frame["offset"])
+    assert offsets == sorted(set(offsets))  # increasing: gaps, never disorder or repeats
+    assert len(offsets) < 300
+    assert offsets[-1] == 300  # the newest always arrives
+
+
+async def test_big_frames_written_in_part_arrive_whole(nursery: trio.Nursery) -> None:
+    node, _ = await start(nursery, outbox_bytes=64 * 1024 * 1024, max_payload_bytes=1 << 20)
+    payloads = [chr(65 + n % 26) * (300_000 + n) for n in range(60)]
+    async with subscriber(node.port, "big") as ws:
+        await trio.testing.wait_all_tasks_blocked()  # its writer has handed the socket back
+        for payload in payloads:
+            node.publish("big", payload)
+        stats = node.hub.fanout_stats()
+        # The kernel cannot take 18 MB at once: some frame went in part, or was handed back.
+        assert stats["partial_writes"] + stats["refused_writes"] > 0
+        with trio.fail_after(30):
+            got = [orjson.loads(await ws.get_message())["data"] for _ in payloads]
+    assert got == payloads
