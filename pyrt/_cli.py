@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import os
 import secrets
@@ -165,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ConfigError, LookupError, ValueError) as e:
             print(f"pyrt serve: {e}", file=sys.stderr)
             return 2
+        # A hub holds many long-lived objects per connection; with the default threshold
+        # (700) the collector walks them so often that it took a quarter of the CPU while
+        # 10,000 clients connected (py-spy). The process is ours here; an embedding
+        # application decides for itself (docs/benchmarks.md).
+        gc.set_threshold(50_000, 50, 100)
         try:
             trio.run(_serve, node)
         except OSError as e:

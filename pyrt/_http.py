@@ -83,6 +83,10 @@ class CorsPolicy:
         return None
 
 
+_DETACHED = h11.Connection(h11.SERVER)
+"""Stands in for the HTTP state of exchanges that were `detach`ed (never used by them)."""
+
+
 class HttpExchange:
     """One request and its response on a front-door connection."""
 
@@ -99,6 +103,22 @@ class HttpExchange:
         self._cors = cors or CorsPolicy()
         self._body_read = False
         self._body_too_big = False
+        self._detached = False
+
+    @property
+    def detached(self) -> bool:
+        """`detach` was called: the connection is no longer HTTP."""
+        return self._detached
+
+    def detach(self) -> bytes:
+        """For protocol upgrades, once the switch is answered: returns what the client sent
+        after the request head and lets go of the HTTP state and the request's headers
+        (`request` keeps its method and target). The connection is then not reusable."""
+        trailing = self.trailing
+        self._detached = True
+        self.http = _DETACHED
+        self.request = attrs.evolve(self.request, headers=())
+        return trailing
 
     @property
     def trailing(self) -> bytes:
@@ -111,6 +131,7 @@ class HttpExchange:
         """Whether the connection can carry another request after this one."""
         return (
             not self._body_too_big
+            and not self._detached
             and self.http.our_state is h11.DONE
             and self.http.their_state is h11.DONE
         )

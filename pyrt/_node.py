@@ -132,7 +132,8 @@ class Session:
         self.token = secrets.token_urlsafe(18)
         """Authorizes commands sent over HTTP (`POST /connection/send`) for this session."""
         self._wake = trio.Event()
-        self._pulse = trio.Event()
+        self._pulse: trio.Event | None = None
+        """Made by the first `wait_changed` (long-poll): idle WebSockets need none."""
         self.closed = False
 
     def frame_too_big(self) -> None:
@@ -215,12 +216,15 @@ class Session:
         """Waits for the hub's next nudge (frames queued, or a close asked) without taking
         anything, for transports that pop `connection.outbox` themselves (long-poll). Check
         the state first: a nudge before the call is not seen."""
+        if self._pulse is None:
+            self._pulse = trio.Event()
         await self._pulse.wait()
 
     def wake(self) -> None:
         self._wake.set()
-        self._pulse.set()
-        self._pulse = trio.Event()
+        if self._pulse is not None:
+            self._pulse.set()
+            self._pulse = None
 
     def end(self) -> None:
         """The transport is gone: the hub forgets the connection (presence leaves, etc.)."""
@@ -415,14 +419,18 @@ class Node:
             if request is None:
                 return
             exchange = HttpExchange(http, stream, request, self.cors)
+            # No references here while the exchange is served: a WebSocket `detach`es it
+            # and the request's and HTTP's state is then freed for the connection's life.
+            del http, request
             try:
                 await self._route(exchange)
             except HttpError as e:
-                if http.our_state is not h11.SEND_RESPONSE:
+                if exchange.detached or exchange.http.our_state is not h11.SEND_RESPONSE:
                     return  # a streamed response had begun: all we can do is end it
                 await exchange.respond_error(e)
             if not exchange.reusable:
                 return
+            http = exchange.http
             http.start_next_cycle()
 
     async def _route(self, exchange: HttpExchange) -> None:
@@ -432,10 +440,11 @@ class Node:
             headers = "content-type, authorization, last-event-id, x-api-key, apikey"
             if await exchange.preflight(methods, headers):
                 return
-        for transport in self.transports:
-            if transport.claims(request):
-                await transport.serve(self, exchange)
-                return
+        claimant = next((t for t in self.transports if t.claims(request)), None)
+        if claimant is not None:
+            del request  # see _serve_http
+            await claimant.serve(self, exchange)
+            return
         for route in self.routes:
             if await route(self, exchange):
                 return

@@ -162,6 +162,7 @@ class Channel:
     _carry: collections.deque[Message] = attrs.field(factory=collections.deque)
     """Delivered messages whose hand-over to the queue was cut short (the connection ended
     while the queue was full): they go out after the queued ones, before any newer one."""
+    _carry_taken: trio.Event = attrs.field(factory=trio.Event)
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel(self._client.buffer)
@@ -186,7 +187,10 @@ class Channel:
                 try:
                     return self._receive.receive_nowait()
                 except trio.WouldBlock:
-                    return self._carry.popleft()
+                    message = self._carry.popleft()
+                    self._carry_taken.set()
+                    self._carry_taken = trio.Event()
+                    return message
             return await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
@@ -194,13 +198,17 @@ class Channel:
     async def _queue(self, message: Message) -> None:
         """Hands a delivered message (its offset counted as seen) to `async for`: kept in
         `_carry` if the connection ends while waiting for room, never lost."""
-        while self._carry:
-            await self._send.send(self._carry[0])
-            self._carry.popleft()
+        while self._carry:  # newer messages wait until `async for` took the carried ones
+            await self._carry_taken.wait()
         try:
             await self._send.send(message)
         except trio.Cancelled:
-            self._carry.append(message)
+            try:
+                self._send.send_nowait(message)  # `async for` may be waiting right now
+            except trio.WouldBlock:
+                self._carry.append(message)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # nobody iterates any more
             raise
 
     async def publish(self, data: Any, *, key: str | None = None, echo: bool = False) -> int:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 
 import trio
-from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionType
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -24,6 +25,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .._http import HttpExchange, HttpRequest
@@ -42,29 +44,40 @@ class WebSocketTransport:
         return request.is_websocket_upgrade and request.path in self.paths
 
     async def serve(self, node: Node, exchange: HttpExchange) -> None:
-        request, stream = exchange.request, exchange.stream
-        ws = WSConnection(ConnectionType.SERVER)
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers]
-        try:
-            ws.initiate_upgrade_connection(headers, request.target)
-        except RemoteProtocolError as e:
-            body = f"bad websocket upgrade: {e}".encode()
-            head = f"HTTP/1.1 400 Bad Request\r\ncontent-length: {len(body)}\r\n\r\n"
-            await stream.send_all(head.encode() + body)
+        ws = await _accept(exchange)
+        if ws is None:
             return
-        for event in ws.events():
-            if isinstance(event, Request):
-                await stream.send_all(ws.send(AcceptConnection()))
-        connection = _Connection(node, stream, ws)
-        if exchange.trailing:
-            connection.feed(exchange.trailing)
+        # From here on only the WebSocket lives: the request, its headers and the HTTP and
+        # handshake state are let go (a few KiB per connection, held for hours).
+        trailing = exchange.detach()
+        connection = _Connection(node, exchange.stream, ws)
+        if trailing:
+            connection.feed(trailing)
         await connection.run()
+
+
+async def _accept(exchange: HttpExchange) -> WsConnection | None:
+    """The WebSocket handshake; None (after a 400) when the upgrade request is bad."""
+    request, stream = exchange.request, exchange.stream
+    handshake = H11Handshake(ConnectionType.SERVER)
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers]
+    try:
+        handshake.initiate_upgrade_connection(headers, request.target)
+    except RemoteProtocolError as e:
+        body = f"bad websocket upgrade: {e}".encode()
+        head = f"HTTP/1.1 400 Bad Request\r\ncontent-length: {len(body)}\r\n\r\n"
+        await stream.send_all(head.encode() + body)
+        return None
+    for event in handshake.events():
+        if isinstance(event, Request):
+            await stream.send_all(handshake.send(AcceptConnection()))
+    return handshake.connection
 
 
 class _Connection:
     """One accepted WebSocket: a reader and a writer task around a hub session."""
 
-    def __init__(self, node: Node, stream: trio.abc.Stream, ws: WSConnection) -> None:
+    def __init__(self, node: Node, stream: trio.abc.Stream, ws: WsConnection) -> None:
         self.stream = stream
         self.ws = ws
         self.session: Session = node.open_session()
@@ -73,7 +86,8 @@ class _Connection:
         self.parts: list[bytes] = []
         self.size = 0
         self.done = False
-        self.peer_closed = trio.Event()
+        self.peer_closed: trio.Event | None = None
+        """Made when we wait for the client's close (not for every idle connection)."""
         self.replying = 0
         """Control replies being written by the reader (the fan-out must stay off)."""
         socket = getattr(stream, "socket", None)
@@ -125,7 +139,8 @@ class _Connection:
                 replies.append(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 self.done = True
-                self.peer_closed.set()
+                if self.peer_closed is not None:
+                    self.peer_closed.set()
                 with contextlib.suppress(LocalProtocolError):  # we had sent our close already
                     replies.append(self.ws.send(event.response()))
         return replies
@@ -152,12 +167,15 @@ class _Connection:
                 if not data:
                     break
                 await self.send(data)
+                del data  # not held while waiting for the next (up to 256 KiB)
             code, reason = self.session.close_request or (CloseCode.NORMAL, "")
             with contextlib.suppress(LocalProtocolError):  # the client closed first
                 await self.send(self.ws.send(CloseConnection(code=int(code), reason=reason)))
             # Give the client a moment to answer the close, then drop the connection.
-            with trio.move_on_after(2.0):
-                await self.peer_closed.wait()
+            if not self.done:
+                self.peer_closed = trio.Event()
+                with trio.move_on_after(2.0):
+                    await self.peer_closed.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         cancel_scope.cancel()
