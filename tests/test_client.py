@@ -185,3 +185,23 @@ async def test_kill_connections_under_load_every_message_exactly_once(
         for name in ("s0", "s1"):
             assert seen[name] == truth, name
         assert s1.connects + s2.connects > 2  # the cuts happened and were survived
+
+
+async def test_a_message_in_hand_when_the_link_drops_is_not_lost(nursery: trio.Nursery) -> None:
+    """With a full queue the reader waits to hand over a message it has already counted as
+    delivered; the link dropping meanwhile must not lose it (nor repeat it after resume)."""
+    node, url = await start(nursery)
+    async with connect(url, min_backoff=0.01, buffer=1) as client:
+        room = await client.join("c")
+        for i in range(1, 4):
+            node.publish("c", i)
+        # 1 fills the queue; the reader holds 2 and waits for room.
+        with trio.fail_after(5):
+            while room.offset != 2:
+                await trio.sleep(0.01)
+        client.drop_connection()
+        for i in range(4, 7):
+            node.publish("c", i)
+        got = await take(room, 6)
+    assert [m.data for m in got] == [1, 2, 3, 4, 5, 6]
+    assert [m.offset for m in got] == [1, 2, 3, 4, 5, 6]
