@@ -17,11 +17,12 @@ that does not resume gets the records as a snapshot (pyrt.conflict, docs/conflic
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -275,6 +276,7 @@ class Hub:
         self._closing: dict[str, tuple[CloseCode, str]] = {}
         self._fanout = FanOut()
         self._by_handle: dict[int, Connection] = {}
+        self._corks = 0
         self._native = JsonCodec()
         """The codec of the frames the fan-out writes directly (attached connections')."""
 
@@ -380,6 +382,20 @@ class Hub:
         if not conn.direct or len(conn.outbox) or conn.closing is not None:
             return False
         return self._fanout.release(conn.handle)
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Within it, direct writes are gathered per connection and sent when it ends, one
+        write per connection (a burst of publications, a batch of row changes). Nests."""
+        self._corks += 1
+        if self._corks == 1:
+            self._fanout.cork()
+        try:
+            yield
+        finally:
+            self._corks -= 1
+            if not self._corks:
+                self._count_direct(0, 0, self._fanout.uncork())
 
     def fanout_stats(self) -> dict[str, int]:
         """The Rust fan-out's counters (direct frames and bytes, partial and refused

@@ -7,6 +7,7 @@ Transports see the hub through a `Session` per client connection.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import importlib.metadata
@@ -14,7 +15,7 @@ import importlib.resources
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -175,6 +176,12 @@ class Session:
                 return []
             await self._wake.wait()
             self._wake = trio.Event()
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """`Node.corked` (for a transport handing over several frames read at once)."""
+        with self._node.corked():
+            yield
 
     def attach(self, fd: int) -> bool:
         """Offers the connection's socket to the hub's Rust fan-out, which then writes
@@ -394,6 +401,16 @@ class Node:
         self.hub.disconnect(session.id, self.now)
         self.pump()
         self._sessions_gone.set()
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Publications made within it reach each WebSocket in one write when it ends
+        (`Hub.corked`); the writers of connections left with frames are woken then."""
+        try:
+            with self.hub.corked():
+                yield
+        finally:
+            self.pump()
 
     def publish(self, channel: str, data: Any) -> Any:
         """Publishes from the server side (sources, the REST API, your own code)."""

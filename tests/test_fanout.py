@@ -201,6 +201,90 @@ def test_a_closed_peer_is_handed_back_not_raised(
     assert fanout.stats()["refused_writes"] == 1
 
 
+def test_corked_frames_go_out_together_at_uncork(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    fanout, matcher = FanOut(), Matcher()
+    socks = [pair(pairs) for _ in range(2)]
+    handles = []
+    for n, (ours, _) in enumerate(socks):
+        handle = fanout.open()
+        fanout.attach(handle, ours.fileno())
+        fanout.release(handle)
+        matcher.add_channel(n, "c")
+        fanout.subscribe(n, handle)
+        handles.append(handle)
+    fanout.cork()
+    for payload in (b"one", b"two", b"three"):
+        assert fanout.publish(matcher, "c", payload)[2] == 2
+    for _, theirs in socks:
+        assert read_frames(theirs) == []  # gathered, not sent
+    assert fanout.uncork() == []
+    for _, theirs in socks:
+        assert read_frames(theirs) == [b"one", b"two", b"three"]
+    assert fanout.send(handles, b"four")[2] == 2  # uncorked: sent at once again
+    assert read_frames(socks[0][1]) == [b"four"]
+
+
+def test_a_connection_held_while_corked_keeps_its_order(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """Frames gathered for a connection that the hub then holds (it queued a reply) are
+    its oldest bytes: its writer takes them before the queued frames."""
+    fanout = FanOut()
+    ours, theirs = pair(pairs)
+    handle = fanout.open()
+    fanout.attach(handle, ours.fileno())
+    fanout.release(handle)
+    fanout.cork()
+    assert fanout.send([handle], b"gathered")[2] == 1
+    fanout.hold(handle)  # the hub queues something in its outbox now
+    assert fanout.send([handle], b"queued") == ([handle], [], 0)  # to the outbox, after
+    assert fanout.uncork() == [handle]  # its writer must run: it has the gathered bytes
+    assert read_frames(theirs) == []
+    assert list(parse_frames(fanout.take_pending(handle))) == [b"gathered"]
+    assert fanout.release(handle)
+
+
+def test_a_full_socket_at_uncork_leaves_everything_to_the_writer(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    fanout = FanOut()
+    ours, theirs = pair(pairs)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    handle = fanout.open()
+    fanout.attach(handle, ours.fileno())
+    fanout.release(handle)
+    payloads = [bytes([97 + n % 26]) * 2000 for n in range(400)]
+    fanout.cork()
+    for payload in payloads:
+        fanout.send([handle], payload)
+    assert fanout.uncork() == [handle]  # 800 KB do not fit a 4 KB socket buffer
+    assert fanout.held(handle)
+    rest = fanout.take_pending(handle)
+    theirs.setblocking(True)
+    total = sum(len(p) + 4 for p in payloads)
+    received = b""
+    while len(received) < total - len(rest):
+        received += theirs.recv(1 << 16)
+    assert list(parse_frames(received + rest)) == payloads
+
+
+async def test_publications_made_corked_arrive_in_order(nursery: trio.Nursery) -> None:
+    node, url = await start(nursery)
+    async with open_websocket_url(url) as ws:
+        await ws.send_message(orjson.dumps({"cmd": "join", "id": 0, "channel": "c"}))
+        await ws.get_message()
+        await trio.testing.wait_all_tasks_blocked()
+        with node.corked(), node.corked():  # nests: sent when the outer one ends
+            for n in range(50):
+                node.publish("c", n)
+            assert node.hub.fanout_stats()["direct_frames"] == 50
+        with trio.fail_after(5):
+            got = [orjson.loads(await ws.get_message())["data"] for _ in range(50)]
+    assert got == list(range(50))
+
+
 def test_bad_handles_and_descriptors_are_errors(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:

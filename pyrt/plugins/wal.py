@@ -497,82 +497,90 @@ class WalSource:
                 # connection writes its frames together instead of one write per event.
                 batch += take_ready()
             ack = 0
-            for item in batch:
-                self._server_lsn = max(self._server_lsn, item.wal_end)
-                try:
-                    message = decoder.decode(item.payload)
-                except DecodeError as e:
-                    raise SourceError(
-                        f"sources.{self.name}: cannot decode the pgoutput message at"
-                        f" {format_lsn(item.wal_start)}: {e}"
-                    ) from e
-                if isinstance(message, PgChange):
-                    seq += 1
-                    if skip_all or seq <= skip_first:
-                        self.skipped += 1
-                        continue
-                    if history_log is not None:
-                        history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
-                    hub.publish_change(message, node.now, max_bytes=limit)
-                    if records:
-                        self._record_change(node, decoder, message, commit_lsn << 32 | seq)
-                    self.events += 1
-                    self._partial = (commit_lsn, seq)
-                elif isinstance(message, PgBegin):
-                    commit_lsn = message.final_lsn
-                    commit_time = format_commit_time(message.commit_time)
-                    self._open_since = message.commit_time / 1e6 + PG_EPOCH_UNIX
-                    seq = 0
-                    # Sent again after a reconnect: all of it, or the part before the cut.
-                    skip_all = commit_lsn <= self._done_commit_lsn
-                    partial = self._partial
-                    skip_first = partial[1] if partial and partial[0] == commit_lsn else 0
-                elif isinstance(message, PgCommit):
-                    self._done_commit_lsn = max(self._done_commit_lsn, message.commit_lsn)
-                    self.committed_lsn = max(self.committed_lsn, message.end_lsn)
-                    if self._partial is not None and self._partial[0] <= message.commit_lsn:
-                        self._partial = None  # (a commit sent again before it keeps it)
-                    if self._open_since is not None:
-                        self._last_delay = max(0.0, time.time() - self._open_since)
-                    self._open_since = None
-                    ack = message.end_lsn
-                elif isinstance(message, PgTruncate):
-                    seq += 1
-                    if skip_all or seq <= skip_first:
-                        self.skipped += 1
-                        continue
-                    last = len(message.relids) - 1
-                    for i, (relid, (schema, table)) in enumerate(
-                        zip(message.relids, message.tables, strict=True)
-                    ):
-                        relation = decoder.relation(relid)
-                        columns = [(c[1], c[4]) for c in relation.columns] if relation else []
-                        if history_log is not None and i == last:
-                            # Only the last table's event says the truncate is in history:
-                            # a crash halfway publishes it again (twice, never zero times).
-                            history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
-                        hub.publish_truncate(
-                            schema, table, node.now, commit_timestamp=commit_time, columns=columns
-                        )
-                        if records:
-                            self._truncate_records(node, schema, table, commit_lsn << 32 | seq)
-                        self.events += 1
-                    self._partial = (commit_lsn, seq)
-                elif isinstance(message, PgLogicalMessage):
-                    if message.transactional:
+            # Each connection gets the batch's events in one write (Hub.corked).
+            with hub.corked():
+                for item in batch:
+                    self._server_lsn = max(self._server_lsn, item.wal_end)
+                    try:
+                        message = decoder.decode(item.payload)
+                    except DecodeError as e:
+                        raise SourceError(
+                            f"sources.{self.name}: cannot decode the pgoutput message at"
+                            f" {format_lsn(item.wal_start)}: {e}"
+                        ) from e
+                    if isinstance(message, PgChange):
                         seq += 1
                         if skip_all or seq <= skip_first:
+                            self.skipped += 1
                             continue
+                        if history_log is not None:
+                            history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
+                        hub.publish_change(message, node.now, max_bytes=limit)
+                        if records:
+                            self._record_change(node, decoder, message, commit_lsn << 32 | seq)
+                        self.events += 1
                         self._partial = (commit_lsn, seq)
-                    elif message.lsn <= max(self._message_lsn, self._done_commit_lsn):
-                        continue
-                    else:
-                        self._message_lsn = message.lsn
-                    if history_log is not None and self.messages_channel is not None:
-                        history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
-                    self._logical_message(node, message)
-                elif isinstance(message, PgUnknown):
-                    log.warning("%s: skipping pgoutput message %r", self.name, chr(message.tag))
+                    elif isinstance(message, PgBegin):
+                        commit_lsn = message.final_lsn
+                        commit_time = format_commit_time(message.commit_time)
+                        self._open_since = message.commit_time / 1e6 + PG_EPOCH_UNIX
+                        seq = 0
+                        # Sent again after a reconnect: all of it, or the part before the cut.
+                        skip_all = commit_lsn <= self._done_commit_lsn
+                        partial = self._partial
+                        skip_first = partial[1] if partial and partial[0] == commit_lsn else 0
+                    elif isinstance(message, PgCommit):
+                        self._done_commit_lsn = max(self._done_commit_lsn, message.commit_lsn)
+                        self.committed_lsn = max(self.committed_lsn, message.end_lsn)
+                        if self._partial is not None and self._partial[0] <= message.commit_lsn:
+                            self._partial = None  # (a commit sent again before it keeps it)
+                        if self._open_since is not None:
+                            self._last_delay = max(0.0, time.time() - self._open_since)
+                        self._open_since = None
+                        ack = message.end_lsn
+                    elif isinstance(message, PgTruncate):
+                        seq += 1
+                        if skip_all or seq <= skip_first:
+                            self.skipped += 1
+                            continue
+                        last = len(message.relids) - 1
+                        for i, (relid, (schema, table)) in enumerate(
+                            zip(message.relids, message.tables, strict=True)
+                        ):
+                            relation = decoder.relation(relid)
+                            columns = [(c[1], c[4]) for c in relation.columns] if relation else []
+                            if history_log is not None and i == last:
+                                # Only the last table's event says the truncate is in
+                                # history: a crash halfway publishes it again (twice, never
+                                # zero times).
+                                position = [commit_lsn, seq, self._message_lsn]
+                                history_log.note_position(name, position)
+                            hub.publish_truncate(
+                                schema,
+                                table,
+                                node.now,
+                                commit_timestamp=commit_time,
+                                columns=columns,
+                            )
+                            if records:
+                                self._truncate_records(node, schema, table, commit_lsn << 32 | seq)
+                            self.events += 1
+                        self._partial = (commit_lsn, seq)
+                    elif isinstance(message, PgLogicalMessage):
+                        if message.transactional:
+                            seq += 1
+                            if skip_all or seq <= skip_first:
+                                continue
+                            self._partial = (commit_lsn, seq)
+                        elif message.lsn <= max(self._message_lsn, self._done_commit_lsn):
+                            continue
+                        else:
+                            self._message_lsn = message.lsn
+                        if history_log is not None and self.messages_channel is not None:
+                            history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
+                        self._logical_message(node, message)
+                    elif isinstance(message, PgUnknown):
+                        log.warning("%s: skipping pgoutput message %r", self.name, chr(message.tag))
             node.pump()
             if ack:
                 if history_log is not None:

@@ -124,6 +124,11 @@ class _Connection:
         """Gives received bytes to wsproto; returns control replies to send."""
         self.ws.receive_data(data)
         replies: list[bytes] = []
+        with self.session.corked():  # what these frames publish goes out in one write each
+            self._feed_events(replies)
+        return replies
+
+    def _feed_events(self, replies: list[bytes]) -> None:
         for event in self.ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
                 chunk = event.data.encode() if isinstance(event.data, str) else bytes(event.data)
@@ -143,7 +148,6 @@ class _Connection:
                     self.peer_closed.set()
                 with contextlib.suppress(LocalProtocolError):  # we had sent our close already
                     replies.append(self.ws.send(event.response()))
-        return replies
 
     async def read(self) -> None:
         while not self.done:

@@ -17,6 +17,13 @@
 //! writer writes the rest before anything else. So bytes reach a socket in the order the hub
 //! produced them, whichever path carries them.
 //!
+//! While *corked* (`cork` .. `uncork`), frames for a free connection are appended to its
+//! pending bytes instead of being sent, and `uncork` sends each connection's frames in one
+//! write: a burst of publications (several client publishes in one read, a batch of row
+//! changes) costs one system call per connection, not one per frame. Pending bytes are
+//! always the oldest bytes of a connection, so a connection held meanwhile (its writer takes
+//! the pending bytes before its outbox) keeps its order.
+//!
 //! Sockets are borrowed by descriptor number, not duplicated (a duplicate would double the
 //! descriptors a hub needs, and descriptors are what limits connection counts): the hub
 //! detaches a connection (`close`) when its transport ends it, before the transport closes
@@ -133,6 +140,9 @@ pub struct FanOut {
     subs: HashMap<u64, u32>,
     generation: u64,
     frame: Vec<u8>,
+    corked: bool,
+    /// Handles given corked frames since `cork`.
+    dirty: Vec<u32>,
     direct_frames: u64,
     direct_bytes: u64,
     partial_writes: u64,
@@ -160,6 +170,15 @@ impl FanOut {
         if slot.held || slot.fd < 0 {
             slow.push(handle);
             return false;
+        }
+        if self.corked {
+            if slot.pending.is_empty() {
+                self.dirty.push(handle);
+            }
+            slot.pending.extend_from_slice(&self.frame);
+            self.direct_frames += 1;
+            self.direct_bytes += payload_len as u64;
+            return true;
         }
         match write_frame(slot, &self.frame) {
             Write::Done => {}
@@ -288,6 +307,43 @@ impl FanOut {
         let slot = self.slot(handle)?;
         let pending = std::mem::take(&mut slot.pending);
         Ok(PyBytes::new(py, &pending))
+    }
+
+    /// From now on frames to free connections are gathered, not sent, until `uncork`.
+    fn cork(&mut self) {
+        self.corked = true;
+    }
+
+    /// Sends what was gathered since `cork`, one write per connection. Returns the handles
+    /// whose writer must run: written in part, would block, or held meanwhile (their
+    /// gathered bytes are pending, to be written before anything queued).
+    fn uncork<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.corked = false;
+        let mut woken = Vec::new();
+        for handle in std::mem::take(&mut self.dirty) {
+            let slot = &mut self.slots[handle as usize];
+            if !slot.open || slot.pending.is_empty() {
+                continue; // closed, reused, or its writer took the bytes already
+            }
+            if slot.held || slot.fd < 0 {
+                woken.push(handle);
+                continue;
+            }
+            let pending = std::mem::take(&mut slot.pending);
+            match write_frame(slot, &pending) {
+                Write::Done => {}
+                Write::Partial => {
+                    self.partial_writes += 1;
+                    woken.push(handle);
+                }
+                Write::Refused => {
+                    self.refused_writes += 1;
+                    slot.pending = pending; // all of it, for the writer
+                    woken.push(handle);
+                }
+            }
+        }
+        PyList::new(py, woken)
     }
 
     /// Channel subscription `sub_id` (of the hub's matcher) belongs to `handle`.
