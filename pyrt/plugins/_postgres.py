@@ -26,14 +26,16 @@ import random
 import ssl as _ssl
 
 import attrs
+import trio
 
-from .._pgwire import PgAuthError, PgConnection
+from .._pgwire import PgAuthError, PgConnection, PgError
+from .._sources import SourceError
 from ._options import integer, seconds
 
-__all__ = ["PgOptions"]
+__all__ = ["PgOptions", "text_option"]
 
 
-def _text(name: str, value: object, *, optional: bool = False) -> str | None:
+def text_option(name: str, value: object, *, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value:
@@ -69,23 +71,23 @@ class PgOptions:
     application_name: str = "pyrt"
 
     def __attrs_post_init__(self) -> None:
-        _text("host", self.host)
+        text_option("host", self.host)
         if integer("port", self.port, 1) > 65535:
             raise ValueError(f"port must be at most 65535, not {self.port}")
-        _text("user", self.user)
-        _text("password", self.password, optional=True)
-        _text("password_env", self.password_env, optional=True)
+        text_option("user", self.user)
+        text_option("password", self.password, optional=True)
+        text_option("password_env", self.password_env, optional=True)
         if self.password is not None and self.password_env is not None:
             raise ValueError("give password or password_env, not both")
-        _text("database", self.database, optional=True)
+        text_option("database", self.database, optional=True)
         _flag("ssl", self.ssl)
-        if _text("ssl_root_cert", self.ssl_root_cert, optional=True) is not None:
+        if text_option("ssl_root_cert", self.ssl_root_cert, optional=True) is not None:
             object.__setattr__(self, "ssl", True)
         for name in ("reconnect_min", "reconnect_max", "connect_timeout", "startup_timeout"):
             object.__setattr__(self, name, seconds(name, getattr(self, name)))
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max must not be less than reconnect_min")
-        _text("application_name", self.application_name)
+        text_option("application_name", self.application_name)
 
     def where(self) -> str:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
@@ -114,6 +116,39 @@ class PgOptions:
             timeout=self.connect_timeout,
             application_name=self.application_name,
         )
+
+    def retry_delay(
+        self,
+        source: str,
+        error: Exception,
+        attempt: int,
+        rng: random.Random,
+        *,
+        started: bool,
+        deadline: float,
+        retried_codes: tuple[str, ...] = (),
+    ) -> float:
+        """The delay before reconnect attempt `attempt` after `error`. Before the first
+        connection (`started` false) an error that retrying will not fix, or a delay that
+        would pass `deadline` (startup_timeout), raises SourceError for `sources.<source>`
+        instead. Retried: connection trouble (SQLSTATE class 08), a server shutting down or
+        starting up (57), resources (53), client-side timeouts, and `retried_codes`; not
+        retried: credentials, a missing database and other server errors."""
+        delay = self.backoff(attempt, rng)
+        if not started:
+            fatal = isinstance(error, PgAuthError) or (
+                isinstance(error, PgError)
+                and not error.code.startswith(("08", "57", "53"))
+                and error.code not in retried_codes
+            )
+            if fatal:
+                raise SourceError(f"sources.{source}: {error}") from error
+            if trio.current_time() + delay > deadline:
+                raise SourceError(
+                    f"sources.{source}: no connection to PostgreSQL within"
+                    f" startup_timeout ({self.startup_timeout:g} s): {error}"
+                ) from error
+        return delay
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """The delay before reconnect attempt `attempt` (0, 1, ...): doubling from

@@ -42,8 +42,7 @@ import trio
 
 from .._core import check_channel
 from .._node import Node
-from .._pgwire import PgAuthError, PgConnection, PgConnectionError, PgError
-from .._sources import SourceError
+from .._pgwire import PgConnection, PgConnectionError, PgError
 from ._options import seconds
 from ._postgres import PgOptions
 
@@ -142,17 +141,6 @@ def _hook(value: object) -> CatchUpHook | None:
     return found  # type: ignore[no-any-return]
 
 
-def _fatal(error: Exception) -> bool:
-    """Errors that retrying will not fix: credentials, a missing database, bad SQL in the
-    catch-up hook. Connection trouble (class 08), a server shutting down or starting up
-    (57) and client-side timeouts are worth retrying."""
-    if isinstance(error, PgAuthError):
-        return True
-    if isinstance(error, PgError):
-        return not error.code.startswith(("08", "57", "53"))
-    return False
-
-
 class NotifySource:
     """LISTENs on the mapped channels and publishes each notification; see the module."""
 
@@ -234,16 +222,15 @@ class NotifySource:
                     await self._relay(node, conn)
             except (PgError, PgConnectionError, trio.TooSlowError) as e:
                 self.last_error = e
-                delay = self.pg.backoff(attempt, self.random)
+                delay = self.pg.retry_delay(
+                    self.name,
+                    e,
+                    attempt,
+                    self.random,
+                    started=started,
+                    deadline=deadline,
+                )
                 attempt += 1
-                if not started:
-                    if _fatal(e):
-                        raise SourceError(f"sources.{self.name}: {e}") from e
-                    if trio.current_time() + delay > deadline:
-                        raise SourceError(
-                            f"sources.{self.name}: no connection to PostgreSQL within"
-                            f" startup_timeout ({self.pg.startup_timeout:g} s): {e}"
-                        ) from e
                 log.warning("%s: %s; retrying in %.1f s", self.name, e, delay)
             finally:
                 self.connected = False

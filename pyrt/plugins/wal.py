@@ -68,7 +68,6 @@ from .._pgrepl import (
     start_replication,
 )
 from .._pgwire import (
-    PgAuthError,
     PgConnection,
     PgConnectionError,
     PgError,
@@ -78,19 +77,11 @@ from .._pgwire import (
 from .._protocol import TABLE_CHANNEL_PREFIX
 from .._sources import SourceError
 from ._options import integer, seconds
-from ._postgres import PgOptions
+from ._postgres import PgOptions, text_option
 
 __all__ = ["WalSource"]
 
 log = logging.getLogger("pyrt.sources.wal")
-
-
-def _text(name: str, value: object, *, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"{name} must be a non-empty string, not {value!r}")
-    return value
 
 
 def _record_tables(records: object) -> dict[tuple[str, str], str]:
@@ -148,18 +139,6 @@ def _snapshot_messages(
     return relation, inserts
 
 
-def _fatal(error: Exception) -> bool:
-    """Errors that retrying will not fix (before the first connection): credentials, a
-    missing database, publication or slot. Connection trouble (class 08), a server shutting
-    down or starting up (57), resources (53) and a slot in use by another consumer (55006:
-    another hub streams it; take over when it lets go) are retried."""
-    if isinstance(error, PgAuthError):
-        return True
-    if isinstance(error, PgError):
-        return not (error.code.startswith(("08", "57", "53")) or error.code == "55006")
-    return False
-
-
 class WalSource:
     """Streams a publication through a logical slot into the hub; see the module."""
 
@@ -181,13 +160,13 @@ class WalSource:
         self.pg = PgOptions(**connection)
         """Where and how to connect, and the reconnect backoff (the options every Postgres
         source shares: host, port, user, password(_env), database, ssl, ...)."""
-        self.publication = str(_text("publication", publication))
-        self.slot = check_slot_name(str(_text("slot", slot)))
+        self.publication = str(text_option("publication", publication))
+        self.slot = check_slot_name(str(text_option("slot", slot)))
         if not isinstance(create_slot, bool):
             raise TypeError(f"create_slot must be true or false, not {create_slot!r}")
         self.create_slot = create_slot
         self.max_event_bytes = integer("max_event_bytes", max_event_bytes, 256, " of bytes")
-        self.messages_channel = _text("messages_channel", messages_channel, optional=True)
+        self.messages_channel = text_option("messages_channel", messages_channel, optional=True)
         if self.messages_channel is not None:
             try:
                 check_channel(self.messages_channel)
@@ -310,16 +289,16 @@ class WalSource:
                 log.warning("%s: %s", self.name, e)
             except (PgError, PgConnectionError, trio.TooSlowError) as e:
                 self.last_error = e
-                delay = self.pg.backoff(attempt, self.random)
+                delay = self.pg.retry_delay(
+                    self.name,
+                    e,
+                    attempt,
+                    self.random,
+                    started=started,
+                    deadline=deadline,
+                    retried_codes=("55006",),  # a slot another hub streams: take over
+                )
                 attempt += 1
-                if not started:
-                    if _fatal(e):
-                        raise SourceError(f"sources.{self.name}: {e}") from e
-                    if trio.current_time() + delay > deadline:
-                        raise SourceError(
-                            f"sources.{self.name}: no connection to PostgreSQL within"
-                            f" startup_timeout ({self.pg.startup_timeout:g} s): {e}"
-                        ) from e
                 log.warning("%s: %s; retrying in %.1f s", self.name, e, delay)
             finally:
                 self.connected = False
