@@ -966,18 +966,7 @@ class Client:
         if channel in self._channels:
             raise ClientError(409, f"already joined to '{channel}'")
         joined = Channel(channel, self, presence_enabled=presence, iterate=iterate)
-        self._channels[channel] = joined
-        pattern = any(segment in ("*", ">") for segment in channel.split(":"))
-        if pattern:
-            sub_id = next(self._ids)
-            self._patterns.add_channel(sub_id, channel)
-            self._pattern_ids[sub_id] = joined
-        try:
-            await self._join(joined)
-        except BaseException:
-            self._forget(joined)
-            raise
-        return joined
+        return await self._join_new(joined)
 
     async def records(self, channel: str, *, policy: ConflictPolicy | None = None) -> Records:
         """Joins a records channel (a name: patterns have no records) and returns its live
@@ -1018,10 +1007,15 @@ class Client:
         if name in self._channels:
             raise ClientError(409, f"already joined to '{name}'")
         joined = Channel(name, self, iterate=iterate, changes=specs)
-        self._channels[name] = joined
-        if any(segment in ("*", ">") for segment in name.split(":")):
+        return await self._join_new(joined)
+
+    async def _join_new(self, joined: Channel) -> Channel:
+        """Registers a new channel (a pattern also in the local matcher) and joins it; on
+        failure it is forgotten again."""
+        self._channels[joined.name] = joined
+        if any(segment in ("*", ">") for segment in joined.name.split(":")):
             sub_id = next(self._ids)
-            self._patterns.add_channel(sub_id, name)
+            self._patterns.add_channel(sub_id, joined.name)
             self._pattern_ids[sub_id] = joined
         try:
             await self._join(joined)
