@@ -74,6 +74,14 @@ def pair(made: list[tuple[socket.socket, socket.socket]]) -> tuple[socket.socket
     return a, b
 
 
+def free_handle(fanout: FanOut, sock: socket.socket) -> int:
+    """A new handle with `sock` attached and released: frames go straight to it."""
+    handle = fanout.open()
+    fanout.attach(handle, sock.fileno())
+    assert fanout.release(handle)
+    return handle
+
+
 def test_a_frame_is_written_to_free_attached_sockets_and_the_rest_handed_back(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:
@@ -131,9 +139,7 @@ def test_a_full_socket_keeps_the_rest_of_a_frame_and_stays_held(
     fanout = FanOut()
     ours, theirs = pair(pairs)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    handle = fanout.open()
-    fanout.attach(handle, ours.fileno())
-    fanout.release(handle)
+    handle = free_handle(fanout, ours)
     payloads = [bytes([65 + n % 26]) * 3000 for n in range(200)]
     outcomes = []
     for payload in payloads:
@@ -170,9 +176,7 @@ def test_detach_stops_direct_writes_and_leaves_the_socket_alone(
 ) -> None:
     fanout = FanOut()
     ours, theirs = pair(pairs)
-    handle = fanout.open()
-    fanout.attach(handle, ours.fileno())
-    fanout.release(handle)
+    handle = free_handle(fanout, ours)
     assert fanout.send([handle], b"direct")[2] == 1
     fanout.detach(handle)
     assert not fanout.attached(handle)
@@ -193,9 +197,7 @@ def test_a_closed_peer_is_handed_back_not_raised(
 ) -> None:
     fanout = FanOut()
     ours, theirs = pair(pairs)
-    handle = fanout.open()
-    fanout.attach(handle, ours.fileno())
-    fanout.release(handle)
+    handle = free_handle(fanout, ours)
     theirs.close()
     assert fanout.send([handle], b"nobody reads this") == ([handle], [], 0)
     assert fanout.stats()["refused_writes"] == 1
@@ -208,9 +210,7 @@ def test_corked_frames_go_out_together_at_uncork(
     socks = [pair(pairs) for _ in range(2)]
     handles = []
     for n, (ours, _) in enumerate(socks):
-        handle = fanout.open()
-        fanout.attach(handle, ours.fileno())
-        fanout.release(handle)
+        handle = free_handle(fanout, ours)
         matcher.add_channel(n, "c")
         fanout.subscribe(n, handle)
         handles.append(handle)
@@ -233,9 +233,7 @@ def test_a_connection_held_while_corked_keeps_its_order(
     its oldest bytes: its writer takes them before the queued frames."""
     fanout = FanOut()
     ours, theirs = pair(pairs)
-    handle = fanout.open()
-    fanout.attach(handle, ours.fileno())
-    fanout.release(handle)
+    handle = free_handle(fanout, ours)
     fanout.cork()
     assert fanout.send([handle], b"gathered")[2] == 1
     fanout.hold(handle)  # the hub queues something in its outbox now
@@ -252,9 +250,7 @@ def test_a_full_socket_at_uncork_leaves_everything_to_the_writer(
     fanout = FanOut()
     ours, theirs = pair(pairs)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    handle = fanout.open()
-    fanout.attach(handle, ours.fileno())
-    fanout.release(handle)
+    handle = free_handle(fanout, ours)
     payloads = [bytes([97 + n % 26]) * 2000 for n in range(400)]
     fanout.cork()
     for payload in payloads:
