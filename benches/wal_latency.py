@@ -2,16 +2,24 @@
 
     python benches/wal_latency.py                                # 1,000 and 5,000 rows/s
     python benches/wal_latency.py --rates 1000 --seconds 5 --filters shared
+    python benches/wal_latency.py --client python                # subscribers in this process
 
 Starts a PostgreSQL server (tests/pgserver.py: wal_level=logical, fsync off), then for each
 filter kind and rate: `pyrt serve` in a subprocess with the WAL source, `--subscribers`
-WebSocket connections (in this process) each joined with one row subscription that matches a
-tenth of the rows, and a writer subprocess that inserts `rate` rows per second into the
-published table, in one transaction every 10 ms (rate/100 rows each; below 100 rows/s,
-one row per transaction), every row carrying its
-`clock_timestamp()`. Each subscriber records, for every row event it gets, arrival time minus
-that timestamp (one machine, one clock): commit, WAL decoding, history, matching, fan-out,
-the socket and the client's frame reading, all included.
+WebSocket connections each joined with one row subscription that matches a tenth of the rows,
+and a writer subprocess that inserts `rate` rows per second into the published table, in one
+transaction every 10 ms (rate/100 rows each; below 100 rows/s, one row per transaction),
+every row carrying its `clock_timestamp()`. Each subscriber records, for every row event it
+gets, arrival time minus that timestamp (one machine, one clock): commit, WAL decoding,
+history, matching, fan-out, the socket and the client's frame reading, all included.
+
+Subscribers (`--client`): `rust` (the default) runs them in the Rust load generator
+(benches/loadgen, built as benches/suite.py builds it; `pyrt-loadgen --joins FILE`, one join
+frame per subscriber in FILE, `--threads` runtime threads), which takes a fraction of the CPU
+the Python subscribers do; `python` runs them in this process on trio, as before. Python
+subscribers cost most of a core at 1,000 connections, which on a small machine competes with
+the hub and PostgreSQL. The client CPU column is the subscribers' CPU time over the case's
+wall time (for `rust`, the load generator's own; for `python`, this process's).
 
 Filters: `shared`: `bucket=eq.<i % 10>` (10 distinct subscriptions, each held by a tenth of the
 connections); `distinct`: `bucket=eq.<i % 10>,x=neq.<i + 1>` (as many distinct subscriptions as
@@ -24,6 +32,7 @@ where this machine saturates, not what a deployment would see.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -41,6 +50,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from fanout import client_frame, command, open_ws  # noqa: E402 (benches/ is a folder of programs)
 from matcher import machine  # noqa: E402
+from suite import build_loadgen  # noqa: E402
 
 TICK = 0.01
 TABLE = """
@@ -163,6 +173,83 @@ async def measure(
     }
 
 
+def measure_rust(
+    loadgen: Path,
+    port: int,
+    pg_port: int,
+    database: str,
+    subscribers: int,
+    kind: str,
+    rate: int,
+    args: Any,
+) -> dict[str, Any]:
+    """The subscribers in the Rust load generator (`--joins`); the writer as in `measure`."""
+    seconds = args.warmup + args.seconds
+    # Latency from every K-th subscriber, at most ~5M samples (as benches/suite.py does).
+    every = max(1, int(rate * seconds) * subscribers // 10 // 5_000_000)
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as joins:
+        for i in range(subscribers):
+            join = {"cmd": "join", "id": 1, "changes": [subscription(i, kind)]}
+            joins.write(json.dumps(join, separators=(",", ":")) + "\n")
+    command = [str(loadgen), "--target", "pyrt", "--port", str(port)]
+    command += ["--subscribers", str(subscribers), "--joins", joins.name]
+    command += ["--threads", str(args.threads), "--latency-every", str(every)]
+    wall = time.time()
+    gen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert gen.stdin is not None
+        assert gen.stdout is not None
+        line = gen.stdout.readline()
+        connected = json.loads(line) if line.startswith("{") else {}
+        if connected.get("connected") != subscribers:
+            gen.stdin.close()  # with some joins refused it would wait for the request line
+            rest = gen.stdout.read()
+            raise RuntimeError(f"load generator: {line.strip()!r} {rest.strip()[:2000]}")
+        writer = subprocess.Popen(
+            [sys.executable, __file__, "--writer", str(pg_port), database, str(rate), str(seconds)],
+            stdout=subprocess.PIPE,
+        )
+        started = time.time()
+        out, _ = writer.communicate()
+        if writer.returncode != 0:
+            raise RuntimeError(f"the writer exited {writer.returncode}")
+        rows = int(out.strip())
+        expected = rows * subscribers // 10
+        request = {"from": started + args.warmup, "expected": expected, "drain": args.drain}
+        gen.stdin.write(json.dumps(request) + "\n")
+        gen.stdin.flush()
+        line = gen.stdout.readline()
+        wall = time.time() - wall
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"load generator said: {line[:500]!r}") from None
+        gen.wait(timeout=30)
+    finally:
+        if gen.poll() is None:
+            gen.kill()
+            gen.wait()
+        os.unlink(joins.name)
+    latency = report.get("latency_ms") or {}
+    nan = float("nan")
+    return {
+        "rows": rows,
+        "delivered": report["delivered"],
+        "expected": report["expected"],
+        "drain_s": report["seconds"],
+        "p50": latency.get("p50", nan),
+        "p99": latency.get("p99", nan),
+        "p99.9": latency.get("p99.9", nan),
+        "max": latency.get("max", nan),
+        "samples": report["samples"],
+        "latency_every": every,
+        "errors": report["errors"],
+        "error_samples": report["error_samples"],
+        "client_cpu": report["loadgen_cpu_s"] / wall,
+        "client_rss_kib": report["loadgen_rss_kib"],
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -189,15 +276,20 @@ def run_case(pg: Any, kind: str, rate: int, args: Any) -> dict[str, Any]:
         match = re.search(r":(\d+)/", line)
         if match is None:
             raise RuntimeError(f"pyrt serve said: {line!r}")
+        port = int(match.group(1))
         cpu_before = cpu_seconds(server.pid)
         ours_before = time.process_time()
         wall = time.time()
-        result = trio.run(
-            measure, int(match.group(1)), pg.port, database, args.subscribers, kind, rate, args
-        )
+        if args.client == "rust":
+            result = measure_rust(
+                args.loadgen, port, pg.port, database, args.subscribers, kind, rate, args
+            )
+        else:
+            result = trio.run(measure, port, pg.port, database, args.subscribers, kind, rate, args)
         wall = time.time() - wall
         result["hub_cpu"] = (cpu_seconds(server.pid) - cpu_before) / wall
-        result["client_cpu"] = (time.process_time() - ours_before) / wall
+        if args.client == "python":
+            result["client_cpu"] = (time.process_time() - ours_before) / wall
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -217,7 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds not measured")
     parser.add_argument("--drain", type=float, default=30.0, help="max wait for the rest")
+    parser.add_argument(
+        "--client",
+        choices=("rust", "python"),
+        default="rust",
+        help="subscribers in the Rust load generator, or in this process",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="load generator threads (rust)")
     args = parser.parse_args(argv)
+    args.loadgen = build_loadgen() if args.client == "rust" else None
     from pgserver import start_server  # type: ignore[import-not-found]  # tests/
 
     pg = start_server()
@@ -232,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         pg.cleanup()
     n = args.subscribers
     print(f"## wal_latency_{n}subs_tenth ({' '.join(sys.argv[1:]) or 'defaults'})\n")
+    print(f"Subscribers: {args.client} client\n")
     print(
         "| filters | rows/s | deliveries/s | p50 | p99 | max | delivered | hub CPU | client CPU |"
     )

@@ -19,6 +19,16 @@
 //! With `--idle` it only connects (and joins) and holds the connections until a line (or EOF)
 //! arrives on stdin, for measuring the server's memory per connection.
 //!
+//! With `--joins FILE` (pyrt only; `benches/wal_latency.py`) it watches row changes published
+//! by someone else: FILE holds one join command (a JSON text frame) per line, and subscriber i
+//! sends line `i % lines` instead of the channel join. There is no publisher and no peak or
+//! paced phase. Once every subscriber has joined it prints `{"phase":"connected",..}`, counts
+//! every delivery (`{"push":"pub"`) and records wall-clock arrival (epoch) minus the event's
+//! `"sent":<epoch seconds>` field together with `sent`. Then it reads one line from stdin,
+//! `{"from": <epoch s>, "expected": <deliveries>, "drain": <s>}`, waits until `expected`
+//! deliveries arrived in all or `drain` seconds passed, and reports latency over the samples
+//! sent at or after `from`.
+//!
 //! Stdout: one JSON line per phase boundary (`{"phase": ...}`), so the harness can sample the
 //! server's CPU time at the same instants, then the result as one JSON object.
 
@@ -27,7 +37,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -35,7 +45,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 type Ws = WebSocketStream<TcpStream>;
@@ -74,6 +84,10 @@ const USAGE: &str = "usage: pyrt-loadgen --target pyrt|nchan|socketio --port N [
   --latency-every K        record latency on every K-th subscriber (default 1)
   --prefix P               channel name prefix; unique per run (default bench)
   --idle                   only connect; hold until a line or EOF on stdin
+  --joins FILE             pyrt only: watch row changes published by others; subscriber i
+                           sends line i % lines of FILE (a join command) as its join; after
+                           the `connected` line, reads {\"from\":..,\"expected\":..,\"drain\":..}
+                           from stdin and reports latency (now minus the event's \"sent\")
 ";
 
 #[derive(Debug, Clone)]
@@ -94,6 +108,8 @@ struct Args {
     idle: bool,
     prefix: String,
     latency_every: usize,
+    /// `--joins`: one join frame per line of the file.
+    joins: Option<Vec<String>>,
 }
 
 impl Args {
@@ -115,6 +131,7 @@ impl Args {
             idle: false,
             prefix: "bench".into(),
             latency_every: 1,
+            joins: None,
         };
         let (mut target, mut port) = (None, None);
         let mut argv = argv;
@@ -155,6 +172,20 @@ impl Args {
                 "--threads" => args.threads = num(&flag, &value)?,
                 "--latency-every" => args.latency_every = num(&flag, &value)?,
                 "--prefix" => args.prefix = value,
+                "--joins" => {
+                    let text = std::fs::read_to_string(&value)
+                        .map_err(|e| format!("--joins: cannot read {value}: {e}"))?;
+                    let lines: Vec<String> = text
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from)
+                        .collect();
+                    if lines.is_empty() {
+                        return Err(format!("--joins: no join commands in {value}"));
+                    }
+                    args.joins = Some(lines);
+                }
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
@@ -168,6 +199,9 @@ impl Args {
         }
         if !args.prefix.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err("--prefix: letters and digits only".into());
+        }
+        if args.joins.is_some() && (args.target != Target::Pyrt || args.idle) {
+            return Err("--joins: only with --target pyrt, and not with --idle".into());
         }
         Ok(args)
     }
@@ -255,6 +289,41 @@ impl Shared {
         *self.expected[phase].lock().unwrap() = counts;
         self.expected_set[phase].store(true, Ordering::Release);
         self.expected_ready[phase].notify_waiters();
+    }
+}
+
+/// Row-watching mode (`--joins`): deliveries across all subscribers and their samples.
+struct Watch {
+    delivered: AtomicU64,
+    /// Deliveries wanted (from the stdin line); reaching it wakes `reached`.
+    expected: AtomicU64,
+    reached: Notify,
+    /// Samples recorded in all, against `MAX_SAMPLES`; past it they are only counted.
+    recorded: AtomicUsize,
+    /// One store per sampling subscriber, so recording takes no lock another task holds
+    /// (except at the end, when the report collects them).
+    stores: Mutex<Vec<Arc<Mutex<Samples>>>>,
+}
+
+/// At most this many latency samples are kept (12 bytes each).
+const MAX_SAMPLES: usize = 10_000_000;
+
+#[derive(Default)]
+struct Samples {
+    latency_us: Vec<u32>,
+    /// The event's `sent` (epoch seconds), so the report can leave out the warm-up.
+    sent: Vec<f64>,
+}
+
+impl Watch {
+    fn new() -> Self {
+        Watch {
+            delivered: AtomicU64::new(0),
+            expected: AtomicU64::new(u64::MAX),
+            reached: Notify::new(),
+            recorded: AtomicUsize::new(0),
+            stores: Mutex::new(Vec::new()),
+        }
     }
 }
 
@@ -405,12 +474,16 @@ async fn socketio_connect(ws: &mut Ws) -> Result<(), String> {
 }
 
 /// Connects one subscriber and joins its channel (for pyrt and Socket.IO: until the reply).
+/// With `--joins`, a pyrt subscriber sends its line of the file instead of the channel join.
 async fn connect_subscriber(args: &Args, index: usize, channel: &str) -> Result<Ws, String> {
     let spread = args.subscribers > 20_000;
     match args.target {
         Target::Pyrt => {
             let mut ws = open_ws(args.port, "/connection/websocket", index, spread).await?;
-            let join = json!({"cmd": "join", "id": 1, "channel": channel}).to_string();
+            let join = match &args.joins {
+                Some(lines) => lines[index % lines.len()].clone(),
+                None => json!({"cmd": "join", "id": 1, "channel": channel}).to_string(),
+            };
             send_text(&mut ws, join).await?;
             loop {
                 let frame = next_text(&mut ws).await?;
@@ -448,6 +521,22 @@ fn number_after(frame: &str, key: &str) -> Option<u64> {
     frame[at..at + digits].parse().ok()
 }
 
+/// Finds `"key":<JSON number>` in a frame, as a finite f64.
+fn float_after(frame: &str, key: &str) -> Option<f64> {
+    let rest = frame[frame.find(key)? + key.len()..].trim_start();
+    let len = rest
+        .bytes()
+        .take_while(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
+        .count();
+    rest[..len].parse::<f64>().ok().filter(|v| v.is_finite())
+}
+
+fn epoch_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn is_delivery(target: Target, frame: &str) -> bool {
     match target {
         Target::Pyrt => frame.starts_with("{\"push\":\"pub\""),
@@ -456,26 +545,89 @@ fn is_delivery(target: Target, frame: &str) -> bool {
     }
 }
 
-async fn subscriber(args: Arc<Args>, shared: Arc<Shared>, connect: Arc<Semaphore>, index: usize) {
-    let channel_index = index % args.channels;
-    let channel = channel_name(&args.prefix, channel_index);
+/// Connects and joins subscriber `index` within the connection-attempt limit, and counts
+/// the outcome (a failure is recorded as an error).
+async fn connect_counted(
+    args: &Args,
+    shared: &Shared,
+    connect: &Semaphore,
+    index: usize,
+    channel: &str,
+) -> Option<Ws> {
     let permit = connect.acquire().await.expect("semaphore closed");
-    let result = connect_subscriber(&args, index, &channel).await;
+    let result = connect_subscriber(args, index, channel).await;
     drop(permit);
-    let mut ws = match result {
+    let ws = match result {
         Ok(ws) => {
             shared.connected.fetch_add(1, Ordering::AcqRel);
-            shared.connect_finished();
-            ws
+            Some(ws)
         }
         Err(e) => {
             shared.error(format!("subscriber {index}: {e}"));
             shared.connect_failed.fetch_add(1, Ordering::AcqRel);
-            shared.connect_finished();
-            let now = shared.now_ns();
-            shared.phases.iter().for_each(|p| p.finish_one(now));
-            return;
+            None
         }
+    };
+    shared.connect_finished();
+    ws
+}
+
+/// Reads frames until the next delivery, answering the server's pings on the way and
+/// ignoring other frames. None: the connection is gone (recorded as an error).
+async fn next_delivery(
+    ws: &mut Ws,
+    target: Target,
+    shared: &Shared,
+    index: usize,
+) -> Option<Utf8Bytes> {
+    loop {
+        let message = match ws.next().await {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => {
+                shared.error(format!(
+                    "subscriber {index}: closed by the server: {frame:?}"
+                ));
+                return None;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                shared.error(format!("subscriber {index}: {e}"));
+                return None;
+            }
+            None => {
+                shared.error(format!("subscriber {index}: connection ended"));
+                return None;
+            }
+        };
+        let frame = message.as_str();
+        if is_delivery(target, frame) {
+            return Some(message);
+        }
+        let reply = match (target, frame) {
+            (Target::Socketio, "2") => Some("3".to_owned()),
+            // Answer the server's pings with one, so idle connections stay within the
+            // server's idle timeout.
+            (Target::Pyrt, f) if f.starts_with("{\"push\":\"ping\"") => {
+                Some("{\"cmd\":\"ping\"}".to_owned())
+            }
+            _ => None,
+        };
+        if let Some(reply) = reply {
+            if let Err(e) = send_text(ws, reply).await {
+                shared.error(format!("subscriber {index}: {e}"));
+                return None;
+            }
+        }
+    }
+}
+
+async fn subscriber(args: Arc<Args>, shared: Arc<Shared>, connect: Arc<Semaphore>, index: usize) {
+    let channel_index = index % args.channels;
+    let channel = channel_name(&args.prefix, channel_index);
+    let Some(mut ws) = connect_counted(&args, &shared, &connect, index, &channel).await else {
+        let now = shared.now_ns();
+        shared.phases.iter().for_each(|p| p.finish_one(now));
+        return;
     };
     let sample = index.is_multiple_of(args.latency_every.max(1));
     let mut phase = 0usize;
@@ -497,44 +649,8 @@ async fn subscriber(args: Arc<Args>, shared: Arc<Shared>, connect: Arc<Semaphore
             expected = shared.expected_for(phase, channel_index).await;
         }
     }
-    loop {
-        let message = match ws.next().await {
-            Some(Ok(Message::Text(text))) => text,
-            Some(Ok(Message::Close(frame))) => {
-                shared.error(format!(
-                    "subscriber {index}: closed by the server: {frame:?}"
-                ));
-                break;
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => {
-                shared.error(format!("subscriber {index}: {e}"));
-                break;
-            }
-            None => {
-                shared.error(format!("subscriber {index}: connection ended"));
-                break;
-            }
-        };
+    while let Some(message) = next_delivery(&mut ws, args.target, &shared, index).await {
         let frame = message.as_str();
-        if !is_delivery(args.target, frame) {
-            let reply = match (args.target, frame) {
-                (Target::Socketio, "2") => Some("3".to_owned()),
-                // Answer the server's pings with one, so idle connections stay within
-                // the server's idle timeout.
-                (Target::Pyrt, f) if f.starts_with("{\"push\":\"ping\"") => {
-                    Some("{\"cmd\":\"ping\"}".to_owned())
-                }
-                _ => None,
-            };
-            if let Some(reply) = reply {
-                if let Err(e) = send_text(&mut ws, reply).await {
-                    shared.error(format!("subscriber {index}: {e}"));
-                    break;
-                }
-            }
-            continue;
-        }
         let now = shared.now_ns();
         let (Some(sent), Some(seq)) =
             (number_after(frame, "\"t\":"), number_after(frame, "\"s\":"))
@@ -594,6 +710,108 @@ async fn subscriber(args: Arc<Args>, shared: Arc<Shared>, connect: Arc<Semaphore
             state.finish_one(now);
         }
     }
+}
+
+/// A `--joins` subscriber: counts every delivery and records its latency (wall clock now
+/// minus the event's `"sent"`), for the subscribers `--latency-every` picks.
+async fn watcher(
+    args: Arc<Args>,
+    shared: Arc<Shared>,
+    watch: Arc<Watch>,
+    connect: Arc<Semaphore>,
+    index: usize,
+) {
+    let store = index.is_multiple_of(args.latency_every.max(1)).then(|| {
+        let store = Arc::new(Mutex::new(Samples::default()));
+        watch.stores.lock().unwrap().push(store.clone());
+        store
+    });
+    let Some(mut ws) = connect_counted(&args, &shared, &connect, index, "").await else {
+        return;
+    };
+    while let Some(message) = next_delivery(&mut ws, args.target, &shared, index).await {
+        let now = epoch_seconds();
+        let frame = message.as_str();
+        let delivered = watch.delivered.fetch_add(1, Ordering::AcqRel) + 1;
+        if delivered >= watch.expected.load(Ordering::Acquire) {
+            watch.reached.notify_one();
+        }
+        let Some(sent) = float_after(frame, "\"sent\":") else {
+            shared.error(format!(
+                "subscriber {index}: delivery without a \"sent\" number: {frame:.160}"
+            ));
+            continue;
+        };
+        if let Some(store) = &store {
+            if watch.recorded.fetch_add(1, Ordering::Relaxed) < MAX_SAMPLES {
+                let mut samples = store.lock().unwrap();
+                // `as` saturates: a negative latency (clock step) is 0.
+                samples.latency_us.push(((now - sent) * 1e6) as u32);
+                samples.sent.push(sent);
+            }
+        }
+    }
+}
+
+/// The `--joins` run after every subscriber joined: reads the stdin line, waits for the
+/// deliveries it expects (or its drain time), and reports.
+async fn watch_report(shared: &Shared, watch: &Watch) -> Value {
+    let mut line = String::new();
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    if let Err(e) = stdin.read_line(&mut line).await {
+        shared.error(format!("stdin: {e}"));
+    }
+    let waited = Instant::now();
+    let request: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+    let (Some(from), Some(expected), Some(drain)) = (
+        request["from"].as_f64(),
+        request["expected"].as_u64(),
+        request["drain"]
+            .as_f64()
+            .filter(|d| d.is_finite() && *d >= 0.0),
+    ) else {
+        shared.error(format!(
+            "stdin: expected {{\"from\":..,\"expected\":..,\"drain\":..}}, got {:.120}",
+            line.trim()
+        ));
+        return json!({"delivered": watch.delivered.load(Ordering::Acquire)});
+    };
+    watch.expected.store(expected, Ordering::Release);
+    let _ = tokio::time::timeout(Duration::from_secs_f64(drain), async {
+        loop {
+            let reached = watch.reached.notified();
+            if watch.delivered.load(Ordering::Acquire) >= expected {
+                break;
+            }
+            reached.await;
+        }
+    })
+    .await;
+    let seconds = waited.elapsed().as_secs_f64();
+    let delivered = watch.delivered.load(Ordering::Acquire);
+    let mut latencies = Vec::new();
+    for store in watch.stores.lock().unwrap().iter() {
+        let samples = store.lock().unwrap();
+        latencies.extend(
+            samples
+                .latency_us
+                .iter()
+                .zip(&samples.sent)
+                .filter(|(_, sent)| **sent >= from)
+                .map(|(latency, _)| *latency),
+        );
+    }
+    let recorded = watch.recorded.load(Ordering::Relaxed);
+    json!({
+        "delivered": delivered,
+        "expected": expected,
+        "seconds": seconds,
+        "timed_out": delivered < expected,
+        "from": from,
+        "samples": latencies.len(),
+        "samples_dropped": recorded.saturating_sub(MAX_SAMPLES),
+        "latency_ms": percentiles(latencies),
+    })
 }
 
 /// One message for the publisher: the window permit was already taken.
@@ -828,7 +1046,7 @@ fn percentiles(mut samples: Vec<u32>) -> Value {
         samples[rank - 1] as f64 / 1000.0
     };
     json!({
-        "p50": at(0.50), "p90": at(0.90), "p99": at(0.99),
+        "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "p99.9": at(0.999),
         "max": *samples.last().unwrap() as f64 / 1000.0,
         "samples": samples.len(),
     })
@@ -939,15 +1157,26 @@ async fn run(args: Args) -> Value {
 
     // Connect.
     let connect = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let watch = Arc::new(Watch::new());
     let cpu_start = cpu_seconds();
     let connect_start = Instant::now();
     for index in 0..args.subscribers {
-        tokio::spawn(subscriber(
-            args.clone(),
-            shared.clone(),
-            connect.clone(),
-            index,
-        ));
+        if args.joins.is_some() {
+            tokio::spawn(watcher(
+                args.clone(),
+                shared.clone(),
+                watch.clone(),
+                connect.clone(),
+                index,
+            ));
+        } else {
+            tokio::spawn(subscriber(
+                args.clone(),
+                shared.clone(),
+                connect.clone(),
+                index,
+            ));
+        }
     }
     let all_connected = tokio::time::timeout(timeout, async {
         while shared.connected.load(Ordering::Acquire)
@@ -961,17 +1190,30 @@ async fn run(args: Args) -> Value {
     .is_ok();
     let connect_seconds = connect_start.elapsed().as_secs_f64();
     let connected = shared.connected.load(Ordering::Acquire);
+    let failed = shared.connect_failed.load(Ordering::Acquire);
     report["connect"] = json!({
         "connected": connected,
-        "failed": shared.connect_failed.load(Ordering::Acquire),
+        "failed": failed,
         "seconds": connect_seconds,
         "per_s": connected as f64 / connect_seconds,
         "timed_out": !all_connected,
         "loadgen_cpu_s": cpu_seconds() - cpu_start,
     });
-    say(json!({"phase": "connected", "connected": connected}));
+    say(json!({
+        "phase": "connected",
+        "connected": connected,
+        "failed": failed,
+        "seconds": connect_seconds,
+        "timed_out": !all_connected,
+    }));
 
-    if args.idle {
+    if args.joins.is_some() {
+        if all_connected {
+            if let Value::Object(fields) = watch_report(&shared, &watch).await {
+                report.as_object_mut().expect("an object").extend(fields);
+            }
+        }
+    } else if args.idle {
         report["loadgen_rss_kib"] = json!(rss_kib());
         let mut line = String::new();
         let mut stdin = BufReader::new(tokio::io::stdin());
