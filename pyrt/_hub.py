@@ -258,7 +258,6 @@ class Hub:
         self._sub_ids = itertools.count(1)
         self._matcher = Matcher()
         self._subscribers: dict[int, tuple[Connection, str]] = {}
-        self._rows = RowSubscriptions()
         self._channel_users: dict[str, int] = {}
         self._presence = Presence(self.replica)
         self._presence_members: dict[str, dict[str, Connection]] = {}
@@ -275,6 +274,7 @@ class Hub:
         self._ready: dict[str, Connection] = {}
         self._closing: dict[str, tuple[CloseCode, str]] = {}
         self._fanout = FanOut()
+        self._rows = RowSubscriptions(self._fanout)
         self._by_handle: dict[int, Connection] = {}
         self._corks = 0
         self._native = JsonCodec()
@@ -362,7 +362,8 @@ class Hub:
             return False
         if conn.id not in self._connections or conn.closing is not None:
             return False
-        self._fanout.attach(conn.handle, fd)
+        # Up to outbox_bytes wait in the fan-out for a busy writer; more go to the outbox.
+        self._fanout.attach(conn.handle, fd, self.config.outbox_bytes)
         conn.direct = True
         return True
 
@@ -631,31 +632,24 @@ class Hub:
             channel, orjson.Fragment(payload), now, None, None, self._stamp(), change
         )
         self.stats.publications += 1
-        recipients: dict[str, Connection] = {}
-        if ids:
-            ids.sort()
-            self._rows.recipients(ids, recipients)
-        for sub_id in self._matcher.match_channel(channel):  # plain joins get every row
-            conn = self._subscribers[sub_id][0]
-            recipients[conn.id] = conn
-        if not recipients:
-            return publication
-        policy = self._policy(channel)
-        frames: dict[str, bytes] = {}
-        handles = [conn.handle for conn in recipients.values() if conn.direct]
-        if handles:
-            native = frames[self._native.name] = self._native.change(publication, ids)
-            slow, woken, direct = self._fanout.send(handles, native)
-            self._count_direct(direct, len(native), woken)
+        ids.sort()
+        native = self._native.change(publication, ids)
+        # The Rust fan-out finds who holds the ids (and who joined the table's channel: plain
+        # joins get every row) and writes the frame to every one it can; the rest come back.
+        slow, woken, direct, seconds = self._fanout.publish_rows(
+            ids, native, self._matcher, channel
+        )
+        self.stats.match_seconds += seconds
+        self._count_direct(direct, len(native), woken)
+        if slow:
+            policy = self._policy(channel)
+            frames: dict[str, bytes] = {self._native.name: native}
             for handle in slow:
-                self._send(self._by_handle[handle], native, droppable=True, policy=policy)
-        for conn in recipients.values():
-            if conn.direct:
-                continue
-            frame = frames.get(conn.codec.name)
-            if frame is None:
-                frame = frames[conn.codec.name] = conn.codec.change(publication, ids)
-            self._send(conn, frame, droppable=True, policy=policy)
+                conn = self._by_handle[handle]
+                frame = frames.get(conn.codec.name)
+                if frame is None:
+                    frame = frames[conn.codec.name] = conn.codec.change(publication, ids)
+                self._send(conn, frame, droppable=True, policy=policy)
         return publication
 
     def _replay_rows(

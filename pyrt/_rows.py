@@ -3,7 +3,9 @@
 A subscription is `(event, schema, table, filter)` (docs/matcher.md). Identical ones are one
 entry, with one id, however many connections hold them: the Rust matcher stores each once,
 and a row event names the ids it matched hub-wide, so one encoded frame serves every
-recipient (a client keeps the ids it was given, as Supabase's clients do). Sans-IO.
+recipient (a client keeps the ids it was given, as Supabase's clients do). Who holds which
+id is kept in the hub's Rust fan-out (`FanOut.subscribe_rows`), which delivers row events
+without a Python step per recipient. Sans-IO.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ._core import Matcher, PgChange, RowEvent
+from ._core import FanOut, Matcher, PgChange, RowEvent
 from ._errors import FilterError
 from ._protocol import RowSubscription
 
@@ -35,10 +37,12 @@ def _key(spec: RowSubscription) -> tuple[str, str, str, str]:
 
 
 class RowSubscriptions:
-    """The row subscriptions of every connection (`C` is the hub's Connection)."""
+    """The row subscriptions of every connection (the hub's Connections: `id`, `handle`),
+    with their holders registered in `fanout`."""
 
-    def __init__(self) -> None:
+    def __init__(self, fanout: FanOut) -> None:
         self.matcher = Matcher()
+        self._fanout = fanout
         self._ids = itertools.count(1)
         self._by_key: dict[tuple[str, str, str, str], int] = {}
         self._specs: dict[int, RowSubscription] = {}
@@ -69,6 +73,8 @@ class RowSubscriptions:
                 self._members[sub_id] = {}
             members = self._members[sub_id]
             held = members.get(conn_id)
+            if held is None:
+                self._fanout.subscribe_rows(sub_id, conn.handle)
             members[conn_id] = (conn, 1 if held is None else held[1] + 1)
             ids.append(sub_id)
         return tuple(ids)
@@ -84,16 +90,11 @@ class RowSubscriptions:
                 members[conn_id] = (conn, count - 1)
                 continue
             del members[conn_id]
+            self._fanout.unsubscribe_rows(sub_id, conn.handle)
             if not members:
                 del self._members[sub_id]
                 del self._by_key[_key(self._specs.pop(sub_id))]
                 self.matcher.remove(sub_id)
-
-    def recipients(self, ids: Iterable[int], into: dict[str, Any]) -> None:
-        """Adds the connections holding any of `ids` to `into` (connection id -> connection)."""
-        for sub_id in ids:
-            for conn_id, (conn, _count) in self._members[sub_id].items():
-                into[conn_id] = conn
 
     def truncate_ids(
         self, schema: str, table: str, among: Iterable[int] | None = None

@@ -133,42 +133,125 @@ def test_patterns_reach_a_connection_once_and_skip_leaves_out_the_publisher(
     assert read_frames(b_peer) == [b"1", b"2"]
 
 
-def test_a_full_socket_keeps_the_rest_of_a_frame_and_stays_held(
+def fill(fanout: FanOut, handle: int, payloads: list[bytes]) -> int:
+    """Sends `payloads` one by one until the socket stops taking them; returns how many went
+    into the kernel or the pending bytes (the last one woke the writer)."""
+    for n, payload in enumerate(payloads):
+        slow, woken, written = fanout.send([handle], payload)
+        assert (slow, written) == ([], 1)
+        if woken:
+            assert woken == [handle]
+            return n + 1
+    raise AssertionError("the socket buffer never filled")
+
+
+def received_frames(theirs: socket.socket, pending: bytes, total: int) -> list[bytes]:
+    """The frames of everything the kernel took (total bytes less `pending`), then `pending`."""
+    theirs.setblocking(True)
+    received = b""
+    while len(received) < total - len(pending):
+        received += theirs.recv(1 << 16)
+    return list(parse_frames(received + pending))
+
+
+def test_a_full_socket_makes_the_connection_busy_until_its_backlog_is_full(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:
+    """The kernel's refusal (or partial take) keeps the rest as pending bytes and wakes the
+    writer; later frames are appended behind them, without waking it again, until the
+    backlog limit; past it they are handed back (held: the outbox and its policy decide)."""
+    fanout = FanOut()
+    ours, theirs = pair(pairs)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    handle = fanout.open()
+    fanout.attach(handle, ours.fileno(), 20_000)
+    assert fanout.release(handle)
+    payloads = [bytes([65 + n % 26]) * 3000 for n in range(200)]
+    sent = fill(fanout, handle, payloads)
+    assert fanout.busy(handle)
+    assert not fanout.held(handle)
+    assert not fanout.release(handle)  # not while bytes are pending
+    backlog = fanout.pending_bytes(handle)
+    while True:  # appended: taken (written == 1), nobody woken again
+        slow, woken, written = fanout.send([handle], payloads[sent])
+        if slow:
+            break
+        assert (woken, written) == ([], 1)
+        sent += 1
+    assert (slow, woken, written) == ([handle], [], 0)
+    assert fanout.pending_bytes(handle) > backlog
+    assert fanout.pending_bytes(handle) + 3004 > 20_000  # the next frame did not fit
+    assert fanout.held(handle)
+    assert fanout.stats()["overflows"] == 1
+    assert fanout.send([handle], b"later") == ([handle], [], 0)  # held: handed back
+    pending = fanout.take_pending(handle)
+    assert fanout.take_pending(handle) == b""
+    total = sum(len(p) + 4 for p in payloads[:sent])  # 3000 B: a 4-byte header
+    assert received_frames(theirs, pending, total) == payloads[:sent]
+    assert fanout.release(handle)  # nothing pending any more
+    assert not fanout.busy(handle)
+    assert not fanout.held(handle)
+
+
+def test_frames_for_a_busy_writer_are_appended_in_order(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """While the writer has taken the pending bytes and writes them, frames wait for it:
+    the first one wakes it, none is written past it."""
     fanout = FanOut()
     ours, theirs = pair(pairs)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     handle = free_handle(fanout, ours)
-    payloads = [bytes([65 + n % 26]) * 3000 for n in range(200)]
-    outcomes = []
-    for payload in payloads:
-        slow, woken, written = fanout.send([handle], payload)
-        outcomes.append((slow, woken, written))
-        if slow or woken:
-            break
-    slow, woken, written = outcomes[-1]
-    assert len(outcomes) < len(payloads), "the socket buffer never filled"
-    assert fanout.held(handle)
-    # Once held, nothing is written directly: every later frame is handed back.
-    assert fanout.send([handle], b"later") == ([handle], [], 0)
-    if woken:  # the kernel took part of the last frame: the rest is pending
-        assert written == 1
-        assert not fanout.release(handle)  # not while bytes are pending
-        sent = len(outcomes)
-    else:  # it took none of it: the hub queues that frame
-        assert slow == [handle]
-        assert written == 0
-        sent = len(outcomes) - 1
-    received = b""
-    theirs.setblocking(True)
-    pending = fanout.take_pending(handle)
-    assert fanout.take_pending(handle) == b""
-    frame_bytes = sum(len(p) + 4 for p in payloads[:sent])  # 3000 B: a 4-byte header
-    while len(received) < frame_bytes - len(pending):
-        received += theirs.recv(1 << 16)
-    assert list(parse_frames(received + pending)) == payloads[:sent]
-    assert fanout.release(handle)  # nothing pending any more
+    payloads = [bytes([97 + n % 26]) * 1500 for n in range(100)]
+    sent = fill(fanout, handle, payloads)
+    first = fanout.take_pending(handle)  # the writer owns the socket now
+    assert fanout.busy(handle)
+    assert fanout.pending_bytes(handle) == 0
+    assert fanout.send([handle], b"next") == ([], [handle], 1)  # wakes it: more to write
+    assert fanout.send([handle], b"after") == ([], [], 1)
+    second = fanout.take_pending(handle)
+    assert list(parse_frames(second)) == [b"next", b"after"]
+    total = sum(len(p) + 4 for p in payloads[:sent]) + len(second)
+    assert received_frames(theirs, first + second, total) == [*payloads[:sent], b"next", b"after"]
+    assert fanout.release(handle)
+    assert fanout.send([handle], b"free") == ([], [], 1)  # written at once again
+    assert read_frames(theirs) == [b"free"]
+
+
+def test_row_events_reach_each_holder_once_with_plain_joins_of_the_table(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """`publish_rows`: the holders of the matched row subscription ids, plus the plain joins
+    of the table's channel, each get the frame once; connections without a socket come back
+    for their own codec."""
+    fanout, matcher = FanOut(), Matcher()
+    (a, a_peer), (b, b_peer), (c, c_peer) = pair(pairs), pair(pairs), pair(pairs)
+    ha, hb, hc = (free_handle(fanout, sock) for sock in (a, b, c))
+    sse = fanout.open()  # no socket: an SSE or Supabase connection
+    fanout.subscribe_rows(7, ha)
+    fanout.subscribe_rows(8, ha)  # two ids of one event: still one frame
+    fanout.subscribe_rows(8, hb)
+    fanout.subscribe_rows(8, sse)
+    matcher.add_channel(100, "pg:>")
+    fanout.subscribe(100, hc)  # a plain (pattern) join of the table's channel
+    matcher.add_channel(101, "pg:public:t")
+    fanout.subscribe(101, hb)  # hb both holds id 8 and joined plainly: once
+    with pytest.raises(ValueError, match="holds row subscription 8 already"):
+        fanout.subscribe_rows(8, hb)
+    slow, woken, written, seconds = fanout.publish_rows([7, 8], b"e1", matcher, "pg:public:t")
+    assert (slow, woken, written) == ([sse], [], 3)
+    assert seconds >= 0
+    assert fanout.publish_rows([7], b"e2")[:3] == ([], [], 1)  # no channel: ids only
+    assert fanout.publish_rows([9], b"e3")[:3] == ([], [], 0)  # nobody holds 9
+    assert fanout.unsubscribe_rows(7, ha)
+    assert not fanout.unsubscribe_rows(7, ha)
+    assert fanout.publish_rows([7, 8], b"e4", matcher, "pg:public:u")[:3] == ([sse], [], 3)
+    assert read_frames(a_peer) == [b"e1", b"e2", b"e4"]
+    assert read_frames(b_peer) == [b"e1", b"e4"]
+    assert read_frames(c_peer) == [b"e1", b"e4"]  # "pg:>" matches both tables
+    assert fanout.stats()["row_subscriptions"] == 1
+    with pytest.raises(KeyError):
+        fanout.subscribe_rows(1, 999)
 
 
 def test_detach_stops_direct_writes_and_leaves_the_socket_alone(
@@ -199,8 +282,11 @@ def test_a_closed_peer_is_handed_back_not_raised(
     ours, theirs = pair(pairs)
     handle = free_handle(fanout, ours)
     theirs.close()
-    assert fanout.send([handle], b"nobody reads this") == ([handle], [], 0)
+    # Kept for the writer, whose own write then finds the socket broken and ends it.
+    assert fanout.send([handle], b"nobody reads this") == ([], [handle], 1)
     assert fanout.stats()["refused_writes"] == 1
+    assert fanout.busy(handle)
+    assert list(parse_frames(fanout.take_pending(handle))) == [b"nobody reads this"]
 
 
 def test_corked_frames_go_out_together_at_uncork(
@@ -256,14 +342,9 @@ def test_a_full_socket_at_uncork_leaves_everything_to_the_writer(
     for payload in payloads:
         fanout.send([handle], payload)
     assert fanout.uncork() == [handle]  # 800 KB do not fit a 4 KB socket buffer
-    assert fanout.held(handle)
+    assert fanout.busy(handle)
     rest = fanout.take_pending(handle)
-    theirs.setblocking(True)
-    total = sum(len(p) + 4 for p in payloads)
-    received = b""
-    while len(received) < total - len(rest):
-        received += theirs.recv(1 << 16)
-    assert list(parse_frames(received + rest)) == payloads
+    assert received_frames(theirs, rest, sum(len(p) + 4 for p in payloads)) == payloads
 
 
 async def test_publications_made_corked_arrive_in_order(nursery: trio.Nursery) -> None:

@@ -7,22 +7,27 @@
 //! sockets (by file descriptor).
 //!
 //! Every hub connection has a *handle* here. A connection is written directly only while it
-//! is *attached* (its transport gave a socket: WebSocket) and *free*: nothing of it is queued
-//! on the Python side. Everything else about a recipient is the hub's business, so a recipient
-//! is handed back ("slow") when it is not attached, is held, or its socket would block; the
-//! hub then queues the frame in the connection's outbox under its slow-consumer policy and
-//! the connection stays *held* until its trio writer has written everything queued and
-//! releases it. When the kernel takes only part of a frame, the rest is kept here as the
-//! connection's *pending* bytes, the connection is held, and it is reported "woken": its
-//! writer writes the rest before anything else. So bytes reach a socket in the order the hub
-//! produced them, whichever path carries them.
+//! is *attached* (its transport gave a socket: WebSocket) and not *held*: nothing of it is
+//! queued on the Python side. A recipient that is not attached or is held is handed back
+//! ("slow"); the hub then queues the frame in the connection's outbox under its
+//! slow-consumer policy and the connection stays held until its trio writer has written
+//! everything queued and releases it.
+//!
+//! When the kernel takes only part of a frame, or none of it (the socket would block), the
+//! rest is kept here as the connection's *pending* bytes and its writer is "woken": it takes
+//! the pending bytes and writes them (awaiting the socket as trio does). From then until it
+//! releases the socket the connection is *busy*: new frames are appended to its pending
+//! bytes, not sent, so a client that reads a little late costs an append per frame and one
+//! write per writer turn, not a trip through the outbox per frame. Pending bytes are bounded
+//! per connection (`attach`'s limit); past it, frames go to the outbox, whose policy decides
+//! (disconnect, drop, conflate). So bytes reach a socket in the order the hub produced them,
+//! whichever path carries them: pending bytes are always the oldest, and the writer takes
+//! them before its outbox.
 //!
 //! While *corked* (`cork` .. `uncork`), frames for a free connection are appended to its
 //! pending bytes instead of being sent, and `uncork` sends each connection's frames in one
 //! write: a burst of publications (several client publishes in one read, a batch of row
-//! changes) costs one system call per connection, not one per frame. Pending bytes are
-//! always the oldest bytes of a connection, so a connection held meanwhile (its writer takes
-//! the pending bytes before its outbox) keeps its order.
+//! changes) costs one system call per connection, not one per frame.
 //!
 //! Sockets are borrowed by descriptor number, not duplicated (a duplicate would double the
 //! descriptors a hub needs, and descriptors are what limits connection counts): the hub
@@ -44,8 +49,15 @@ struct Slot {
     fd: RawFd,
     /// Writes go through the hub's outbox (and the transport's writer) until released.
     held: bool,
-    /// The unwritten rest of a frame the kernel took only part of.
+    /// The transport's writer owns the socket (it is writing `pending`): new frames are
+    /// appended to `pending`, up to `limit` bytes, until it releases the socket.
+    busy: bool,
+    /// Bytes for the socket not written yet, oldest first: the rest of a frame the kernel
+    /// took only part of, frames it refused (would block), frames gathered while corked or
+    /// while the writer is busy. Always written before anything queued in the outbox.
     pending: Vec<u8>,
+    /// The most `pending` may hold before frames are handed back to the hub's outbox.
+    limit: usize,
     /// The publication number this connection last got a frame of (dedupes patterns).
     stamp: u64,
     open: bool,
@@ -56,7 +68,9 @@ impl Slot {
         Slot {
             fd: -1,
             held: true,
+            busy: false,
             pending: Vec::new(),
+            limit: 0,
             stamp: 0,
             open: false,
         }
@@ -66,15 +80,17 @@ impl Slot {
         self.fd = -1;
         self.pending = Vec::new();
         self.held = true;
+        self.busy = false;
     }
 }
 
 enum Write {
     /// The whole frame is in the kernel's buffer.
     Done,
-    /// Part of it is; the rest is the slot's pending bytes and the slot is held.
+    /// Part of it is; the rest is appended to the slot's pending bytes and the slot is busy.
     Partial,
-    /// Nothing was written (would block, or the socket failed); the slot is held.
+    /// Nothing was written (would block, or the socket failed); the slot is busy and the
+    /// caller keeps the frame as pending bytes. A failed socket is the writer's to find.
     Refused,
 }
 
@@ -96,7 +112,7 @@ fn write_frame(slot: &mut Slot, frame: &[u8]) -> Write {
             if n == frame.len() {
                 return Write::Done;
             }
-            slot.held = true;
+            slot.busy = true;
             if n == 0 {
                 return Write::Refused;
             }
@@ -107,7 +123,7 @@ fn write_frame(slot: &mut Slot, frame: &[u8]) -> Write {
             continue;
         }
         // Would block, or broken: the trio writer takes over (and sees any error itself).
-        slot.held = true;
+        slot.busy = true;
         return Write::Refused;
     }
 }
@@ -147,6 +163,9 @@ pub struct FanOut {
     direct_bytes: u64,
     partial_writes: u64,
     refused_writes: u64,
+    overflows: u64,
+    /// Row subscription id (of the hub's row matcher) -> the handles holding it.
+    rows: HashMap<u64, Vec<u32>>,
 }
 
 impl FanOut {
@@ -157,8 +176,10 @@ impl FanOut {
         }
     }
 
-    /// Writes the frame in `self.frame` to `handle` if it can; sorts it into slow or woken.
-    /// Returns whether the frame was written (in whole or in part).
+    /// Writes the frame in `self.frame` to `handle`, or appends it to the handle's pending
+    /// bytes (corked, or its writer is busy, or the socket would block); sorts the handle
+    /// into slow (the hub queues the frame) or woken (its writer must run). Returns whether
+    /// the fan-out took the frame.
     fn deliver(
         &mut self,
         handle: u32,
@@ -171,25 +192,35 @@ impl FanOut {
             slow.push(handle);
             return false;
         }
-        if self.corked {
-            if slot.pending.is_empty() {
-                self.dirty.push(handle);
-            }
-            slot.pending.extend_from_slice(&self.frame);
-            self.direct_frames += 1;
-            self.direct_bytes += payload_len as u64;
-            return true;
-        }
-        match write_frame(slot, &self.frame) {
-            Write::Done => {}
-            Write::Partial => {
-                self.partial_writes += 1;
-                woken.push(handle);
-            }
-            Write::Refused => {
-                self.refused_writes += 1;
+        if self.corked || slot.busy {
+            if !slot.pending.is_empty() && slot.pending.len() + self.frame.len() > slot.limit {
+                // The backlog is full: the hub's outbox and its slow-consumer policy take
+                // over (it holds the connection as it queues the frame).
+                slot.held = true;
+                self.overflows += 1;
                 slow.push(handle);
                 return false;
+            }
+            if slot.pending.is_empty() {
+                if self.corked {
+                    self.dirty.push(handle);
+                } else {
+                    woken.push(handle); // its writer takes the pending bytes next
+                }
+            }
+            slot.pending.extend_from_slice(&self.frame);
+        } else {
+            match write_frame(slot, &self.frame) {
+                Write::Done => {}
+                Write::Partial => {
+                    self.partial_writes += 1;
+                    woken.push(handle);
+                }
+                Write::Refused => {
+                    self.refused_writes += 1;
+                    slot.pending.extend_from_slice(&self.frame);
+                    woken.push(handle);
+                }
             }
         }
         self.direct_frames += 1;
@@ -233,9 +264,11 @@ impl FanOut {
     }
 
     /// Lets this module write to the socket `fd` for `handle` (which starts held: its writer
-    /// releases it). The descriptor is borrowed: `detach` or `close` the handle before the
+    /// releases it), keeping at most `limit` bytes pending for it (more go to the hub's
+    /// outbox). The descriptor is borrowed: `detach` or `close` the handle before the
     /// socket is closed.
-    fn attach(&mut self, handle: u32, fd: RawFd) -> PyResult<()> {
+    #[pyo3(signature = (handle, fd, limit = 1 << 22))]
+    fn attach(&mut self, handle: u32, fd: RawFd, limit: usize) -> PyResult<()> {
         let slot = self.slot(handle)?;
         if slot.fd >= 0 {
             return Err(PyValueError::new_err(format!(
@@ -264,6 +297,7 @@ impl FanOut {
         }
         slot.fd = fd;
         slot.held = true;
+        slot.limit = limit;
         Ok(())
     }
 
@@ -291,21 +325,37 @@ impl FanOut {
     }
 
     /// Direct writes to `handle` may resume: its writer has written everything queued.
-    /// Returns False (and stays held) when it is not attached or has pending bytes.
+    /// Returns False (and nothing changes) when it is not attached or has pending bytes.
     fn release(&mut self, handle: u32) -> PyResult<bool> {
         let slot = self.slot(handle)?;
         if slot.fd < 0 || !slot.pending.is_empty() {
             return Ok(false);
         }
         slot.held = false;
+        slot.busy = false;
         Ok(true)
     }
 
-    /// The rest of a partly written frame, to be written before anything else (empty if
-    /// none). The handle stays held.
+    /// Whether the writer of `handle` owns its socket (frames are appended to its pending
+    /// bytes until `release`).
+    fn busy(&mut self, handle: u32) -> PyResult<bool> {
+        Ok(self.slot(handle)?.busy)
+    }
+
+    /// Bytes pending for `handle`.
+    fn pending_bytes(&mut self, handle: u32) -> PyResult<usize> {
+        Ok(self.slot(handle)?.pending.len())
+    }
+
+    /// The pending bytes of `handle`, oldest first, to be written before anything queued
+    /// (empty if none). From now until `release`, its writer owns the socket: frames to it
+    /// are appended to its pending bytes (up to its limit), not sent.
     fn take_pending<'py>(&mut self, py: Python<'py>, handle: u32) -> PyResult<Bound<'py, PyBytes>> {
         let slot = self.slot(handle)?;
         let pending = std::mem::take(&mut slot.pending);
+        if slot.fd >= 0 {
+            slot.busy = true;
+        }
         Ok(PyBytes::new(py, &pending))
     }
 
@@ -315,7 +365,7 @@ impl FanOut {
     }
 
     /// Sends what was gathered since `cork`, one write per connection. Returns the handles
-    /// whose writer must run: written in part, would block, or held meanwhile (their
+    /// whose writer must run: written in part, would block, held or busy meanwhile (their
     /// gathered bytes are pending, to be written before anything queued).
     fn uncork<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         self.corked = false;
@@ -325,7 +375,7 @@ impl FanOut {
             if !slot.open || slot.pending.is_empty() {
                 continue; // closed, reused, or its writer took the bytes already
             }
-            if slot.held || slot.fd < 0 {
+            if slot.held || slot.busy || slot.fd < 0 {
                 woken.push(handle);
                 continue;
             }
@@ -356,6 +406,35 @@ impl FanOut {
     /// Forgets channel subscription `sub_id`; returns whether it was known.
     fn unsubscribe(&mut self, sub_id: u64) -> bool {
         self.subs.remove(&sub_id).is_some()
+    }
+
+    /// `handle` holds row subscription `sub_id` (of the hub's row matcher; several
+    /// connections may hold one). Once per pair: a second call is a ValueError.
+    fn subscribe_rows(&mut self, sub_id: u64, handle: u32) -> PyResult<()> {
+        self.slot(handle)?;
+        let holders = self.rows.entry(sub_id).or_default();
+        if holders.contains(&handle) {
+            return Err(PyValueError::new_err(format!(
+                "handle {handle} holds row subscription {sub_id} already"
+            )));
+        }
+        holders.push(handle);
+        Ok(())
+    }
+
+    /// `handle` no longer holds row subscription `sub_id`; returns whether it did.
+    fn unsubscribe_rows(&mut self, sub_id: u64, handle: u32) -> bool {
+        let Some(holders) = self.rows.get_mut(&sub_id) else {
+            return false;
+        };
+        let Some(at) = holders.iter().position(|&h| h == handle) else {
+            return false;
+        };
+        holders.swap_remove(at);
+        if holders.is_empty() {
+            self.rows.remove(&sub_id);
+        }
+        true
     }
 
     /// Matches `channel` with `matcher` and delivers `payload` (framed as one WebSocket text
@@ -399,6 +478,58 @@ impl FanOut {
         Ok((slow, woken, written, matched))
     }
 
+    /// Delivers a row event's `payload` (one WebSocket text frame, built once) to every
+    /// connection holding one of the row subscriptions `ids` and, when `channel` is given,
+    /// to every connection joined to that channel (matched with `matcher`), once each.
+    /// Returns (slow, woken, written, seconds matching) as `publish` does; slow handles
+    /// include connections without a socket (their transport's codec makes their frame).
+    #[pyo3(signature = (ids, payload, matcher = None, channel = None))]
+    fn publish_rows<'py>(
+        &mut self,
+        py: Python<'py>,
+        ids: Vec<u64>,
+        payload: &[u8],
+        matcher: Option<PyRefMut<'_, Matcher>>,
+        channel: Option<&str>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, usize, f64)> {
+        let mut matched = 0.0;
+        let mut channel_subs = Vec::new();
+        if let (Some(mut matcher), Some(channel)) = (matcher, channel) {
+            let started = Instant::now();
+            let matcher = &mut *matcher;
+            matcher.scratch.clear();
+            matcher
+                .inner
+                .match_channel(channel, &mut matcher.scratch)
+                .map_err(|e| positioned_error(py, "ChannelNameError", &e.reason, e.position))?;
+            channel_subs.extend_from_slice(&matcher.scratch);
+            matched = started.elapsed().as_secs_f64();
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        text_frame(payload, &mut self.frame);
+        let mut recipients = Vec::new();
+        for sub_id in &ids {
+            recipients.extend(self.rows.get(sub_id).into_iter().flatten().copied());
+        }
+        recipients.extend(
+            channel_subs
+                .iter()
+                .filter_map(|s| self.subs.get(s).copied()),
+        );
+        let (mut slow, mut woken, mut written) = (Vec::new(), Vec::new(), 0);
+        for handle in recipients {
+            let slot = &mut self.slots[handle as usize];
+            if slot.stamp == generation {
+                continue;
+            }
+            slot.stamp = generation;
+            written += usize::from(self.deliver(handle, payload.len(), &mut slow, &mut woken));
+        }
+        let (slow, woken) = (PyList::new(py, slow)?, PyList::new(py, woken)?);
+        Ok((slow, woken, written, matched))
+    }
+
     /// Delivers `payload` (one WebSocket text frame) to each of `handles` (distinct, open);
     /// returns (slow, woken, written) as `publish` does.
     fn send<'py>(
@@ -418,14 +549,17 @@ impl FanOut {
         Ok((PyList::new(py, slow)?, PyList::new(py, woken)?, written))
     }
 
-    /// Counters: frames and payload bytes written directly, partial and refused writes,
-    /// open handles, attached sockets, subscriptions.
+    /// Counters: frames and payload bytes taken directly, partial and refused writes,
+    /// frames handed back because a backlog was full (overflows), open handles, attached
+    /// sockets, channel and row subscriptions.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("direct_frames", self.direct_frames)?;
         d.set_item("direct_bytes", self.direct_bytes)?;
         d.set_item("partial_writes", self.partial_writes)?;
         d.set_item("refused_writes", self.refused_writes)?;
+        d.set_item("overflows", self.overflows)?;
+        d.set_item("row_subscriptions", self.rows.len())?;
         d.set_item("handles", self.slots.iter().filter(|s| s.open).count())?;
         d.set_item("attached", self.slots.iter().filter(|s| s.fd >= 0).count())?;
         d.set_item("subscriptions", self.subs.len())?;
