@@ -347,6 +347,29 @@ def test_a_full_socket_at_uncork_leaves_everything_to_the_writer(
     assert received_frames(theirs, rest, sum(len(p) + 4 for p in payloads)) == payloads
 
 
+def test_frames_gathered_apart_go_out_in_order_past_the_iovec_limit(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """Two connections given alternate frames while corked each hold 1,500 ranges of the
+    arena, more than one sendmsg takes (IOV_MAX 1024): both get every frame in order, the
+    one with a small socket buffer through its pending bytes."""
+    fanout = FanOut()
+    (a, a_peer), (b, b_peer) = pair(pairs), pair(pairs)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ha, hb = free_handle(fanout, a), free_handle(fanout, b)
+    payloads = [f"{n:04}".encode() * 10 for n in range(3000)]
+    fanout.cork()
+    for n, payload in enumerate(payloads):
+        assert fanout.send([ha if n % 2 == 0 else hb], payload)[2] == 1
+    assert fanout.uncork() == [hb]  # b's buffer took only part
+    assert fanout.busy(hb)
+    assert not fanout.busy(ha)
+    assert read_frames(a_peer) == payloads[0::2]
+    rest = fanout.take_pending(hb)
+    total = sum(len(p) + 2 for p in payloads[1::2])
+    assert received_frames(b_peer, rest, total) == payloads[1::2]
+
+
 async def test_publications_made_corked_arrive_in_order(nursery: trio.Nursery) -> None:
     node, url = await start(nursery)
     async with open_websocket_url(url) as ws:

@@ -521,9 +521,12 @@ fn number_after(frame: &str, key: &str) -> Option<u64> {
     frame[at..at + digits].parse().ok()
 }
 
-/// Finds `"key":<JSON number>` in a frame, as a finite f64.
-fn float_after(frame: &str, key: &str) -> Option<f64> {
-    let rest = frame[frame.find(key)? + key.len()..].trim_start();
+/// Finds `key` (a `memmem::Finder` for `"name":`) followed by a JSON number in a frame, as
+/// a finite f64. (memchr's vectorised search: `str::find` was a third of the watcher's CPU
+/// on row events of a few hundred bytes.)
+fn float_after(frame: &str, key: &memchr::memmem::Finder<'_>) -> Option<f64> {
+    let at = key.find(frame.as_bytes())? + key.needle().len();
+    let rest = frame[at..].trim_start();
     let len = rest
         .bytes()
         .take_while(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
@@ -729,6 +732,7 @@ async fn watcher(
     let Some(mut ws) = connect_counted(&args, &shared, &connect, index, "").await else {
         return;
     };
+    let sent_key = memchr::memmem::Finder::new("\"sent\":");
     while let Some(message) = next_delivery(&mut ws, args.target, &shared, index).await {
         let now = epoch_seconds();
         let frame = message.as_str();
@@ -736,7 +740,7 @@ async fn watcher(
         if delivered >= watch.expected.load(Ordering::Acquire) {
             watch.reached.notify_one();
         }
-        let Some(sent) = float_after(frame, "\"sent\":") else {
+        let Some(sent) = float_after(frame, &sent_key) else {
             shared.error(format!(
                 "subscriber {index}: delivery without a \"sent\" number: {frame:.160}"
             ));

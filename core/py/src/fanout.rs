@@ -24,9 +24,9 @@
 //! whichever path carries them: pending bytes are always the oldest, and the writer takes
 //! them before its outbox.
 //!
-//! While *corked* (`cork` .. `uncork`), frames for a free connection are appended to its
-//! pending bytes instead of being sent, and `uncork` sends each connection's frames in one
-//! write: a burst of publications (several client publishes in one read, a batch of row
+//! While *corked* (`cork` .. `uncork`), frames for a free connection are gathered (each
+//! frame copied once into an arena, each connection keeping its ranges of it) instead of
+//! being sent, and `uncork` sends each connection's frames with one sendmsg: a burst of publications (several client publishes in one read, a batch of row
 //! changes) costs one system call per connection, not one per frame.
 //!
 //! Sockets are borrowed by descriptor number, not duplicated (a duplicate would double the
@@ -56,8 +56,13 @@ struct Slot {
     /// took only part of, frames it refused (would block), frames gathered while corked or
     /// while the writer is busy. Always written before anything queued in the outbox.
     pending: Vec<u8>,
-    /// The most `pending` may hold before frames are handed back to the hub's outbox.
+    /// The most `pending` (and `gathered`) may hold before frames are handed back to the
+    /// hub's outbox.
     limit: usize,
+    /// While corked: the frames gathered for this connection, as ranges of the fan-out's
+    /// arena (adjacent ones merged), written with one sendmsg at `uncork`.
+    gathered: Vec<(usize, usize)>,
+    gathered_bytes: usize,
     /// The publication number this connection last got a frame of (dedupes patterns).
     stamp: u64,
     open: bool,
@@ -71,6 +76,8 @@ impl Slot {
             busy: false,
             pending: Vec::new(),
             limit: 0,
+            gathered: Vec::new(),
+            gathered_bytes: 0,
             stamp: 0,
             open: false,
         }
@@ -79,8 +86,76 @@ impl Slot {
     fn detach(&mut self) {
         self.fd = -1;
         self.pending = Vec::new();
+        self.gathered = Vec::new();
+        self.gathered_bytes = 0;
         self.held = true;
         self.busy = false;
+    }
+
+    /// Moves the gathered frames (oldest bytes after `pending`) into `pending`.
+    fn pend_gathered(&mut self, arena: &[u8]) {
+        for &(start, end) in &self.gathered {
+            self.pending.extend_from_slice(&arena[start..end]);
+        }
+        self.gathered.clear();
+        self.gathered_bytes = 0;
+    }
+
+    /// Writes the gathered frames with sendmsg (up to IOV_MAX ranges a call) without
+    /// blocking; what the kernel does not take becomes pending bytes and the slot busy.
+    fn write_gathered(&mut self, arena: &[u8]) -> Write {
+        let mut ranges = std::mem::take(&mut self.gathered);
+        self.gathered_bytes = 0;
+        let mut outcome = Write::Done;
+        let mut at = 0;
+        while at < ranges.len() {
+            let chunk = &ranges[at..ranges.len().min(at + 1024)];
+            let iov: Vec<libc::iovec> = chunk
+                .iter()
+                .map(|&(start, end)| libc::iovec {
+                    iov_base: arena[start..end].as_ptr() as *mut libc::c_void,
+                    iov_len: end - start,
+                })
+                .collect();
+            let total: usize = iov.iter().map(|v| v.iov_len).sum();
+            // SAFETY: a zeroed msghdr is valid; iov points at live slices of `arena`, which
+            // sendmsg only reads; `self.fd` is open (detached before it is closed).
+            let n = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = iov.len() as _;
+                libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            let n = n.max(0) as usize;
+            if n == total {
+                at += chunk.len();
+                continue;
+            }
+            // The kernel took `n` bytes: the rest of this chunk and every later one wait.
+            outcome = if n == 0 && at == 0 {
+                Write::Refused
+            } else {
+                Write::Partial
+            };
+            let mut skip = n;
+            for &(start, end) in &ranges[at..] {
+                let len = end - start;
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                self.pending.extend_from_slice(&arena[start + skip..end]);
+                skip = 0;
+            }
+            self.busy = true;
+            break;
+        }
+        ranges.clear();
+        self.gathered = ranges; // keeps its capacity for the next cork
+        outcome
     }
 }
 
@@ -159,6 +234,10 @@ pub struct FanOut {
     corked: bool,
     /// Handles given corked frames since `cork`.
     dirty: Vec<u32>,
+    /// While corked: each frame gathered for some connection, once (slots keep ranges).
+    arena: Vec<u8>,
+    /// Where `frame` is in the arena, once it is.
+    frame_in_arena: Option<(usize, usize)>,
     direct_frames: u64,
     direct_bytes: u64,
     partial_writes: u64,
@@ -169,6 +248,12 @@ pub struct FanOut {
 }
 
 impl FanOut {
+    /// Builds the frame the next deliveries write.
+    fn set_frame(&mut self, payload: &[u8]) {
+        text_frame(payload, &mut self.frame);
+        self.frame_in_arena = None;
+    }
+
     fn slot(&mut self, handle: u32) -> PyResult<&mut Slot> {
         match self.slots.get_mut(handle as usize) {
             Some(slot) if slot.open => Ok(slot),
@@ -193,7 +278,8 @@ impl FanOut {
             return false;
         }
         if self.corked || slot.busy {
-            if !slot.pending.is_empty() && slot.pending.len() + self.frame.len() > slot.limit {
+            let backlog = slot.pending.len() + slot.gathered_bytes;
+            if backlog > 0 && backlog + self.frame.len() > slot.limit {
                 // The backlog is full: the hub's outbox and its slow-consumer policy take
                 // over (it holds the connection as it queues the frame).
                 slot.held = true;
@@ -201,14 +287,28 @@ impl FanOut {
                 slow.push(handle);
                 return false;
             }
-            if slot.pending.is_empty() {
+            if backlog == 0 {
                 if self.corked {
                     self.dirty.push(handle);
                 } else {
                     woken.push(handle); // its writer takes the pending bytes next
                 }
             }
-            slot.pending.extend_from_slice(&self.frame);
+            if slot.busy {
+                slot.pending.extend_from_slice(&self.frame);
+            } else {
+                // Corked: the frame goes into the arena once, the slot keeps its range.
+                let (start, end) = *self.frame_in_arena.get_or_insert_with(|| {
+                    let start = self.arena.len();
+                    self.arena.extend_from_slice(&self.frame);
+                    (start, self.arena.len())
+                });
+                match slot.gathered.last_mut() {
+                    Some(last) if last.1 == start => last.1 = end,
+                    _ => slot.gathered.push((start, end)),
+                }
+                slot.gathered_bytes += end - start;
+            }
         } else {
             match write_frame(slot, &self.frame) {
                 Write::Done => {}
@@ -351,12 +451,18 @@ impl FanOut {
     /// (empty if none). From now until `release`, its writer owns the socket: frames to it
     /// are appended to its pending bytes (up to its limit), not sent.
     fn take_pending<'py>(&mut self, py: Python<'py>, handle: u32) -> PyResult<Bound<'py, PyBytes>> {
-        let slot = self.slot(handle)?;
-        let pending = std::mem::take(&mut slot.pending);
+        self.slot(handle)?;
+        let slot = &mut self.slots[handle as usize];
+        slot.pend_gathered(&self.arena);
+        let pending = PyBytes::new(py, &slot.pending);
+        slot.pending.clear();
+        if slot.pending.capacity() > 1 << 16 {
+            slot.pending = Vec::new(); // a past backlog's memory is not kept
+        }
         if slot.fd >= 0 {
             slot.busy = true;
         }
-        Ok(PyBytes::new(py, &pending))
+        Ok(pending)
     }
 
     /// From now on frames to free connections are gathered, not sent, until `uncork`.
@@ -370,17 +476,18 @@ impl FanOut {
     fn uncork<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         self.corked = false;
         let mut woken = Vec::new();
+        let arena = std::mem::take(&mut self.arena);
         for handle in std::mem::take(&mut self.dirty) {
             let slot = &mut self.slots[handle as usize];
-            if !slot.open || slot.pending.is_empty() {
+            if !slot.open || slot.gathered.is_empty() {
                 continue; // closed, reused, or its writer took the bytes already
             }
             if slot.held || slot.busy || slot.fd < 0 {
+                slot.pend_gathered(&arena);
                 woken.push(handle);
                 continue;
             }
-            let pending = std::mem::take(&mut slot.pending);
-            match write_frame(slot, &pending) {
+            match slot.write_gathered(&arena) {
                 Write::Done => {}
                 Write::Partial => {
                     self.partial_writes += 1;
@@ -388,11 +495,13 @@ impl FanOut {
                 }
                 Write::Refused => {
                     self.refused_writes += 1;
-                    slot.pending = pending; // all of it, for the writer
                     woken.push(handle);
                 }
             }
         }
+        self.arena = arena;
+        self.arena.clear(); // keeps its capacity
+        self.frame_in_arena = None;
         PyList::new(py, woken)
     }
 
@@ -461,7 +570,7 @@ impl FanOut {
         let matched = started.elapsed().as_secs_f64();
         self.generation += 1;
         let generation = self.generation;
-        text_frame(payload, &mut self.frame);
+        self.set_frame(payload);
         let (mut slow, mut woken, mut written) = (Vec::new(), Vec::new(), 0);
         for sub_id in &matcher.scratch {
             let Some(&handle) = self.subs.get(sub_id) else {
@@ -507,7 +616,7 @@ impl FanOut {
         }
         self.generation += 1;
         let generation = self.generation;
-        text_frame(payload, &mut self.frame);
+        self.set_frame(payload);
         let mut recipients = Vec::new();
         for sub_id in &ids {
             recipients.extend(self.rows.get(sub_id).into_iter().flatten().copied());
@@ -541,7 +650,7 @@ impl FanOut {
         for &handle in &handles {
             self.slot(handle)?;
         }
-        text_frame(payload, &mut self.frame);
+        self.set_frame(payload);
         let (mut slow, mut woken, mut written) = (Vec::new(), Vec::new(), 0);
         for handle in handles {
             written += usize::from(self.deliver(handle, payload.len(), &mut slow, &mut woken));
