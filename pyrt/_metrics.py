@@ -125,6 +125,24 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "pyrt_errors", "Error replies and pushes sent to clients.", stats.errors
         )
+        fanout = hub.fanout_stats()
+        yield CounterMetricFamily(
+            "pyrt_direct_frames",
+            "Frames the Rust fan-out took for WebSocket connections (written, or kept for"
+            " their writer) instead of their outbox.",
+            fanout["direct_frames"],
+        )
+        yield CounterMetricFamily(
+            "pyrt_direct_writes",
+            "Socket writes (system calls) the Rust fan-out made; fewer than frames when"
+            " frames were gathered (corked).",
+            fanout["writes"],
+        )
+        yield CounterMetricFamily(
+            "pyrt_direct_overflows",
+            "Frames handed to the outbox because a connection's fan-out backlog was full.",
+            fanout["overflows"],
+        )
         lag_bytes = GaugeMetricFamily(
             "pyrt_source_lag_bytes",
             "WAL a replication source has not put in history yet (server WAL end - acked).",

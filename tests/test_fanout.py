@@ -543,9 +543,10 @@ async def drain(client: Subscriber) -> tuple[list[int], int]:
 async def test_a_client_that_stops_reading_is_closed_as_slow_and_loses_nothing_before(
     nursery: trio.Nursery,
 ) -> None:
-    """The kernel's buffers, then the outbox (512 KiB here), fill up; the hub closes the
-    connection with 4008. What the client did get is every publication up to a point, in
-    order, with no gap: it resumes from there. A reading client meanwhile gets them all."""
+    """The kernel's buffers, then the connection's fan-out backlog and its outbox (512 KiB
+    each here), fill up; the hub closes the connection with 4008. What the client did get is
+    every publication up to a point, in order, with no gap: it resumes from there. A reading
+    client meanwhile gets them all."""
     node, _ = await start(nursery, outbox_bytes=512 * 1024)
     got: list[int] = []
     payload = "y" * 64 * 1024
@@ -556,6 +557,7 @@ async def test_a_client_that_stops_reading_is_closed_as_slow_and_loses_nothing_b
                 got.append(orjson.loads(await reader.get_message())["offset"])
         assert got == list(range(1, 401))
         assert node.hub.stats.slow_disconnects == 1
+        assert node.hub.fanout_stats()["overflows"] >= 1  # the backlog was full first
         offsets, code = await drain(stalled)
     assert code == 4008
     assert offsets == list(range(1, len(offsets) + 1))

@@ -98,6 +98,9 @@ async def test_a_fresh_node_exposes_every_metric_at_zero(nursery: trio.Nursery) 
         ("pyrt_recoveries_total", (("result", "hit"),)): 0.0,
         ("pyrt_recoveries_total", (("result", "miss"),)): 0.0,
         ("pyrt_errors_total", ()): 0.0,
+        ("pyrt_direct_frames_total", ()): 0.0,
+        ("pyrt_direct_writes_total", ()): 0.0,
+        ("pyrt_direct_overflows_total", ()): 0.0,
         ("pyrt_match_seconds_count", ()): 0.0,
         ("pyrt_match_seconds_sum", ()): 0.0,
     }
@@ -159,6 +162,9 @@ async def traffic(
         "pyrt_match_seconds_count": 3,
         "pyrt_messages_out_total": 1,
         "pyrt_bytes_out_total": len(pub),
+        # The publication went to the socket straight from the Rust fan-out, in one write.
+        "pyrt_direct_frames_total": 1,
+        "pyrt_direct_writes_total": 1,
     }
     # A refused REST publish counts nothing.
     response = await client.post(
@@ -279,7 +285,8 @@ async def test_record_mutations_and_stores(nursery: trio.Nursery) -> None:
         assert (await ws_request(ws, id=6, **late))["ok"]["applied"] is False
         after = await scrape(client)
         changed = diff(fresh, after)
-        for name in ("pyrt_messages_in_total", "pyrt_messages_out_total", "pyrt_bytes_out_total"):
+        traffic = ("pyrt_messages_in_total", "pyrt_messages_out_total", "pyrt_bytes_out_total")
+        for name in (*traffic, "pyrt_direct_frames_total", "pyrt_direct_writes_total"):
             for key in [k for k in changed if k.startswith(name)]:
                 del changed[key]
         for key in [k for k in changed if k.startswith(("pyrt_match", "pyrt_connections"))]:

@@ -103,7 +103,7 @@ impl Slot {
 
     /// Writes the gathered frames with sendmsg (up to IOV_MAX ranges a call) without
     /// blocking; what the kernel does not take becomes pending bytes and the slot busy.
-    fn write_gathered(&mut self, arena: &[u8]) -> Write {
+    fn write_gathered(&mut self, arena: &[u8], writes: &mut u64) -> Write {
         let mut ranges = std::mem::take(&mut self.gathered);
         self.gathered_bytes = 0;
         let mut outcome = Write::Done;
@@ -120,6 +120,7 @@ impl Slot {
             let total: usize = iov.iter().map(|v| v.iov_len).sum();
             // SAFETY: a zeroed msghdr is valid; iov points at live slices of `arena`, which
             // sendmsg only reads; `self.fd` is open (detached before it is closed).
+            *writes += 1;
             let n = unsafe {
                 let mut msg: libc::msghdr = std::mem::zeroed();
                 msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
@@ -170,8 +171,9 @@ enum Write {
 }
 
 /// Sends `frame` without blocking; see `Write`.
-fn write_frame(slot: &mut Slot, frame: &[u8]) -> Write {
+fn write_frame(slot: &mut Slot, frame: &[u8], writes: &mut u64) -> Write {
     loop {
+        *writes += 1;
         // SAFETY: `frame` is a live slice; `slot.fd` is open (detached before it is closed),
         // and send() on a descriptor touches no memory of ours beyond the slice.
         let n = unsafe {
@@ -240,6 +242,8 @@ pub struct FanOut {
     frame_in_arena: Option<(usize, usize)>,
     direct_frames: u64,
     direct_bytes: u64,
+    /// send/sendmsg calls.
+    writes: u64,
     partial_writes: u64,
     refused_writes: u64,
     overflows: u64,
@@ -310,7 +314,7 @@ impl FanOut {
                 slot.gathered_bytes += end - start;
             }
         } else {
-            match write_frame(slot, &self.frame) {
+            match write_frame(slot, &self.frame, &mut self.writes) {
                 Write::Done => {}
                 Write::Partial => {
                     self.partial_writes += 1;
@@ -487,7 +491,7 @@ impl FanOut {
                 woken.push(handle);
                 continue;
             }
-            match slot.write_gathered(&arena) {
+            match slot.write_gathered(&arena, &mut self.writes) {
                 Write::Done => {}
                 Write::Partial => {
                     self.partial_writes += 1;
@@ -658,12 +662,14 @@ impl FanOut {
         Ok((PyList::new(py, slow)?, PyList::new(py, woken)?, written))
     }
 
-    /// Counters: frames and payload bytes taken directly, partial and refused writes,
+    /// Counters: frames and payload bytes taken directly, socket writes (system calls),
+    /// partial and refused writes,
     /// frames handed back because a backlog was full (overflows), open handles, attached
     /// sockets, channel and row subscriptions.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("direct_frames", self.direct_frames)?;
+        d.set_item("writes", self.writes)?;
         d.set_item("direct_bytes", self.direct_bytes)?;
         d.set_item("partial_writes", self.partial_writes)?;
         d.set_item("refused_writes", self.refused_writes)?;
