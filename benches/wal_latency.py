@@ -19,7 +19,10 @@ frame per subscriber in FILE, `--threads` runtime threads), which takes a fracti
 the Python subscribers do; `python` runs them in this process on trio, as before. Python
 subscribers cost most of a core at 1,000 connections, which on a small machine competes with
 the hub and PostgreSQL. The client CPU column is the subscribers' CPU time over the case's
-wall time (for `rust`, the load generator's own; for `python`, this process's).
+wall time (for `rust`, the load generator's own; for `python`, this process's). Writes per
+row: the hub's socket writes (`pyrt_direct_writes_total` on /metrics) over the rows written;
+with 1,000 subscribers each taking a tenth, 100 means one write per delivery, and corking
+(one write per connection per replication batch) brings it down.
 
 Filters: `shared`: `bucket=eq.<i % 10>` (10 distinct subscriptions, each held by a tenth of the
 connections); `distinct`: `bucket=eq.<i % 10>,x=neq.<i + 1>` (as many distinct subscriptions as
@@ -40,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +254,16 @@ def measure_rust(
     }
 
 
+def direct_writes(port: int) -> int:
+    """The hub's socket writes so far (`pyrt_direct_writes_total` on /metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(r"^pyrt_direct_writes_total (\S+)$", text, re.MULTILINE)
+    if found is None:
+        raise RuntimeError("no pyrt_direct_writes_total on /metrics")
+    return int(float(found.group(1)))
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -277,6 +291,7 @@ def run_case(pg: Any, kind: str, rate: int, args: Any) -> dict[str, Any]:
         if match is None:
             raise RuntimeError(f"pyrt serve said: {line!r}")
         port = int(match.group(1))
+        writes_before = direct_writes(port)
         cpu_before = cpu_seconds(server.pid)
         ours_before = time.process_time()
         wall = time.time()
@@ -288,6 +303,7 @@ def run_case(pg: Any, kind: str, rate: int, args: Any) -> dict[str, Any]:
             result = trio.run(measure, port, pg.port, database, args.subscribers, kind, rate, args)
         wall = time.time() - wall
         result["hub_cpu"] = (cpu_seconds(server.pid) - cpu_before) / wall
+        result["writes"] = direct_writes(port) - writes_before
         if args.client == "python":
             result["client_cpu"] = (time.process_time() - ours_before) / wall
     finally:
@@ -334,14 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## wal_latency_{n}subs_tenth ({' '.join(sys.argv[1:]) or 'defaults'})\n")
     print(f"Subscribers: {args.client} client\n")
     print(
-        "| filters | rows/s | deliveries/s | p50 | p99 | max | delivered | hub CPU | client CPU |"
+        "| filters | rows/s | deliveries/s | p50 | p99 | max | delivered | hub CPU | client CPU"
+        " | writes per row |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for kind, rate, r in rows:
         print(
             f"| {kind} | {rate:,} | {rate * n // 10:,} | {r['p50']:.1f} ms | {r['p99']:.1f} ms |"
             f" {r['max']:.1f} ms | {r['delivered']:,} / {r['expected']:,}"
             f" (+{r['drain_s']:.1f} s) | {r['hub_cpu']:.0%} | {r['client_cpu']:.0%} |"
+            f" {r['writes'] / r['rows']:.1f} |"
         )
     print(f"\nMachine: {machine()}")
     return 0
