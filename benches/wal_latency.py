@@ -276,7 +276,8 @@ def run_case(pg: Any, kind: str, rate: int, args: Any) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as config:
         config.write(
             "[hub]\noutbox_messages = 1000000\noutbox_bytes = 1073741824\n"
-            f"history_size = 1024\n\n[sources.wal]\nport = {pg.port}\nuser = 'pyrt_scram'\n"
+            f"history_size = 1024\nwrite_threads = {args.write_threads}\n\n"
+            f"[sources.wal]\nport = {pg.port}\nuser = 'pyrt_scram'\n"
             f"password = 'secret'\ndatabase = '{database}'\nslot = '{database}'\n"
         )
     server = subprocess.Popen(
@@ -332,8 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         help="subscribers in the Rust load generator, or in this process",
     )
     parser.add_argument("--threads", type=int, default=1, help="load generator threads (rust)")
+    parser.add_argument("--loadgen", type=Path, help="a built pyrt-loadgen (default: build it)")
+    parser.add_argument(
+        "--write-threads", type=int, default=1, help="the hub's [hub] write_threads"
+    )
     args = parser.parse_args(argv)
-    args.loadgen = build_loadgen() if args.client == "rust" else None
+    if args.client == "rust" and args.loadgen is None:
+        args.loadgen = build_loadgen()
     from pgserver import start_server  # type: ignore[import-not-found]  # tests/
 
     pg = start_server()

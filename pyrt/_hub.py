@@ -108,6 +108,10 @@ class HubConfig:
     """Let the Rust fan-out write publications straight to WebSocket sockets that can take
     them now (`attach_socket`); False sends every frame through the outbox and the
     connection's writer task (slower; for comparison)."""
+    write_threads: int = 1
+    """Threads the Rust fan-out spreads a corked batch's socket writes over (each takes at
+    least 256 connections; the calling thread is one of them). Socket writes are most of the
+    work of a big fan-out, and the kernel does them: more threads use more cores for them."""
 
     def __attrs_post_init__(self) -> None:
         positive = ("max_channels_per_connection", "max_payload_bytes", "max_frame_bytes")
@@ -131,6 +135,8 @@ class HubConfig:
             raise ValueError("mutation_ttl must be positive")
         if not self.tombstone_ttl > 0:
             raise ValueError("tombstone_ttl must be positive")
+        if not 1 <= self.write_threads <= 64:
+            raise ValueError("write_threads must be 1..64")
 
 
 @attrs.define(slots=True)
@@ -274,6 +280,7 @@ class Hub:
         self._ready: dict[str, Connection] = {}
         self._closing: dict[str, tuple[CloseCode, str]] = {}
         self._fanout = FanOut()
+        self._fanout.threads = self.config.write_threads
         self._rows = RowSubscriptions(self._fanout)
         self._by_handle: dict[int, Connection] = {}
         self._corks = 0

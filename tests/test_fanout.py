@@ -370,6 +370,43 @@ def test_frames_gathered_apart_go_out_in_order_past_the_iovec_limit(
     assert received_frames(b_peer, rest, total) == payloads[1::2]
 
 
+def test_uncork_spreads_its_writes_over_threads(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """With `threads`, a big uncork writes on several threads (256+ connections each): every
+    connection gets its frames, once, in order, and each write is counted."""
+    fanout, matcher = FanOut(), Matcher()
+    assert fanout.threads == 1
+    fanout.threads = 4
+    with pytest.raises(ValueError, match=r"threads must be 1\.\.64"):
+        fanout.threads = 0
+    socks = [pair(pairs) for _ in range(1100)]
+    for n, (ours, _) in enumerate(socks):
+        matcher.add_channel(n, "all" if n % 2 == 0 else "odd")
+        fanout.subscribe(n, free_handle(fanout, ours))
+    fanout.cork()
+    fanout.publish(matcher, "all", b"first")
+    fanout.publish(matcher, "odd", b"odd only")
+    fanout.publish(matcher, "all", b"last")
+    assert fanout.uncork() == []
+    for n, (_, theirs) in enumerate(socks):
+        want = [b"first", b"last"] if n % 2 == 0 else [b"odd only"]
+        assert read_frames(theirs) == want
+    stats = fanout.stats()
+    assert stats["writes"] == 1100  # one per connection (the evens' two frames are adjacent)
+    assert stats["threaded_uncorks"] == 1
+    fanout.cork()
+    fanout.publish(matcher, "odd", b"550 connections: 2 threads")
+    fanout.uncork()
+    fanout.threads = 1
+    fanout.cork()
+    fanout.publish(matcher, "all", b"one thread")
+    fanout.uncork()
+    assert fanout.stats()["threaded_uncorks"] == 2
+    assert read_frames(socks[1][1]) == [b"550 connections: 2 threads"]
+    assert read_frames(socks[0][1]) == [b"one thread"]
+
+
 async def test_publications_made_corked_arrive_in_order(nursery: trio.Nursery) -> None:
     node, url = await start(nursery)
     async with open_websocket_url(url) as ws:

@@ -58,6 +58,7 @@ slow_consumer_policy = "drop_oldest"
         ("[hub]\nslow_consumer_policy = 'panic'", "is not one of disconnect, drop_oldest"),
         ("[hub.channel_policies]\n'a::b' = 'conflate'", "hub: empty segment"),
         ("[hub]\nping_interval = 100", "hub: need 0 < ping_interval < idle_timeout"),
+        ("[hub]\nwrite_threads = 0", "hub: write_threads must be 1..64"),
         ("[server]\nport = 70000", "server.port: expected an integer 0..65535"),
         ("[server]\nprot = 1", "server.prot: unknown setting"),
         ("[server]\ntransports = 'websocket'", "server.transports: expected a list"),

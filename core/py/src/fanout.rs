@@ -247,6 +247,8 @@ pub struct FanOut {
     partial_writes: u64,
     refused_writes: u64,
     overflows: u64,
+    threads: usize,
+    threaded_uncorks: u64,
     /// Row subscription id (of the hub's row matcher) -> the handles holding it.
     rows: HashMap<u64, Vec<u32>>,
 }
@@ -333,6 +335,46 @@ impl FanOut {
     }
 }
 
+/// Connections a writer thread of `uncork` takes at least.
+const PER_THREAD_MIN: usize = 256;
+
+/// What writing gathered frames came to (see `write_all`).
+#[derive(Default)]
+struct Written {
+    woken: Vec<u32>,
+    writes: u64,
+    partial: u64,
+    refused: u64,
+}
+
+impl Written {
+    fn add(&mut self, other: Written) {
+        self.woken.extend(other.woken);
+        self.writes += other.writes;
+        self.partial += other.partial;
+        self.refused += other.refused;
+    }
+}
+
+/// Writes each slot's gathered frames (on whichever thread `uncork` gave them to).
+fn write_all(slots: &mut [(u32, &mut Slot)], arena: &[u8]) -> Written {
+    let mut out = Written::default();
+    for (handle, slot) in slots.iter_mut() {
+        match slot.write_gathered(arena, &mut out.writes) {
+            Write::Done => {}
+            Write::Partial => {
+                out.partial += 1;
+                out.woken.push(*handle);
+            }
+            Write::Refused => {
+                out.refused += 1;
+                out.woken.push(*handle);
+            }
+        }
+    }
+    out
+}
+
 /// (slow handles, woken handles, frames written directly).
 type Delivery<'py> = (Bound<'py, PyList>, Bound<'py, PyList>, usize);
 
@@ -340,7 +382,10 @@ type Delivery<'py> = (Bound<'py, PyList>, Bound<'py, PyList>, usize);
 impl FanOut {
     #[new]
     fn new() -> Self {
-        Self::default()
+        FanOut {
+            threads: 1,
+            ..Self::default()
+        }
     }
 
     /// A handle for a new connection: not attached, so everything to it is handed back.
@@ -481,6 +526,7 @@ impl FanOut {
         self.corked = false;
         let mut woken = Vec::new();
         let arena = std::mem::take(&mut self.arena);
+        let mut to_write = Vec::new();
         for handle in std::mem::take(&mut self.dirty) {
             let slot = &mut self.slots[handle as usize];
             if !slot.open || slot.gathered.is_empty() {
@@ -491,22 +537,66 @@ impl FanOut {
                 woken.push(handle);
                 continue;
             }
-            match slot.write_gathered(&arena, &mut self.writes) {
-                Write::Done => {}
-                Write::Partial => {
-                    self.partial_writes += 1;
-                    woken.push(handle);
-                }
-                Write::Refused => {
-                    self.refused_writes += 1;
-                    woken.push(handle);
-                }
+            to_write.push(handle);
+        }
+        // (A handle closed and opened again while corked can be listed twice.)
+        to_write.sort_unstable();
+        to_write.dedup();
+        let threads = self.threads.min(to_write.len() / PER_THREAD_MIN).max(1);
+        let mut slots: Vec<(u32, &mut Slot)> = Vec::with_capacity(to_write.len());
+        let mut wanted = to_write.iter().peekable();
+        for (handle, slot) in self.slots.iter_mut().enumerate() {
+            if wanted.peek() == Some(&&(handle as u32)) {
+                wanted.next();
+                slots.push((handle as u32, slot));
             }
         }
+        let outcome = if threads == 1 {
+            write_all(&mut slots, &arena)
+        } else {
+            // The system calls are most of the work: spread them over threads, without the
+            // GIL (only the slots and the arena are touched: no Python object).
+            let size = slots.len().div_ceil(threads);
+            self.threaded_uncorks += 1;
+            py.detach(|| {
+                std::thread::scope(|scope| {
+                    let arena = &arena;
+                    let workers: Vec<_> = slots
+                        .chunks_mut(size)
+                        .map(|chunk| scope.spawn(move || write_all(chunk, arena)))
+                        .collect();
+                    let mut total = Written::default();
+                    for worker in workers {
+                        total.add(worker.join().expect("a fan-out writer thread panicked"));
+                    }
+                    total
+                })
+            })
+        };
+        woken.extend(outcome.woken);
+        self.writes += outcome.writes;
+        self.partial_writes += outcome.partial;
+        self.refused_writes += outcome.refused;
         self.arena = arena;
         self.arena.clear(); // keeps its capacity
         self.frame_in_arena = None;
         PyList::new(py, woken)
+    }
+
+    /// Threads `uncork` spreads its socket writes over (at least PER_THREAD_MIN
+    /// connections each); 1: all on the calling thread.
+    #[getter]
+    fn get_threads(&self) -> usize {
+        self.threads
+    }
+
+    #[setter]
+    fn set_threads(&mut self, threads: usize) -> PyResult<()> {
+        if !(1..=64).contains(&threads) {
+            return Err(PyValueError::new_err("threads must be 1..64"));
+        }
+        self.threads = threads;
+        Ok(())
     }
 
     /// Channel subscription `sub_id` (of the hub's matcher) belongs to `handle`.
@@ -664,7 +754,8 @@ impl FanOut {
 
     /// Counters: frames and payload bytes taken directly, socket writes (system calls),
     /// partial and refused writes,
-    /// frames handed back because a backlog was full (overflows), open handles, attached
+    /// frames handed back because a backlog was full (overflows), uncorks that wrote on
+    /// several threads, open handles, attached
     /// sockets, channel and row subscriptions.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -674,6 +765,7 @@ impl FanOut {
         d.set_item("partial_writes", self.partial_writes)?;
         d.set_item("refused_writes", self.refused_writes)?;
         d.set_item("overflows", self.overflows)?;
+        d.set_item("threaded_uncorks", self.threaded_uncorks)?;
         d.set_item("row_subscriptions", self.rows.len())?;
         d.set_item("handles", self.slots.iter().filter(|s| s.open).count())?;
         d.set_item("attached", self.slots.iter().filter(|s| s.fd >= 0).count())?;
