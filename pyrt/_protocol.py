@@ -11,6 +11,7 @@ text frames; the codec returns bytes so one encoded frame can be written to many
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Mapping
 from typing import Any, TypeAlias
@@ -290,6 +291,7 @@ def _channel_segment(name: str) -> str:
     return segment
 
 
+@functools.lru_cache(maxsize=4096)  # once per row event: a database source's hot path
 def table_channel(schema: str, table: str) -> str:
     """The channel of a table's row events: `pg:<schema>:<table>`, each name encoded as
     `_channel_segment` says. `*` (any schema, any table) gives a wildcard segment, so the
