@@ -29,6 +29,12 @@
 //! deliveries arrived in all or `drain` seconds passed, and reports latency over the samples
 //! sent at or after `from`.
 //!
+//! The `--joins` subscribers read their sockets raw: the HTTP upgrade and the join by hand,
+//! then server frames parsed in place from a reusable buffer, with one clock reading per
+//! read. On a small machine their CPU competes with the server they measure, and ~100k reads
+//! a second through tungstenite (which zeroes its read buffer on every read) took ~70% of a
+//! core. The other modes use tungstenite.
+//!
 //! Stdout: one JSON line per phase boundary (`{"phase": ...}`), so the harness can sample the
 //! server's CPU time at the same instants, then the result as one JSON object.
 
@@ -397,10 +403,10 @@ fn say(value: Value) {
     let _ = out.flush();
 }
 
-/// Opens a WebSocket to 127.0.0.1:port. Past ~20k connections the ephemeral ports of one
-/// source address run short, so connections are spread over source addresses 127.0.0.x
+/// Opens a TCP connection to 127.0.0.1:port. Past ~20k connections the ephemeral ports of
+/// one source address run short, so connections are spread over source addresses 127.0.0.x
 /// (still loopback; the destination is always 127.0.0.1).
-async fn open_ws(port: u16, path: &str, index: usize, spread: bool) -> Result<Ws, String> {
+async fn open_tcp(port: u16, index: usize, spread: bool) -> Result<TcpStream, String> {
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
     if spread {
         let local = Ipv4Addr::new(127, 0, 0, 1 + (index / 20_000) as u8);
@@ -427,6 +433,12 @@ async fn open_ws(port: u16, path: &str, index: usize, spread: bool) -> Result<Ws
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
+    Ok(stream)
+}
+
+/// Opens a WebSocket to 127.0.0.1:port (see `open_tcp`).
+async fn open_ws(port: u16, path: &str, index: usize, spread: bool) -> Result<Ws, String> {
+    let stream = open_tcp(port, index, spread).await?;
     let url = format!("ws://127.0.0.1:{port}{path}");
     let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
         .await
@@ -474,16 +486,13 @@ async fn socketio_connect(ws: &mut Ws) -> Result<(), String> {
 }
 
 /// Connects one subscriber and joins its channel (for pyrt and Socket.IO: until the reply).
-/// With `--joins`, a pyrt subscriber sends its line of the file instead of the channel join.
+/// (`--joins` subscribers connect with `connect_raw`.)
 async fn connect_subscriber(args: &Args, index: usize, channel: &str) -> Result<Ws, String> {
     let spread = args.subscribers > 20_000;
     match args.target {
         Target::Pyrt => {
             let mut ws = open_ws(args.port, "/connection/websocket", index, spread).await?;
-            let join = match &args.joins {
-                Some(lines) => lines[index % lines.len()].clone(),
-                None => json!({"cmd": "join", "id": 1, "channel": channel}).to_string(),
-            };
+            let join = json!({"cmd": "join", "id": 1, "channel": channel}).to_string();
             send_text(&mut ws, join).await?;
             loop {
                 let frame = next_text(&mut ws).await?;
@@ -524,14 +533,19 @@ fn number_after(frame: &str, key: &str) -> Option<u64> {
 /// Finds `key` (a `memmem::Finder` for `"name":`) followed by a JSON number in a frame, as
 /// a finite f64. (memchr's vectorised search: `str::find` was a third of the watcher's CPU
 /// on row events of a few hundred bytes.)
-fn float_after(frame: &str, key: &memchr::memmem::Finder<'_>) -> Option<f64> {
-    let at = key.find(frame.as_bytes())? + key.needle().len();
-    let rest = frame[at..].trim_start();
+fn float_after(frame: &[u8], key: &memchr::memmem::Finder<'_>) -> Option<f64> {
+    let at = key.find(frame)? + key.needle().len();
+    let rest = frame[at..].trim_ascii_start();
     let len = rest
-        .bytes()
+        .iter()
         .take_while(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
         .count();
-    rest[..len].parse::<f64>().ok().filter(|v| v.is_finite())
+    // The bytes taken are ASCII, so valid UTF-8.
+    std::str::from_utf8(&rest[..len])
+        .ok()?
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
 }
 
 fn epoch_seconds() -> f64 {
@@ -548,17 +562,16 @@ fn is_delivery(target: Target, frame: &str) -> bool {
     }
 }
 
-/// Connects and joins subscriber `index` within the connection-attempt limit, and counts
-/// the outcome (a failure is recorded as an error).
-async fn connect_counted(
-    args: &Args,
+/// Runs `attempt` (connecting and joining subscriber `index`) within the connection-attempt
+/// limit, and counts the outcome (a failure is recorded as an error).
+async fn connect_counted<T>(
     shared: &Shared,
     connect: &Semaphore,
     index: usize,
-    channel: &str,
-) -> Option<Ws> {
+    attempt: impl std::future::Future<Output = Result<T, String>>,
+) -> Option<T> {
     let permit = connect.acquire().await.expect("semaphore closed");
-    let result = connect_subscriber(args, index, channel).await;
+    let result = attempt.await;
     drop(permit);
     let ws = match result {
         Ok(ws) => {
@@ -627,7 +640,8 @@ async fn next_delivery(
 async fn subscriber(args: Arc<Args>, shared: Arc<Shared>, connect: Arc<Semaphore>, index: usize) {
     let channel_index = index % args.channels;
     let channel = channel_name(&args.prefix, channel_index);
-    let Some(mut ws) = connect_counted(&args, &shared, &connect, index, &channel).await else {
+    let attempt = connect_subscriber(&args, index, &channel);
+    let Some(mut ws) = connect_counted(&shared, &connect, index, attempt).await else {
         let now = shared.now_ns();
         shared.phases.iter().for_each(|p| p.finish_one(now));
         return;
@@ -715,8 +729,230 @@ async fn subscriber(args: Arc<Args>, shared: Arc<Shared>, connect: Arc<Semaphore
     }
 }
 
+// -- `--joins`: raw WebSocket frames (see the module doc) ------------------------------------
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xa;
+
+/// A connection's read buffer starts this large; each read has room for at least a quarter
+/// of it, so the buffer grows only for a frame longer than that.
+const READ_SIZE: usize = 16 * 1024;
+/// A server frame longer than this ends the connection (tungstenite's default limit).
+const MAX_FRAME: u64 = 16 << 20;
+
+/// One server frame at the start of a buffer: its header and where its payload lies.
+struct FrameHead {
+    fin: bool,
+    opcode: u8,
+    payload: std::ops::Range<usize>,
+}
+
+/// Parses the frame at the start of `bytes`; None while it is not all there.
+fn parse_frame(bytes: &[u8]) -> Result<Option<FrameHead>, String> {
+    let [b0, b1, ..] = *bytes else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        return Err(format!("frame with reserved bits set: {b0:#04x}"));
+    }
+    if b1 & 0x80 != 0 {
+        return Err("masked frame from the server".into());
+    }
+    let (len, head) = match b1 & 0x7f {
+        126 => match bytes.get(2..4) {
+            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match bytes.get(2..10) {
+            Some(b) => (u64::from_be_bytes(b.try_into().expect("8 bytes")), 10),
+            None => return Ok(None),
+        },
+        len => (u64::from(len), 2),
+    };
+    if len > MAX_FRAME {
+        return Err(format!("frame of {len} bytes"));
+    }
+    let end = head + len as usize;
+    Ok((bytes.len() >= end).then_some(FrameHead {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0f,
+        payload: head..end,
+    }))
+}
+
+/// Writes one client frame: FIN set, masked (as a client's frames must be; any key will do).
+async fn write_frame(stream: &mut TcpStream, opcode: u8, payload: &[u8]) -> Result<(), String> {
+    const KEY: [u8; 4] = [0x5a, 0x1c, 0xe3, 0x77];
+    let mut frame = Vec::with_capacity(payload.len() + 14);
+    frame.push(0x80 | opcode);
+    match payload.len() {
+        len @ 0..=125 => frame.push(0x80 | len as u8),
+        len @ 126..=0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&KEY);
+    frame.extend(payload.iter().zip(KEY.iter().cycle()).map(|(b, k)| b ^ k));
+    stream
+        .write_all(&frame)
+        .await
+        .map_err(|e| format!("write: {e}"))
+}
+
+/// A close frame's payload, as tungstenite showed it (`None` without a status code).
+fn close_frame(payload: &[u8]) -> Option<tokio_tungstenite::tungstenite::protocol::CloseFrame> {
+    let [hi, lo, reason @ ..] = payload else {
+        return None;
+    };
+    Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: u16::from_be_bytes([*hi, *lo]).into(),
+        reason: Utf8Bytes::from(String::from_utf8_lossy(reason).into_owned()),
+    })
+}
+
+/// A WebSocket read raw: `buffer` holds what was read from the socket (into its spare
+/// capacity, which is never zeroed); the frames before `taken` were handed out.
+struct RawWs {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+    taken: usize,
+}
+
+impl RawWs {
+    fn new(stream: TcpStream) -> Self {
+        RawWs {
+            stream,
+            buffer: Vec::with_capacity(READ_SIZE),
+            taken: 0,
+        }
+    }
+
+    /// Drops what was handed out (keeping a partial frame), waits until the socket is
+    /// readable and appends what it holds (one read).
+    async fn read(&mut self) -> Result<(), String> {
+        self.buffer.drain(..self.taken);
+        self.taken = 0;
+        if self.buffer.capacity() - self.buffer.len() < READ_SIZE / 4 {
+            self.buffer.reserve(READ_SIZE);
+        }
+        loop {
+            self.stream
+                .readable()
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            match self.stream.try_read_buf(&mut self.buffer) {
+                Ok(0) => return Err("connection ended".into()),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    /// The next text frame in the buffer (where its payload lies in `buffer`); None when no
+    /// complete frame is left. Pings on the way are answered: the server's WebSocket pings
+    /// with a pong, pyrt's `{"push":"ping"}` with `{"cmd":"ping"}` (so idle connections stay
+    /// within the server's idle timeout). A close or any other frame ends the connection
+    /// (Err); the server sends neither binary nor fragmented frames.
+    async fn next_text(&mut self) -> Result<Option<std::ops::Range<usize>>, String> {
+        loop {
+            let Some(frame) = parse_frame(&self.buffer[self.taken..])? else {
+                return Ok(None);
+            };
+            let payload = self.taken + frame.payload.start..self.taken + frame.payload.end;
+            self.taken = payload.end;
+            let bytes = &self.buffer[payload.clone()];
+            match (frame.fin, frame.opcode) {
+                (true, OP_TEXT) if bytes.starts_with(b"{\"push\":\"ping\"") => {
+                    write_frame(&mut self.stream, OP_TEXT, b"{\"cmd\":\"ping\"}").await?
+                }
+                (true, OP_TEXT) => return Ok(Some(payload)),
+                (true, OP_PING) => write_frame(&mut self.stream, OP_PONG, bytes).await?,
+                (true, OP_PONG) => {}
+                (_, OP_CLOSE) => {
+                    return Err(format!("closed by the server: {:?}", close_frame(bytes)))
+                }
+                (fin, opcode) => {
+                    let kind = if opcode == OP_CONTINUATION {
+                        "continuation"
+                    } else {
+                        "unexpected"
+                    };
+                    return Err(format!("{kind} frame: opcode {opcode}, fin {fin}"));
+                }
+            }
+        }
+    }
+}
+
+/// Opens a `--joins` subscriber's connection by hand: the HTTP upgrade, then its join
+/// command, until the reply (the first text frame starting with `{"reply":1,`). Whatever
+/// arrived after the reply stays in the buffer for the watcher.
+async fn connect_raw(args: &Args, index: usize, join: &str) -> Result<RawWs, String> {
+    use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+    let stream = open_tcp(args.port, index, args.subscribers > 20_000).await?;
+    let mut ws = RawWs::new(stream);
+    let key = generate_key();
+    let request = format!(
+        "GET /connection/websocket HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n",
+        args.port
+    );
+    ws.stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("upgrade: write: {e}"))?;
+    let head_end = loop {
+        if let Some(at) = memchr::memmem::find(&ws.buffer, b"\r\n\r\n") {
+            break at + 4;
+        }
+        if ws.buffer.len() > 64 * 1024 {
+            return Err("upgrade: response head too long".into());
+        }
+        ws.read().await.map_err(|e| format!("upgrade: {e}"))?;
+    };
+    let head = String::from_utf8_lossy(&ws.buffer[..head_end]).into_owned();
+    if !head.starts_with("HTTP/1.1 101 ") {
+        let status = head.lines().next().unwrap_or("");
+        return Err(format!("upgrade: {status:.120}"));
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let accepted = head.lines().any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("sec-websocket-accept") && value.trim() == accept
+        })
+    });
+    if !accepted {
+        return Err("upgrade: no matching Sec-WebSocket-Accept".into());
+    }
+    ws.taken = head_end;
+    write_frame(&mut ws.stream, OP_TEXT, join.as_bytes()).await?;
+    loop {
+        while let Some(text) = ws.next_text().await? {
+            let frame = &ws.buffer[text];
+            if frame.starts_with(b"{\"reply\":1,") {
+                if memchr::memmem::find(frame, b"\"ok\"").is_some() {
+                    return Ok(ws);
+                }
+                let frame = String::from_utf8_lossy(frame);
+                return Err(format!("join refused: {frame:.120}"));
+            }
+        }
+        ws.read().await?;
+    }
+}
+
 /// A `--joins` subscriber: counts every delivery and records its latency (wall clock now
-/// minus the event's `"sent"`), for the subscribers `--latency-every` picks.
+/// minus the event's `"sent"`), for the subscribers `--latency-every` picks. The clock is
+/// read once per socket read: the frames of one read arrived together.
 async fn watcher(
     args: Arc<Args>,
     shared: Arc<Shared>,
@@ -729,31 +965,73 @@ async fn watcher(
         watch.stores.lock().unwrap().push(store.clone());
         store
     });
-    let Some(mut ws) = connect_counted(&args, &shared, &connect, index, "").await else {
+    let lines = args.joins.as_ref().expect("--joins");
+    let attempt = connect_raw(&args, index, &lines[index % lines.len()]);
+    let Some(mut ws) = connect_counted(&shared, &connect, index, attempt).await else {
         return;
     };
     let sent_key = memchr::memmem::Finder::new("\"sent\":");
-    while let Some(message) = next_delivery(&mut ws, args.target, &shared, index).await {
-        let now = epoch_seconds();
-        let frame = message.as_str();
-        let delivered = watch.delivered.fetch_add(1, Ordering::AcqRel) + 1;
-        if delivered >= watch.expected.load(Ordering::Acquire) {
-            watch.reached.notify_one();
-        }
-        let Some(sent) = float_after(frame, &sent_key) else {
-            shared.error(format!(
-                "subscriber {index}: delivery without a \"sent\" number: {frame:.160}"
-            ));
-            continue;
-        };
-        if let Some(store) = &store {
-            if watch.recorded.fetch_add(1, Ordering::Relaxed) < MAX_SAMPLES {
-                let mut samples = store.lock().unwrap();
+    // This read's samples, stored (under the store's lock) once per read.
+    let mut batch = Samples::default();
+    let mut now = epoch_seconds();
+    loop {
+        let mut deliveries = 0u64;
+        let ended = loop {
+            let text = match ws.next_text().await {
+                Ok(Some(text)) => text,
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            };
+            let frame = &ws.buffer[text];
+            if !frame.starts_with(b"{\"push\":\"pub\"") {
+                continue;
+            }
+            deliveries += 1;
+            let Some(sent) = float_after(frame, &sent_key) else {
+                let frame = String::from_utf8_lossy(frame);
+                shared.error(format!(
+                    "subscriber {index}: delivery without a \"sent\" number: {frame:.160}"
+                ));
+                continue;
+            };
+            if store.is_some() {
                 // `as` saturates: a negative latency (clock step) is 0.
-                samples.latency_us.push(((now - sent) * 1e6) as u32);
-                samples.sent.push(sent);
+                batch.latency_us.push(((now - sent) * 1e6) as u32);
+                batch.sent.push(sent);
+            }
+        };
+        // Samples first, so the report (woken by the count) finds them.
+        if let Some(store) = &store {
+            let n = batch.sent.len();
+            if n > 0 {
+                let before = watch.recorded.fetch_add(n, Ordering::Relaxed);
+                let keep = MAX_SAMPLES.saturating_sub(before).min(n);
+                if keep > 0 {
+                    let mut samples = store.lock().unwrap();
+                    samples
+                        .latency_us
+                        .extend_from_slice(&batch.latency_us[..keep]);
+                    samples.sent.extend_from_slice(&batch.sent[..keep]);
+                }
+                batch.latency_us.clear();
+                batch.sent.clear();
             }
         }
+        if deliveries > 0 {
+            let delivered = watch.delivered.fetch_add(deliveries, Ordering::AcqRel) + deliveries;
+            if delivered >= watch.expected.load(Ordering::Acquire) {
+                watch.reached.notify_one();
+            }
+        }
+        if let Some(e) = ended {
+            shared.error(format!("subscriber {index}: {e}"));
+            return;
+        }
+        if let Err(e) = ws.read().await {
+            shared.error(format!("subscriber {index}: {e}"));
+            return;
+        }
+        now = epoch_seconds();
     }
 }
 
@@ -1313,4 +1591,53 @@ fn main() {
     say(report);
     // Connections are torn down by the exit; no need to close 50k sockets one by one.
     std::process::exit(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            len @ 0..=125 => frame.push(len as u8),
+            len @ 126..=0xffff => {
+                frame.push(126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                frame.push(127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn parses_each_length_form_and_waits_for_the_rest() {
+        for len in [0, 5, 125, 126, 300, 0xffff, 0x10000, 70_000] {
+            let payload = vec![b'x'; len];
+            let frame = server_frame(OP_TEXT, &payload);
+            let head = parse_frame(&frame).unwrap().unwrap();
+            assert!(head.fin);
+            assert_eq!(head.opcode, OP_TEXT);
+            assert_eq!(head.payload.end, frame.len());
+            assert_eq!(&frame[head.payload], &payload[..]);
+            for cut in [0, 1, 2, 3, 9, frame.len() - 1] {
+                if cut < frame.len() {
+                    assert!(parse_frame(&frame[..cut]).unwrap().is_none(), "{len} {cut}");
+                }
+            }
+        }
+        assert!(parse_frame(&[0x81, 0x85, 0, 0, 0, 0, 1, 2, 3, 4, 5]).is_err());
+    }
+
+    #[test]
+    fn finds_sent() {
+        let key = memchr::memmem::Finder::new("\"sent\":");
+        let frame = br#"{"push":"pub","data":{"sent": 1712345678.125,"b":1}}"#;
+        assert_eq!(float_after(frame, &key), Some(1712345678.125));
+        assert_eq!(float_after(br#"{"sent":"x"}"#, &key), None);
+    }
 }
