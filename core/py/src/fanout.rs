@@ -34,8 +34,9 @@
 //! detaches a connection (`close`) when its transport ends it, before the transport closes
 //! the socket, so a number the kernel reuses is never written to by mistake.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Instant;
 
 use pyo3::exceptions::{PyKeyError, PyOSError, PyValueError};
@@ -43,6 +44,51 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::{positioned_error, Matcher};
+
+/// Bytes waiting for a connection's writer, oldest first: shared frames (a frame for many
+/// busy connections is one allocation they all point to) and owned rests. `take` copies
+/// them out once, as the outbox's writer used to join its frames.
+#[derive(Default)]
+struct Pending {
+    chunks: VecDeque<Arc<[u8]>>,
+    len: usize,
+}
+
+impl Pending {
+    fn push(&mut self, chunk: Arc<[u8]>) {
+        self.len += chunk.len();
+        self.chunks.push_back(chunk);
+    }
+
+    fn push_copy(&mut self, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.push(Arc::from(bytes));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Copies everything into `out` (exactly `len` bytes) and forgets it.
+    fn take_into(&mut self, out: &mut [u8]) {
+        let mut at = 0;
+        for chunk in self.chunks.drain(..) {
+            out[at..at + chunk.len()].copy_from_slice(&chunk);
+            at += chunk.len();
+        }
+        self.len = 0;
+    }
+}
+
+/// The frame being delivered, shared: made once per frame for the connections that keep it.
+fn shared(frame: &[u8], cache: &mut Option<Arc<[u8]>>) -> Arc<[u8]> {
+    cache.get_or_insert_with(|| Arc::from(frame)).clone()
+}
 
 struct Slot {
     /// The socket (borrowed from the transport), or -1 when not attached.
@@ -55,7 +101,7 @@ struct Slot {
     /// Bytes for the socket not written yet, oldest first: the rest of a frame the kernel
     /// took only part of, frames it refused (would block), frames gathered while corked or
     /// while the writer is busy. Always written before anything queued in the outbox.
-    pending: Vec<u8>,
+    pending: Pending,
     /// The most `pending` (and `gathered`) may hold before frames are handed back to the
     /// hub's outbox.
     limit: usize,
@@ -74,7 +120,7 @@ impl Slot {
             fd: -1,
             held: true,
             busy: false,
-            pending: Vec::new(),
+            pending: Pending::default(),
             limit: 0,
             gathered: Vec::new(),
             gathered_bytes: 0,
@@ -85,7 +131,7 @@ impl Slot {
 
     fn detach(&mut self) {
         self.fd = -1;
-        self.pending = Vec::new();
+        self.pending = Pending::default();
         self.gathered = Vec::new();
         self.gathered_bytes = 0;
         self.held = true;
@@ -94,9 +140,11 @@ impl Slot {
 
     /// Moves the gathered frames (oldest bytes after `pending`) into `pending`.
     fn pend_gathered(&mut self, arena: &[u8]) {
+        let mut rest = Vec::with_capacity(self.gathered_bytes);
         for &(start, end) in &self.gathered {
-            self.pending.extend_from_slice(&arena[start..end]);
+            rest.extend_from_slice(&arena[start..end]);
         }
+        self.pending.push_copy(&rest);
         self.gathered.clear();
         self.gathered_bytes = 0;
     }
@@ -142,15 +190,17 @@ impl Slot {
                 Write::Partial
             };
             let mut skip = n;
+            let mut rest = Vec::new();
             for &(start, end) in &ranges[at..] {
                 let len = end - start;
                 if skip >= len {
                     skip -= len;
                     continue;
                 }
-                self.pending.extend_from_slice(&arena[start + skip..end]);
+                rest.extend_from_slice(&arena[start + skip..end]);
                 skip = 0;
             }
+            self.pending.push_copy(&rest);
             self.busy = true;
             break;
         }
@@ -193,7 +243,7 @@ fn write_frame(slot: &mut Slot, frame: &[u8], writes: &mut u64) -> Write {
             if n == 0 {
                 return Write::Refused;
             }
-            slot.pending.extend_from_slice(&frame[n..]);
+            slot.pending.push_copy(&frame[n..]);
             return Write::Partial;
         }
         if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -240,6 +290,8 @@ pub struct FanOut {
     arena: Vec<u8>,
     /// Where `frame` is in the arena, once it is.
     frame_in_arena: Option<(usize, usize)>,
+    /// `frame` shared by the connections that keep it as pending bytes, once one does.
+    frame_shared: Option<Arc<[u8]>>,
     direct_frames: u64,
     direct_bytes: u64,
     /// send/sendmsg calls.
@@ -258,6 +310,7 @@ impl FanOut {
     fn set_frame(&mut self, payload: &[u8]) {
         text_frame(payload, &mut self.frame);
         self.frame_in_arena = None;
+        self.frame_shared = None;
     }
 
     fn slot(&mut self, handle: u32) -> PyResult<&mut Slot> {
@@ -301,7 +354,8 @@ impl FanOut {
                 }
             }
             if slot.busy {
-                slot.pending.extend_from_slice(&self.frame);
+                slot.pending
+                    .push(shared(&self.frame, &mut self.frame_shared));
             } else {
                 // Corked: the frame goes into the arena once, the slot keeps its range.
                 let (start, end) = *self.frame_in_arena.get_or_insert_with(|| {
@@ -324,7 +378,8 @@ impl FanOut {
                 }
                 Write::Refused => {
                     self.refused_writes += 1;
-                    slot.pending.extend_from_slice(&self.frame);
+                    slot.pending
+                        .push(shared(&self.frame, &mut self.frame_shared));
                     woken.push(handle);
                 }
             }
@@ -503,10 +558,12 @@ impl FanOut {
         self.slot(handle)?;
         let slot = &mut self.slots[handle as usize];
         slot.pend_gathered(&self.arena);
-        let pending = PyBytes::new(py, &slot.pending);
-        slot.pending.clear();
-        if slot.pending.capacity() > 1 << 16 {
-            slot.pending = Vec::new(); // a past backlog's memory is not kept
+        let pending = PyBytes::new_with(py, slot.pending.len(), |out| {
+            slot.pending.take_into(out);
+            Ok(())
+        })?;
+        if slot.pending.chunks.capacity() > 1024 {
+            slot.pending = Pending::default(); // a past backlog's memory is not kept
         }
         if slot.fd >= 0 {
             slot.busy = true;
