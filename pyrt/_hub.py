@@ -565,7 +565,6 @@ class Hub:
         policy = SlowConsumerPolicy.DISCONNECT if record else self._policy(channel)
         conflation_key = (channel, key) if key is not None else None
         native = self._native.publication(publication)
-        frames: dict[str, bytes] = {self._native.name: native}
         skip = None if publisher is None or echo else publisher.handle
         # The Rust fan-out matches the channel and writes the frame to every recipient that
         # can take it now; the rest come back here, to their outbox and its policy.
@@ -573,13 +572,30 @@ class Hub:
         self.stats.match_seconds += seconds
         self.stats.matches += 1
         self._count_direct(direct, len(native), woken)
+        if slow:
+            self._queue_slow(
+                slow, native, lambda codec: codec.publication(publication), policy, conflation_key
+            )
+        return publication
+
+    def _queue_slow(
+        self,
+        slow: list[int],
+        native: bytes,
+        make: Callable[[JsonCodec], bytes],
+        policy: SlowConsumerPolicy,
+        key: Any = None,
+    ) -> None:
+        """Queues a publication for the recipients the fan-out handed back (`slow`), in
+        their outboxes under `policy`: the native frame, or what `make` makes with their
+        codec (made once per codec)."""
+        frames: dict[str, bytes] = {self._native.name: native}
         for handle in slow:
             conn = self._by_handle[handle]
             frame = frames.get(conn.codec.name)
             if frame is None:
-                frame = frames[conn.codec.name] = conn.codec.publication(publication)
-            self._send(conn, frame, droppable=True, policy=policy, key=conflation_key)
-        return publication
+                frame = frames[conn.codec.name] = make(conn.codec)
+            self._send(conn, frame, droppable=True, policy=policy, key=key)
 
     def _count_direct(self, frames: int, size: int, woken: list[int]) -> None:
         """Accounts for frames the fan-out wrote; wakes the writers of partly written ones."""
@@ -650,13 +666,7 @@ class Hub:
         self._count_direct(direct, len(native), woken)
         if slow:
             policy = self._policy(channel)
-            frames: dict[str, bytes] = {self._native.name: native}
-            for handle in slow:
-                conn = self._by_handle[handle]
-                frame = frames.get(conn.codec.name)
-                if frame is None:
-                    frame = frames[conn.codec.name] = conn.codec.change(publication, ids)
-                self._send(conn, frame, droppable=True, policy=policy)
+            self._queue_slow(slow, native, lambda codec: codec.change(publication, ids), policy)
         return publication
 
     def _replay_rows(
