@@ -306,6 +306,30 @@ pub struct FanOut {
 }
 
 impl FanOut {
+    /// Delivers `payload` (framed once) to each of `recipients` once (a handle listed twice
+    /// gets it once), except `skip`.
+    fn deliver_once<'py>(
+        &mut self,
+        py: Python<'py>,
+        recipients: Vec<u32>,
+        payload: &[u8],
+        skip: Option<u32>,
+    ) -> PyResult<Delivery<'py>> {
+        self.generation += 1;
+        let generation = self.generation;
+        self.set_frame(payload);
+        let (mut slow, mut woken, mut written) = (Vec::new(), Vec::new(), 0);
+        for handle in recipients {
+            let slot = &mut self.slots[handle as usize];
+            if slot.stamp == generation || skip == Some(handle) {
+                continue;
+            }
+            slot.stamp = generation;
+            written += usize::from(self.deliver(handle, payload.len(), &mut slow, &mut woken));
+        }
+        Ok((PyList::new(py, slow)?, PyList::new(py, woken)?, written))
+    }
+
     /// Builds the frame the next deliveries write.
     fn set_frame(&mut self, payload: &[u8]) {
         text_frame(payload, &mut self.frame);
@@ -428,6 +452,22 @@ fn write_all(slots: &mut [(u32, &mut Slot)], arena: &[u8]) -> Written {
         }
     }
     out
+}
+
+/// The channel subscription ids `channel` matches (the matcher's scratch list) and the
+/// seconds matching took.
+fn match_channel<'m>(
+    py: Python<'_>,
+    matcher: &'m mut Matcher,
+    channel: &str,
+) -> PyResult<(&'m [u64], f64)> {
+    let started = Instant::now();
+    matcher.scratch.clear();
+    matcher
+        .inner
+        .match_channel(channel, &mut matcher.scratch)
+        .map_err(|e| positioned_error(py, "ChannelNameError", &e.reason, e.position))?;
+    Ok((&matcher.scratch, started.elapsed().as_secs_f64()))
 }
 
 /// (slow handles, woken handles, frames written directly).
@@ -711,30 +751,13 @@ impl FanOut {
         payload: &[u8],
         skip: Option<u32>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, usize, f64)> {
-        let started = Instant::now();
-        let matcher = &mut *matcher;
-        matcher.scratch.clear();
-        matcher
-            .inner
-            .match_channel(channel, &mut matcher.scratch)
-            .map_err(|e| positioned_error(py, "ChannelNameError", &e.reason, e.position))?;
-        let matched = started.elapsed().as_secs_f64();
-        self.generation += 1;
-        let generation = self.generation;
-        self.set_frame(payload);
-        let (mut slow, mut woken, mut written) = (Vec::new(), Vec::new(), 0);
-        for sub_id in &matcher.scratch {
-            let Some(&handle) = self.subs.get(sub_id) else {
-                continue; // a row subscription's join, or not the hub's
-            };
-            let slot = &mut self.slots[handle as usize];
-            if slot.stamp == generation || skip == Some(handle) {
-                continue;
-            }
-            slot.stamp = generation;
-            written += usize::from(self.deliver(handle, payload.len(), &mut slow, &mut woken));
-        }
-        let (slow, woken) = (PyList::new(py, slow)?, PyList::new(py, woken)?);
+        let (subs, matched) = match_channel(py, &mut matcher, channel)?;
+        // (A subscription id unknown here is a row subscription's join, or not the hub's.)
+        let recipients: Vec<u32> = subs
+            .iter()
+            .filter_map(|s| self.subs.get(s).copied())
+            .collect();
+        let (slow, woken, written) = self.deliver_once(py, recipients, payload, skip)?;
         Ok((slow, woken, written, matched))
     }
 
@@ -752,41 +775,17 @@ impl FanOut {
         matcher: Option<PyRefMut<'_, Matcher>>,
         channel: Option<&str>,
     ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, usize, f64)> {
-        let mut matched = 0.0;
-        let mut channel_subs = Vec::new();
-        if let (Some(mut matcher), Some(channel)) = (matcher, channel) {
-            let started = Instant::now();
-            let matcher = &mut *matcher;
-            matcher.scratch.clear();
-            matcher
-                .inner
-                .match_channel(channel, &mut matcher.scratch)
-                .map_err(|e| positioned_error(py, "ChannelNameError", &e.reason, e.position))?;
-            channel_subs.extend_from_slice(&matcher.scratch);
-            matched = started.elapsed().as_secs_f64();
-        }
-        self.generation += 1;
-        let generation = self.generation;
-        self.set_frame(payload);
         let mut recipients = Vec::new();
         for sub_id in &ids {
             recipients.extend(self.rows.get(sub_id).into_iter().flatten().copied());
         }
-        recipients.extend(
-            channel_subs
-                .iter()
-                .filter_map(|s| self.subs.get(s).copied()),
-        );
-        let (mut slow, mut woken, mut written) = (Vec::new(), Vec::new(), 0);
-        for handle in recipients {
-            let slot = &mut self.slots[handle as usize];
-            if slot.stamp == generation {
-                continue;
-            }
-            slot.stamp = generation;
-            written += usize::from(self.deliver(handle, payload.len(), &mut slow, &mut woken));
+        let mut matched = 0.0;
+        if let (Some(mut matcher), Some(channel)) = (matcher, channel) {
+            let (subs, seconds) = match_channel(py, &mut matcher, channel)?;
+            recipients.extend(subs.iter().filter_map(|s| self.subs.get(s).copied()));
+            matched = seconds;
         }
-        let (slow, woken) = (PyList::new(py, slow)?, PyList::new(py, woken)?);
+        let (slow, woken, written) = self.deliver_once(py, recipients, payload, None)?;
         Ok((slow, woken, written, matched))
     }
 
@@ -801,18 +800,12 @@ impl FanOut {
         for &handle in &handles {
             self.slot(handle)?;
         }
-        self.set_frame(payload);
-        let (mut slow, mut woken, mut written) = (Vec::new(), Vec::new(), 0);
-        for handle in handles {
-            written += usize::from(self.deliver(handle, payload.len(), &mut slow, &mut woken));
-        }
-        Ok((PyList::new(py, slow)?, PyList::new(py, woken)?, written))
+        self.deliver_once(py, handles, payload, None)
     }
 
     /// Counters: frames and payload bytes taken directly, socket writes (system calls),
-    /// partial and refused writes,
-    /// frames handed back because a backlog was full (overflows), uncorks that wrote on
-    /// several threads, open handles, attached
+    /// partial and refused writes, frames handed back because a backlog was full
+    /// (overflows), uncorks that wrote on several threads, open handles, attached
     /// sockets, channel and row subscriptions.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
