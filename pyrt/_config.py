@@ -40,6 +40,7 @@ from typing import Any
 
 import attrs
 
+from . import _json
 from ._hub import HubConfig
 from ._node import NodeConfig
 from ._outbox import SlowConsumerPolicy
@@ -100,18 +101,38 @@ def hub_config(table: Mapping[str, Any]) -> HubConfig:
         raise ConfigError(f"hub: {e}") from None
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""Largest configuration file `pyrt serve` reads."""
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
+    if _json.depth_exceeds(data, _json.MAX_DEPTH):
+        raise ConfigError(f"{path}: nested deeper than {_json.MAX_DEPTH} levels")
+    return data
+
+
 def node_config(
     path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> NodeConfig:
     """Reads `path` (if any), applies `overrides` (flags: host, port), and checks everything."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(f"{path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        data = _read_toml(Path(path))
     unknown = set(data) - {"server", "hub", "transports", "sources", "history"}
     if unknown:
         known = "server, hub, transports, sources, history"

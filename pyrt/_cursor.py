@@ -22,6 +22,7 @@ from typing import Protocol
 import attrs
 import orjson
 
+from . import _json
 from ._core import check_channel
 from ._errors import ChannelNameError
 from ._history import StreamPosition
@@ -53,7 +54,7 @@ def decode_cursor(token: str) -> Cursor:
         raise ValueError(f"cursor longer than {MAX_CURSOR_CHARS} characters")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        body = orjson.loads(raw)
+        body = _json.loads(raw, max_depth=3)  # {"p": {channel: [offset, epoch]}}
     except (binascii.Error, ValueError):
         raise ValueError("cursor is not a token this server issued") from None
     if not isinstance(body, dict) or not isinstance(body.get("p"), dict):

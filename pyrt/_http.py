@@ -7,6 +7,7 @@ serves one request; the front door reuses the TCP connection when the exchange e
 
 from __future__ import annotations
 
+import math
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,6 +17,8 @@ import h11
 import orjson
 import trio
 
+from . import _json
+from ._io import send_all
 from ._protocol import _mapping
 
 __all__ = ["HttpError", "HttpExchange", "HttpRequest"]
@@ -96,14 +99,19 @@ class HttpExchange:
         stream: trio.abc.Stream,
         request: HttpRequest,
         cors: CorsPolicy | None = None,
+        write_timeout: float = math.inf,
     ) -> None:
         self.http = http
+        self.write_timeout = write_timeout
+        """Writes making no progress for this long fail with `pyrt._io.WriteTimeout`."""
         self.stream = stream
         self.request = request
         self._cors = cors or CorsPolicy()
         self._body_read = False
         self._body_too_big = False
         self._detached = False
+        self.served_by = "http"
+        """The transport or route serving it (for logs and metrics)."""
 
     @property
     def detached(self) -> bool:
@@ -167,9 +175,12 @@ class HttpExchange:
         """The body parsed as JSON; HttpError 400 when it is not."""
         raw = await self.body(limit)
         try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise HttpError(400, f"body is not JSON: {e}") from None
+            return _json.loads(raw)
+        except _json.JsonError as e:
+            raise HttpError(400, f"body is {e.message}") from None
+
+    async def _send_all(self, data: bytes) -> None:
+        await send_all(self.stream, data, self.write_timeout)
 
     def _headers(
         self, content_type: str | None, extra: Iterable[tuple[str, str]]
@@ -205,7 +216,7 @@ class HttpExchange:
         if body:
             data += self.http.send(h11.Data(data=body)) or b""
         data += self.http.send(h11.EndOfMessage()) or b""
-        await self.stream.send_all(data)
+        await self._send_all(data)
 
     async def respond_json(
         self, status: int, value: Any, headers: Sequence[tuple[str, str]] = ()
@@ -222,15 +233,15 @@ class HttpExchange:
         await self._drain()
         all_headers = self._headers(content_type, headers)
         data = self.http.send(h11.Response(status_code=status, headers=all_headers)) or b""
-        await self.stream.send_all(data)
+        await self._send_all(data)
 
     async def send(self, chunk: bytes) -> None:
         """A piece of a streamed body."""
         if chunk:
-            await self.stream.send_all(self.http.send(h11.Data(data=chunk)) or b"")
+            await self._send_all(self.http.send(h11.Data(data=chunk)) or b"")
 
     async def end_stream(self) -> None:
-        await self.stream.send_all(self.http.send(h11.EndOfMessage()) or b"")
+        await self._send_all(self.http.send(h11.EndOfMessage()) or b"")
 
     async def preflight(self, methods: str, allow_headers: str) -> bool:
         """Answers a CORS preflight (OPTIONS) if its origin is allowed; False if it is not."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -108,6 +109,10 @@ class HubConfig:
     """Let the Rust fan-out write publications straight to WebSocket sockets that can take
     them now (`attach_socket`); False sends every frame through the outbox and the
     connection's writer task (slower; for comparison)."""
+    write_timeout: float = 10.0
+    """Seconds a write to a client may make no progress (the client reads nothing) before
+    the connection is closed; a connection being closed (slow, idle, shutting down) is
+    gone within this plus 2 s however its peer behaves."""
     write_threads: int = 1
     """Threads the Rust fan-out spreads a corked batch's socket writes over (each takes at
     least 256 connections; the calling thread is one of them). Socket writes are most of the
@@ -135,6 +140,8 @@ class HubConfig:
             raise ValueError("mutation_ttl must be positive")
         if not self.tombstone_ttl > 0:
             raise ValueError("tombstone_ttl must be positive")
+        if not 0 < self.write_timeout < math.inf:
+            raise ValueError("write_timeout must be positive and finite")
         if not 1 <= self.write_threads <= 64:
             raise ValueError("write_threads must be 1..64")
 
@@ -458,6 +465,12 @@ class Hub:
                 self._error(conn, e.id, e.code, e.message)
             return
         self.handle(conn, command, now)
+
+    def close(self, conn_id: str, code: CloseCode, reason: str) -> None:
+        """Asks the transport to close a connection (after what is queued for it)."""
+        conn = self._connections.get(conn_id)
+        if conn is not None:
+            self._close(conn, code, reason)
 
     def frame_too_big(self, conn_id: str) -> None:
         """Closes a connection that sent a frame over `max_frame_bytes` (1009)."""

@@ -8,6 +8,7 @@ Nothing is counted here on the hot path: the hub already keeps plain integer cou
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,12 @@ class NodeMetrics:
         self.api_messages_in = 0
         """`POST /api/publish` requests that published (one per request, however many
         channels it named; publications are counted per channel by the hub)."""
+        self.connection_errors: collections.Counter[str] = collections.Counter()
+        """Connections ended by an exception while serving them, by transport or plugin."""
+        self.source_events_skipped: collections.Counter[str] = collections.Counter()
+        """Events a source could not decode or publish and skipped, by source."""
+        self.write_timeouts: collections.Counter[str] = collections.Counter()
+        """Connections closed because a write made no progress for write_timeout."""
         self.registry.register(_HubCollector(node, self))
 
     async def route(self, node: Node, exchange: HttpExchange) -> bool:
@@ -125,6 +132,26 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "pyrt_errors", "Error replies and pushes sent to clients.", stats.errors
         )
+        yield self._by_label(
+            "pyrt_connection_errors",
+            "Connections ended by an exception while serving them (closed 1011, logged with"
+            " the traceback), by transport or plugin.",
+            "plugin",
+            {t.name: 0 for t in self._node.transports} | dict(self._metrics.connection_errors),
+        )
+        yield self._by_label(
+            "pyrt_write_timeouts",
+            "Connections closed because a write to them made no progress for write_timeout,"
+            " by transport.",
+            "transport",
+            {t.name: 0 for t in self._node.transports} | dict(self._metrics.write_timeouts),
+        )
+        yield self._by_label(
+            "pyrt_source_events_skipped",
+            "Events a source could not decode or publish (logged and skipped), by source.",
+            "source",
+            {s.name: 0 for s in self._node.sources} | dict(self._metrics.source_events_skipped),
+        )
         fanout = hub.fanout_stats()
         yield CounterMetricFamily(
             "pyrt_direct_frames",
@@ -170,6 +197,13 @@ class _HubCollector(Collector):
             count_value=stats.matches,
             sum_value=stats.match_seconds,
         )
+
+    @staticmethod
+    def _by_label(name: str, documentation: str, label: str, counts: dict[str, int]) -> Metric:
+        family = CounterMetricFamily(name, documentation, labels=[label])
+        for value, count in sorted(counts.items()):
+            family.add_metric([value], count)
+        return family
 
     def _records(self) -> Iterator[Metric]:
         """Records channels, by conflict policy: mutations and what the stores hold."""

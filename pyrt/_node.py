@@ -12,6 +12,7 @@ import functools
 import hmac
 import importlib.metadata
 import importlib.resources
+import logging
 import math
 import secrets
 import time
@@ -25,6 +26,7 @@ import trio
 from ._historylog import HistoryLog
 from ._http import CorsPolicy, HttpError, HttpExchange, HttpRequest, next_request
 from ._hub import DEFAULT, Hub, HubConfig, _Default
+from ._io import has_write_timeout, is_disconnect, send_all
 from ._metrics import NodeMetrics
 from ._protocol import CloseCode, Command
 from ._rest import api_route
@@ -34,6 +36,8 @@ Route = Callable[["Node", HttpExchange], Awaitable[bool]]
 """A built-in HTTP route: handles the exchange and returns True, or returns False to pass."""
 
 TRANSPORT_GROUP = "pyrt.transports"
+
+log = logging.getLogger("pyrt.node")
 
 
 class Transport(Protocol):
@@ -140,14 +144,25 @@ class Session:
     def frame_too_big(self) -> None:
         """The client sent a frame over the limit without it being read whole."""
         if not self.closed:
-            self._node.hub.frame_too_big(self.id)
+            with self._isolated():
+                self._node.hub.frame_too_big(self.id)
             self._node.pump()
 
     def command(self, command: Command) -> None:
         """Hands a command built by the transport (not read from the wire) to the hub."""
         if not self.closed:
-            self._node.hub.handle(self.connection, command, self._node.now)
+            with self._isolated():
+                self._node.hub.handle(self.connection, command, self._node.now)
             self._node.pump()
+
+    @contextlib.contextmanager
+    def _isolated(self) -> Iterator[None]:
+        """An exception while the hub handles this connection's input ends this connection
+        (1011, logged and counted: `Node.connection_failed`) and nothing else."""
+        try:
+            yield
+        except Exception as e:
+            self._node.connection_failed(self.connection.transport, e, self)
 
     def touch(self) -> None:
         """A sign of life that is not a frame (a long-poll request)."""
@@ -156,7 +171,8 @@ class Session:
     def receive(self, frame: str | bytes) -> None:
         """Hands one frame from the client to the hub."""
         if not self.closed:
-            self._node.hub.receive(self.id, frame, self._node.now)
+            with self._isolated():
+                self._node.hub.receive(self.id, frame, self._node.now)
             self._node.pump()
 
     @property
@@ -412,6 +428,34 @@ class Node:
         finally:
             self.pump()
 
+    def connection_failed(
+        self, plugin: str, error: BaseException, session: Session | None = None
+    ) -> None:
+        """An exception while serving one connection (a bug in pyrt or in a plugin): logged
+        with its traceback, counted (`pyrt_connection_errors_total`), and `session`, if
+        given, closed with 1011. Transports call it for errors they catch themselves; the
+        front door calls it for whatever escapes a transport."""
+        log.error(
+            "%s: error while serving a connection, which is closed (1011)",
+            plugin,
+            exc_info=error,
+        )
+        self.metrics.connection_errors[plugin] += 1
+        if session is not None and not session.closed:
+            self.hub.close(session.id, CloseCode.INTERNAL_ERROR, "internal server error")
+            self.pump()
+
+    async def send_all(self, stream: trio.abc.SendStream, data: bytes) -> None:
+        """Writes to a client with the node's write deadline (`[hub] write_timeout`):
+        `pyrt._io.WriteTimeout`, a BrokenResourceError, once no progress is made for it."""
+        await send_all(stream, data, self.hub.config.write_timeout)
+
+    def count_write_timeout(self, transport: str, error: BaseException) -> None:
+        """Counts `error` in `pyrt_write_timeouts_total` if it is (or holds) a WriteTimeout;
+        for transports that end a connection on BrokenResourceError themselves."""
+        if has_write_timeout(error):
+            self.metrics.write_timeouts[transport] += 1
+
     def publish(self, channel: str, data: Any) -> Any:
         """Publishes from the server side (sources, the REST API, your own code)."""
         publication = self.hub.publish(channel, data, self.now)
@@ -421,11 +465,15 @@ class Node:
     # -- the front door --------------------------------------------------------------------
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        # Nothing raised while serving one connection reaches the node's nursery: the
+        # other connections and the node go on (DESIGN: failure isolation).
         try:
             async with stream:
                 await self._serve_http(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to tell anyone
+        except* Exception as group:
+            self.connection_failed("front door", group)
 
     async def _serve_http(self, stream: trio.SocketStream) -> None:
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
@@ -435,7 +483,9 @@ class Node:
                 request = await next_request(http, stream)
             if request is None:
                 return
-            exchange = HttpExchange(http, stream, request, self.cors)
+            exchange = HttpExchange(
+                http, stream, request, self.cors, write_timeout=self.hub.config.write_timeout
+            )
             # No references here while the exchange is served: a WebSocket `detach`es it
             # and the request's and HTTP's state is then freed for the connection's life.
             del http, request
@@ -445,6 +495,14 @@ class Node:
                 if exchange.detached or exchange.http.our_state is not h11.SEND_RESPONSE:
                     return  # a streamed response had begun: all we can do is end it
                 await exchange.respond_error(e)
+            except Exception as e:
+                if is_disconnect(e):
+                    self.count_write_timeout(exchange.served_by, e)
+                else:
+                    self.connection_failed(exchange.served_by, e)
+                    if not exchange.detached and exchange.http.our_state is h11.SEND_RESPONSE:
+                        await exchange.respond_error(HttpError(500, "internal server error"))
+                return
             if not exchange.reusable:
                 return
             http = exchange.http
@@ -459,6 +517,7 @@ class Node:
                 return
         claimant = next((t for t in self.transports if t.claims(request)), None)
         if claimant is not None:
+            exchange.served_by = claimant.name
             del request  # see _serve_http
             await claimant.serve(self, exchange)
             return

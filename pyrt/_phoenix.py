@@ -22,6 +22,7 @@ from typing import Any, TypeAlias
 import attrs
 import orjson
 
+from . import _json
 from ._core import Matcher
 from ._errors import FilterError
 from ._history import Publication, StreamPosition
@@ -71,6 +72,16 @@ class BadFrame(Exception):
         self.message = message
 
 
+class TooDeep(Exception):
+    """A message whose JSON nests deeper than `pyrt._json.MAX_DEPTH`: refused with a reply
+    to `message` (its payload left out), and the socket stays."""
+
+    def __init__(self, message: Message) -> None:
+        super().__init__(_json.too_deep_message())
+        self.message = message
+        self.reason = f"InvalidMessage: {_json.too_deep_message()}"
+
+
 class JoinError(Exception):
     """A `phx_join` refused: the reply's `reason` is `"<code>: <message>"`."""
 
@@ -113,7 +124,10 @@ def decode(frame: bytes, vsn: str, *, binary: bool = False) -> Message:
         raise BadFrame("'topic' and 'event' must be strings")
     if payload is None:
         payload = {}
-    return Message(topic, event, payload, _ref(ref, "ref"), _ref(join_ref, "join_ref"))
+    message = Message(topic, event, payload, _ref(ref, "ref"), _ref(join_ref, "join_ref"))
+    if _json.depth_exceeds(value, _json.MAX_DEPTH, frame):
+        raise TooDeep(attrs.evolve(message, payload={}))
+    return message
 
 
 def _decode_user_broadcast_push(frame: bytes) -> Message:
@@ -136,10 +150,13 @@ def _decode_user_broadcast_push(frame: bytes) -> Message:
     join_ref, ref, topic, event, meta_text = parts
     body = frame[offset:]
     payload: dict[str, Any] = {"type": "broadcast", "event": event}
+    deep = TooDeep(Message(topic, "broadcast", {}, ref or None, join_ref or None))
     if encoding == JSON_ENCODING:
         try:
             payload["payload"] = orjson.loads(body) if body else {}
         except orjson.JSONDecodeError as e:
+            if "depth limit" in str(e):
+                raise deep from None
             raise BadFrame(f"binary broadcast payload is not JSON: {e}") from None
     elif encoding == BINARY_ENCODING:
         payload["payload"] = bytes(body)
@@ -148,8 +165,12 @@ def _decode_user_broadcast_push(frame: bytes) -> Message:
     if meta_text:
         try:
             payload["meta"] = orjson.loads(meta_text)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as e:
+            if "depth limit" in str(e):
+                raise deep from None
             raise BadFrame("binary broadcast metadata is not JSON") from None
+    if _json.depth_exceeds(payload, _json.MAX_DEPTH):
+        raise deep
     return Message(topic, "broadcast", payload, ref or None, join_ref or None)
 
 

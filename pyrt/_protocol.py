@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 import attrs
 import orjson
 
+from . import _json
 from ._history import Publication, StreamPosition
 from ._presence import PresenceDiff, PresenceMeta
 from .conflict import Mutation, Op, Outcome, Record, Result, Timestamp
@@ -59,6 +60,9 @@ class CloseCode(enum.IntEnum):
     """The server is shutting down: reconnect (to another node) and resume."""
     MESSAGE_TOO_BIG = 1009
     """A frame larger than the configured frame limit."""
+    INTERNAL_ERROR = 1011
+    """The server failed while handling this connection (a bug, logged there): reconnect
+    and resume; other connections were not affected."""
     BAD_FRAME = 4000
     """Not a JSON object, or not valid UTF-8: the server cannot tell what was meant."""
     SLOW = 4008
@@ -443,6 +447,8 @@ class JsonCodec:
         try:
             message = orjson.loads(frame)
         except orjson.JSONDecodeError as e:
+            if "depth limit" in str(e):  # too deep for orjson to parse: no id to answer
+                raise ProtocolError(ErrorCode.BAD_REQUEST, _json.too_deep_message()) from None
             raise ProtocolError(
                 CloseCode.BAD_FRAME, f"frame is not JSON: {e}", close=CloseCode.BAD_FRAME
             ) from None
@@ -451,6 +457,9 @@ class JsonCodec:
                 CloseCode.BAD_FRAME, "frame must be a JSON object", close=CloseCode.BAD_FRAME
             )
         rid = _request_id(message)
+        if _json.depth_exceeds(message, _json.MAX_DEPTH, frame):
+            # Answered, and the connection stays: the frame was JSON, only too deep to keep.
+            raise ProtocolError(ErrorCode.BAD_REQUEST, _json.too_deep_message(), rid)
         cmd = message.get("cmd")
         if cmd == "ping":
             return Ping(rid)

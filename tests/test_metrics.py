@@ -98,6 +98,8 @@ async def test_a_fresh_node_exposes_every_metric_at_zero(nursery: trio.Nursery) 
         ("pyrt_recoveries_total", (("result", "hit"),)): 0.0,
         ("pyrt_recoveries_total", (("result", "miss"),)): 0.0,
         ("pyrt_errors_total", ()): 0.0,
+        ("pyrt_connection_errors_total", (("plugin", "websocket"),)): 0.0,
+        ("pyrt_write_timeouts_total", (("transport", "websocket"),)): 0.0,
         ("pyrt_direct_frames_total", ()): 0.0,
         ("pyrt_direct_writes_total", ()): 0.0,
         ("pyrt_direct_overflows_total", ()): 0.0,

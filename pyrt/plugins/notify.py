@@ -37,10 +37,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
-import orjson
 import trio
 
 from .._core import check_channel
+from .._json import JsonError, loads
 from .._node import Node
 from .._pgwire import PgConnection, PgConnectionError, PgError
 from ._options import seconds
@@ -184,8 +184,8 @@ class NotifySource:
         """The published form of a notification's payload: JSON if it parses, else text."""
         if self.json:
             try:
-                return orjson.loads(text)
-            except orjson.JSONDecodeError:
+                return loads(text)
+            except JsonError:  # not JSON, or too deep to publish: as text
                 pass
         return text
 
@@ -251,4 +251,8 @@ class NotifySource:
                     await conn.simple_query("SELECT 1")  # is the link still there?
                 continue
             if notification.channel in self.routes:
-                self.publish(node, notification.channel, self.payload(notification.payload))
+                try:
+                    self.publish(node, notification.channel, self.payload(notification.payload))
+                except Exception as e:  # one bad notification does not stop the source
+                    log.error("%s: cannot publish a notification; skipped", self.name, exc_info=e)
+                    node.metrics.source_events_skipped[self.name] += 1

@@ -37,6 +37,8 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from .._core import check_channel
 from .._errors import ChannelNameError
 from .._http import HttpError, HttpExchange, HttpRequest
+from .._io import is_disconnect
+from .._json import JsonError, loads
 from .._node import Node, Session
 from .._phoenix import (
     PHOENIX_TOPIC,
@@ -47,6 +49,7 @@ from .._phoenix import (
     ChannelCodec,
     JoinError,
     Message,
+    TooDeep,
     decode,
     encode,
     is_binary,
@@ -207,9 +210,9 @@ class SupabaseTransport:
         except HttpError as e:
             raise _Refused(e.status, e.message) from None
         try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise _Refused(400, f"body is not JSON: {e}") from None
+            return loads(raw)
+        except JsonError as e:
+            raise _Refused(400, f"body is {e.message}") from None
 
 
 def _channel_of(topic: str) -> str:
@@ -287,10 +290,18 @@ class _Socket:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                await self.read()
+                try:
+                    await self.read()
+                except Exception as e:
+                    if is_disconnect(e):
+                        raise
+                    # A bug while reading: this socket closes with 1011, nothing else.
+                    self.node.connection_failed(SupabaseTransport.name, e)
+                    await self.close(CloseCode.INTERNAL_ERROR, "internal server error")
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            # The client went away, or stopped reading; maybe inside the nursery.
+            self.node.count_write_timeout(SupabaseTransport.name, group)
         finally:
             for channel in list(self.channels.values()):
                 channel.session.end()
@@ -300,7 +311,7 @@ class _Socket:
 
     async def send(self, data: bytes) -> None:
         async with self.send_lock:
-            await self.stream.send_all(data)
+            await self.node.send_all(self.stream, data)
 
     async def send_frames(self, frames: Sequence[bytes]) -> None:
         wire = b"".join(data_frame(f, BINARY if is_binary(f) else TEXT) for f in frames if f)
@@ -352,8 +363,10 @@ class _Socket:
                 else:
                     await self.close(code, reason)  # before the session ends: a node
                     # shutting down waits for its sessions, not for its sockets
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.node.count_write_timeout(SupabaseTransport.name, e)
+            if self.nursery is not None:
+                self.nursery.cancel_scope.cancel()  # the socket is unusable: end it all
         finally:
             session.end()
             if self.channels.get(channel.topic) is channel:
@@ -418,6 +431,9 @@ class _Socket:
             message = decode(frame, self.vsn, binary=binary)
         except BadFrame as e:
             await self.close(e.code, e.message)
+            return
+        except TooDeep as e:
+            await self.refuse(e.message, e.reason)
             return
         if message.topic == PHOENIX_TOPIC:
             if message.event == "heartbeat":

@@ -41,7 +41,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 import trio
 
 from .._core import (
@@ -54,6 +53,7 @@ from .._core import (
     PgUnknown,
     check_channel,
 )
+from .._json import loads
 from .._node import Node
 from .._pgoutput import DecodeError, format_commit_time
 from .._pgrepl import (
@@ -373,7 +373,7 @@ class WalSource:
             for insert in inserts:
                 change = decoder.decode(insert)
                 assert isinstance(change, PgChange)
-                record = orjson.loads(change.to_json())["record"]
+                record = loads(change.to_json())["record"]
                 key = _record_key(record, ordered)
                 if key is not None:
                     hub.apply_record_change(channel, key, record, node.now)
@@ -396,7 +396,7 @@ class WalSource:
             return
         relation = decoder.relation(change.relid)
         key_columns = [c[1] for c in relation.columns if c[0] & 1] if relation else []
-        data = orjson.loads(change.to_json())
+        data = loads(change.to_json())
         hub = node.hub
         if change.type == "DELETE":
             key = _record_key(data.get("old_record") or {}, key_columns)
@@ -483,10 +483,12 @@ class WalSource:
                     try:
                         message = decoder.decode(item.payload)
                     except DecodeError as e:
-                        raise SourceError(
-                            f"sources.{self.name}: cannot decode the pgoutput message at"
-                            f" {format_lsn(item.wal_start)}: {e}"
-                        ) from e
+                        # Logged, counted and skipped: one bad message does not stop the
+                        # source (the slot moves past it with its transaction's commit).
+                        self._skip(
+                            node, f"cannot decode the message at {format_lsn(item.wal_start)}", e
+                        )
+                        continue
                     if isinstance(message, PgChange):
                         seq += 1
                         if skip_all or seq <= skip_first:
@@ -494,9 +496,13 @@ class WalSource:
                             continue
                         if history_log is not None:
                             history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
-                        hub.publish_change(message, node.now, max_bytes=limit)
-                        if records:
-                            self._record_change(node, decoder, message, commit_lsn << 32 | seq)
+                        try:
+                            hub.publish_change(message, node.now, max_bytes=limit)
+                            if records:
+                                self._record_change(node, decoder, message, commit_lsn << 32 | seq)
+                        except Exception as e:
+                            where = f"{message.type} on {message.schema}.{message.table}"
+                            self._skip(node, f"cannot publish the {where}", e)
                         self.events += 1
                         self._partial = (commit_lsn, seq)
                     elif isinstance(message, PgBegin):
@@ -557,7 +563,10 @@ class WalSource:
                             self._message_lsn = message.lsn
                         if history_log is not None and self.messages_channel is not None:
                             history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
-                        self._logical_message(node, message)
+                        try:
+                            self._logical_message(node, message)
+                        except Exception as e:
+                            self._skip(node, "cannot publish a logical message", e)
                     elif isinstance(message, PgUnknown):
                         log.warning("%s: skipping pgoutput message %r", self.name, chr(message.tag))
             node.pump()
@@ -566,6 +575,12 @@ class WalSource:
                     # The commits' events are written; on disk before the slot lets go.
                     await history_log.sync_async()
                 stream.ack(ack)
+
+    def _skip(self, node: Node, what: str, error: Exception) -> None:
+        """An event that cannot be decoded or published: logged with the error, counted
+        (`pyrt_source_events_skipped_total`), and left out; the source goes on."""
+        log.error("%s: %s; skipped", self.name, what, exc_info=error)
+        node.metrics.source_events_skipped[self.name] += 1
 
     def _logical_message(self, node: Node, message: PgLogicalMessage) -> None:
         if self.messages_channel is None:

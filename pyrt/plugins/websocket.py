@@ -78,6 +78,7 @@ class _Connection:
     """One accepted WebSocket: a reader and a writer task around a hub session."""
 
     def __init__(self, node: Node, stream: trio.abc.Stream, ws: WsConnection) -> None:
+        self.node = node
         self.stream = stream
         self.ws = ws
         self.session: Session = node.open_session()
@@ -98,14 +99,20 @@ class _Connection:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.write, nursery.cancel_scope)
-                await self.read()
+                try:
+                    await self.read()
+                except Exception as e:
+                    # A bug while reading: the writer closes with 1011 (bounded by the
+                    # write deadline and the close wait), then ends the connection.
+                    self.node.connection_failed(WebSocketTransport.name, e, self.session)
+                    return
                 nursery.cancel_scope.cancel()
         finally:
             self.session.end()
 
     async def send(self, data: bytes) -> None:
         async with self.send_lock:
-            await self.stream.send_all(data)
+            await self.node.send_all(self.stream, data)
 
     async def reply(self, data: bytes) -> None:
         """A control frame from the reader: the fan-out stays off the socket meanwhile."""
@@ -159,8 +166,12 @@ class _Connection:
                 replies = self.feed(bytes(data) if data else None)
             except RemoteProtocolError:
                 return
-            for reply in replies:
-                await self.reply(reply)
+            try:
+                for reply in replies:
+                    await self.reply(reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                self.node.count_write_timeout(WebSocketTransport.name, e)
+                return  # the client went away (a reset after its ping or close)
             if not data:
                 return
 
@@ -180,6 +191,6 @@ class _Connection:
                 self.peer_closed = trio.Event()
                 with trio.move_on_after(2.0):
                     await self.peer_closed.wait()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.node.count_write_timeout(WebSocketTransport.name, e)
         cancel_scope.cancel()
