@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Iterable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import attrs
@@ -201,7 +202,7 @@ class HttpExchange:
         all_headers.append(("content-length", str(len(body))))
         if self._body_too_big:
             all_headers.append(("connection", "close"))
-        data = self.http.send(h11.Response(status_code=status, headers=all_headers)) or b""
+        data = self.http.send(_response(status, all_headers)) or b""
         if body:
             data += self.http.send(h11.Data(data=body)) or b""
         data += self.http.send(h11.EndOfMessage()) or b""
@@ -221,7 +222,7 @@ class HttpExchange:
         """Starts a response whose body follows in `send` calls (chunked)."""
         await self._drain()
         all_headers = self._headers(content_type, headers)
-        data = self.http.send(h11.Response(status_code=status, headers=all_headers)) or b""
+        data = self.http.send(_response(status, all_headers)) or b""
         await self.stream.send_all(data)
 
     async def send(self, chunk: bytes) -> None:
@@ -247,6 +248,14 @@ class HttpExchange:
             ],
         )
         return True
+
+
+def _response(status: int, headers: list[tuple[str, str]]) -> h11.Response:
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b""
+    return h11.Response(status_code=status, headers=headers, reason=reason)
 
 
 async def next_request(http: h11.Connection, stream: trio.abc.Stream) -> HttpRequest | None:
