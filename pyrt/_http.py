@@ -1,12 +1,15 @@
 """HTTP on the front door: one request as transports and routes see it.
 
-h11 parses and frames; this module adds what every HTTP endpoint of pyrt needs: bounded bodies,
-JSON responses and errors in one shape, CORS, and streamed responses (SSE). One `HttpExchange`
+h11 parses and frames; this module adds what every HTTP endpoint of pyrt needs: requests bounded
+in size and in time, JSON responses and errors in one shape, CORS, and streamed responses
+(SSE). One `HttpExchange`
 serves one request; the front door reuses the TCP connection when the exchange ended cleanly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
@@ -20,6 +23,10 @@ import trio
 from ._protocol import _mapping
 
 __all__ = ["HttpError", "HttpExchange", "HttpRequest"]
+
+_DRAIN_BYTES = 64 * 1024
+"""A body the route did not read is read and dropped up to this size (to keep the connection);
+a longer one is left unread and the connection closed after the response."""
 
 
 @attrs.frozen(slots=True)
@@ -97,13 +104,16 @@ class HttpExchange:
         stream: trio.abc.Stream,
         request: HttpRequest,
         cors: CorsPolicy | None = None,
+        deadline: float = math.inf,
     ) -> None:
         self.http = http
         self.stream = stream
         self.request = request
+        self.deadline = deadline
+        """When the whole request (its body too) must have arrived, in trio time."""
         self._cors = cors or CorsPolicy()
         self._body_read = False
-        self._body_too_big = False
+        self._must_close = False
         self._detached = False
 
     @property
@@ -131,14 +141,16 @@ class HttpExchange:
     def reusable(self) -> bool:
         """Whether the connection can carry another request after this one."""
         return (
-            not self._body_too_big
+            not self._must_close
             and not self._detached
             and self.http.our_state is h11.DONE
             and self.http.their_state is h11.DONE
         )
 
     async def body(self, limit: int) -> bytes:
-        """The request body; HttpError 413 when longer than `limit` (the rest is not read).
+        """The request body. HttpError 413 when longer than `limit` (the rest is not read), 408
+        when it has not all arrived by `deadline`, 400 when its chunked encoding is malformed or
+        it ends early; after any of these the connection is closed once the error is answered.
 
         Call once; responding without calling it reads and drops the body.
         """
@@ -146,23 +158,35 @@ class HttpExchange:
         size = 0
         self._body_read = True
         while True:
-            event = self.http.next_event()
+            try:
+                event = self.http.next_event()
+            except h11.RemoteProtocolError as e:
+                raise self._fatal(400, f"malformed request body: {_describe(e)}") from None
             if event is h11.NEED_DATA:
-                data = await self.stream.receive_some(64 * 1024)
+                data: bytes | bytearray | None = None
+                # The deadline bounds waiting for the client, not reading what has come.
+                with trio.move_on_at(self.deadline):
+                    data = await self.stream.receive_some(64 * 1024)
+                if data is None:
+                    raise self._fatal(408, "the request body did not arrive in time")
                 if not data:
-                    raise HttpError(400, "the request body ended early")
+                    raise self._fatal(400, "the request body ended early")
                 self.http.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
-                    self._body_too_big = True
-                    raise HttpError(413, f"request body larger than {limit} bytes")
+                    raise self._fatal(413, f"request body larger than {limit} bytes")
                 parts.append(bytes(event.data))
                 continue
             if isinstance(event, h11.EndOfMessage):
                 return b"".join(parts)
-            raise HttpError(400, "malformed request body")
+            raise self._fatal(400, "malformed request body")
+
+    def _fatal(self, status: int, message: str) -> HttpError:
+        """An error after which the request's framing is lost: the connection must close."""
+        self._must_close = True
+        return HttpError(status, message)
 
     async def json_body(self, limit: int) -> Any:
         """The body parsed as JSON; HttpError 400 when it is not."""
@@ -184,10 +208,10 @@ class HttpExchange:
 
     async def _drain(self) -> None:
         if not self._body_read:
-            try:
-                await self.body(64 * 1024)
-            except HttpError:
-                self._body_too_big = True
+            # A body too long, late or malformed only closes the connection after the
+            # route's response (`body` marked it so).
+            with contextlib.suppress(HttpError):
+                await self.body(_DRAIN_BYTES)
 
     async def respond(
         self,
@@ -200,7 +224,7 @@ class HttpExchange:
         await self._drain()
         all_headers = self._headers(content_type, headers)
         all_headers.append(("content-length", str(len(body))))
-        if self._body_too_big:
+        if self._must_close:
             all_headers.append(("connection", "close"))
         data = self.http.send(_response(status, all_headers)) or b""
         if body:
@@ -222,6 +246,8 @@ class HttpExchange:
         """Starts a response whose body follows in `send` calls (chunked)."""
         await self._drain()
         all_headers = self._headers(content_type, headers)
+        if self._must_close:
+            all_headers.append(("connection", "close"))
         data = self.http.send(_response(status, all_headers)) or b""
         await self.stream.send_all(data)
 
@@ -256,6 +282,12 @@ def _response(status: int, headers: list[tuple[str, str]]) -> h11.Response:
     except ValueError:
         reason = b""
     return h11.Response(status_code=status, headers=headers, reason=reason)
+
+
+def _describe(error: h11.RemoteProtocolError) -> str:
+    # h11's messages quote what it could not parse: keep an echo of the client's bytes short.
+    text = str(error)
+    return text if len(text) <= 120 else text[:120] + "..."
 
 
 async def next_request(http: h11.Connection, stream: trio.abc.Stream) -> HttpRequest | None:

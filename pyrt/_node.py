@@ -93,7 +93,11 @@ class NodeConfig:
     drain_timeout: float = 5.0
     """On shutdown, how long clients get to receive what is queued for them."""
     request_timeout: float = 10.0
-    """How long a client may take to send its request head."""
+    """How long a client may take to send a whole request, head and body, counted from when
+    the connection opened or the previous response was sent (so it also bounds an idle
+    keep-alive connection). A body still arriving then is answered 408, and a head still
+    arriving is not answered; either way the connection is closed. Responses, streamed ones
+    (SSE, long-poll waits, WebSocket) included, are not bounded by it."""
     transport_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     """Plugin name -> keyword arguments for its factory."""
     cors_origins: tuple[str, ...] = ()
@@ -428,14 +432,18 @@ class Node:
             pass  # the client went away; nothing to tell anyone
 
     async def _serve_http(self, stream: trio.SocketStream) -> None:
+        config = self.config
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         while True:
+            # One deadline for the request's head and body; serving the response is not
+            # bounded by it.
+            deadline = trio.current_time() + config.request_timeout
             request = None
-            with trio.move_on_after(self.config.request_timeout):
+            with trio.move_on_at(deadline):
                 request = await next_request(http, stream)
             if request is None:
                 return
-            exchange = HttpExchange(http, stream, request, self.cors)
+            exchange = HttpExchange(http, stream, request, self.cors, deadline)
             # No references here while the exchange is served: a WebSocket `detach`es it
             # and the request's and HTTP's state is then freed for the connection's life.
             del http, request
