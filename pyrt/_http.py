@@ -1,8 +1,8 @@
 """HTTP on the front door: one request as transports and routes see it.
 
 h11 parses and frames; this module adds what every HTTP endpoint of pyrt needs: requests bounded
-in size and in time, JSON responses and errors in one shape, CORS, and streamed responses
-(SSE). One `HttpExchange`
+in size and in time, refusals of heads h11 lets through but a proxy may read otherwise, JSON
+responses and errors in one shape, CORS, and streamed responses (SSE). One `HttpExchange`
 serves one request; the front door reuses the TCP connection when the exchange ended cleanly.
 """
 
@@ -23,6 +23,9 @@ import trio
 from ._protocol import _mapping
 
 __all__ = ["HttpError", "HttpExchange", "HttpRequest"]
+
+MAX_HEAD_BYTES = 16 * 1024
+"""The default limit of a request head (request line and headers): `NodeConfig.max_head_bytes`."""
 
 _DRAIN_BYTES = 64 * 1024
 """A body the route did not read is read and dropped up to this size (to keep the connection);
@@ -290,18 +293,74 @@ def _describe(error: h11.RemoteProtocolError) -> str:
     return text if len(text) <= 120 else text[:120] + "..."
 
 
-async def next_request(http: h11.Connection, stream: trio.abc.Stream) -> HttpRequest | None:
-    """Reads the next request head; None when the client closed or sent garbage."""
+async def next_request(
+    http: h11.Connection, stream: trio.abc.Stream, max_head_bytes: int = MAX_HEAD_BYTES
+) -> HttpRequest | None:
+    """Reads the next request head; None when the client closed the connection (between
+    requests, or inside a head: there is nobody to answer).
+
+    HttpError for a head that cannot be served: 431 when longer than `max_head_bytes`
+    (`http` must have been made with that `max_incomplete_event_size`), 501 for a transfer
+    coding other than chunked, 400 when malformed or framed ambiguously (content-length with
+    transfer-encoding, a bad content-length). Answer it with `refuse`, then close.
+    """
+    buffered = _buffered(http)
+    received = 0
+    ended = False
     while True:
         try:
             event = http.next_event()
-        except h11.RemoteProtocolError:
-            return None
+        except h11.RemoteProtocolError as e:
+            if ended:
+                return None
+            if e.error_status_hint == 431:
+                raise HttpError(431, f"request head larger than {max_head_bytes} bytes") from None
+            if e.error_status_hint == 501:
+                raise HttpError(501, f"not implemented: {_describe(e)}") from None
+            raise HttpError(400, f"malformed request head: {_describe(e)}") from None
         if event is h11.NEED_DATA:
             data = await stream.receive_some(16 * 1024)
+            received += len(data)
+            ended = not data
             http.receive_data(bytes(data))
             continue
         if isinstance(event, h11.Request):
+            # h11 refuses a head once more than `max_head_bytes` of it is buffered without its
+            # end; one that arrived whole in a single read is measured here.
+            if buffered + received - _buffered(http) > max_head_bytes:
+                raise HttpError(431, f"request head larger than {max_head_bytes} bytes")
+            _check_framing(event)
             headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
             return HttpRequest(event.method.decode(), event.target.decode("latin-1"), headers)
         return None
+
+
+def _buffered(http: h11.Connection) -> int:
+    return len(http.trailing_data[0])
+
+
+def _check_framing(request: h11.Request) -> None:
+    """What h11 lets through but a proxy in front may read otherwise (request smuggling):
+    h11 itself refuses bad and conflicting content-lengths and unknown transfer codings."""
+    names = {name for name, _ in request.headers}
+    if b"transfer-encoding" in names:
+        if b"content-length" in names:
+            raise HttpError(
+                400, "a request must not have both content-length and transfer-encoding"
+            )
+        if request.http_version == b"1.0":
+            raise HttpError(400, "transfer-encoding is not allowed in an HTTP/1.0 request")
+
+
+async def refuse(http: h11.Connection, stream: trio.abc.Stream, error: HttpError) -> None:
+    """Answers a request head that `next_request` refused; close the connection after it."""
+    body = error.body()
+    headers = [
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+    ]
+    data = http.send(_response(error.status, headers)) or b""
+    data += http.send(h11.Data(data=body)) or b""
+    data += http.send(h11.EndOfMessage()) or b""
+    await stream.send_all(data)

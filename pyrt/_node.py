@@ -23,7 +23,15 @@ import h11
 import trio
 
 from ._historylog import HistoryLog
-from ._http import CorsPolicy, HttpError, HttpExchange, HttpRequest, next_request
+from ._http import (
+    MAX_HEAD_BYTES,
+    CorsPolicy,
+    HttpError,
+    HttpExchange,
+    HttpRequest,
+    next_request,
+    refuse,
+)
 from ._hub import DEFAULT, Hub, HubConfig, _Default
 from ._metrics import NodeMetrics
 from ._protocol import CloseCode, Command
@@ -98,6 +106,8 @@ class NodeConfig:
     keep-alive connection). A body still arriving then is answered 408, and a head still
     arriving is not answered; either way the connection is closed. Responses, streamed ones
     (SSE, long-poll waits, WebSocket) included, are not bounded by it."""
+    max_head_bytes: int = MAX_HEAD_BYTES
+    """Largest request head (request line and headers) accepted; 431 beyond, then close."""
     transport_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     """Plugin name -> keyword arguments for its factory."""
     cors_origins: tuple[str, ...] = ()
@@ -433,14 +443,18 @@ class Node:
 
     async def _serve_http(self, stream: trio.SocketStream) -> None:
         config = self.config
-        http = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_bytes)
         while True:
             # One deadline for the request's head and body; serving the response is not
             # bounded by it.
             deadline = trio.current_time() + config.request_timeout
             request = None
-            with trio.move_on_at(deadline):
-                request = await next_request(http, stream)
+            try:
+                with trio.move_on_at(deadline):
+                    request = await next_request(http, stream, config.max_head_bytes)
+            except HttpError as e:
+                await refuse(http, stream, e)
+                return
             if request is None:
                 return
             exchange = HttpExchange(http, stream, request, self.cors, deadline)

@@ -1,4 +1,4 @@
-"""The HTTP front door under bad input, over raw sockets: deadlines, bodies, status lines.
+"""The HTTP front door under bad input, over raw sockets: deadlines, framing, head limits.
 
 Every refusal is checked the same way: the documented status (with its reason phrase and
 pyrt's JSON error body), then the server closes the connection, and a second client is
@@ -271,6 +271,76 @@ async def test_streams_outlive_the_request_deadline(nursery: trio.Nursery) -> No
             assert orjson.loads(await ws.get_message())["reply"] == 1
 
 
+# -- framing: content-length and transfer-encoding -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        (["content-length: abc"], "bad Content-Length"),
+        (["content-length: -1"], "bad Content-Length"),
+        (["content-length: +5"], "bad Content-Length"),
+        (["content-length: 0x5"], "bad Content-Length"),
+        (["content-length: 5", "content-length: 6"], "conflicting Content-Length"),
+        (["content-length: 5, 6"], "conflicting Content-Length"),
+        (
+            ["content-length: 5", "transfer-encoding: chunked"],
+            "must not have both content-length and transfer-encoding",
+        ),
+        (
+            ["transfer-encoding: chunked", "content-length: 0"],
+            "must not have both content-length and transfer-encoding",
+        ),
+    ],
+)
+async def test_ambiguous_or_bad_framing_is_a_400(
+    nursery: trio.Nursery, headers: list[str], message: str
+) -> None:
+    node = await start(nursery)
+    conversation = await converse(node, post("/api/publish", headers) + b"0\r\n\r\n")
+    assert_refused(conversation, 400, message)
+    await assert_served(node)
+
+
+async def test_a_smuggled_request_is_not_served(nursery: trio.Nursery) -> None:
+    # Content-length says the body is the chunked terminator; transfer-encoding would make
+    # what follows a second request. Neither is believed: one 400, then the connection ends.
+    node = await start(nursery)
+    smuggled = b"GET /healthz HTTP/1.1\r\nhost: pyrt.test\r\n\r\n"
+    head = post("/api/publish", ["content-length: 5", "transfer-encoding: chunked"])
+    conversation = await converse(node, head + b"0\r\n\r\n" + smuggled)
+    assert_refused(conversation, 400, "both content-length and transfer-encoding")
+    await assert_served(node)
+
+
+async def test_transfer_encoding_in_http_1_0_is_a_400(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    request = b"POST /api/publish HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    conversation = await converse(node, request)
+    assert_refused(conversation, 400, "transfer-encoding is not allowed in an HTTP/1.0 request")
+    await assert_served(node)
+
+
+async def test_an_unknown_transfer_coding_is_a_501(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    conversation = await converse(node, post("/api/publish", ["transfer-encoding: gzip"]))
+    assert_refused(conversation, 501, "Transfer-Encoding: chunked")
+    await assert_served(node)
+
+
+async def test_the_same_content_length_twice_is_one_content_length(
+    nursery: trio.Nursery,
+) -> None:
+    node = await start(nursery)
+    n = len(PUBLISH)
+    head = post(
+        "/api/publish", [f"content-length: {n}", f"content-length: {n}", "connection: close"]
+    )
+    conversation = await converse(node, head + PUBLISH)
+    [reply] = conversation.replies
+    assert (reply.status, reply.reason) == (200, "OK")
+
+
 # -- chunked bodies ----------------------------------------------------------------------------
 
 
@@ -308,6 +378,71 @@ async def test_a_malformed_chunked_body_nobody_reads_closes_after_the_answer(
     conversation = await converse(node, head + b"zz\r\n")
     [reply] = conversation.replies
     assert (reply.status, reply.headers["connection"]) == (404, "close")
+    await assert_served(node)
+
+
+# -- request heads ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (b"HELLO\r\n\r\n", "malformed request head: illegal request line"),
+        (b"GET / HTTP/1.1\r\n\r\n", "Missing mandatory Host: header"),
+        (b"GET / HTTP/1.1\r\nhost: x\r\nno colon here\r\n\r\n", "illegal header line"),
+        (b"GET / HTTP/1.1\r\nhost: x\r\nname : value\r\n\r\n", "illegal header line"),
+        (b"GET /\x00 HTTP/1.1\r\nhost: x\r\n\r\n", "illegal request line"),
+        (b"GET / HTTP/1.1\r\nhost: x\r\nx-a: b\x00\r\n\r\n", "illegal header line"),
+    ],
+)
+async def test_a_malformed_head_is_a_400(nursery: trio.Nursery, head: bytes, message: str) -> None:
+    node = await start(nursery)
+    assert_refused(await converse(node, head), 400, message)
+    await assert_served(node)
+
+
+async def test_an_oversized_head_is_a_431(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    message = "request head larger than 16384 bytes"
+    # Whole, in one write: measured once it is parsed.
+    big = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 17_000 + b"\r\n\r\n"
+    assert_refused(await converse(node, big), 431, message)
+    # Endless: refused once 16 KiB arrived without the end of the head.
+    endless = [b"GET /healthz HTTP/1.1\r\nhost: x\r\n"] + [
+        b"x-%d: %s\r\n" % (i, b"a" * 1000) for i in range(40)
+    ]
+    assert_refused(await converse(node, *endless), 431, message)
+    # Many small headers count the same.
+    many = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x: y\r\n" * 3000 + b"\r\n"
+    assert_refused(await converse(node, many), 431, message)
+    await assert_served(node)
+
+
+async def test_a_head_just_under_the_limit_is_served(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    start_line = b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-big: "
+    filler = 16 * 1024 - len(start_line) - 4
+    conversation = await converse(node, start_line + b"a" * filler + b"\r\n\r\n")
+    assert [r.status for r in conversation.replies] == [200]
+    conversation = await converse(node, start_line + b"a" * (filler + 1) + b"\r\n\r\n")
+    assert_refused(conversation, 431, "request head larger than 16384 bytes")
+
+
+async def test_max_head_bytes_is_configurable(nursery: trio.Nursery) -> None:
+    node = await start(nursery, max_head_bytes=2048)
+    head = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 3000 + b"\r\n\r\n"
+    assert_refused(await converse(node, head), 431, "request head larger than 2048 bytes")
+    await assert_served(node)
+
+
+async def test_a_client_that_closes_inside_a_head_gets_no_answer(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    stream = await trio.open_tcp_stream("127.0.0.1", node.port or 0)
+    async with stream:
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        await stream.send_eof()
+        with trio.fail_after(5):
+            assert await stream.receive_some(65536) == b""
     await assert_served(node)
 
 
@@ -363,8 +498,16 @@ async def test_a_streamed_status_line_has_its_reason_phrase(nursery: trio.Nurser
 # -- configuration ----------------------------------------------------------------------------
 
 
-def test_the_request_timeout_is_a_server_setting() -> None:
-    assert node_config(overrides={"request_timeout": 2}).request_timeout == 2.0
-    for value in [0, True, float("nan"), "10s"]:
-        with pytest.raises(ConfigError, match=r"server\.request_timeout"):
-            node_config(overrides={"request_timeout": value})
+def test_the_http_limits_are_server_settings() -> None:
+    config = node_config(overrides={"request_timeout": 2, "max_head_bytes": 4096})
+    assert (config.request_timeout, config.max_head_bytes) == (2.0, 4096)
+    assert node_config().max_head_bytes == 16 * 1024
+    for key, value in [
+        ("max_head_bytes", 100),
+        ("max_head_bytes", "16k"),
+        ("request_timeout", 0),
+        ("request_timeout", True),
+        ("request_timeout", float("nan")),
+    ]:
+        with pytest.raises(ConfigError, match=rf"server\.{key}"):
+            node_config(overrides={key: value})
