@@ -114,6 +114,9 @@ class HttpExchange:
         self.request = request
         self.deadline = deadline
         """When the whole request (its body too) must have arrived, in trio time."""
+        self.refused: int | None = None
+        """The status of the error `body` raised: 400 (malformed), 408 (late) or 413 (too
+        long); the connection is closed after the response."""
         self._cors = cors or CorsPolicy()
         self._body_read = False
         self._must_close = False
@@ -157,6 +160,13 @@ class HttpExchange:
 
         Call once; responding without calling it reads and drops the body.
         """
+        try:
+            return await self._read_body(limit)
+        except HttpError as e:
+            self.refused = e.status
+            raise
+
+    async def _read_body(self, limit: int) -> bytes:
         parts: list[bytes] = []
         size = 0
         self._body_read = True
@@ -212,9 +222,9 @@ class HttpExchange:
     async def _drain(self) -> None:
         if not self._body_read:
             # A body too long, late or malformed only closes the connection after the
-            # route's response (`body` marked it so).
+            # route's response (`_read_body` marked it so).
             with contextlib.suppress(HttpError):
-                await self.body(_DRAIN_BYTES)
+                await self._read_body(_DRAIN_BYTES)
 
     async def respond(
         self,

@@ -453,6 +453,7 @@ class Node:
                 with trio.move_on_at(deadline):
                     request = await next_request(http, stream, config.max_head_bytes)
             except HttpError as e:
+                self.metrics.count_refused(e.status)
                 await refuse(http, stream, e)
                 return
             if request is None:
@@ -467,6 +468,9 @@ class Node:
                 if exchange.detached or exchange.http.our_state is not h11.SEND_RESPONSE:
                     return  # a streamed response had begun: all we can do is end it
                 await exchange.respond_error(e)
+            finally:
+                if exchange.refused is not None:
+                    self.metrics.count_refused(exchange.refused)
             if not exchange.reusable:
                 return
             http = exchange.http

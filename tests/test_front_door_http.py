@@ -495,7 +495,25 @@ async def test_a_streamed_status_line_has_its_reason_phrase(nursery: trio.Nurser
     assert data.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
-# -- configuration ----------------------------------------------------------------------------
+# -- metrics and configuration ----------------------------------------------------------------
+
+
+async def test_refusals_are_counted_in_metrics(nursery: trio.Nursery) -> None:
+    node = await start(nursery, max_body_bytes=1000)
+    await converse(node, b"HELLO\r\n\r\n")
+    await converse(node, b"GET / HTTP/1.1\r\nhost: x\r\nx: " + b"a" * 20_000 + b"\r\n\r\n")
+    await converse(node, post("/api/publish", ["content-length: 10"]))
+    await converse(node, post("/api/publish", ["transfer-encoding: chunked"]) + b"zz\r\n")
+    async with httpx.AsyncClient(base_url=base_url(node), timeout=5) as http:
+        big = await http.post("/api/publish", content=b"x" * 2000, headers={"x-api-key": KEY})
+        assert big.status_code == 413
+        text = (await http.get("/metrics")).text
+    counts = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("pyrt_http_refused_total{")
+    }
+    assert counts == {"400": 2.0, "408": 1.0, "413": 1.0, "431": 1.0, "501": 0.0}
 
 
 def test_the_http_limits_are_server_settings() -> None:

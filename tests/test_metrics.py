@@ -98,6 +98,10 @@ async def test_a_fresh_node_exposes_every_metric_at_zero(nursery: trio.Nursery) 
         ("pyrt_recoveries_total", (("result", "hit"),)): 0.0,
         ("pyrt_recoveries_total", (("result", "miss"),)): 0.0,
         ("pyrt_errors_total", ()): 0.0,
+        **{
+            ("pyrt_http_refused_total", (("status", s),)): 0.0
+            for s in ("400", "408", "413", "431", "501")
+        },
         ("pyrt_direct_frames_total", ()): 0.0,
         ("pyrt_direct_writes_total", ()): 0.0,
         ("pyrt_direct_overflows_total", ()): 0.0,
