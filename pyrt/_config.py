@@ -8,6 +8,9 @@ transports = ["websocket"]   # default: every installed transport plugin
 
 cors_origins = ["https://app.example.com"]   # browsers on these origins may use SSE etc.
 api_keys = ["change-me"]     # for the REST API (pyrt serve makes one up when none is set)
+request_timeout = 10.0       # seconds for a whole request, head and body (docs/http.md#limits)
+max_head_bytes = 16384       # request line and headers; 431 beyond
+max_body_bytes = 1048576     # REST API request bodies; 413 beyond
 
 [transports.longpoll]         # keyword arguments for a transport plugin's factory
 poll_timeout = 25.0
@@ -41,6 +44,7 @@ from typing import Any
 import attrs
 
 from . import _json
+from ._http import MAX_HEAD_BYTES
 from ._hub import HubConfig
 from ._node import NodeConfig
 from ._outbox import SlowConsumerPolicy
@@ -54,6 +58,7 @@ _SERVER_KEYS = {
     "cors_origins",
     "api_keys",
     "max_body_bytes",
+    "max_head_bytes",
 }
 
 
@@ -163,16 +168,30 @@ def node_config(
     max_body = server.get("max_body_bytes", 1024 * 1024)
     if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1:
         raise ConfigError(f"server.max_body_bytes: expected a positive integer, got {max_body!r}")
+    max_head = server.get("max_head_bytes", MAX_HEAD_BYTES)
+    if not isinstance(max_head, int) or isinstance(max_head, bool) or max_head < 1024:
+        raise ConfigError(
+            f"server.max_head_bytes: expected an integer of at least 1024, got {max_head!r}"
+        )
+    request_timeout = server.get("request_timeout", 10.0)
+    if (
+        not isinstance(request_timeout, int | float)
+        or isinstance(request_timeout, bool)
+        or not request_timeout > 0
+    ):
+        expected = "a positive number of seconds"
+        raise ConfigError(f"server.request_timeout: expected {expected}, got {request_timeout!r}")
     return NodeConfig(
         host=str(server.get("host", "127.0.0.1")),
         port=port,
         hub=hub_config(data.get("hub", {})),
         transports=tuple(transports) if transports is not None else None,
         drain_timeout=float(server.get("drain_timeout", 5.0)),
-        request_timeout=float(server.get("request_timeout", 10.0)),
+        request_timeout=float(request_timeout),
         cors_origins=lists["cors_origins"],
         api_keys=lists["api_keys"],
         max_body_bytes=max_body,
+        max_head_bytes=max_head,
         transport_options={name: dict(table) for name, table in options.items()},
         sources={name: dict(table) for name, table in sources.items()},
         **_history(data.get("history", {})),

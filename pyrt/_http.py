@@ -1,15 +1,18 @@
 """HTTP on the front door: one request as transports and routes see it.
 
-h11 parses and frames; this module adds what every HTTP endpoint of pyrt needs: bounded bodies,
-JSON responses and errors in one shape, CORS, and streamed responses (SSE). One `HttpExchange`
+h11 parses and frames; this module adds what every HTTP endpoint of pyrt needs: requests bounded
+in size and in time, refusals of heads h11 lets through but a proxy may read otherwise, JSON
+responses and errors in one shape, CORS, and streamed responses (SSE). One `HttpExchange`
 serves one request; the front door reuses the TCP connection when the exchange ended cleanly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import urllib.parse
 from collections.abc import Iterable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import attrs
@@ -22,6 +25,13 @@ from ._io import send_all
 from ._protocol import _mapping
 
 __all__ = ["HttpError", "HttpExchange", "HttpRequest"]
+
+MAX_HEAD_BYTES = 16 * 1024
+"""The default limit of a request head (request line and headers): `NodeConfig.max_head_bytes`."""
+
+_DRAIN_BYTES = 64 * 1024
+"""A body the route did not read is read and dropped up to this size (to keep the connection);
+a longer one is left unread and the connection closed after the response."""
 
 
 @attrs.frozen(slots=True)
@@ -99,6 +109,7 @@ class HttpExchange:
         stream: trio.abc.Stream,
         request: HttpRequest,
         cors: CorsPolicy | None = None,
+        deadline: float = math.inf,
         write_timeout: float = math.inf,
     ) -> None:
         self.http = http
@@ -106,9 +117,14 @@ class HttpExchange:
         """Writes making no progress for this long fail with `pyrt._io.WriteTimeout`."""
         self.stream = stream
         self.request = request
+        self.deadline = deadline
+        """When the whole request (its body too) must have arrived, in trio time."""
+        self.refused: int | None = None
+        """The status of the error `body` raised: 400 (malformed), 408 (late) or 413 (too
+        long); the connection is closed after the response."""
         self._cors = cors or CorsPolicy()
         self._body_read = False
-        self._body_too_big = False
+        self._must_close = False
         self._detached = False
         self.served_by = "http"
         """The transport or route serving it (for logs and metrics)."""
@@ -138,38 +154,59 @@ class HttpExchange:
     def reusable(self) -> bool:
         """Whether the connection can carry another request after this one."""
         return (
-            not self._body_too_big
+            not self._must_close
             and not self._detached
             and self.http.our_state is h11.DONE
             and self.http.their_state is h11.DONE
         )
 
     async def body(self, limit: int) -> bytes:
-        """The request body; HttpError 413 when longer than `limit` (the rest is not read).
+        """The request body. HttpError 413 when longer than `limit` (the rest is not read), 408
+        when it has not all arrived by `deadline`, 400 when its chunked encoding is malformed or
+        it ends early; after any of these the connection is closed once the error is answered.
 
         Call once; responding without calling it reads and drops the body.
         """
+        try:
+            return await self._read_body(limit)
+        except HttpError as e:
+            self.refused = e.status
+            raise
+
+    async def _read_body(self, limit: int) -> bytes:
         parts: list[bytes] = []
         size = 0
         self._body_read = True
         while True:
-            event = self.http.next_event()
+            try:
+                event = self.http.next_event()
+            except h11.RemoteProtocolError as e:
+                raise self._fatal(400, f"malformed request body: {_describe(e)}") from None
             if event is h11.NEED_DATA:
-                data = await self.stream.receive_some(64 * 1024)
+                data: bytes | bytearray | None = None
+                # The deadline bounds waiting for the client, not reading what has come.
+                with trio.move_on_at(self.deadline):
+                    data = await self.stream.receive_some(64 * 1024)
+                if data is None:
+                    raise self._fatal(408, "the request body did not arrive in time")
                 if not data:
-                    raise HttpError(400, "the request body ended early")
+                    raise self._fatal(400, "the request body ended early")
                 self.http.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
-                    self._body_too_big = True
-                    raise HttpError(413, f"request body larger than {limit} bytes")
+                    raise self._fatal(413, f"request body larger than {limit} bytes")
                 parts.append(bytes(event.data))
                 continue
             if isinstance(event, h11.EndOfMessage):
                 return b"".join(parts)
-            raise HttpError(400, "malformed request body")
+            raise self._fatal(400, "malformed request body")
+
+    def _fatal(self, status: int, message: str) -> HttpError:
+        """An error after which the request's framing is lost: the connection must close."""
+        self._must_close = True
+        return HttpError(status, message)
 
     async def json_body(self, limit: int) -> Any:
         """The body parsed as JSON; HttpError 400 when it is not."""
@@ -194,10 +231,10 @@ class HttpExchange:
 
     async def _drain(self) -> None:
         if not self._body_read:
-            try:
-                await self.body(64 * 1024)
-            except HttpError:
-                self._body_too_big = True
+            # A body too long, late or malformed only closes the connection after the
+            # route's response (`_read_body` marked it so).
+            with contextlib.suppress(HttpError):
+                await self._read_body(_DRAIN_BYTES)
 
     async def respond(
         self,
@@ -210,9 +247,9 @@ class HttpExchange:
         await self._drain()
         all_headers = self._headers(content_type, headers)
         all_headers.append(("content-length", str(len(body))))
-        if self._body_too_big:
+        if self._must_close:
             all_headers.append(("connection", "close"))
-        data = self.http.send(h11.Response(status_code=status, headers=all_headers)) or b""
+        data = self.http.send(_response(status, all_headers)) or b""
         if body:
             data += self.http.send(h11.Data(data=body)) or b""
         data += self.http.send(h11.EndOfMessage()) or b""
@@ -232,7 +269,9 @@ class HttpExchange:
         """Starts a response whose body follows in `send` calls (chunked)."""
         await self._drain()
         all_headers = self._headers(content_type, headers)
-        data = self.http.send(h11.Response(status_code=status, headers=all_headers)) or b""
+        if self._must_close:
+            all_headers.append(("connection", "close"))
+        data = self.http.send(_response(status, all_headers)) or b""
         await self._send_all(data)
 
     async def send(self, chunk: bytes) -> None:
@@ -260,18 +299,90 @@ class HttpExchange:
         return True
 
 
-async def next_request(http: h11.Connection, stream: trio.abc.Stream) -> HttpRequest | None:
-    """Reads the next request head; None when the client closed or sent garbage."""
+def _response(status: int, headers: list[tuple[str, str]]) -> h11.Response:
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        reason = b""
+    return h11.Response(status_code=status, headers=headers, reason=reason)
+
+
+def _describe(error: h11.RemoteProtocolError) -> str:
+    # h11's messages quote what it could not parse: keep an echo of the client's bytes short.
+    text = str(error)
+    return text if len(text) <= 120 else text[:120] + "..."
+
+
+async def next_request(
+    http: h11.Connection, stream: trio.abc.Stream, max_head_bytes: int = MAX_HEAD_BYTES
+) -> HttpRequest | None:
+    """Reads the next request head; None when the client closed the connection (between
+    requests, or inside a head: there is nobody to answer).
+
+    HttpError for a head that cannot be served: 431 when longer than `max_head_bytes`
+    (`http` must have been made with that `max_incomplete_event_size`), 501 for a transfer
+    coding other than chunked, 400 when malformed or framed ambiguously (content-length with
+    transfer-encoding, a bad content-length). Answer it with `refuse`, then close.
+    """
+    buffered = _buffered(http)
+    received = 0
+    ended = False
     while True:
         try:
             event = http.next_event()
-        except h11.RemoteProtocolError:
-            return None
+        except h11.RemoteProtocolError as e:
+            if ended:
+                return None
+            if e.error_status_hint == 431:
+                raise HttpError(431, f"request head larger than {max_head_bytes} bytes") from None
+            if e.error_status_hint == 501:
+                raise HttpError(501, f"not implemented: {_describe(e)}") from None
+            raise HttpError(400, f"malformed request head: {_describe(e)}") from None
         if event is h11.NEED_DATA:
             data = await stream.receive_some(16 * 1024)
+            received += len(data)
+            ended = not data
             http.receive_data(bytes(data))
             continue
         if isinstance(event, h11.Request):
+            # h11 refuses a head once more than `max_head_bytes` of it is buffered without its
+            # end; one that arrived whole in a single read is measured here.
+            if buffered + received - _buffered(http) > max_head_bytes:
+                raise HttpError(431, f"request head larger than {max_head_bytes} bytes")
+            _check_framing(event)
             headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
             return HttpRequest(event.method.decode(), event.target.decode("latin-1"), headers)
         return None
+
+
+def _buffered(http: h11.Connection) -> int:
+    return len(http.trailing_data[0])
+
+
+def _check_framing(request: h11.Request) -> None:
+    """What h11 lets through but a proxy in front may read otherwise (request smuggling):
+    h11 itself refuses bad and conflicting content-lengths and unknown transfer codings."""
+    names = {name for name, _ in request.headers}
+    if b"transfer-encoding" in names:
+        if b"content-length" in names:
+            raise HttpError(
+                400, "a request must not have both content-length and transfer-encoding"
+            )
+        if request.http_version == b"1.0":
+            raise HttpError(400, "transfer-encoding is not allowed in an HTTP/1.0 request")
+
+
+async def refuse(
+    http: h11.Connection, stream: trio.abc.Stream, error: HttpError, write_timeout: float
+) -> None:
+    """Answers a request head that `next_request` refused; close the connection after it."""
+    body = error.body()
+    headers = [
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+        ("connection", "close"),
+    ]
+    data = http.send(_response(error.status, headers)) or b""
+    data += http.send(h11.Data(data=body)) or b""
+    data += http.send(h11.EndOfMessage()) or b""
+    await send_all(stream, data, write_timeout)

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 METRICS_PATH = "/metrics"
 
+REFUSED_STATUSES = (400, 408, 413, 431, 501)
+"""The statuses of requests the front door refuses for how they were sent (docs/http.md)."""
+
 # The classic text format, which `generate_latest` writes (our names need no escaping) and
 # every Prometheus version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -48,7 +51,12 @@ class NodeMetrics:
         """Events a source could not decode or publish and skipped, by source."""
         self.write_timeouts: collections.Counter[str] = collections.Counter()
         """Connections closed because a write made no progress for write_timeout."""
+        self.http_refused = dict.fromkeys(REFUSED_STATUSES, 0)
+        """Requests refused for their framing, size or lateness, by status."""
         self.registry.register(_HubCollector(node, self))
+
+    def count_refused(self, status: int) -> None:
+        self.http_refused[status] = self.http_refused.get(status, 0) + 1
 
     async def route(self, node: Node, exchange: HttpExchange) -> bool:
         """Serves `GET /metrics` (no API key: like most exporters, protect it by network)."""
@@ -152,6 +160,15 @@ class _HubCollector(Collector):
             "source",
             {s.name: 0 for s in self._node.sources} | dict(self._metrics.source_events_skipped),
         )
+        refused = CounterMetricFamily(
+            "pyrt_http_refused",
+            "HTTP requests refused for how they were sent: a malformed, ambiguous or too long"
+            " head, a body too long, malformed or late; by status.",
+            labels=["status"],
+        )
+        for status, count in sorted(self._metrics.http_refused.items()):
+            refused.add_metric([str(status)], count)
+        yield refused
         fanout = hub.fanout_stats()
         yield CounterMetricFamily(
             "pyrt_direct_frames",

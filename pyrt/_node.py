@@ -24,7 +24,15 @@ import h11
 import trio
 
 from ._historylog import HistoryLog
-from ._http import CorsPolicy, HttpError, HttpExchange, HttpRequest, next_request
+from ._http import (
+    MAX_HEAD_BYTES,
+    CorsPolicy,
+    HttpError,
+    HttpExchange,
+    HttpRequest,
+    next_request,
+    refuse,
+)
 from ._hub import DEFAULT, Hub, HubConfig, _Default
 from ._io import has_write_timeout, is_disconnect, send_all
 from ._metrics import NodeMetrics
@@ -97,7 +105,13 @@ class NodeConfig:
     drain_timeout: float = 5.0
     """On shutdown, how long clients get to receive what is queued for them."""
     request_timeout: float = 10.0
-    """How long a client may take to send its request head."""
+    """How long a client may take to send a whole request, head and body, counted from when
+    the connection opened or the previous response was sent (so it also bounds an idle
+    keep-alive connection). A body still arriving then is answered 408, and a head still
+    arriving is not answered; either way the connection is closed. Responses, streamed ones
+    (SSE, long-poll waits, WebSocket) included, are not bounded by it."""
+    max_head_bytes: int = MAX_HEAD_BYTES
+    """Largest request head (request line and headers) accepted; 431 beyond, then close."""
     transport_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     """Plugin name -> keyword arguments for its factory."""
     cors_origins: tuple[str, ...] = ()
@@ -476,15 +490,29 @@ class Node:
             self.connection_failed("front door", group)
 
     async def _serve_http(self, stream: trio.SocketStream) -> None:
-        http = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        config = self.config
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_head_bytes)
         while True:
+            # One deadline for the request's head and body; serving the response is not
+            # bounded by it.
+            deadline = trio.current_time() + config.request_timeout
             request = None
-            with trio.move_on_after(self.config.request_timeout):
-                request = await next_request(http, stream)
+            try:
+                with trio.move_on_at(deadline):
+                    request = await next_request(http, stream, config.max_head_bytes)
+            except HttpError as e:
+                self.metrics.count_refused(e.status)
+                await refuse(http, stream, e, self.hub.config.write_timeout)
+                return
             if request is None:
                 return
             exchange = HttpExchange(
-                http, stream, request, self.cors, write_timeout=self.hub.config.write_timeout
+                http,
+                stream,
+                request,
+                self.cors,
+                deadline,
+                write_timeout=self.hub.config.write_timeout,
             )
             # No references here while the exchange is served: a WebSocket `detach`es it
             # and the request's and HTTP's state is then freed for the connection's life.
@@ -503,6 +531,9 @@ class Node:
                     if not exchange.detached and exchange.http.our_state is h11.SEND_RESPONSE:
                         await exchange.respond_error(HttpError(500, "internal server error"))
                 return
+            finally:
+                if exchange.refused is not None:
+                    self.metrics.count_refused(exchange.refused)
             if not exchange.reusable:
                 return
             http = exchange.http

@@ -100,6 +100,10 @@ async def test_a_fresh_node_exposes_every_metric_at_zero(nursery: trio.Nursery) 
         ("pyrt_errors_total", ()): 0.0,
         ("pyrt_connection_errors_total", (("plugin", "websocket"),)): 0.0,
         ("pyrt_write_timeouts_total", (("transport", "websocket"),)): 0.0,
+        **{
+            ("pyrt_http_refused_total", (("status", s),)): 0.0
+            for s in ("400", "408", "413", "431", "501")
+        },
         ("pyrt_direct_frames_total", ()): 0.0,
         ("pyrt_direct_writes_total", ()): 0.0,
         ("pyrt_direct_overflows_total", ()): 0.0,

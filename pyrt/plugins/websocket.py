@@ -28,7 +28,7 @@ from wsproto.events import (
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .._http import HttpExchange, HttpRequest
+from .._http import HttpError, HttpExchange, HttpRequest
 from .._node import Node, Session
 from .._protocol import CloseCode
 from .._wsframe import data_frame
@@ -64,9 +64,7 @@ async def _accept(exchange: HttpExchange) -> WsConnection | None:
     try:
         handshake.initiate_upgrade_connection(headers, request.target)
     except RemoteProtocolError as e:
-        body = f"bad websocket upgrade: {e}".encode()
-        head = f"HTTP/1.1 400 Bad Request\r\ncontent-length: {len(body)}\r\n\r\n"
-        await stream.send_all(head.encode() + body)
+        await exchange.respond_error(HttpError(400, f"bad websocket upgrade: {e}"))
         return None
     for event in handshake.events():
         if isinstance(event, Request):
