@@ -11,7 +11,7 @@ import pytest
 from test_pgoutput import enc_begin, enc_commit, enc_insert, enc_relation, enc_truncate
 
 from pyrt._core import PgChange, PgOutputDecoder, check_channel
-from pyrt._hub import Connection, Hub
+from pyrt._hub import Connection, Hub, HubConfig
 from pyrt._node import Node, NodeConfig
 from pyrt._pgrepl import XLogData
 from pyrt._protocol import table_channel
@@ -265,4 +265,61 @@ async def test_pump_publishes_truncates_per_table() -> None:
         ),
         ("pg:public:other", "TRUNCATE", [{"name": "id", "type": "int4"}]),
     ]
+    assert stream.acks == [108]
+
+
+async def test_pump_skips_a_message_it_cannot_decode_and_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source = WalSource(slot="fake")
+    node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[source])
+    conn = node.hub.open(0.0)
+    join(node.hub, conn, channel="pg:public:items")
+    garbage = enc_insert(16384, ["1", "x"])  # a column short: the decoder refuses it
+    stream = FakeStream(
+        [
+            RELATION,
+            *transaction(100, 1),
+            enc_begin(200, 0, 200),
+            garbage,
+            b"\xff\x00",  # no such message kind
+            enc_insert(16384, ["2", "y", "2"]),
+            enc_commit(0, 200, 208, 0),
+            *transaction(300, 3),
+        ]
+    )
+    await source.pump(node, stream)
+    assert [f["data"]["record"]["id"] for f in frames(conn)] == [1, 2, 3]
+    assert stream.acks == [108, 208, 308]  # the slot moves past the bad message
+    assert node.metrics.source_events_skipped["wal"] == 1
+    (record,) = [r for r in caplog.records if "skipped" in r.message]
+    assert "cannot decode the message at" in record.message
+
+
+async def test_a_row_too_deep_to_keep_as_a_record_is_skipped_as_a_record_only() -> None:
+    jsonb = 3802
+    relation = enc_relation(
+        16390, "public", "docs", "d", [(1, "id", INT4, -1), (0, "doc", jsonb, -1)]
+    )
+    source = WalSource(slot="fake", records={"public.docs": "docs"})
+    config = NodeConfig(port=0, transports=(), hub=HubConfig(record_policies={"docs": "lww"}))
+    node = Node(config, transports=[], sources=[source])
+    source._records_loaded = True  # (no database to load them from)
+    conn = node.hub.open(0.0)
+    join(node.hub, conn, channel="pg:public:docs")
+    deep = "[" * 100 + "]" * 100
+    stream = FakeStream(
+        [
+            relation,
+            enc_begin(100, 0, 100),
+            enc_insert(16390, ["1", deep]),
+            enc_insert(16390, ["2", '{"ok": true}']),
+            enc_commit(0, 100, 108, 0),
+        ]
+    )
+    await source.pump(node, stream)
+    # Both row events go out (as the database sent them); only the shallow row is a record.
+    assert [f["data"]["record"]["id"] for f in frames(conn)] == [1, 2]
+    assert [r.key for r in node.hub.records("docs")] == ["2"]
+    assert node.metrics.source_events_skipped["wal"] == 1
     assert stream.acks == [108]
