@@ -58,6 +58,9 @@ NCHAN_MODULE_PATHS = (
     "/usr/lib64/nginx/modules/ngx_nchan_module.so",
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+NO_LIMITS_SERVER = "max_connections_per_ip = 0\n"
+NO_LIMITS_HUB = "command_rate = 0\nchannel_publish_rate = 0\n"
+"""pyrt's abuse limits, off (docs/http.md): the peers have none."""
 
 
 @dataclass(frozen=True)
@@ -214,10 +217,14 @@ class Server:
             config = self.workdir / "pyrt.toml"
             config.write_text(
                 '[server]\ntransports = ["websocket"]\n'
+                # Every client comes from 127.0.0.1 and the publisher sends as fast as it
+                # can: the abuse limits are off, as the peers have none.
+                f"{NO_LIMITS_SERVER}"
                 # Outboxes that hold the whole burst: fan-out is measured, not the policy.
                 f"[hub]\noutbox_messages = {max(4096, burst)}\n"
                 f"outbox_bytes = {max(4 << 20, burst * (s.size + 512))}\n"
                 "publish_requires_join = false\n"
+                f"{NO_LIMITS_HUB}"
             )
             serve = ["-m", "pyrt._cli", "serve", "--port", str(self.port)]
             return [sys.executable, *serve, "--config", str(config)]

@@ -12,12 +12,24 @@ request_timeout = 10.0       # seconds for a whole request, head and body (docs/
 max_head_bytes = 16384       # request line and headers; 431 beyond
 max_body_bytes = 1048576     # REST API request bodies; 413 beyond
 
+# Abuse limits (docs/http.md#limits). A client address is an IPv4 address or an IPv6 /64.
+max_connections_per_ip = 256 # open connections per address (0: none): over it, 503 and close;
+                             # behind a reverse proxy every client has the proxy's address
+api_key_max_failures = 10    # this many wrong API keys from one address (0: never) ...
+api_key_failure_window = 60.0 # ... within this many seconds pause the address:
+api_key_pause = 60.0         # 429 + retry-after to all its /api/ requests for this long
+
 [transports.longpoll]         # keyword arguments for a transport plugin's factory
 poll_timeout = 25.0
 
 [hub]
 history_size = 256
 slow_consumer_policy = "disconnect"
+command_rate = 100.0         # commands per second per connection, any transport (0: none):
+command_burst = 200          # over it error 430; far over it for long, close 4029
+channel_publish_rate = 500.0 # client and REST publications per second per channel (0: none):
+channel_publish_burst = 1000 # over it error 432 (REST: 429); sources are not limited
+client_writable = ["pg:public:chat"]   # channels a source feeds that clients may write anyway
 
 [hub.channel_policies]
 "ticker:>" = "conflate"
@@ -36,6 +48,7 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,6 +72,10 @@ _SERVER_KEYS = {
     "api_keys",
     "max_body_bytes",
     "max_head_bytes",
+    "max_connections_per_ip",
+    "api_key_max_failures",
+    "api_key_failure_window",
+    "api_key_pause",
 }
 
 
@@ -93,6 +110,10 @@ def hub_config(table: Mapping[str, Any]) -> HubConfig:
             ):
                 raise ConfigError("hub.record_policies: must be a table of pattern = policy name")
             value = dict(value)
+        elif key == "client_writable":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError("hub.client_writable: expected a list of channel patterns")
+            value = tuple(value)
         else:
             default = fields[key].default
             expected = type(default)
@@ -181,6 +202,7 @@ def node_config(
     ):
         expected = "a positive number of seconds"
         raise ConfigError(f"server.request_timeout: expected {expected}, got {request_timeout!r}")
+    limits = _server_limits(server)
     return NodeConfig(
         host=str(server.get("host", "127.0.0.1")),
         port=port,
@@ -194,8 +216,28 @@ def node_config(
         max_head_bytes=max_head,
         transport_options={name: dict(table) for name, table in options.items()},
         sources={name: dict(table) for name, table in sources.items()},
+        **limits,
         **_history(data.get("history", {})),
     )
+
+
+def _server_limits(server: Mapping[str, Any]) -> dict[str, Any]:
+    """The abuse limits of `[server]`: counts (0: off) and durations (positive)."""
+    values: dict[str, Any] = {}
+    for key in ("max_connections_per_ip", "api_key_max_failures"):
+        if key in server:
+            value = server[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"server.{key}: expected an integer >= 0, got {value!r}")
+            values[key] = value
+    for key in ("api_key_failure_window", "api_key_pause"):
+        if key in server:
+            value = server[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not 0 < value < math.inf:
+                raise ConfigError(f"server.{key}: expected a positive number, got {value!r}")
+            values[key] = float(value)
+    return values
 
 
 def _history(table: Any) -> dict[str, Any]:

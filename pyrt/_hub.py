@@ -23,7 +23,7 @@ import itertools
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -32,6 +32,7 @@ import orjson
 from ._core import FanOut, Matcher, PgChange, check_channel
 from ._errors import ChannelNameError
 from ._history import History, Publication, Recovery, StreamPosition
+from ._limits import Admission, ChannelRates, CommandRate
 from ._outbox import Outbox, SlowConsumerPolicy
 from ._presence import Presence, PresenceDiff
 from ._protocol import (
@@ -117,6 +118,22 @@ class HubConfig:
     """Threads the Rust fan-out spreads a corked batch's socket writes over (each takes at
     least 256 connections; the calling thread is one of them). Socket writes are most of the
     work of a big fan-out, and the kernel does them: more threads use more cores for them."""
+    command_rate: float = 100.0
+    """Commands (frames) a connection may send per second on average, on every transport
+    (0: no limit). Over it, a command is refused with error 430 `rate_limited`; a connection
+    that keeps sending at more than twice the rate is closed with 4029."""
+    command_burst: int = 200
+    """Commands a connection may send at once before `command_rate` applies."""
+    channel_publish_rate: float = 500.0
+    """Publications a channel takes per second on average from clients and the REST API
+    together (0: no limit); sources and server-side code are not limited. Over it, a publish
+    (or `mutate`) is refused: error 432 `channel_rate_limited`, HTTP 429 on the REST API."""
+    channel_publish_burst: int = 1000
+    """Publications a channel takes at once before `channel_publish_rate` applies."""
+    client_writable: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Channel patterns clients may publish to (and mutate records of) even though a source
+    feeds them; every other channel a source declares as its own is read-only to clients
+    (error 423 `read_only`)."""
 
     def __attrs_post_init__(self) -> None:
         positive = ("max_channels_per_connection", "max_payload_bytes", "max_frame_bytes")
@@ -144,6 +161,16 @@ class HubConfig:
             raise ValueError("write_timeout must be positive and finite")
         if not 1 <= self.write_threads <= 64:
             raise ValueError("write_threads must be 1..64")
+        for rate, burst in (
+            ("command_rate", "command_burst"),
+            ("channel_publish_rate", "channel_publish_burst"),
+        ):
+            if not 0 <= getattr(self, rate) < math.inf:
+                raise ValueError(f"{rate} must be a number of at least 0 (0: no limit)")
+            if getattr(self, burst) < 1:
+                raise ValueError(f"{burst} must be at least 1")
+        for pattern in self.client_writable:
+            check_channel(pattern, pattern=True)
 
 
 @attrs.define(slots=True)
@@ -168,6 +195,15 @@ class HubStats:
     duplicate_mutations: int = 0
     """Mutations received again (re-sent) and answered without applying them."""
     errors: int = 0
+    rate_limited: int = 0
+    """Commands refused because their connection was over `command_rate` (430)."""
+    rate_limit_closes: int = 0
+    """Connections closed for going on far over `command_rate` (4029)."""
+    channel_rate_limited: int = 0
+    """Publications and mutations refused because their channel was over
+    `channel_publish_rate` (432, or 429 on the REST API)."""
+    read_only_refused: int = 0
+    """Publications and mutations refused because a source owns the channel (423)."""
     matches: int = 0
     match_seconds: float = 0.0
     """Time spent asking the matcher who receives a publication (a cost, not a clock)."""
@@ -208,6 +244,8 @@ class Connection:
     """The connection's handle in the hub's Rust fan-out."""
     direct: bool = False
     """A socket is attached: the fan-out may write publications to it directly."""
+    rate: CommandRate | None = None
+    """The connection's command rate (None: no limit)."""
 
 
 @attrs.frozen(slots=True)
@@ -228,6 +266,11 @@ class _Default(enum.Enum):
 
 
 DEFAULT = _Default.DEFAULT
+
+
+def _seconds(wait: float) -> float:
+    """A wait as clients are told it: in seconds, rounded up to the millisecond."""
+    return math.ceil(wait * 1000) / 1000
 
 
 def _is_pattern(channel: str) -> bool:
@@ -293,6 +336,18 @@ class Hub:
         self._corks = 0
         self._native = JsonCodec()
         """The codec of the frames the fan-out writes directly (attached connections')."""
+        self._owners: list[str] = []
+        self._owned = Matcher()
+        """Channel patterns sources declared as theirs (`own_channels`), by index in
+        `_owners`."""
+        self._writable = Matcher()
+        for index, pattern in enumerate(self.config.client_writable):
+            self._writable.add_channel(index, pattern)
+        self._channel_rates = (
+            ChannelRates(self.config.channel_publish_rate, self.config.channel_publish_burst)
+            if self.config.channel_publish_rate
+            else None
+        )
 
     # -- connections -----------------------------------------------------------------------
 
@@ -324,6 +379,7 @@ class Hub:
             else idle_timeout,
             pings=pings,
             handle=self._fanout.open(),
+            rate=self.new_command_rate(now),
         )
         self._connections[conn.id] = conn
         self._by_handle[conn.handle] = conn
@@ -332,6 +388,14 @@ class Hub:
 
     def connection(self, conn_id: str) -> Connection:
         return self._connections[conn_id]
+
+    def new_command_rate(self, now: float) -> CommandRate | None:
+        """A command rate as the config says (None: no limit), for a transport that counts
+        commands itself (one per socket when a socket carries several hub connections)."""
+        config = self.config
+        if not config.command_rate:
+            return None
+        return CommandRate.new(config.command_rate, config.command_burst, now)
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -456,6 +520,12 @@ class Hub:
         if len(frame) > self.config.max_frame_bytes:
             self.frame_too_big(conn_id)
             return
+        admission = Admission.ACCEPT if conn.rate is None else conn.rate.admit(now)
+        if admission is Admission.CLOSE:
+            self.stats.rate_limit_closes += 1
+            rate = self.config.command_rate
+            self._close(conn, CloseCode.RATE_LIMITED, f"over {rate:g} commands per second")
+            return
         try:
             command = conn.codec.decode(frame)
         except ProtocolError as e:
@@ -463,6 +533,14 @@ class Hub:
                 self._close(conn, e.close, e.message)
             else:
                 self._error(conn, e.id, e.code, e.message)
+            return
+        if admission is Admission.REFUSE:
+            assert conn.rate is not None
+            self.stats.rate_limited += 1
+            rate = self.config.command_rate
+            message = f"over {rate:g} commands per second: not carried out"
+            retry = {"retry_after": _seconds(conn.rate.retry_after(now))}
+            self._error(conn, command.id, ErrorCode.RATE_LIMITED, message, retry)
             return
         self.handle(conn, command, now)
 
@@ -529,6 +607,8 @@ class Hub:
                     self._send(conn, conn.codec.ping())
                 next_due = min(next_due, conn.last_ping + config.ping_interval)
         self._history.expire(now, lambda channel: self._channel_users.get(channel, 0) > 0)
+        if self._channel_rates is not None:
+            self._channel_rates.prune(now)
         horizon = self._physical() - config.tombstone_ttl * 1000
         for store in self._stores.values():
             store.expire(now, config.mutation_ttl)
@@ -746,6 +826,62 @@ class Hub:
                 return self._policies[min(matches)]
         return self.config.slow_consumer_policy
 
+    # -- who may write where --------------------------------------------------------------
+
+    def own_channels(self, owner: str, patterns: Iterable[str]) -> None:
+        """Declares channels that `owner` (a source, or your own server-side publisher)
+        feeds: clients may not publish to them or mutate their records (error 423), unless a
+        pattern of `client_writable` opens them. Server-side publishing is not affected."""
+        for pattern in patterns:
+            check_channel(pattern, pattern=True)
+            self._owned.add_channel(len(self._owners), pattern)
+            self._owners.append(owner)
+
+    def channel_owner(self, channel: str) -> str | None:
+        """The owner of `channel` if it is read-only to clients (see `own_channels`)."""
+        if not self._owners:
+            return None
+        owners = self._owned.match_channel(channel)
+        if not owners or self._writable.match_channel(channel):
+            return None
+        return self._owners[min(owners)]
+
+    def client_write_refusal(self, channel: str) -> str | None:
+        """Why a client (a connection, the REST API) may not write to `channel`, or None.
+        Counts the refusal."""
+        owner = self.channel_owner(channel)
+        if owner is None:
+            return None
+        self.stats.read_only_refused += 1
+        return f"'{channel}' is read-only to clients: {owner} publishes to it"
+
+    def take_publish_rate(self, channels: Iterable[str], now: float) -> float:
+        """Counts one client publication (or mutation) on each of `channels` against
+        `channel_publish_rate`, all of them or none: 0 when taken, otherwise the seconds until
+        every channel takes one again (the refusal is counted)."""
+        if self._channel_rates is None:
+            return 0.0
+        wait = self._channel_rates.take(channels, now)
+        if wait:
+            self.stats.channel_rate_limited += 1
+        return _seconds(wait) if wait else 0.0
+
+    def _may_write(self, conn: Connection, rid: RequestId, channel: str) -> bool:
+        refusal = self.client_write_refusal(channel)
+        if refusal is not None:
+            self._error(conn, rid, ErrorCode.READ_ONLY, refusal)
+            return False
+        return True
+
+    def _channel_admits(self, conn: Connection, rid: RequestId, channel: str, now: float) -> bool:
+        wait = self.take_publish_rate((channel,), now)
+        if wait:
+            rate = self.config.channel_publish_rate
+            message = f"'{channel}' takes at most {rate:g} publications per second"
+            self._error(conn, rid, ErrorCode.CHANNEL_RATE_LIMITED, message, {"retry_after": wait})
+            return False
+        return True
+
     def _client_publish(self, conn: Connection, command: Publish, now: float) -> None:
         rid, channel = command.id, command.channel
         try:
@@ -756,6 +892,8 @@ class Hub:
         if self.config.publish_requires_join and channel not in conn.joins:
             self._error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before publishing")
             return
+        if not self._may_write(conn, rid, channel):
+            return
         if self._record_policy(channel) is not None:
             message = f"'{channel}' holds records: change them with mutate"
             self._error(conn, rid, ErrorCode.NOT_ALLOWED, message)
@@ -764,6 +902,8 @@ class Hub:
         # The frame's size bounds the data's: only encode again when the bound is too big.
         if command.size > limit and len(orjson.dumps(command.data)) > limit:
             self._error(conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"data larger than {limit} bytes")
+            return
+        if not self._channel_admits(conn, rid, channel, now):
             return
         publication = self.publish(
             channel, command.data, now, publisher=conn, echo=command.echo, key=command.key
@@ -929,6 +1069,10 @@ class Hub:
             return None
         return self._publish(channel, encode_record(record), now, key=key, hlc=version, record=True)
 
+    def is_records_channel(self, channel: str) -> bool:
+        """Whether `channel` (a name) holds records: a pattern of `record_policies` matches."""
+        return self._record_policy(channel) is not None
+
     def _record_policy(self, channel: str) -> ConflictPolicy | None:
         if not self._record_policies:
             return None
@@ -971,6 +1115,8 @@ class Hub:
         if self.config.publish_requires_join and channel not in conn.joins:
             self._error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before mutating")
             return
+        if not self._may_write(conn, rid, channel):
+            return
         store = self._record_store(channel)
         if store is None:
             message = f"'{channel}' holds no records (no record policy matches it)"
@@ -979,6 +1125,8 @@ class Hub:
         limit = self.config.max_payload_bytes
         if command.size > limit and len(orjson.dumps(mutation.value)) > limit:
             self._error(conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"value larger than {limit} bytes")
+            return
+        if not self._channel_admits(conn, rid, channel, now):
             return
         self._mutation_reply(conn, rid, self._apply_mutation(store, channel, mutation, now, conn))
 
@@ -1117,9 +1265,16 @@ class Hub:
         if rid is not None:
             self._send(conn, conn.codec.reply(rid, result))
 
-    def _error(self, conn: Connection, rid: RequestId, code: int, message: str) -> None:
+    def _error(
+        self,
+        conn: Connection,
+        rid: RequestId,
+        code: int,
+        message: str,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         self.stats.errors += 1
-        self._send(conn, conn.codec.error(rid, code, message))
+        self._send(conn, conn.codec.error(rid, code, message, details))
 
     def _close(self, conn: Connection, code: CloseCode, reason: str) -> None:
         if conn.closing is None:

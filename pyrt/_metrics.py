@@ -169,6 +169,7 @@ class _HubCollector(Collector):
         for status, count in sorted(self._metrics.http_refused.items()):
             refused.add_metric([str(status)], count)
         yield refused
+        yield from self._limits()
         fanout = hub.fanout_stats()
         yield CounterMetricFamily(
             "pyrt_direct_frames",
@@ -221,6 +222,41 @@ class _HubCollector(Collector):
         for value, count in sorted(counts.items()):
             family.add_metric([value], count)
         return family
+
+    def _limits(self) -> Iterator[Metric]:
+        """What the abuse limits refused (docs/http.md, docs/protocol.md)."""
+        node = self._node
+        stats, keys = node.hub.stats, node.key_failures
+        refusals = CounterMetricFamily(
+            "pyrt_refusals",
+            "Refused by a limit: connections over max_connections_per_ip (503), commands over"
+            " command_rate (430), publications over channel_publish_rate (432/429), REST"
+            " requests from an address paused for wrong API keys (429), and writes to"
+            " channels a source owns (423).",
+            labels=["reason"],
+        )
+        for reason, count in (
+            ("connections_per_ip", node.connections_per_address.refused),
+            ("command_rate", stats.rate_limited),
+            ("channel_publish_rate", stats.channel_rate_limited),
+            ("api_key_pause", keys.refused),
+            ("read_only", stats.read_only_refused),
+        ):
+            refusals.add_metric([reason], count)
+        yield refusals
+        yield CounterMetricFamily(
+            "pyrt_rate_limit_disconnects",
+            "Connections closed for going on far over command_rate (4029).",
+            stats.rate_limit_closes,
+        )
+        yield CounterMetricFamily(
+            "pyrt_api_key_failures", "Requests with a wrong API key.", keys.failed
+        )
+        yield CounterMetricFamily(
+            "pyrt_api_key_pauses",
+            "Addresses paused for api_key_max_failures wrong keys within the window.",
+            keys.pauses,
+        )
 
     def _records(self) -> Iterator[Metric]:
         """Records channels, by conflict policy: mutations and what the stores hold."""

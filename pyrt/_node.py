@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import attrs
 import h11
+import orjson
 import trio
 
 from ._historylog import HistoryLog
@@ -35,6 +36,7 @@ from ._http import (
 )
 from ._hub import DEFAULT, Hub, HubConfig, _Default
 from ._io import has_write_timeout, is_disconnect, send_all
+from ._limits import ConnectionsPerAddress, KeyFailures, address_key
 from ._metrics import NodeMetrics
 from ._protocol import CloseCode, Command
 from ._rest import api_route
@@ -130,6 +132,24 @@ class NodeConfig:
     that acknowledge upstream fsync before each acknowledgement anyway)."""
     history_segment_bytes: int = 16 * 1024 * 1024
     """With `history_dir`: the log's segment size; old segments are deleted whole."""
+    max_connections_per_ip: int = 256
+    """Open connections one peer address may have (an IPv4 address, or an IPv6 /64 network);
+    0: no limit. Over it, a new connection is answered 503 and closed at once. Behind a
+    reverse proxy every connection comes from the proxy's address: raise it, or use 0."""
+    api_key_max_failures: int = 10
+    """Wrong API keys (REST API, Supabase keys) from one peer address within
+    `api_key_failure_window` that pause the address (0: never pause)."""
+    api_key_failure_window: float = 60.0
+    """Seconds within which `api_key_max_failures` wrong keys pause an address."""
+    api_key_pause: float = 60.0
+    """Seconds a paused address is refused (HTTP 429 with `retry-after`), whatever key it
+    sends."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_connections_per_ip < 0 or self.api_key_max_failures < 0:
+            raise ValueError("max_connections_per_ip and api_key_max_failures must be >= 0")
+        if not (0 < self.api_key_failure_window < math.inf and 0 < self.api_key_pause < math.inf):
+            raise ValueError("api_key_failure_window and api_key_pause must be positive")
 
 
 class Session:
@@ -297,7 +317,19 @@ class Node:
             self.history_log = HistoryLog(
                 self.config.history_dir, segment_bytes=self.config.history_segment_bytes
             )
+        for source in self.sources:
+            # Channels a source feeds are read-only to clients (`Source.owned_channels`).
+            self.hub.own_channels(f"source {source.name}", getattr(source, "owned_channels", ()))
         self.cors = CorsPolicy(self.config.cors_origins)
+        self.connections_per_address = ConnectionsPerAddress(self.config.max_connections_per_ip)
+        """Open connections per peer address (`max_connections_per_ip`)."""
+        self.key_failures = KeyFailures(
+            self.config.api_key_max_failures,
+            self.config.api_key_failure_window,
+            self.config.api_key_pause,
+        )
+        """Wrong API keys per peer address, and the addresses paused for them."""
+        self._refusing = 0
         self.metrics = NodeMetrics(self)
         """The registry `/metrics` serves (add your own collectors to `metrics.registry`)."""
         self.routes: list[Route] = [Node._builtin_route, api_route, self.metrics.route]
@@ -338,9 +370,7 @@ class Node:
 
             async def accept() -> None:
                 with accepting:
-                    await trio.serve_listeners(
-                        self._serve_connection, listeners, handler_nursery=nursery
-                    )
+                    await trio.serve_listeners(self._admit, listeners, handler_nursery=nursery)
 
             try:
                 for transport in self.transports:
@@ -478,6 +508,54 @@ class Node:
 
     # -- the front door --------------------------------------------------------------------
 
+    @staticmethod
+    def address_of(stream: trio.abc.Stream) -> str | None:
+        """The key per-address limits count `stream`'s peer under (`pyrt._limits.address_key`);
+        None when it has no IP address."""
+        socket = getattr(stream, "socket", None)
+        if socket is None:
+            return None
+        try:
+            return address_key(socket.getpeername())
+        except OSError:
+            return None
+
+    async def _admit(self, stream: trio.SocketStream) -> None:
+        """Every accepted connection comes here first: over its address's connection limit it
+        gets a 503 and is closed, without a request being read or a session made."""
+        address = self.address_of(stream)
+        if not self.connections_per_address.acquire(address):
+            await self._refuse_connection(stream)
+            return
+        try:
+            await self._serve_connection(stream)
+        finally:
+            self.connections_per_address.release(address)
+
+    async def _refuse_connection(self, stream: trio.SocketStream) -> None:
+        # After the response and our FIN, read (and drop) what the client sent: closing with
+        # unread bytes would reset the connection, and a reset can destroy the response
+        # before the client reads it. At most _MAX_REFUSING connections linger so, for at
+        # most a second each, so refusals cannot hold many descriptors themselves.
+        self._refusing += 1
+        try:
+            with trio.move_on_after(1.0):
+                try:
+                    await stream.send_all(_too_many_connections(self.config.max_connections_per_ip))
+                    await stream.send_eof()
+                    if self._refusing <= _MAX_REFUSING:
+                        dropped = 0
+                        while dropped < 64 * 1024:
+                            data = await stream.receive_some(16 * 1024)
+                            if not data:
+                                break
+                            dropped += len(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        finally:
+            self._refusing -= 1
+            await trio.aclose_forcefully(stream)
+
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         # Nothing raised while serving one connection reaches the node's nursery: the
         # other connections and the node go on (DESIGN: failure isolation).
@@ -609,6 +687,23 @@ class Node:
             code, reason = closing
             raise HttpError(400, f"session closed: {reason}", code=int(code))
         await exchange.respond_json(202, {})
+
+
+_MAX_REFUSING = 64
+"""Refused connections that may linger (for a second at most) to get their 503 across."""
+
+
+@functools.cache
+def _too_many_connections(limit: int) -> bytes:
+    message = f"too many connections from your address (at most {limit}): close some first"
+    body = orjson.dumps({"error": {"code": 503, "message": message}})
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def _bearer(value: str | None) -> str | None:

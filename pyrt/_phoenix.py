@@ -520,7 +520,10 @@ _ERROR_NAMES = {
     412: "Conflict",
     413: "PayloadTooLarge",
     422: "InvalidChannel",
+    423: "ReadOnlyChannel",
     429: "TooManyChannels",
+    430: "MessagePerSecondRateLimitReached",
+    432: "MessagePerSecondRateLimitReached",
 }
 """The hub's error codes as the `reason` prefixes Supabase clients see."""
 

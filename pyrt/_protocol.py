@@ -48,8 +48,18 @@ class ErrorCode(enum.IntEnum):
     """The published data, encoded, is larger than the configured limit."""
     INVALID_CHANNEL = 422
     """Not a valid channel name or pattern; the message says what and where."""
+    READ_ONLY = 423
+    """A source feeds the channel (the WAL source's `pg:` channels, a NOTIFY source's
+    channels...): clients cannot publish to it or change its records."""
     TOO_MANY_CHANNELS = 429
     """The connection reached its channel limit."""
+    RATE_LIMITED = 430
+    """The connection sends commands faster than the hub's `command_rate`: this one was not
+    carried out. The error's `retry_after` says in how many seconds the next one would be."""
+    CHANNEL_RATE_LIMITED = 432
+    """The channel takes publications faster than the hub's `channel_publish_rate` (from all
+    publishers together): this one was refused. The error's `retry_after` says when the
+    channel takes the next."""
 
 
 class CloseCode(enum.IntEnum):
@@ -69,6 +79,9 @@ class CloseCode(enum.IntEnum):
     """The connection's outbox overflowed: reconnect and resume from your offsets."""
     IDLE_TIMEOUT = 4009
     """Nothing received for the idle timeout."""
+    RATE_LIMITED = 4029
+    """The connection kept sending commands far over the hub's `command_rate` after being
+    refused (430): reconnect later, and send less."""
 
 
 RequestId: TypeAlias = int | str | None

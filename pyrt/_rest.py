@@ -8,6 +8,7 @@ Requests are validated whole before anything happens, so a rejected publish publ
 from __future__ import annotations
 
 import hmac
+import math
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from ._core import check_channel
 from ._errors import ChannelNameError
 from ._history import StreamPosition
 from ._http import HttpError, HttpExchange, HttpRequest
-from ._protocol import _presence_map, encode_record
+from ._protocol import ErrorCode, _presence_map, encode_record
 from .conflict import Mutation, Op, Timestamp
 
 if TYPE_CHECKING:
@@ -52,14 +53,40 @@ class _MethodNotAllowed(HttpError):
         self.allow = allow
 
 
+class _WrongKey(HttpError):
+    """A key was given, and it is none of the configured ones (counted per address)."""
+
+
+async def retry_later(exchange: HttpExchange, seconds: float, message: str) -> None:
+    """A 429 with `retry-after` (whole seconds, rounded up)."""
+    error = HttpError(429, message)
+    headers = [("retry-after", str(max(1, math.ceil(seconds))))]
+    await exchange.respond(429, error.body(), headers=headers)
+
+
+async def paused(node: Node, exchange: HttpExchange) -> bool:
+    """Answers 429 if the client's address is paused for wrong API keys (and returns True):
+    call it before checking the request's key."""
+    wait = node.key_failures.paused(node.address_of(exchange.stream), node.now)
+    if not wait:
+        return False
+    message = "too many wrong API keys from your address: try again later"
+    await retry_later(exchange, wait, message)
+    return True
+
+
 async def api_route(node: Node, exchange: HttpExchange) -> bool:
     """Serves every path under `/api/`; passes on everything else."""
     path = exchange.request.path
     if not path.startswith(API_PREFIX):
         return False
+    if await paused(node, exchange):
+        return True
     try:
         _authorize(node.config.api_keys, exchange)
     except HttpError as e:
+        if isinstance(e, _WrongKey):
+            node.key_failures.fail(node.address_of(exchange.stream), node.now)
         # A 401 says how to authenticate (RFC 9110).
         headers = [("www-authenticate", 'Bearer realm="pyrt"')]
         await exchange.respond(e.status, e.body(), headers=headers)
@@ -136,7 +163,7 @@ def _authorize(keys: Sequence[str], exchange: HttpExchange) -> None:
     for key in keys:
         matched |= hmac.compare_digest(candidate, key.encode())
     if not matched:
-        raise HttpError(401, "wrong API key")
+        raise _WrongKey(401, "wrong API key")
 
 
 def _bearer(value: str | None) -> str | None:
@@ -152,6 +179,12 @@ async def _publish(node: Node, exchange: HttpExchange, _argument: str) -> None:
     body = await exchange.json_body(node.config.max_body_bytes)
     channels, data, key = _publish_request(body, node.hub.config.max_payload_bytes)
     hub, now = node.hub, node.now
+    for channel in channels:
+        _check_publish(node, channel)
+    wait = hub.take_publish_rate(channels, now)
+    if wait:
+        await _channel_busy(node, exchange, wait)
+        return
     publications = [hub.publish(channel, data, now, key=key) for channel in channels]
     node.metrics.api_messages_in += 1
     node.pump()
@@ -163,6 +196,22 @@ async def _publish(node: Node, exchange: HttpExchange, _argument: str) -> None:
             ]
         },
     )
+
+
+def _check_publish(node: Node, channel: str) -> None:
+    """HttpError 403 when clients may not publish to `channel`: a source feeds it (code 423),
+    or it holds records (code 405: change them with POST /api/records/...)."""
+    refusal = node.hub.client_write_refusal(channel)
+    if refusal is not None:
+        raise HttpError(403, refusal, code=ErrorCode.READ_ONLY)
+    if node.hub.is_records_channel(channel):
+        message = f"'{channel}' holds records: change them with POST /api/records/<channel>/<key>"
+        raise HttpError(403, message, code=ErrorCode.NOT_ALLOWED)
+
+
+async def _channel_busy(node: Node, exchange: HttpExchange, wait: float) -> None:
+    rate = node.hub.config.channel_publish_rate
+    await retry_later(exchange, wait, f"a channel takes at most {rate:g} publications per second")
 
 
 def _publish_request(body: Any, max_payload: int) -> tuple[list[str], Any, str | None]:
@@ -348,6 +397,13 @@ async def _mutate(node: Node, exchange: HttpExchange, argument: str) -> None:
     channel, key = _channel_and_key(node, argument)
     body = await exchange.json_body(node.config.max_body_bytes)
     mutation = _mutation_request(key, body, node.hub.config.max_payload_bytes)
+    refusal = node.hub.client_write_refusal(channel)
+    if refusal is not None:
+        raise HttpError(403, refusal, code=ErrorCode.READ_ONLY)
+    wait = node.hub.take_publish_rate((channel,), node.now)
+    if wait:
+        await _channel_busy(node, exchange, wait)
+        return
     reply = node.hub.mutate(channel, mutation, node.now)
     node.pump()
     if reply.ok is not None:

@@ -22,6 +22,11 @@ database = "audit"
 channels = { audit = "audit:all" }
 ```
 The table's other keys are keyword arguments for the plugin's factory.
+
+A source declares the channels it feeds with an `owned_channels` attribute (a sequence of
+channel patterns; optional): clients may not publish to them or change their records (error
+423 `read_only`), so nobody can pass an event off as the source's. `[hub] client_writable`
+opens chosen ones again.
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class Source(Protocol):
     async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
         """Produces events into `node` until cancelled; `task_status.started()` once live."""
         ...
+
+    # Optional: `owned_channels`, the channel patterns the source publishes to (the WAL
+    # source: `pg:>`; the NOTIFY source: its mapped channels). The node reads it once, when
+    # it is made, and makes those channels read-only to clients (`Hub.own_channels`). Not
+    # declared here: as a Protocol member it would be required.
 
 
 def load_sources(options: Mapping[str, Mapping[str, Any]]) -> list[Source]:

@@ -104,6 +104,14 @@ async def test_a_fresh_node_exposes_every_metric_at_zero(nursery: trio.Nursery) 
             ("pyrt_http_refused_total", (("status", s),)): 0.0
             for s in ("400", "408", "413", "431", "501")
         },
+        ("pyrt_refusals_total", (("reason", "connections_per_ip"),)): 0.0,
+        ("pyrt_refusals_total", (("reason", "command_rate"),)): 0.0,
+        ("pyrt_refusals_total", (("reason", "channel_publish_rate"),)): 0.0,
+        ("pyrt_refusals_total", (("reason", "api_key_pause"),)): 0.0,
+        ("pyrt_refusals_total", (("reason", "read_only"),)): 0.0,
+        ("pyrt_rate_limit_disconnects_total", ()): 0.0,
+        ("pyrt_api_key_failures_total", ()): 0.0,
+        ("pyrt_api_key_pauses_total", ()): 0.0,
         ("pyrt_direct_frames_total", ()): 0.0,
         ("pyrt_direct_writes_total", ()): 0.0,
         ("pyrt_direct_overflows_total", ()): 0.0,

@@ -175,6 +175,11 @@ class NotifySource:
         self.last_error: Exception | None = None
         """Why the last connection ended or failed."""
 
+    @property
+    def owned_channels(self) -> tuple[str, ...]:
+        """The pyrt channels notifications are published on, read-only to clients."""
+        return tuple(sorted({route.channel for route in self.routes.values()}))
+
     def __repr__(self) -> str:
         return f"<NotifySource {self.name} {self.pg.where()}>"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from .._errors import ChannelNameError
 from .._http import HttpError, HttpExchange, HttpRequest
 from .._io import is_disconnect
 from .._json import JsonError, loads
+from .._limits import Admission
 from .._node import Node, Session
 from .._phoenix import (
     PHOENIX_TOPIC,
@@ -77,12 +79,28 @@ def _matches(given: str, keys: Sequence[str]) -> bool:
 
 
 class _Refused(Exception):
-    """An HTTP request refused the way Supabase does: `status` and `{"error": message}`."""
+    """An HTTP request refused the way Supabase does: `status` and `{"error": message}`
+    (429s say when to retry, in `retry-after`)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
+
+
+def _check_key(node: Node, stream: trio.abc.Stream, given: list[str], keys: Sequence[str]) -> None:
+    """Refuses (401) when none of `given` is one of `keys`, counting the wrong key against
+    the client's address; 429 while that address is paused for wrong keys."""
+    address = node.address_of(stream)
+    wait = node.key_failures.paused(address, node.now)
+    if wait:
+        raise _Refused(429, "too many wrong API keys from your address: try again later", wait)
+    if not given:
+        return
+    if not any(_matches(c, keys) for c in given):
+        node.key_failures.fail(address, node.now)
+        raise _Refused(401, "invalid apikey")
 
 
 class SupabaseTransport:
@@ -119,7 +137,10 @@ class SupabaseTransport:
             else:
                 await self._rest(node, exchange)
         except _Refused as e:
-            await exchange.respond(e.status, orjson.dumps({"error": e.message}))
+            headers = []
+            if e.retry_after is not None:
+                headers.append(("retry-after", str(max(1, math.ceil(e.retry_after)))))
+            await exchange.respond(e.status, orjson.dumps({"error": e.message}), headers=headers)
 
     # -- the socket ------------------------------------------------------------------------
 
@@ -135,10 +156,9 @@ class SupabaseTransport:
             given = (
                 request.param("apikey") or request.header("x-api-key") or request.header("apikey")
             )
+            _check_key(node, exchange.stream, [given] if given else [], keys)
             if not given:
                 raise _Refused(401, "missing apikey: send it as ?apikey= or an x-api-key header")
-            if not _matches(given, keys):
-                raise _Refused(401, "invalid apikey")
         ws = WSConnection(ConnectionType.SERVER)
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers]
         try:
@@ -160,7 +180,7 @@ class SupabaseTransport:
         request = exchange.request
         if request.method != "POST":
             raise _Refused(405, f"use POST for {request.path[:128]}")
-        self._authorize(node, request)
+        self._authorize(node, exchange)
         path = next(p for p in BROADCAST_PATHS if request.path.startswith(p))
         rest = request.path[len(path) :]
         limit = node.hub.config.max_payload_bytes
@@ -183,26 +203,37 @@ class SupabaseTransport:
             size = len(orjson.dumps(payload))
             if size > limit:
                 raise _Refused(413, f"messages[{index}].payload larger than {limit} bytes")
-            channels.append((_channel_of(TOPIC_PREFIX + topic), event, payload))
+            channel = _channel_of(TOPIC_PREFIX + topic)
+            refusal = node.hub.client_write_refusal(channel)
+            if refusal is not None:
+                raise _Refused(403, f"messages[{index}]: {refusal}")
+            if node.hub.is_records_channel(channel):
+                raise _Refused(403, f"messages[{index}]: '{channel}' holds records")
+            channels.append((channel, event, payload))
+        wait = node.hub.take_publish_rate(dict.fromkeys(c for c, _, _ in channels), node.now)
+        if wait:
+            rate = node.hub.config.channel_publish_rate
+            message = f"MessagePerSecondRateLimitReached: at most {rate:g} per channel"
+            raise _Refused(429, message, wait)
         for channel, event, payload in channels:
             node.hub.publish(channel, {"event": event, "payload": payload}, node.now)
         node.metrics.api_messages_in += len(channels)
         node.pump()
         await exchange.respond(202, b"")
 
-    def _authorize(self, node: Node, request: HttpRequest) -> None:
+    def _authorize(self, node: Node, exchange: HttpExchange) -> None:
         keys = self.keys(node)
         if not keys:
             raise _Refused(401, "the broadcast API is disabled: no API keys configured")
+        request = exchange.request
         candidates = [request.header("apikey"), request.header("x-api-key")]
         authorization = request.header("authorization") or ""
         if authorization[:7].lower() == "bearer ":
             candidates.append(authorization[7:].strip())
         given = [c for c in candidates if c]
+        _check_key(node, exchange.stream, given, keys)
         if not given:
             raise _Refused(401, "missing apikey: send an apikey header")
-        if not any(_matches(c, keys) for c in given):
-            raise _Refused(401, "invalid apikey")
 
     async def _json(self, node: Node, exchange: HttpExchange) -> Any:
         try:
@@ -285,6 +316,8 @@ class _Socket:
         self.closing = False
         self.read_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
+        self.rate = node.hub.new_command_rate(node.now)
+        """The socket's message rate (`hub.command_rate`), over all its channels."""
 
     async def run(self) -> None:
         try:
@@ -427,6 +460,13 @@ class _Socket:
                     await self.send(self.ws.send(event.response()))
 
     async def receive(self, frame: bytes, *, binary: bool) -> None:
+        now, hub = self.node.now, self.hub
+        admission = Admission.ACCEPT if self.rate is None else self.rate.admit(now)
+        if admission is Admission.CLOSE:
+            hub.stats.rate_limit_closes += 1
+            rate = hub.config.command_rate
+            await self.close(CloseCode.RATE_LIMITED, f"over {rate:g} messages per second")
+            return
         try:
             message = decode(frame, self.vsn, binary=binary)
         except BadFrame as e:
@@ -435,8 +475,19 @@ class _Socket:
         except TooDeep as e:
             await self.refuse(e.message, e.reason)
             return
+        heartbeat = message.topic == PHOENIX_TOPIC and message.event == "heartbeat"
+        if admission is Admission.REFUSE and not heartbeat:
+            # Heartbeats are answered all the same (a client without answers reconnects);
+            # they count against the rate like every message.
+            assert self.rate is not None
+            hub.stats.rate_limited += 1
+            code = "ClientJoinRateLimitReached" if message.event == "phx_join" else None
+            retry = math.ceil(self.rate.retry_after(now) * 1000) / 1000
+            reason = f"over {hub.config.command_rate:g} messages per second; retry in {retry:g} s"
+            await self.refuse(message, f"{code or 'MessagePerSecondRateLimitReached'}: {reason}")
+            return
         if message.topic == PHOENIX_TOPIC:
-            if message.event == "heartbeat":
+            if heartbeat:
                 await self.reply(message, "ok", {})
             else:
                 await self.refuse(message, f"UnknownEvent: '{message.event[:64]}' on phoenix")

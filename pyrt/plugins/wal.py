@@ -207,6 +207,16 @@ class WalSource:
         where = self.pg.where()
         return f"<WalSource {self.name} {where} slot={self.slot} publication={self.publication}>"
 
+    @property
+    def owned_channels(self) -> tuple[str, ...]:
+        """What the source publishes to, read-only to clients: every table's channel
+        (`pg:>`), `messages_channel`, and the records channels of `records`."""
+        owned = [f"{TABLE_CHANNEL_PREFIX}:>"]
+        if self.messages_channel is not None:
+            owned.append(self.messages_channel)
+        owned.extend(sorted(set(self.records.values())))
+        return tuple(owned)
+
     # -- lag (for /metrics) ------------------------------------------------------------------
 
     @property
