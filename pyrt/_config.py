@@ -29,6 +29,10 @@ fsync_interval = 1.0
 ```
 Every key of `[hub]` is a field of `pyrt.HubConfig`; unknown keys are errors, so a typo never
 silently falls back to a default.
+Values are checked as well: every section is a table, `host` a string, `drain_timeout` and
+`request_timeout` positive numbers of seconds, and no float setting is `nan`. Whatever is wrong
+with a file (not UTF-8, not TOML, nested too deeply, a bad value) is a `ConfigError` naming the
+key, which `pyrt serve` prints before exiting with code 2.
 """
 
 from __future__ import annotations
