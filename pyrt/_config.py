@@ -44,6 +44,10 @@ fsync_interval = 1.0
 ```
 Every key of `[hub]` is a field of `pyrt.HubConfig`; unknown keys are errors, so a typo never
 silently falls back to a default.
+Values are checked as well: every section is a table, `host` a string, `drain_timeout` and
+`request_timeout` positive numbers of seconds, and no float setting is `nan`. Whatever is wrong
+with a file (not UTF-8, not TOML, nested too deeply, a bad value) is a `ConfigError` naming the
+key, which `pyrt serve` prints before exiting with code 2.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ def _policy(value: Any, key: str) -> SlowConsumerPolicy:
 
 
 def hub_config(table: Mapping[str, Any]) -> HubConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError("hub: expected a table, [hub]")
     fields = {f.name: f for f in attrs.fields(HubConfig)}
     values: dict[str, Any] = {}
     for key, value in table.items():
@@ -120,6 +126,8 @@ def hub_config(table: Mapping[str, Any]) -> HubConfig:
             ok = isinstance(value, expected) or (expected is float and isinstance(value, int))
             if not ok or isinstance(value, bool) != isinstance(default, bool):
                 raise ConfigError(f"hub.{key}: expected {expected.__name__}, got {value!r}")
+            if isinstance(value, float) and math.isnan(value):
+                raise ConfigError(f"hub.{key}: expected a number, got nan")
         values[key] = value
     try:
         return HubConfig(**values)
@@ -142,7 +150,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8: {e}") from None
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except RecursionError:  # tomllib parses nested arrays and tables recursively
@@ -163,7 +171,7 @@ def node_config(
     if unknown:
         known = "server, hub, transports, sources, history"
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; known: {known}")
-    server = dict(data.get("server", {}))
+    server = dict(_table(data, "server"))
     server.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for key in server:
         if key not in _SERVER_KEYS:
@@ -178,14 +186,15 @@ def node_config(
     ):
         raise ConfigError("server.transports: expected a list of plugin names")
     lists = {key: _strings(server, key) for key in ("cors_origins", "api_keys")}
-    options = data.get("transports", {})
+    options = _table(data, "transports")
     if not all(isinstance(v, Mapping) for v in options.values()):
         raise ConfigError("transports: expected a table per plugin, [transports.<name>]")
-    sources = data.get("sources", {})
-    if not isinstance(sources, Mapping) or not all(
-        isinstance(v, Mapping) for v in sources.values()
-    ):
+    sources = _table(data, "sources")
+    if not all(isinstance(v, Mapping) for v in sources.values()):
         raise ConfigError("sources: expected a table per source, [sources.<name>]")
+    host = server.get("host", "127.0.0.1")
+    if not isinstance(host, str):
+        raise ConfigError(f"server.host: expected a string, got {host!r}")
     max_body = server.get("max_body_bytes", 1024 * 1024)
     if not isinstance(max_body, int) or isinstance(max_body, bool) or max_body < 1:
         raise ConfigError(f"server.max_body_bytes: expected a positive integer, got {max_body!r}")
@@ -194,22 +203,14 @@ def node_config(
         raise ConfigError(
             f"server.max_head_bytes: expected an integer of at least 1024, got {max_head!r}"
         )
-    request_timeout = server.get("request_timeout", 10.0)
-    if (
-        not isinstance(request_timeout, int | float)
-        or isinstance(request_timeout, bool)
-        or not request_timeout > 0
-    ):
-        expected = "a positive number of seconds"
-        raise ConfigError(f"server.request_timeout: expected {expected}, got {request_timeout!r}")
     limits = _server_limits(server)
     return NodeConfig(
-        host=str(server.get("host", "127.0.0.1")),
+        host=host,
         port=port,
         hub=hub_config(data.get("hub", {})),
         transports=tuple(transports) if transports is not None else None,
-        drain_timeout=float(server.get("drain_timeout", 5.0)),
-        request_timeout=float(request_timeout),
+        drain_timeout=_seconds(server, "drain_timeout", 5.0),
+        request_timeout=_seconds(server, "request_timeout", 10.0),
         cors_origins=lists["cors_origins"],
         api_keys=lists["api_keys"],
         max_body_bytes=max_body,
@@ -261,6 +262,20 @@ def _history(table: Any) -> dict[str, Any]:
             raise ConfigError(f"history.segment_bytes: must be at least 4096, got {value!r}")
         values[f"history_{key}"] = float(value) if expected is float else value
     return values
+
+
+def _table(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    table = data.get(name, {})
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{name}: expected a table, [{name}]")
+    return table
+
+
+def _seconds(server: Mapping[str, Any], key: str, default: float) -> float:
+    value = server.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"server.{key}: expected a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def _strings(server: Mapping[str, Any], key: str) -> tuple[str, ...]:

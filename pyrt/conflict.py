@@ -78,8 +78,10 @@ def _check_node(node: str) -> None:
         raise ValueError(f"node name must be 1-64 of [A-Za-z0-9._:-], not {node!r}")
 
 
+# ASCII digits only: `\d` alone also matches other scripts' digits ("١٧١٨..."), which int()
+# reads, so two texts would decode to one timestamp.
 _ENCODED = re.compile(
-    rf"(\d{{{_WALL_DIGITS}}})\.(\d{{{_LOGICAL_DIGITS}}})\.([A-Za-z0-9._:-]{{1,64}})"
+    rf"(\d{{{_WALL_DIGITS}}})\.(\d{{{_LOGICAL_DIGITS}}})\.([A-Za-z0-9._:-]{{1,64}})", re.ASCII
 )
 
 
