@@ -28,6 +28,7 @@ from ._errors import FilterError
 from ._history import Publication, StreamPosition
 from ._presence import PresenceDiff, PresenceMeta
 from ._protocol import (
+    MAX_ROW_SUBSCRIPTIONS,
     TABLE_CHANNEL_PREFIX,
     CloseCode,
     JsonCodec,
@@ -321,6 +322,10 @@ def parse_join(payload: Any) -> JoinRequest:
         items = []
     if not isinstance(items, list):
         raise JoinError("InvalidJoinPayload", "'config.postgres_changes' must be a list")
+    if len(items) > MAX_ROW_SUBSCRIPTIONS:
+        limit = MAX_ROW_SUBSCRIPTIONS
+        text = f"'config.postgres_changes' may hold at most {limit} entries, got {len(items)}"
+        raise JoinError("InvalidJoinPayload", text)
     changes = tuple(_binding(item, i) for i, item in enumerate(items))
     extras = config.get("pyrt")
     since = None

@@ -84,6 +84,10 @@ class CloseCode(enum.IntEnum):
     refused (430): reconnect later, and send less."""
 
 
+MAX_ROW_SUBSCRIPTIONS = 64
+"""Most entries in one join's `changes` (a Supabase join's `postgres_changes`): each is a
+filter to parse and index, so one frame must not carry tens of thousands."""
+
 RequestId: TypeAlias = int | str | None
 
 
@@ -353,6 +357,9 @@ def _changes(
         return None, ()
     if not items:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'changes' must not be empty", rid)
+    if len(items) > MAX_ROW_SUBSCRIPTIONS:
+        text = f"'changes' may hold at most {MAX_ROW_SUBSCRIPTIONS} entries, got {len(items)}"
+        raise ProtocolError(ErrorCode.BAD_REQUEST, text, rid)
     changes = tuple(_row_subscription(item, i, rid) for i, item in enumerate(items))
     channels = {table_channel(c.schema, c.table) for c in changes}
     if len(channels) > 1:

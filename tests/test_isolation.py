@@ -457,3 +457,27 @@ async def test_an_idle_client_that_never_reads_is_gone_too(nursery: trio.Nursery
         await trio.sleep(0)
     await _until(lambda: len(node.hub) == 0, 10)
     sock.close()
+
+
+async def test_a_join_may_carry_at_most_64_row_subscriptions(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    async with open_websocket_url(ws_url(node)) as ws:
+        changes = [{"table": "t", "filter": f"id=eq.{i}"} for i in range(65)]
+        error = await request(ws, cmd="join", id=1, changes=changes)
+        assert error["error"] == {
+            "code": 400,
+            "message": "'changes' may hold at most 64 entries, got 65",
+        }
+        ok = await request(ws, cmd="join", id=2, changes=changes[:64])
+        assert len(ok["ok"]["changes"]) == 64
+    url = f"ws://127.0.0.1:{node.port}/realtime/v1/websocket?apikey={KEY}&vsn=1.0.0"
+    async with open_websocket_url(url) as ws:
+        bindings = [{"event": "*", "schema": "public", "table": "t"}] * 65
+        join = {"config": {"postgres_changes": bindings}}
+        reply = await request(ws, topic="realtime:r", event="phx_join", payload=join, ref="1")
+        reason = reply["payload"]["response"]["reason"]
+        assert (
+            reason
+            == "InvalidJoinPayload: 'config.postgres_changes' may hold at most 64 entries, got 65"
+        )
+    await round_trip(node)
