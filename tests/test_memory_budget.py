@@ -1,15 +1,117 @@
-"""Memory budgets: the Rust fan-out's backlog counted against the budget for the bytes queued
-for clients (`OutboxBudget`), over socket pairs."""
+"""Memory budgets: outboxes sharing a budget for the bytes queued for clients (`OutboxBudget`),
+and the Rust fan-out's backlog counted against it (socket pairs)."""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_fanout import pair
 
 from pyrt._core import FanOut, OutboxBudget
+from pyrt._outbox import Outbox, PushResult, SlowConsumerPolicy
+
+# -- outboxes sharing a budget ------------------------------------------------------------------
+
+DISCONNECT = SlowConsumerPolicy.DISCONNECT
+DROP_OLDEST = SlowConsumerPolicy.DROP_OLDEST
+CONFLATE = SlowConsumerPolicy.CONFLATE
+OVER_BUDGET = PushResult(accepted=False, evicted=0, overflow=True, over_budget=True)
+
+
+def test_outboxes_sharing_a_budget_hold_no_more_than_it_together() -> None:
+    budget = OutboxBudget(1000)
+    a, b = Outbox(100, 800, budget), Outbox(100, 800, budget)
+    assert a.push(b"x" * 600).accepted
+    assert b.push(b"y" * 300).accepted
+    assert budget.held == 900
+    assert b.push(b"z" * 200) == OVER_BUDGET  # b alone has room: the budget has not
+    assert b.overflowed
+    assert a.push(b"c" * 200, droppable=False) == OVER_BUDGET  # a control frame too
+    a.clear()
+    b.clear()
+    assert budget.held == 0
+    assert Outbox(10, 5000, budget).push(b"w" * 1001) == OVER_BUDGET  # never fits
+
+
+def test_a_droppable_frame_evicts_only_its_own_outbox_frames_for_the_budget() -> None:
+    budget = OutboxBudget(1000)
+    mine, other = Outbox(100, 1000, budget), Outbox(100, 1000, budget)
+    assert other.push(b"o" * 500).accepted  # under disconnect: never evicted
+    for _ in range(3):
+        assert mine.push(b"m" * 100, policy=DROP_OLDEST).accepted
+    assert mine.push(b"n" * 250, policy=DROP_OLDEST) == PushResult(True, 1, False)
+    assert budget.held == 950
+    assert mine.push(b"p" * 400, policy=DROP_OLDEST) == PushResult(True, 3, False)
+    assert (mine.queued_bytes, other.queued_bytes, budget.held) == (400, 500, 900)
+    refused = mine.push(b"q" * 600, policy=CONFLATE, key="k")  # more than mine can free
+    assert refused == PushResult(accepted=False, evicted=0, overflow=False)
+    assert (mine.queued_bytes, other.queued_bytes, len(other)) == (400, 500, 1)
+
+
+def test_popped_frames_count_until_the_next_pop_and_clear_frees_everything() -> None:
+    budget = OutboxBudget(10_000)
+    outbox = Outbox(100, 10_000, budget)
+    outbox.push(b"a" * 300)
+    outbox.push(b"b" * 200)
+    assert outbox.pop(max_frames=1) == [b"a" * 300]
+    assert (outbox.taken_bytes, budget.held) == (300, 500)  # being written
+    assert outbox.pop() == [b"b" * 200]
+    assert budget.held == 200
+    assert outbox.pop() == []
+    assert budget.held == 0
+    outbox.push(b"c" * 100)
+    outbox.pop()
+    outbox.push(b"d" * 50)
+    outbox.clear()
+    assert (outbox.taken_bytes, budget.held) == (0, 0)
+
+
+frames = st.tuples(
+    st.integers(0, 3),  # which outbox
+    st.integers(0, 700),  # size
+    st.booleans(),  # droppable
+    st.sampled_from(list(SlowConsumerPolicy)),
+    st.sampled_from([None, "k1", "k2"]),
+)
+outbox_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("push"), frames),
+        st.tuples(st.just("pop"), st.tuples(st.integers(0, 3), st.integers(1, 3))),
+        st.tuples(st.just("clear"), st.tuples(st.integers(0, 3))),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=500)
+@given(plan=outbox_ops, limit=st.integers(1, 3000))
+def test_a_shared_budget_is_the_sum_of_its_outboxes_and_never_exceeded(
+    plan: list[tuple[str, Any]], limit: int
+) -> None:
+    budget = OutboxBudget(limit)
+    outboxes = [Outbox(6, 1500, budget) for _ in range(4)]
+    for op, args in plan:
+        outbox = outboxes[args[0]]
+        others = [(o.queued_bytes, len(o)) for o in outboxes if o is not outbox]
+        if op == "push":
+            _, size, droppable, policy, key = args
+            result = outbox.push(b"f" * size, droppable=droppable, policy=policy, key=key)
+            if result.over_budget:
+                assert budget.held + size > limit
+            # Making room for it never takes from another connection's outbox.
+            assert [(o.queued_bytes, len(o)) for o in outboxes if o is not outbox] == others
+        elif op == "pop":
+            outbox.pop(max_frames=args[1])
+        else:
+            outbox.clear()
+        assert budget.held == sum(o.queued_bytes + o.taken_bytes for o in outboxes)
+        assert budget.held <= limit
+
 
 # -- the fan-out's backlog against the budget (socket pairs) ------------------------------------
 
