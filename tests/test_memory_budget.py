@@ -1,19 +1,206 @@
-"""Memory budgets: outboxes sharing a budget for the bytes queued for clients (`OutboxBudget`),
-and the Rust fan-out's backlog counted against it (socket pairs)."""
+"""Memory budgets: history across every channel (`History(max_bytes=...)`), against a model;
+outboxes sharing a budget for the bytes queued for clients, and the Rust fan-out's backlog
+counted against it (socket pairs)."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_fanout import pair
 
 from pyrt._core import FanOut, OutboxBudget
+from pyrt._history import ENTRY_BYTES, History, Publication, StreamPosition
 from pyrt._outbox import Outbox, PushResult, SlowConsumerPolicy
+
+WALL = 1_700_000_000.0
+COST = 1000
+"""What one publication counts against the budget in the History tests."""
+
+
+def history(
+    max_bytes: int | None,
+    *,
+    max_size: int = 100,
+    max_age: float = 1000.0,
+    idle_ttl: float = 1000.0,
+) -> History:
+    counter = itertools.count(1)
+    return History(
+        max_size,
+        max_age,
+        lambda: f"e{next(counter)}",
+        idle_ttl,
+        max_bytes=max_bytes,
+        measure=lambda publication: COST - ENTRY_BYTES,
+    )
+
+
+def offsets(h: History, channel: str) -> list[int]:
+    return [p.offset for p in h.stream(channel, 0.0)]
+
+
+# -- history: eviction order, the budget, recovery ---------------------------------------------
+
+
+def test_eviction_is_oldest_first_across_channels() -> None:
+    h = history(5 * COST)
+    for channel in "abacb":
+        h.append(channel, None, 0.0)
+    assert h.budget.bytes == 5 * COST
+    assert h.budget.evicted == 0
+    h.append("a", None, 0.0)  # a:1 was the first of all
+    assert (offsets(h, "a"), offsets(h, "b"), offsets(h, "c")) == ([2, 3], [1, 2], [1])
+    h.append("c", None, 0.0)  # then b:1
+    assert (offsets(h, "a"), offsets(h, "b"), offsets(h, "c")) == ([2, 3], [2], [1, 2])
+    assert h.budget.evicted == 2
+    assert (h.budget.bytes, h.budget.retained) == (5 * COST, 5)
+
+
+def test_what_a_stream_forgot_by_its_own_bounds_is_skipped_by_the_budget() -> None:
+    """A stream's oldest publication can go before the budget gets to it (history_size,
+    history_age): the budget then evicts the oldest that is still retained."""
+    h = history(4 * COST, max_size=2)
+    for _ in range(5):
+        h.append("a", None, 0.0)  # keeps a:4 and a:5
+    h.append("b", None, 0.0)
+    h.append("c", None, 0.0)
+    assert h.budget.evicted == 0
+    h.append("d", None, 0.0)
+    assert offsets(h, "a") == [5]
+    h.append("d", None, 0.0)  # a:5 was appended before b:1
+    assert (offsets(h, "a"), offsets(h, "b"), offsets(h, "c"), offsets(h, "d")) == (
+        [],
+        [1],
+        [1],
+        [1, 2],
+    )
+
+
+def test_a_publication_larger_than_the_budget_is_not_kept() -> None:
+    h = history(COST - 1)
+    publication = h.append("a", "x", 0.0)
+    assert publication.offset == 1
+    assert (h.budget.bytes, len(h.stream("a", 0.0)), h.budget.evicted) == (0, 0, 1)
+    recovery = h.recover("a", StreamPosition(0, publication.epoch), 0.0)
+    assert not recovery.recovered  # offset 1 is gone: no silent gap
+    assert h.recover("a", StreamPosition(1, publication.epoch), 0.0).recovered
+
+
+def test_resuming_from_an_evicted_offset_is_refused_and_the_epoch_stays() -> None:
+    h = history(3 * COST)
+    for _ in range(3):
+        h.append("room", None, 0.0)
+    h.append("other", None, 0.0)
+    h.append("other", None, 0.0)  # room:1 and room:2 are evicted
+    assert offsets(h, "room") == [3]
+    epoch = h.stream("room", 0.0).epoch
+    assert epoch == "e1"  # eviction forgets from the old end: offsets are still one run
+    for since in (0, 1):
+        refused = h.recover("room", StreamPosition(since, epoch), 0.0)
+        assert (refused.recovered, refused.publications) == (False, ())
+        assert refused.position == StreamPosition(3, epoch)
+    resumed = h.recover("room", StreamPosition(2, epoch), 0.0)
+    assert resumed.recovered
+    assert [p.offset for p in resumed.publications] == [3]
+    assert h.recover("room", StreamPosition(3, epoch), 0.0).recovered
+
+
+@attrs.define
+class Model:
+    """History as a list of every retained publication, evicting by a scan."""
+
+    max_bytes: int
+    max_size: int
+    max_age: float
+    idle_ttl: float
+    entries: list[tuple[int, str, int, int, float]] = attrs.Factory(list)
+    """(seq, channel, offset, size, time), in append order."""
+    tops: dict[str, int] = attrs.Factory(dict)
+    last_used: dict[str, float] = attrs.Factory(dict)
+    seq: int = 0
+
+    def append(self, channel: str, size: int, now: float) -> None:
+        self.seq += 1
+        top = self.tops[channel] = self.tops.get(channel, 0) + 1
+        self.last_used[channel] = now
+        self.entries.append((self.seq, channel, top, size, now))
+        mine = [e for e in self.entries if e[1] == channel]
+        drop = set(mine[: max(0, len(mine) - self.max_size)])
+        drop |= {e for e in mine if e[4] < now - self.max_age}
+        self.entries = [e for e in self.entries if e not in drop]
+        while sum(e[3] for e in self.entries) > self.max_bytes:
+            self.entries.remove(min(self.entries))
+
+    def expire(self, now: float) -> None:
+        for channel in list(self.tops):
+            mine = {e for e in self.entries if e[1] == channel and e[4] < now - self.max_age}
+            self.entries = [e for e in self.entries if e not in mine]
+            if now - self.last_used[channel] >= self.idle_ttl:
+                self.entries = [e for e in self.entries if e[1] != channel]
+                del self.tops[channel], self.last_used[channel]
+
+    def reset(self, channel: str, now: float) -> None:
+        self.tops.setdefault(channel, 0)
+        self.last_used[channel] = now
+        self.entries = [e for e in self.entries if e[1] != channel]
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.sampled_from("abcd"), st.integers(0, 3000)),
+        st.tuples(st.just("expire"), st.none(), st.none()),
+        st.tuples(st.just("reset"), st.sampled_from("abcd"), st.none()),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300)
+@given(
+    plan=ops,
+    dts=st.lists(st.floats(0, 3), min_size=60, max_size=60),
+    max_bytes=st.integers(1, 12_000),
+    max_size=st.integers(1, 5),
+)
+def test_history_matches_a_model_and_never_exceeds_its_budget(
+    plan: list[tuple[str, Any, Any]], dts: list[float], max_bytes: int, max_size: int
+) -> None:
+    """Appends (of random sizes), expiry and resets on a few channels, each compared with
+    a model that evicts by scanning for the oldest publication."""
+    sizes: dict[tuple[str, int], int] = {}
+
+    def measure(publication: Publication) -> int:
+        return sizes[(publication.channel, publication.offset)]
+
+    h = History(max_size, 20.0, lambda: "e", 10.0, max_bytes=max_bytes, measure=measure)
+    model = Model(max_bytes, max_size, 20.0, 10.0)
+    now = 0.0
+    for (op, channel, size), dt in zip(plan, dts, strict=False):
+        now += dt
+        if op == "append":
+            offset = model.tops.get(channel, 0) + 1
+            sizes[(channel, offset)] = size
+            model.append(channel, size + ENTRY_BYTES, now)
+            assert h.append(channel, None, now).offset == offset
+        elif op == "expire":
+            model.expire(now)
+            h.expire(now, lambda channel: False)
+        else:
+            model.reset(channel, now)
+            h.reset(channel, now)
+        held = {c: [p.offset for p in h._streams[c]] for c in h.channels()}
+        expected = {c: [e[2] for e in model.entries if e[1] == c] for c in model.tops}
+        assert held == expected
+        assert h.budget.bytes == sum(e[3] for e in model.entries) <= max_bytes
+        assert h.budget.retained == len(model.entries)
+
 
 # -- outboxes sharing a budget ------------------------------------------------------------------
 
