@@ -14,6 +14,8 @@ poll_timeout = 25.0
 
 [hub]
 history_size = 256
+history_max_bytes = 67108864  # history of all channels together (64 MiB, the default)
+outbox_total_bytes = 268435456  # queued for all clients together (256 MiB, the default)
 slow_consumer_policy = "disconnect"
 
 [hub.channel_policies]
@@ -28,7 +30,11 @@ dir = "/var/lib/pyrt/history"
 fsync_interval = 1.0
 ```
 Every key of `[hub]` is a field of `pyrt.HubConfig`; unknown keys are errors, so a typo never
-silently falls back to a default.
+silently falls back to a default. The memory budgets: `history_max_bytes` bounds what history
+holds across all channels (over it, the oldest publications of any channel are forgotten;
+clients resuming from before them get `recovered: false`); `outbox_total_bytes` bounds what
+is queued for all connections (a connection whose frame does not fit is a slow consumer
+under its policy; closed as slow, 4008, under `disconnect`). See docs/protocol.md.
 """
 
 from __future__ import annotations

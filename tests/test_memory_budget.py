@@ -1,22 +1,36 @@
-"""Memory budgets: history across every channel (`History(max_bytes=...)`), against a model;
-outboxes sharing a budget for the bytes queued for clients, and the Rust fan-out's backlog
-counted against it (socket pairs)."""
+"""Memory budgets: history across every channel (`history_max_bytes`), and the bytes queued for
+clients across every connection (`outbox_total_bytes`).
+
+Sans-IO first (History and its budget against a model, recovery after eviction, durable
+history replayed within the budget; outboxes sharing a budget), then the Rust fan-out's
+backlog over socket pairs, then a Node over real sockets.
+"""
 
 from __future__ import annotations
 
 import itertools
 import socket
+import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
+import orjson
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fanout import pair
+from test_fanout import drain, pair, subscriber
+from test_metrics import scrape, value
+from trio_websocket import open_websocket_url
 
 from pyrt._core import FanOut, OutboxBudget
 from pyrt._history import ENTRY_BYTES, History, Publication, StreamPosition
+from pyrt._historylog import HistoryLog
+from pyrt._hub import Hub, HubConfig
+from pyrt._node import Node, NodeConfig
 from pyrt._outbox import Outbox, PushResult, SlowConsumerPolicy
 
 WALL = 1_700_000_000.0
@@ -202,6 +216,126 @@ def test_history_matches_a_model_and_never_exceeds_its_budget(
         assert h.budget.retained == len(model.entries)
 
 
+def test_a_hub_tells_a_client_resuming_from_an_evicted_offset_recovered_false() -> None:
+    hub = Hub(HubConfig(history_max_bytes=12_000))  # about four publications of 2 KB
+    conn = hub.open(0.0)
+    epochs = {}
+    for channel in ("a", "a", "a", "b", "b", "b", "b"):
+        epochs[channel] = hub.publish(channel, "x" * 2000, 0.0).epoch
+    assert hub.history_budget.evicted >= 3
+    assert hub.history_budget.bytes <= 12_000
+    assert [p.offset for p in hub.history("b", 0.0).publications] == [1, 2, 3, 4]
+    for n, (channel, since) in enumerate((("a", 0), ("b", 3))):
+        position = {"offset": since, "epoch": epochs[channel]}
+        join = {"cmd": "join", "id": n, "channel": channel, "since": position}
+        hub.receive(conn.id, orjson.dumps(join), 0.0)
+    frames = [orjson.loads(f) for f in conn.outbox.pop()]
+    assert frames[0]["ok"] == {
+        "channel": "a",
+        "offset": 3,
+        "epoch": epochs["a"],
+        "recovered": False,
+    }
+    assert frames[1]["ok"]["recovered"] is True
+    assert [(f["push"], f["channel"], f["offset"]) for f in frames[2:]] == [("pub", "b", 4)]
+
+
+def test_the_hub_counts_a_publication_as_its_pub_frame() -> None:
+    """Client and server publications count their `pub` frame; a row event counts its frame
+    without the subscription ids (not kept in history); publications replayed from a
+    durable log count the same (`measure`)."""
+    hub = Hub()
+    conn = hub.open(0.0)
+    hub.receive(conn.id, orjson.dumps({"cmd": "join", "id": 1, "channel": "room"}), 0.0)
+    rows = [{"event": "*", "table": "orders"}]
+    hub.receive(conn.id, orjson.dumps({"cmd": "join", "id": 2, "changes": rows}), 0.0)
+    conn.outbox.pop()
+    before = hub.history_budget.bytes
+    frame = {"cmd": "publish", "channel": "room", "data": {"text": "hé"}, "self": True}
+    hub.receive(conn.id, orjson.dumps(frame), 0.0)
+    (pub,) = conn.outbox.pop()
+    assert hub.history_budget.bytes - before == len(pub) + ENTRY_BYTES
+    before = hub.history_budget.bytes
+    publication = hub.publish_truncate("public", "orders", 0.0)
+    (change,) = conn.outbox.pop()
+    assert orjson.loads(change)["ids"]  # the frame carries ids, history does not
+    measured = hub._history.measure(publication)
+    assert hub.history_budget.bytes - before == measured + ENTRY_BYTES
+    assert measured == len(hub._native.publication(publication))
+
+
+@pytest.mark.parametrize("data", [None, {"text": "hi"}, "x" * 100, "x" * 60_000])
+def test_what_history_counts_follows_what_it_holds_in_memory(data: Any) -> None:
+    """ENTRY_BYTES: a retained publication's objects, measured (tracemalloc) against what
+    the budget counts for it, for small and big data."""
+    hub = Hub(HubConfig(history_size=1000))
+    conn = hub.open(0.0)
+    hub.receive(conn.id, orjson.dumps({"cmd": "join", "id": 1, "channel": "room"}), 0.0)
+    conn.outbox.pop()
+    frame = orjson.dumps({"cmd": "publish", "channel": "room", "data": data})
+    hub.receive(conn.id, frame, 0.0)
+    count = 200
+    tracemalloc.start()
+    try:
+        memory = tracemalloc.get_traced_memory()[0]
+        counted = hub.history_budget.bytes
+        for _ in range(count):
+            hub.receive(conn.id, frame, 0.0)
+        memory = tracemalloc.get_traced_memory()[0] - memory
+    finally:
+        tracemalloc.stop()
+    counted = hub.history_budget.bytes - counted
+    assert 0.5 <= memory / counted <= 1.25, (memory / count, counted / count)
+
+
+# -- durable history ---------------------------------------------------------------------------
+
+
+def durable_hub(directory: Path, **config: Any) -> tuple[Hub, HistoryLog]:
+    """A hub whose history is in `directory` (replayed now)."""
+    hub = Hub(HubConfig(publish_requires_join=False, **config))
+    log = HistoryLog(directory, segment_bytes=64 * 1024, wall_clock=lambda: WALL)
+    hub._history.attach(log, 0.0, WALL)
+    return hub, log
+
+
+def retained(hub: Hub) -> dict[str, list[int]]:
+    return {
+        c: [p.offset for p in hub.history(c, 0.0).publications] for c in hub._history.channels()
+    }
+
+
+def test_durable_history_keeps_to_the_budget_on_disk_and_after_a_restart(tmp_path: Path) -> None:
+    budget = 200_000
+    hub, log = durable_hub(tmp_path, history_max_bytes=budget)
+    conn = hub.open(0.0)
+    for n in range(300):
+        frame = {"cmd": "publish", "channel": f"c{n % 3}", "data": "x" * 5000}
+        hub.receive(conn.id, orjson.dumps(frame), 0.0)
+    hub.disconnect(conn.id, 0.0)
+    before = retained(hub)
+    held = hub.history_budget.bytes
+    epochs = {c: hub.history_position(c, 0.0).epoch for c in before}
+    assert hub.history_budget.evicted > 0
+    assert held <= budget
+    # Segments none of whose publications is retained are gone.
+    assert sum(p.stat().st_size for p in log.segments) <= budget + 2 * log.segment_bytes
+    log.close()
+
+    again, again_log = durable_hub(tmp_path, history_max_bytes=budget)
+    assert retained(again) == before  # replayed oldest first, evicted alike
+    assert again.history_budget.bytes == held  # counted as when they were published
+    assert {c: again.history_position(c, 0.0).epoch for c in before} == epochs
+    first = before["c0"][0]
+    assert not again.history("c0", 0.0, StreamPosition(first - 2, epochs["c0"])).recovered
+    assert again.history("c0", 0.0, StreamPosition(first - 1, epochs["c0"])).recovered
+    again_log.close()
+
+    smaller, _ = durable_hub(tmp_path, history_max_bytes=budget // 2)  # a budget cut by config
+    assert smaller.history_budget.bytes <= budget // 2
+    assert all(retained(smaller)[c] == before[c][-len(retained(smaller)[c]) :] for c in before)
+
+
 # -- outboxes sharing a budget ------------------------------------------------------------------
 
 DISCONNECT = SlowConsumerPolicy.DISCONNECT
@@ -373,3 +507,129 @@ def test_discarding_a_backlog_keeps_only_what_may_be_written_in_part(
     assert fanout.pending_bytes(handle) == first == budget.held
     fanout.detach(handle)
     assert budget.held == 0
+
+
+# -- over real sockets --------------------------------------------------------------------------
+
+
+async def start(nursery: trio.Nursery, **hub: Any) -> Node:
+    config = NodeConfig(port=0, transports=("websocket",), hub=HubConfig(**hub))
+    node: Node = await nursery.start(Node(config).run)
+    return node
+
+
+async def request(ws: Any, **command: Any) -> dict[str, Any]:
+    await ws.send_message(orjson.dumps(command))
+    while True:
+        frame: dict[str, Any] = orjson.loads(await ws.get_message())
+        if frame.get("reply") == command["id"]:
+            return frame
+
+
+async def test_history_stays_in_its_budget_and_evicted_offsets_do_not_recover(
+    nursery: trio.Nursery,
+) -> None:
+    """One client floods three channels with 20 KB publications (the attack, scaled down);
+    history keeps to its budget, /metrics shows it, and a client resuming from before what
+    was kept is told `recovered: false`, while one resuming from within it gets the rest."""
+    node = await start(nursery, history_max_bytes=300_000)
+    url = f"ws://127.0.0.1:{node.port}/connection/websocket"
+    data = "x" * 20_000
+    async with open_websocket_url(url) as ws:
+        for n in range(3):
+            assert "ok" in await request(ws, cmd="join", id=f"j{n}", channel=f"flood:{n}")
+        acks = [
+            (await request(ws, cmd="publish", id=n, channel=f"flood:{n % 3}", data=data, ack=True))
+            for n in range(60)
+        ]
+    epoch = acks[0]["ok"]["epoch"]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.port}") as client:
+        samples = await scrape(client)
+    assert value(samples, "pyrt_history_bytes") <= 300_000
+    assert value(samples, "pyrt_history_bytes") == node.hub.history_budget.bytes
+    assert value(samples, "pyrt_history_evictions_total") > 0
+    assert value(samples, "pyrt_history_publications") < 60
+    async with open_websocket_url(url) as ws:
+        lost = await request(
+            ws, cmd="join", id=1, channel="flood:0", since={"offset": 1, "epoch": epoch}
+        )
+        assert lost["ok"] == {
+            "channel": "flood:0",
+            "offset": 20,
+            "epoch": epoch,
+            "recovered": False,
+        }
+        back = {"offset": 18, "epoch": acks[2]["ok"]["epoch"]}
+        kept = await request(ws, cmd="join", id=2, channel="flood:2", since=back)
+        assert kept["ok"]["recovered"] is True
+        with trio.fail_after(5):
+            pubs = [orjson.loads(await ws.get_message()) for _ in range(2)]
+        assert [(p["channel"], p["offset"], p["data"]) for p in pubs] == [
+            ("flood:2", 19, data),
+            ("flood:2", 20, data),
+        ]
+
+
+async def test_the_outbox_budget_closes_a_stalled_subscriber_and_frees_what_it_held(
+    nursery: trio.Nursery,
+) -> None:
+    """A client that stops reading fills its kernel buffers, then its backlog, until the
+    hub's outbox budget (smaller here than its own `outbox_bytes`) is full: it is closed as
+    slow (4008), and what was queued for it is discarded then, not once it has read it.
+    What it did get is gap-free; a reading client meanwhile misses nothing."""
+    budget = 1024 * 1024
+    node = await start(nursery, outbox_total_bytes=budget, outbox_bytes=16 * budget)
+    hub = node.hub
+    got: list[int] = []
+    payload = "y" * 64 * 1024
+    async with subscriber(node.port, "c") as stalled, subscriber(node.port, "c") as reader:
+        with trio.fail_after(60):
+            while not hub.stats.budget_disconnects:
+                node.publish("c", payload)
+                got.append(orjson.loads(await reader.get_message())["offset"])
+                assert hub.outbox_budget.held <= budget + 70_000  # a frame's rest at most
+        assert got == list(range(1, len(got) + 1))
+        assert hub.stats.slow_disconnects == 1
+        assert hub.fanout_stats()["budget_overflows"] >= 1
+        # Freed at once: all but what its writer took and is still writing, and the
+        # frame after it, which may be written in part.
+        stalled_conn = next(c for c in hub._connections.values() if c.closing is not None)
+        assert len(stalled_conn.outbox) == 0
+        assert hub._fanout.pending_bytes(stalled_conn.handle) <= len(payload) + 200
+        assert hub.outbox_budget.held < budget // 4
+        for _ in range(20):  # the reader carries on
+            node.publish("c", payload)
+            got.append(orjson.loads(await reader.get_message())["offset"])
+        offsets, code = await drain(stalled)
+    assert code == 4008
+    assert offsets == list(range(1, len(offsets) + 1))
+    assert len(offsets) < len(got)
+    with trio.fail_after(5):
+        while len(hub) or hub.outbox_budget.held:
+            await trio.sleep(0.01)
+    assert hub.outbox_budget.held == 0
+
+
+async def test_under_drop_oldest_the_budget_drops_frames_and_keeps_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    budget = 512 * 1024
+    policies = {"lossy": SlowConsumerPolicy.DROP_OLDEST}
+    node = await start(
+        nursery, outbox_total_bytes=budget, outbox_bytes=16 * budget, channel_policies=policies
+    )
+    received: list[int] = []
+    async with subscriber(node.port, "lossy") as stalled:
+        for _ in range(300):
+            node.publish("lossy", "z" * 32 * 1024)
+            assert node.hub.outbox_budget.held <= budget + 40_000
+        await trio.sleep(0.2)
+        assert node.hub.stats.slow_disconnects == 0
+        assert node.hub.stats.evicted > 0
+        while True:  # everything that was not dropped, until nothing more comes
+            with trio.move_on_after(1):
+                received.append(orjson.loads(await stalled.get_message())["offset"])
+                continue
+            break
+    assert received == sorted(set(received))  # gaps, never disorder or repeats
+    assert 0 < len(received) < 300
