@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(config, "w") as f:
         # Outboxes sized for a burst of the whole run, so the measurement is of fan-out, not
         # of the slow-consumer policy.
-        f.write(f"[hub]\nhistory_size = {args.messages * 2 + 100}\noutbox_messages = 100000\n")
+        f.write(
+            f"[hub]\nhistory_size = {args.messages * 2 + 100}\noutbox_messages = 100000\n"
+            "outbox_total_bytes = 1099511627776\n"
+        )
     server = subprocess.Popen(
         [sys.executable, "-m", "pyrt._cli", "serve", "--port", "0", "--config", config],
         stdout=subprocess.PIPE,

@@ -214,9 +214,11 @@ class Server:
             config = self.workdir / "pyrt.toml"
             config.write_text(
                 '[server]\ntransports = ["websocket"]\n'
-                # Outboxes that hold the whole burst: fan-out is measured, not the policy.
+                # Outboxes that hold the whole burst: fan-out is measured, not the policy
+                # (nor the total budget, which would close laggards in a big burst).
                 f"[hub]\noutbox_messages = {max(4096, burst)}\n"
                 f"outbox_bytes = {max(4 << 20, burst * (s.size + 512))}\n"
+                "outbox_total_bytes = 1099511627776\n"
                 "publish_requires_join = false\n"
             )
             serve = ["-m", "pyrt._cli", "serve", "--port", str(self.port)]
