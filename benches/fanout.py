@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(config, "w") as f:
         # Outboxes sized for a burst of the whole run, so the measurement is of fan-out, not
         # of the slow-consumer policy.
-        f.write(f"[hub]\nhistory_size = {args.messages * 2 + 100}\noutbox_messages = 100000\n")
+        f.write(
+            f"[hub]\nhistory_size = {args.messages * 2 + 100}\noutbox_messages = 100000\n"
+            "outbox_total_bytes = 1099511627776\n"
+        )
         # Every client comes from 127.0.0.1 and publishers send as fast as they can: the
         # abuse limits are off.
         f.write("command_rate = 0\nchannel_publish_rate = 0\n")

@@ -220,9 +220,11 @@ class Server:
                 # Every client comes from 127.0.0.1 and the publisher sends as fast as it
                 # can: the abuse limits are off, as the peers have none.
                 f"{NO_LIMITS_SERVER}"
-                # Outboxes that hold the whole burst: fan-out is measured, not the policy.
+                # Outboxes that hold the whole burst: fan-out is measured, not the policy
+                # (nor the total budget, which would close laggards in a big burst).
                 f"[hub]\noutbox_messages = {max(4096, burst)}\n"
                 f"outbox_bytes = {max(4 << 20, burst * (s.size + 512))}\n"
+                "outbox_total_bytes = 1099511627776\n"
                 "publish_requires_join = false\n"
                 f"{NO_LIMITS_HUB}"
             )

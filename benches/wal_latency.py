@@ -276,6 +276,7 @@ def run_case(pg: Any, kind: str, rate: int, args: Any) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as config:
         config.write(
             "[hub]\noutbox_messages = 1000000\noutbox_bytes = 1073741824\n"
+            "outbox_total_bytes = 1099511627776\n"
             f"history_size = 1024\nwrite_threads = {args.write_threads}\n"
             # Every subscriber comes from 127.0.0.1: the per-address cap is off.
             "\n[server]\nmax_connections_per_ip = 0\n\n"

@@ -24,6 +24,8 @@ poll_timeout = 25.0
 
 [hub]
 history_size = 256
+history_max_bytes = 67108864  # history of all channels together (64 MiB, the default)
+outbox_total_bytes = 268435456  # queued for all clients together (256 MiB, the default)
 slow_consumer_policy = "disconnect"
 command_rate = 100.0         # commands per second per connection, any transport (0: none):
 command_burst = 200          # over it error 430; far over it for long, close 4029
@@ -48,6 +50,11 @@ Values are checked as well: every section is a table, `host` a string, `drain_ti
 `request_timeout` positive numbers of seconds, and no float setting is `nan`. Whatever is wrong
 with a file (not UTF-8, not TOML, nested too deeply, a bad value) is a `ConfigError` naming the
 key, which `pyrt serve` prints before exiting with code 2.
+silently falls back to a default. The memory budgets: `history_max_bytes` bounds what history
+holds across all channels (over it, the oldest publications of any channel are forgotten;
+clients resuming from before them get `recovered: false`); `outbox_total_bytes` bounds what
+is queued for all connections (a connection whose frame does not fit is a slow consumer
+under its policy; closed as slow, 4008, under `disconnect`). See docs/protocol.md.
 """
 
 from __future__ import annotations

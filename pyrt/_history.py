@@ -1,4 +1,5 @@
-"""Per-channel history: offsets, epochs, bounds by size and age, and recovery.
+"""Per-channel history: offsets, epochs, bounds (per channel and in bytes across channels),
+and recovery.
 
 Every publication gets the next offset of its channel before anyone sees it. A client remembers
 the position (offset, epoch) of the last publication it saw and, when it comes back, asks for
@@ -6,6 +7,16 @@ what came after. The epoch names one unbroken run of offsets: when history is lo
 restarted, the stream was dropped) the epoch changes, so an old position can never be mistaken
 for a recoverable one. Recovery is all or nothing: either every missed publication is returned
 (`recovered=True`) or none is (`recovered=False`, reload your state).
+
+What a stream retains is bounded per channel (`max_size`, `max_age`) and, across every
+channel, by a budget of bytes (`HistoryBudget`): when the streams together hold more, the
+publications appended first, whichever their channels, are forgotten until they fit. Either
+way a stream forgets from its oldest end, so what it retains stays one run of consecutive
+offsets ending at its top, and its epoch stays: the offsets are still one unbroken run, and
+a client asking for what came after a forgotten offset is told `recovered=False` because
+the run no longer reaches back to it (`ChannelStream.recover`). (An epoch changes only when
+offsets themselves are lost or could be reused: a restart without durable history, a
+dropped stream, a source's gap.)
 
 Sans-IO: time is passed in as `now` (seconds, any monotonic origin), epochs come from a
 callable the owner passes in. Durable history is an attached `HistoryLog` (pyrt._historylog,
@@ -16,7 +27,8 @@ hub queues it for anyone, and `attach` replays it at start.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+import heapq
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -71,19 +83,132 @@ class Recovery:
     """The stream's current position; with recovered=False, continue from here."""
 
 
+ENTRY_BYTES = 400
+"""What a retained publication counts against the history budget on top of its size: the
+objects that hold it (the `Publication`, its clock reading, its place in the stream).
+Measured with tracemalloc (tests/test_memory_budget.py): a client's publication of
+`{"text": "hi"}` holds about 580 bytes and its frame is about 150; one of `null` about 340
+and 140; one of a 60 KB string its frame plus about 260. Data made of many small JSON values
+holds more than its JSON (as Python objects): up to about 1.5 times what it counts."""
+
+
+_Retained = tuple[Publication, int, int]
+"""A retained publication, its `seq` (its place among every channel's publications: the
+budget forgets the lowest first) and its `size` (what it counts against the budget,
+ENTRY_BYTES included). A plain tuple: one is made for every publication."""
+
+
+class HistoryBudget:
+    """The bytes every channel's stream retains together, and what forgets the oldest when
+    they are more than `max_bytes` (None: no bound).
+
+    Publications are numbered as they are appended (`seq`), across channels. A heap holds
+    each stream that retains something once, keyed by the number of its oldest publication
+    or, if that was forgotten since (by the stream's own bounds), a lower number: a key only
+    ever lags behind. Evicting takes the lowest key; a lagging one is fixed and pushed back.
+    So the globally oldest publication is found in O(log channels) amortised, without a scan.
+    """
+
+    __slots__ = ("_heap", "bytes", "evicted", "max_bytes", "retained", "seq")
+
+    def __init__(self, max_bytes: int | None) -> None:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        """What every stream retains, counted as each `_Retained` says."""
+        self.retained = 0
+        """How many publications every stream retains."""
+        self.evicted = 0
+        """Publications forgotten because the budget was full (not by a stream's own bounds)."""
+        self.seq = 0
+        """The number of the latest publication appended to any stream."""
+        self._heap: list[tuple[int, ChannelStream]] = []
+
+    def queue(self, stream: ChannelStream, seq: int) -> None:
+        """`stream` retains something again; `seq` numbers its oldest publication."""
+        heapq.heappush(self._heap, (seq, stream))
+
+    def rebuild(self, streams: Iterable[ChannelStream]) -> None:
+        """Rebuilds the heap from `streams`, every stream there is (dropped ones are left
+        out, so the heap holds only live streams)."""
+        heap = []
+        for stream in streams:
+            stream.queued = bool(stream)
+            if stream.queued:
+                heap.append((stream.oldest_seq, stream))
+        heapq.heapify(heap)
+        self._heap = heap
+
+    @property
+    def over(self) -> bool:
+        """Whether the streams hold more than `max_bytes`."""
+        return self.max_bytes is not None and self.bytes > self.max_bytes
+
+    def enforce(self) -> int:
+        """Forgets the oldest publications, across streams, until the rest fit; returns how
+        many it forgot."""
+        max_bytes = self.max_bytes
+        if max_bytes is None or self.bytes <= max_bytes:
+            return 0
+        heap = self._heap
+        evicted = 0
+        while self.bytes > max_bytes and heap:
+            seq, stream = heap[0]
+            if not stream:
+                heapq.heappop(heap)
+                stream.queued = False
+                continue
+            oldest = stream.oldest_seq
+            if oldest != seq:  # the stream forgot its oldest by its own bounds meanwhile
+                heapq.heapreplace(heap, (oldest, stream))
+                continue
+            stream.evict_oldest()
+            evicted += 1
+            if stream:
+                heapq.heapreplace(heap, (stream.oldest_seq, stream))
+            else:
+                heapq.heappop(heap)
+                stream.queued = False
+        self.evicted += evicted
+        return evicted
+
+
 class ChannelStream:
-    """The stream of one channel: the next offset, the epoch and the retained publications."""
+    """The stream of one channel: the next offset, the epoch and the retained publications.
 
-    __slots__ = ("_retained", "channel", "epoch", "max_age", "max_size", "top")
+    `budget` is shared by every stream of a `History` (None: a budget of its own, unbounded).
+    """
 
-    def __init__(self, channel: str, epoch: str, max_size: int, max_age: float) -> None:
+    __slots__ = (
+        "_budget",
+        "_retained",
+        "channel",
+        "epoch",
+        "max_age",
+        "max_size",
+        "queued",
+        "top",
+    )
+
+    def __init__(
+        self,
+        channel: str,
+        epoch: str,
+        max_size: int,
+        max_age: float,
+        budget: HistoryBudget | None = None,
+    ) -> None:
         self.channel = channel
         self.epoch = epoch
         self.max_size = max_size
         self.max_age = max_age
         self.top = 0
         """Offset of the latest publication; 0 before the first."""
-        self._retained: collections.deque[Publication] = collections.deque(maxlen=max_size or 1)
+        self._retained: collections.deque[_Retained] = collections.deque()
+        self._budget = budget if budget is not None else HistoryBudget(None)
+        self.queued = False
+        """Whether the budget's heap holds this stream."""
 
     @property
     def position(self) -> StreamPosition:
@@ -93,7 +218,12 @@ class ChannelStream:
         return len(self._retained)
 
     def __iter__(self) -> Iterator[Publication]:
-        return iter(self._retained)
+        return (entry[0] for entry in self._retained)
+
+    @property
+    def oldest_seq(self) -> int:
+        """The budget's number of the oldest retained publication (retaining one)."""
+        return self._retained[0][1]
 
     def append(
         self,
@@ -108,21 +238,59 @@ class ChannelStream:
         publication = Publication(
             self.channel, self.top, self.epoch, data, now, publisher, key, hlc, change
         )
-        if self.max_size > 0:
-            self._retained.append(publication)  # the deque's maxlen drops the oldest
+        self._retain(publication)
         self.trim(now)
         return publication
+
+    def _retain(self, publication: Publication) -> None:
+        """Keeps `publication` (the newest), counting ENTRY_BYTES until `charge` says more."""
+        if self.max_size <= 0:
+            return
+        retained, budget = self._retained, self._budget
+        if len(retained) >= self.max_size:
+            budget.bytes -= retained.popleft()[2]
+        else:
+            budget.retained += 1
+        seq = budget.seq = budget.seq + 1
+        retained.append((publication, seq, ENTRY_BYTES))
+        budget.bytes += ENTRY_BYTES
+        if not self.queued:
+            self.queued = True
+            budget.queue(self, seq)
+
+    def charge(self, publication: Publication, size: int) -> None:
+        """`publication`, the newest, counts `size` bytes (plus ENTRY_BYTES) against the
+        budget; then the budget forgets the oldest publications if it is over."""
+        retained, budget = self._retained, self._budget
+        if retained:
+            newest, seq, counted = retained[-1]
+            if newest is publication:
+                retained[-1] = (publication, seq, counted + size)
+                budget.bytes += size
+        if budget.over:
+            budget.enforce()
+
+    def evict_oldest(self) -> None:
+        """Forgets the oldest retained publication (the budget's or the stream's bounds)."""
+        self._budget.bytes -= self._retained.popleft()[2]
+        self._budget.retained -= 1
+
+    def clear(self) -> None:
+        """Forgets every retained publication."""
+        self._budget.bytes -= sum(entry[2] for entry in self._retained)
+        self._budget.retained -= len(self._retained)
+        self._retained.clear()
 
     def reset(self, epoch: str) -> None:
         """History was lost upstream (a source's gap): a new epoch, nothing retained."""
         self.epoch = epoch
-        self._retained.clear()
+        self.clear()
 
     def holds(self, epoch: str, offset: int) -> bool:
         """Whether the publication at (`offset`, `epoch`) is still retained."""
         if epoch != self.epoch or not self._retained:
             return False
-        return self._retained[0].offset <= offset <= self.top
+        return self._retained[0][0].offset <= offset <= self.top
 
     def restore(self, publication: Publication) -> None:
         """Puts back a publication read from a durable log (offsets in order; a gap in
@@ -130,24 +298,23 @@ class ChannelStream:
         if publication.epoch != self.epoch:
             self.reset(publication.epoch)
         if publication.offset != self.top + 1:
-            self._retained.clear()
+            self.clear()
         self.top = publication.offset
-        if self.max_size > 0:
-            self._retained.append(publication)
+        self._retain(publication)
 
     def restore_top(self, epoch: str, top: int) -> None:
         if epoch != self.epoch:
             self.reset(epoch)
         if top != self.top:
-            self._retained.clear()
+            self.clear()
             self.top = top
 
     def trim(self, now: float) -> None:
         """Forgets publications older than max_age."""
         oldest_kept = now - self.max_age
         retained = self._retained
-        while retained and retained[0].time < oldest_kept:
-            retained.popleft()
+        while retained and retained[0][0].time < oldest_kept:
+            self.evict_oldest()
 
     def recover(self, since: StreamPosition, now: float) -> Recovery:
         """Every publication after `since`, or recovered=False if history does not cover it."""
@@ -158,26 +325,42 @@ class ChannelStream:
         if since.offset == self.top:
             return Recovery(True, (), position)
         retained = self._retained
-        oldest = retained[0].offset if retained else self.top + 1
+        oldest = retained[0][0].offset if retained else self.top + 1
         if since.offset + 1 < oldest:
             return Recovery(False, (), position)
         # Offsets in the deque are consecutive, so the missed ones are a suffix.
         missed = self.top - since.offset
         start = len(retained) - missed
-        return Recovery(True, tuple(retained[i] for i in range(start, len(retained))), position)
+        publications = tuple(retained[i][0] for i in range(start, len(retained)))
+        return Recovery(True, publications, position)
 
 
 class History:
-    """The streams of every channel, created on first use."""
+    """The streams of every channel, created on first use.
+
+    `max_bytes` bounds what all of them retain together (None: no bound). A retained
+    publication counts ENTRY_BYTES plus its size: what its appender says with `charge` (the
+    hub: its `pub` frame's), or else `measure(publication)` (by default its data as JSON,
+    plus its channel name), which is also how publications replayed from a log are counted.
+    """
 
     def __init__(
-        self, max_size: int, max_age: float, new_epoch: Callable[[], str], idle_ttl: float
+        self,
+        max_size: int,
+        max_age: float,
+        new_epoch: Callable[[], str],
+        idle_ttl: float,
+        *,
+        max_bytes: int | None = None,
+        measure: Callable[[Publication], int] | None = None,
     ) -> None:
         if max_size < 0 or max_age < 0 or idle_ttl < 0:
             raise ValueError("history limits must not be negative")
         self.max_size = max_size
         self.max_age = max_age
         self.idle_ttl = idle_ttl
+        self.budget = HistoryBudget(max_bytes)
+        self.measure = measure or _json_size
         self._new_epoch = new_epoch
         self._streams: dict[str, ChannelStream] = {}
         self._last_used: dict[str, float] = {}
@@ -194,8 +377,7 @@ class History:
         """The channel's stream, made (with a fresh epoch) if it does not exist."""
         stream = self._streams.get(channel)
         if stream is None:
-            stream = ChannelStream(channel, self._new_epoch(), self.max_size, self.max_age)
-            self._streams[channel] = stream
+            stream = self._new_stream(channel, self._new_epoch())
             if self.log is not None:
                 self.log.note_epoch(channel, stream.epoch, 0)
         self._last_used[channel] = now
@@ -210,15 +392,39 @@ class History:
         key: str | None = None,
         hlc: Timestamp | None = None,
         change: Any = None,
+        *,
+        size: int | None = None,
     ) -> Publication:
-        publication = self.stream(channel, now).append(data, now, publisher, key, hlc, change)
+        """Appends a publication to the channel's stream (and to the log, if any).
+
+        It counts against the budget as `size` bytes, or, if None, as `measure` says; a caller
+        that learns its size only later passes 0 and calls `charge`.
+        """
+        stream = self.stream(channel, now)
+        publication = stream.append(data, now, publisher, key, hlc, change)
         log = self.log
         if log is not None:
             log.append(publication, _encode_change(change))
             if log.full:
                 log.start_segment(self._snapshot())
                 log.compact(self._holds)
+        if size is None:
+            size = self.measure(publication)
+        if size:
+            stream.charge(publication, size)
+        elif self.budget.over:  # ENTRY_BYTES alone took it over
+            self.budget.enforce()
         return publication
+
+    def charge(self, publication: Publication, size: int) -> None:
+        """`publication`, just appended with `size=0`, counts `size` more bytes; the oldest
+        publications are forgotten if the budget is over."""
+        self._streams[publication.channel].charge(publication, size)
+
+    def _new_stream(self, channel: str, epoch: str) -> ChannelStream:
+        stream = ChannelStream(channel, epoch, self.max_size, self.max_age, self.budget)
+        self._streams[channel] = stream
+        return stream
 
     def reset(self, channel: str, now: float) -> StreamPosition:
         """Gives the channel's stream a new epoch and forgets what it retained, so a client
@@ -260,8 +466,7 @@ class History:
             channel, epoch = fields["c"], fields["e"]
             stream = self._streams.get(channel)
             if stream is None:
-                stream = ChannelStream(channel, epoch, self.max_size, self.max_age)
-                self._streams[channel] = stream
+                stream = self._new_stream(channel, epoch)
             data = fields["d"]
             if fields.get("f"):
                 data = orjson.Fragment(orjson.dumps(data))
@@ -278,6 +483,7 @@ class History:
                 _decode_change(fields.get("r")),
             )
             stream.restore(publication)
+            stream.charge(publication, self.measure(publication))
         elif record.kind == "e":
             self._restore_top(fields["c"], fields["e"], fields["o"])
         elif record.kind == "s":
@@ -287,9 +493,7 @@ class History:
     def _restore_top(self, channel: str, epoch: str, top: int) -> None:
         stream = self._streams.get(channel)
         if stream is None:
-            stream = self._streams[channel] = ChannelStream(
-                channel, epoch, self.max_size, self.max_age
-            )
+            stream = self._new_stream(channel, epoch)
         stream.restore_top(epoch, top)
 
     def _snapshot(self) -> list[tuple[str, str, int]]:
@@ -315,12 +519,20 @@ class History:
         for channel, stream in list(self._streams.items()):
             stream.trim(now)
             if now - self._last_used[channel] >= self.idle_ttl and not in_use(channel):
+                stream.clear()
                 del self._streams[channel]
                 del self._last_used[channel]
                 dropped.append(channel)
+        if dropped:
+            self.budget.rebuild(self._streams.values())
         if self.log is not None:
             self.log.compact(self._holds)
         return dropped
+
+
+def _json_size(publication: Publication) -> int:
+    """A publication's data as JSON, plus its channel name, in bytes."""
+    return len(orjson.dumps(publication.data)) + len(publication.channel)
 
 
 def _encode_change(change: Any) -> Any:

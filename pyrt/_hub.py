@@ -29,9 +29,9 @@ from typing import Any
 import attrs
 import orjson
 
-from ._core import FanOut, Matcher, PgChange, check_channel
+from ._core import FanOut, Matcher, OutboxBudget, PgChange, check_channel
 from ._errors import ChannelNameError
-from ._history import History, Publication, Recovery, StreamPosition
+from ._history import History, HistoryBudget, Publication, Recovery, StreamPosition
 from ._limits import Admission, ChannelRates, CommandRate
 from ._outbox import Outbox, SlowConsumerPolicy
 from ._presence import Presence, PresenceDiff
@@ -83,11 +83,30 @@ class HubConfig:
     """Seconds a publication stays recoverable."""
     history_idle_ttl: float = 3600.0
     """Seconds an unused channel's stream (and epoch) is kept after its last use."""
+    history_max_bytes: int = 64 * 1024 * 1024
+    """The most bytes the history of every channel holds together. A retained publication
+    counts the size of its `pub` frame (its data as JSON, channel, offset, epoch, clock)
+    plus 400 bytes for the objects that hold it. When a publication would take history
+    past this, the oldest publications across all channels are forgotten until it fits (a
+    client resuming from before them gets `recovered: false`). The default holds some 40,000
+    publications of 1 KB (the whole `history_size` of 160 busy channels) while keeping what
+    one client can make history hold (`max_payload_bytes` to each of
+    `max_channels_per_connection` channels, `history_size` deep: 2 GiB with the other
+    defaults) to a small share of a developer machine's memory; size it to yours."""
     ping_interval: float = 25.0
     idle_timeout: float = 60.0
     """A connection that sends nothing for this long is closed (4009)."""
     outbox_messages: int = 4096
     outbox_bytes: int = 4 * 1024 * 1024
+    """The most bytes one connection's outbox holds, and as much again its fan-out backlog
+    (docs/protocol.md, Slow consumers)."""
+    outbox_total_bytes: int = 256 * 1024 * 1024
+    """The most bytes all connections' outboxes and fan-out backlogs hold together, frames
+    their writers are writing included (a frame queued for many connections counts once for
+    each). A connection whose next frame does not fit is a slow consumer under its
+    channel's policy, as if its own outbox were full; one closed for it (4008) has what was
+    queued for it discarded at once. The default is 64 connections' worth of full outboxes
+    (`outbox_bytes`), or 26 KiB behind for each of 10,000 subscribers."""
     slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
     channel_policies: Mapping[str, SlowConsumerPolicy] = attrs.field(factory=dict)
     """Channel pattern -> policy; the first matching pattern (in order) wins."""
@@ -137,7 +156,8 @@ class HubConfig:
 
     def __attrs_post_init__(self) -> None:
         positive = ("max_channels_per_connection", "max_payload_bytes", "max_frame_bytes")
-        for name in (*positive, "outbox_messages", "outbox_bytes"):
+        limits = ("outbox_messages", "outbox_bytes", "outbox_total_bytes", "history_max_bytes")
+        for name in (*positive, *limits):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("history_size", "history_age", "history_idle_ttl"):
@@ -186,6 +206,9 @@ class HubStats:
     """Of `frames_out`, those the Rust fan-out wrote straight to a socket."""
     evicted: int = 0
     slow_disconnects: int = 0
+    """Connections closed as slow (4008), `budget_disconnects` included."""
+    budget_disconnects: int = 0
+    """Connections closed as slow because `outbox_total_bytes` was full."""
     recoveries: int = 0
     recovery_misses: int = 0
     mutations: int = 0
@@ -317,11 +340,15 @@ class Hub:
         self._channel_users: dict[str, int] = {}
         self._presence = Presence(self.replica)
         self._presence_members: dict[str, dict[str, Connection]] = {}
+        self._native = JsonCodec()
+        """The codec of the frames the fan-out writes directly (attached connections')."""
         self._history = History(
             self.config.history_size,
             self.config.history_age,
             new_epoch or (lambda: secrets.token_hex(6)),
             self.config.history_idle_ttl,
+            max_bytes=self.config.history_max_bytes,
+            measure=lambda publication: len(self._native.publication(publication)),
         )
         self._policies = list(self.config.channel_policies.values())
         self._policy_matcher = Matcher()
@@ -329,7 +356,8 @@ class Hub:
             self._policy_matcher.add_channel(index, pattern)
         self._ready: dict[str, Connection] = {}
         self._closing: dict[str, tuple[CloseCode, str]] = {}
-        self._fanout = FanOut()
+        self._outbox_budget = OutboxBudget(self.config.outbox_total_bytes)
+        self._fanout = FanOut(self._outbox_budget)
         self._fanout.threads = self.config.write_threads
         self._rows = RowSubscriptions(self._fanout)
         self._by_handle: dict[int, Connection] = {}
@@ -369,7 +397,9 @@ class Hub:
         conn = Connection(
             id=f"{self.replica}.{next(self._conn_numbers)}",
             codec=codec or JsonCodec(),
-            outbox=Outbox(self.config.outbox_messages, self.config.outbox_bytes),
+            outbox=Outbox(
+                self.config.outbox_messages, self.config.outbox_bytes, self._outbox_budget
+            ),
             opened=now,
             last_seen=now,
             last_ping=now,
@@ -422,6 +452,7 @@ class Hub:
         for channel, diff in self._presence.untrack_conn(conn.id).items():
             self._broadcast_presence(channel, diff)
         self._fanout.close(conn.handle)  # detaches the socket: before the transport closes it
+        conn.outbox.clear()  # what it held no longer counts against the budget
         del self._by_handle[conn.handle]
         conn.direct = False
         self._ready.pop(conn_id, None)
@@ -478,8 +509,19 @@ class Hub:
 
     def fanout_stats(self) -> dict[str, int]:
         """The Rust fan-out's counters (direct frames and bytes, partial and refused
-        writes, handles, attached sockets, subscriptions)."""
+        writes, overflows, backlog bytes, handles, attached sockets, subscriptions)."""
         return self._fanout.stats()
+
+    @property
+    def outbox_budget(self) -> OutboxBudget:
+        """What all outboxes and fan-out backlogs hold (`held`), against `outbox_total_bytes`."""
+        return self._outbox_budget
+
+    @property
+    def history_budget(self) -> HistoryBudget:
+        """What every channel's history holds (`bytes`, `retained`) and forgot because it was
+        over `history_max_bytes` (`evicted`)."""
+        return self._history.budget
 
     def take_ready(self) -> list[Connection]:
         """Connections that got new frames since the last call."""
@@ -649,15 +691,16 @@ class Hub:
         hlc: Timestamp | None = None,
         record: bool = False,
     ) -> Publication:
-        publication = self._history.append(
-            channel, data, now, publisher.id if publisher else None, key, hlc or self._stamp()
-        )
+        publisher_id = publisher.id if publisher else None
+        stamp = hlc or self._stamp()
+        publication = self._history.append(channel, data, now, publisher_id, key, stamp, size=0)
         self.stats.publications += 1
         # A record change that is dropped would leave a client's copy stale for good: those
         # are never dropped, whatever the channel's policy (a slow client is disconnected).
         policy = SlowConsumerPolicy.DISCONNECT if record else self._policy(channel)
         conflation_key = (channel, key) if key is not None else None
         native = self._native.publication(publication)
+        self._history.charge(publication, len(native))
         skip = None if publisher is None or echo else publisher.handle
         # The Rust fan-out matches the channel and writes the frame to every recipient that
         # can take it now; the rest come back here, to their outbox and its policy.
@@ -745,11 +788,13 @@ class Hub:
         self, channel: str, payload: bytes, change: Any, ids: list[int], now: float
     ) -> Publication:
         publication = self._history.append(
-            channel, orjson.Fragment(payload), now, None, None, self._stamp(), change
+            channel, orjson.Fragment(payload), now, None, None, self._stamp(), change, size=0
         )
         self.stats.publications += 1
         ids.sort()
         native = self._native.change(publication, ids)
+        # History counts its `pub` frame, which is this one without `"ids":[...],`.
+        self._history.charge(publication, len(native) - len(orjson.dumps(ids)) - 7)
         # The Rust fan-out finds who holds the ids (and who joined the table's channel: plain
         # joins get every row) and writes the frame to every one it can; the rest come back.
         slow, woken, direct, seconds = self._fanout.publish_rows(
@@ -1252,9 +1297,17 @@ class Hub:
         self.stats.evicted += result.evicted + (not result.accepted and not result.overflow)
         if result.overflow:
             self.stats.slow_disconnects += 1
-            self._close(
-                conn, CloseCode.SLOW, "slow consumer: outbox full, resume from your offsets"
-            )
+            reason = "slow consumer: outbox full, resume from your offsets"
+            if result.over_budget:
+                # The server is short of room, not just this connection: free what it holds
+                # now rather than once its client has read it all (if it ever does).
+                self.stats.budget_disconnects += 1
+                conn.outbox.clear()
+                self._fanout.discard_pending(conn.handle)
+                reason = (
+                    "slow consumer: the server's outbox budget is full, resume from your offsets"
+                )
+            self._close(conn, CloseCode.SLOW, reason)
             return
         if result.accepted:
             self.stats.frames_out += 1

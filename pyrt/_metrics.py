@@ -124,8 +124,43 @@ class _HubCollector(Collector):
         )
         yield CounterMetricFamily(
             "pyrt_slow_disconnects",
-            "Connections closed because their outbox overflowed (4008).",
+            "Connections closed as slow (4008): their outbox overflowed, or the hub's"
+            " outbox budget was full.",
             stats.slow_disconnects,
+        )
+        yield CounterMetricFamily(
+            "pyrt_budget_disconnects",
+            "Connections closed as slow (4008) because hub.outbox_total_bytes was full.",
+            stats.budget_disconnects,
+        )
+        fanout = hub.fanout_stats()
+        yield GaugeMetricFamily(
+            "pyrt_outbox_bytes",
+            "Bytes queued for clients, in outboxes and fan-out backlogs, counted against"
+            " hub.outbox_total_bytes.",
+            value=hub.outbox_budget.held,
+        )
+        yield GaugeMetricFamily(
+            "pyrt_backlog_bytes",
+            "Of pyrt_outbox_bytes, the bytes in the Rust fan-out's backlogs.",
+            value=fanout["backlog_bytes"],
+        )
+        history = hub.history_budget
+        yield GaugeMetricFamily(
+            "pyrt_history_bytes",
+            "Bytes every channel's history holds, counted against hub.history_max_bytes.",
+            value=history.bytes,
+        )
+        yield GaugeMetricFamily(
+            "pyrt_history_publications",
+            "Publications every channel's history holds.",
+            value=history.retained,
+        )
+        yield CounterMetricFamily(
+            "pyrt_history_evictions",
+            "Publications history forgot, oldest first across channels, because"
+            " hub.history_max_bytes was full.",
+            history.evicted,
         )
 
         recoveries = CounterMetricFamily(
@@ -170,7 +205,6 @@ class _HubCollector(Collector):
             refused.add_metric([str(status)], count)
         yield refused
         yield from self._limits()
-        fanout = hub.fanout_stats()
         yield CounterMetricFamily(
             "pyrt_direct_frames",
             "Frames the Rust fan-out took for WebSocket connections (written, or kept for"
@@ -185,7 +219,8 @@ class _HubCollector(Collector):
         )
         yield CounterMetricFamily(
             "pyrt_direct_overflows",
-            "Frames handed to the outbox because a connection's fan-out backlog was full.",
+            "Frames handed to the outbox because a connection's fan-out backlog (or the"
+            " hub's outbox budget) was full.",
             fanout["overflows"],
         )
         lag_bytes = GaugeMetricFamily(

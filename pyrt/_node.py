@@ -219,8 +219,9 @@ class Session:
         and everything queued was handed out."""
         outbox = self.connection.outbox
         while True:
-            if len(outbox):
-                frames = outbox.pop(max_bytes=max_bytes)
+            # Popping (even nothing) also says the frames popped last time are written.
+            frames = outbox.pop(max_bytes=max_bytes)
+            if frames:
                 return [f if isinstance(f, bytes) else f.encode() for f in frames]
             if self.close_request is not None or self.closed:
                 return []
@@ -256,8 +257,9 @@ class Session:
         hub, conn, outbox = self._node.hub, self.connection, self.connection.outbox
         while True:
             data = hub.take_wire(conn)
-            if len(outbox):
-                frames = outbox.pop(max_bytes=max_bytes)
+            # Popping (even nothing) also says the frames popped last time are written.
+            frames = outbox.pop(max_bytes=max_bytes)
+            if frames:
                 wire = (frame(f if isinstance(f, bytes) else f.encode()) for f in frames)
                 return data + b"".join(wire)
             if data:

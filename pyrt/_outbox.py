@@ -30,6 +30,16 @@ nothing is evicted: a droppable frame under ``DROP_OLDEST`` or ``CONFLATE`` is i
 (refused, a gap like any other), while a control frame or a ``DISCONNECT`` frame overflows.
 A frame larger than ``max_bytes`` can never fit and overflows too. Once overflowed, an
 outbox refuses every push and changes no more until the hub closes the connection.
+
+The outboxes of one hub may share a *budget* (``ByteBudget``; the hub's is
+``pyrt._core.OutboxBudget``, which the Rust fan-out's backlogs count against too): the bytes
+all of them hold together, against one limit. A frame that fits the outbox but not the
+budget is treated exactly as one that does not fit the outbox: evictable frames of this
+outbox (never another's) are evicted to make room under ``DROP_OLDEST`` and ``CONFLATE``,
+and what cannot be made room for is dropped or overflows, the overflow marked
+``over_budget``. An outbox holds against the budget what it queues and, until the next
+:meth:`Outbox.pop` or :meth:`Outbox.clear`, what the last ``pop`` took: its caller is still
+writing those frames.
 """
 
 from __future__ import annotations
@@ -37,11 +47,11 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import attrs
 
-__all__ = ["Outbox", "PushResult", "SlowConsumerPolicy", "frame_size"]
+__all__ = ["ByteBudget", "Outbox", "PushResult", "SlowConsumerPolicy", "frame_size"]
 
 
 class SlowConsumerPolicy(enum.Enum):
@@ -55,6 +65,19 @@ class SlowConsumerPolicy(enum.Enum):
     """Evict queued frames with the same key, then the oldest; the latest state per key stays."""
 
 
+class ByteBudget(Protocol):
+    """Bytes held by many outboxes (and whatever else counts against it) and their limit."""
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def held(self) -> int: ...
+
+    def add(self, delta: int, /) -> None:
+        """Counts `delta` more bytes as held (negative: frees them)."""
+
+
 @attrs.frozen(slots=True)
 class PushResult:
     """The outcome of :meth:`Outbox.push`."""
@@ -65,11 +88,14 @@ class PushResult:
     """How many queued frames were evicted (dropped or conflated) to make room for it."""
     overflow: bool
     """The connection must be closed as slow; the outbox is overflowed from now on."""
+    over_budget: bool = False
+    """The overflow is the shared budget's: the frame would have fit the outbox alone."""
 
 
 # Pushes are made once per recipient for every event, so the common outcomes are shared.
 _ACCEPTED = PushResult(accepted=True, evicted=0, overflow=False)
 _OVERFLOW = PushResult(accepted=False, evicted=0, overflow=True)
+_OVER_BUDGET = PushResult(accepted=False, evicted=0, overflow=True, over_budget=True)
 _DROPPED = PushResult(accepted=False, evicted=0, overflow=False)
 
 
@@ -97,6 +123,8 @@ class Outbox:
     """A bounded queue of outgoing frames for one connection. See the module docstring."""
 
     __slots__ = (
+        "_budget",
+        "_budget_limit",
         "_by_key",
         "_evictable",
         "_evictable_bytes",
@@ -107,6 +135,7 @@ class Outbox:
         "_overflowed",
         "_queue",
         "_queued_bytes",
+        "_taken_bytes",
         "_total_cleared",
         "_total_conflated",
         "_total_dropped",
@@ -115,13 +144,17 @@ class Outbox:
         "_total_refused",
     )
 
-    def __init__(self, max_messages: int, max_bytes: int) -> None:
+    def __init__(self, max_messages: int, max_bytes: int, budget: ByteBudget | None = None) -> None:
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, not {max_messages}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
         self._max_messages = max_messages
         self._max_bytes = max_bytes
+        self._budget = budget
+        self._budget_limit = budget.limit if budget is not None else 0
+        self._taken_bytes = 0
+        """What the last `pop` took: still held (being written) until the next one."""
         # Entries are keyed by a push sequence number. OrderedDicts rather than a deque, as
         # eviction takes entries out of the middle in O(1) (a deque would need tombstones,
         # which pile up unboundedly while nothing is popped); rather than plain dicts, as
@@ -172,22 +205,29 @@ class Outbox:
             raise ValueError(f"size must not be negative, not {size}")
         if size > self._max_bytes:
             return self._overflow()
+        budget = self._budget
+        over_budget = 0  # bytes to free for the budget
+        if budget is not None:
+            if size > self._budget_limit:
+                return self._overflow(_OVER_BUDGET)
+            over_budget = budget.held + size - self._budget_limit
         evictable = droppable and policy is not SlowConsumerPolicy.DISCONNECT
         if not evictable:
             key = None
         evicted = 0
-        if len(self._queue) >= self._max_messages or self._queued_bytes + size > self._max_bytes:
+        over_bytes = self._queued_bytes + size - self._max_bytes  # bytes to free for the outbox
+        full = len(self._queue) >= self._max_messages or over_bytes > 0
+        if full or over_budget > 0:
             if droppable and not evictable:
-                return self._overflow()  # DISCONNECT
+                return self._overflow(_OVERFLOW if full else _OVER_BUDGET)  # DISCONNECT
             # Would evicting every evictable frame make room? If not, evict none.
-            if (
-                len(self._queue) - len(self._evictable) >= self._max_messages
-                or self._queued_bytes - self._evictable_bytes + size > self._max_bytes
-            ):
+            out_of_messages = len(self._queue) - len(self._evictable) >= self._max_messages
+            if out_of_messages or self._evictable_bytes < max(over_bytes, over_budget):
                 if droppable:
                     self._total_refused += 1
                     return _DROPPED
-                return self._overflow()
+                own = out_of_messages or self._evictable_bytes < over_bytes
+                return self._overflow(_OVERFLOW if own else _OVER_BUDGET)
             if key is not None:
                 hash(key)  # an unhashable key raises here, before anything is evicted
                 if policy is SlowConsumerPolicy.CONFLATE:
@@ -201,6 +241,8 @@ class Outbox:
         entry = _Entry(frame, size, evictable, key)
         self._queue[seq] = entry
         self._queued_bytes += size
+        if budget is not None:
+            budget.add(size)
         if evictable:
             self._evictable[seq] = entry
             self._evictable_bytes += size
@@ -216,7 +258,8 @@ class Outbox:
 
         The first frame is always taken, even if it alone is larger than *max_bytes*; after it,
         frames are taken while the next one fits. Returns an empty list only when nothing is
-        queued.
+        queued. The frames taken stay counted against the budget until the next ``pop`` (the
+        caller comes back for more once it has written them) or :meth:`clear`.
         """
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be at least 1, not {max_frames}")
@@ -235,16 +278,24 @@ class Outbox:
             frames.append(entry.frame)
             taken += entry.size
         self._total_popped += len(frames)
+        written, self._taken_bytes = self._taken_bytes, taken
+        if written and self._budget is not None:
+            self._budget.add(-written)
         return frames
 
     def clear(self) -> None:
-        """Discard every queued frame (counted as cleared). An overflowed outbox stays so."""
+        """Discard every queued frame (counted as cleared) and give back to the budget what
+        it held, the frames the last ``pop`` took included. An overflowed outbox stays so."""
         self._total_cleared += len(self._queue)
+        held = self._queued_bytes + self._taken_bytes
         self._queue.clear()
         self._evictable.clear()
         self._by_key.clear()
         self._queued_bytes = 0
+        self._taken_bytes = 0
         self._evictable_bytes = 0
+        if held and self._budget is not None:
+            self._budget.add(-held)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -263,6 +314,11 @@ class Outbox:
     def queued_bytes(self) -> int:
         """The total size of the queued frames."""
         return self._queued_bytes
+
+    @property
+    def taken_bytes(self) -> int:
+        """The size of the frames the last ``pop`` took (held against the budget)."""
+        return self._taken_bytes
 
     @property
     def overflowed(self) -> bool:
@@ -309,10 +365,10 @@ class Outbox:
         """The most frames that have been queued at once."""
         return self._max_depth
 
-    def _overflow(self) -> PushResult:
+    def _overflow(self, result: PushResult = _OVERFLOW) -> PushResult:
         self._overflowed = True
         self._total_refused += 1
-        return _OVERFLOW
+        return result
 
     def _forget(self, seq: int, entry: _Entry) -> None:
         """Account for *entry* having been taken out of ``_queue``."""
@@ -328,21 +384,36 @@ class Outbox:
 
     def _conflate(self, key: Hashable) -> int:
         seqs = self._by_key.pop(key, ())
+        freed = 0
         for seq in seqs:
             entry = self._queue.pop(seq)
             del self._evictable[seq]
-            self._queued_bytes -= entry.size
-            self._evictable_bytes -= entry.size
+            freed += entry.size
+        self._queued_bytes -= freed
+        self._evictable_bytes -= freed
+        if freed and self._budget is not None:
+            self._budget.add(-freed)
         self._total_conflated += len(seqs)
         return len(seqs)
 
     def _drop_oldest(self, size: int) -> int:
-        """Evict the oldest evictable frames until one more frame of *size* fits."""
-        dropped = 0
-        while len(self._queue) >= self._max_messages or self._queued_bytes + size > self._max_bytes:
+        """Evict the oldest evictable frames until one more frame of *size* fits, in the
+        outbox and in the budget."""
+        budget = self._budget
+        over_budget = budget.held + size - self._budget_limit if budget is not None else 0
+        dropped = freed = 0
+        while (
+            len(self._queue) >= self._max_messages
+            or self._queued_bytes + size > self._max_bytes
+            or freed < over_budget
+        ):
             # The caller checked that evicting every evictable frame makes room.
             seq = next(iter(self._evictable))
-            self._forget(seq, self._queue.pop(seq))
+            entry = self._queue.pop(seq)
+            self._forget(seq, entry)
+            freed += entry.size
             dropped += 1
+        if freed and budget is not None:
+            budget.add(-freed)
         self._total_dropped += dropped
         return dropped

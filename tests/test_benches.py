@@ -105,3 +105,20 @@ def test_fanout_suite_quick_compares_pyrt_with_its_peers(tmp_path: Path) -> None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith("Machine: ") for line in out.splitlines())
     assert any(line.startswith("Peers: nginx/") for line in out.splitlines())
+
+
+def test_history_budget_benchmark_prints_rss_and_history_bytes() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "history_budget.py"), "--channels", "3", "--messages", "10",
+         "--size", "20000", "--history-max-bytes", "100000"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    assert "## history_3ch_10msgs_20KB" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 97.7 KiB |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 8
+    assert cells[1].startswith("585.9 KiB in ")  # 30 x 20 KB published
+    assert float(cells[2].removesuffix(" KiB")) <= 97.7  # history kept to 100,000 bytes
+    assert int(cells[4]) > 0  # the budget evicted
+    assert all(c.endswith("MiB") for c in cells[5:])
+    assert any(line.startswith("Machine: ") for line in out.splitlines())

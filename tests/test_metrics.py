@@ -12,6 +12,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+from pyrt._history import ENTRY_BYTES
 from pyrt._hub import HubConfig
 from pyrt._node import Node, NodeConfig
 from pyrt._outbox import SlowConsumerPolicy
@@ -95,6 +96,12 @@ async def test_a_fresh_node_exposes_every_metric_at_zero(nursery: trio.Nursery) 
         ("pyrt_publications_total", ()): 0.0,
         ("pyrt_outbox_dropped_total", ()): 0.0,
         ("pyrt_slow_disconnects_total", ()): 0.0,
+        ("pyrt_budget_disconnects_total", ()): 0.0,
+        ("pyrt_outbox_bytes", ()): 0.0,
+        ("pyrt_backlog_bytes", ()): 0.0,
+        ("pyrt_history_bytes", ()): 0.0,
+        ("pyrt_history_publications", ()): 0.0,
+        ("pyrt_history_evictions_total", ()): 0.0,
         ("pyrt_recoveries_total", (("result", "hit"),)): 0.0,
         ("pyrt_recoveries_total", (("result", "miss"),)): 0.0,
         ("pyrt_errors_total", ()): 0.0,
@@ -146,6 +153,8 @@ async def traffic(
     # 3 frames in; 3 out: the join reply, the ack (no echo without "self"), the error.
     changed = diff(start_samples, after_ws)
     match_seconds = changed.pop("pyrt_match_seconds_sum")
+    # Its `pub` frame (never sent: no echo) plus ENTRY_BYTES.
+    assert changed.pop("pyrt_history_bytes") == node.hub.history_budget.bytes > ENTRY_BYTES
     assert changed == {
         'pyrt_connections{transport="websocket"}': 1,
         "pyrt_channels": 1,
@@ -156,6 +165,7 @@ async def traffic(
         "pyrt_publications_total": 1,
         "pyrt_errors_total": 1,
         "pyrt_match_seconds_count": 1,
+        "pyrt_history_publications": 1,
     }
     assert 0 < match_seconds < 1
 
@@ -169,7 +179,9 @@ async def traffic(
     assert orjson.loads(pub)["push"] == "pub"
     changed = diff(after_ws, await scrape(client))
     changed.pop("pyrt_match_seconds_sum")
+    assert changed.pop("pyrt_history_bytes") > 3 * ENTRY_BYTES
     assert changed == {
+        "pyrt_history_publications": 3,
         'pyrt_messages_in_total{source="api"}': 1,
         'pyrt_messages_in_total{source="client"}': 1,  # the ping
         "pyrt_publications_total": 3,
@@ -305,9 +317,11 @@ async def test_record_mutations_and_stores(nursery: trio.Nursery) -> None:
                 del changed[key]
         for key in [k for k in changed if k.startswith(("pyrt_match", "pyrt_connections"))]:
             del changed[key]
+        assert changed.pop("pyrt_history_bytes") > 5 * ENTRY_BYTES
         assert changed == {
             "pyrt_channels": 2,
             "pyrt_publications_total": 5,
+            "pyrt_history_publications": 5,
             "pyrt_errors_total": 1,
             'pyrt_record_mutations_total{outcome="applied",policy="reject"}': 4,
             'pyrt_record_mutations_total{outcome="conflict",policy="reject"}': 1,

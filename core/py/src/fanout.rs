@@ -29,6 +29,11 @@
 //! being sent, and `uncork` sends each connection's frames with one sendmsg: a burst of publications (several client publishes in one read, a batch of row
 //! changes) costs one system call per connection, not one per frame.
 //!
+//! The bytes waiting here (pending, and what a writer took and is writing) count against the
+//! hub's `OutboxBudget`, shared with every connection's outbox: a frame that would become
+//! backlog while the budget is full is handed back to the hub instead, whose outbox applies
+//! the connection's slow-consumer policy against the same budget.
+//!
 //! Sockets are borrowed by descriptor number, not duplicated (a duplicate would double the
 //! descriptors a hub needs, and descriptors are what limits connection counts): the hub
 //! detaches a connection (`close`) when its transport ends it, before the transport closes
@@ -36,6 +41,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -85,6 +91,95 @@ impl Pending {
     }
 }
 
+/// The bytes held for clients across one hub and their limit (see `OutboxBudget`).
+struct Counter {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter {
+            limit: usize::MAX,
+            held: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Counter {
+    fn held(&self) -> usize {
+        self.held.load(Relaxed)
+    }
+
+    /// Whether `size` more bytes stay within the limit.
+    fn fits(&self, size: usize) -> bool {
+        self.held().saturating_add(size) <= self.limit
+    }
+
+    fn add(&self, size: usize) {
+        self.held.fetch_add(size, Relaxed);
+    }
+
+    /// Frees `size` bytes; false (and nothing changes) if fewer are held.
+    fn sub(&self, size: usize) -> bool {
+        self.held
+            .fetch_update(Relaxed, Relaxed, |held| held.checked_sub(size))
+            .is_ok()
+    }
+}
+
+/// The bytes queued for the clients of one hub, against one limit (`[hub] outbox_total_bytes`):
+/// every connection's outbox (the Python `Outbox` adds and frees what it queues) and fan-out
+/// backlog (the fan-out made with it counts its own). Frozen, so both reach it without a
+/// borrow; its counter is atomic only so that a frozen class may change it.
+#[pyclass(frozen, module = "pyrt._core", name = "OutboxBudget")]
+pub struct OutboxBudget {
+    counter: Arc<Counter>,
+}
+
+#[pymethods]
+impl OutboxBudget {
+    #[new]
+    fn new(limit: usize) -> PyResult<Self> {
+        if limit == 0 {
+            return Err(PyValueError::new_err("limit must be at least 1"));
+        }
+        Ok(OutboxBudget {
+            counter: Arc::new(Counter {
+                limit,
+                held: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The most bytes all outboxes and backlogs may hold together.
+    #[getter]
+    fn limit(&self) -> usize {
+        self.counter.limit
+    }
+
+    /// The bytes they hold now.
+    #[getter]
+    fn held(&self) -> usize {
+        self.counter.held()
+    }
+
+    /// Counts `delta` more bytes as held (negative: frees them). Freeing more than is held
+    /// is a ValueError (and changes nothing): the caller's accounting is wrong.
+    fn add(&self, delta: isize) -> PyResult<()> {
+        if delta >= 0 {
+            self.counter.add(delta.unsigned_abs());
+        } else if !self.counter.sub(delta.unsigned_abs()) {
+            return Err(PyValueError::new_err(format!(
+                "frees {} bytes, but only {} are held",
+                delta.unsigned_abs(),
+                self.counter.held()
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The frame being delivered, shared: made once per frame for the connections that keep it.
 fn shared(frame: &[u8], cache: &mut Option<Arc<[u8]>>) -> Arc<[u8]> {
     cache.get_or_insert_with(|| Arc::from(frame)).clone()
@@ -105,6 +200,9 @@ struct Slot {
     /// The most `pending` (and `gathered`) may hold before frames are handed back to the
     /// hub's outbox.
     limit: usize,
+    /// Bytes the writer took (`take_pending`) and is writing: still held, so still counted
+    /// against the budget until it comes back for more (or releases the socket).
+    taken: usize,
     /// While corked: the frames gathered for this connection, as ranges of the fan-out's
     /// arena (adjacent ones merged), written with one sendmsg at `uncork`.
     gathered: Vec<(usize, usize)>,
@@ -122,6 +220,7 @@ impl Slot {
             busy: false,
             pending: Pending::default(),
             limit: 0,
+            taken: 0,
             gathered: Vec::new(),
             gathered_bytes: 0,
             stamp: 0,
@@ -129,8 +228,14 @@ impl Slot {
         }
     }
 
+    /// Bytes held here that count against the budget: pending and taken.
+    fn backlog(&self) -> usize {
+        self.pending.len() + self.taken
+    }
+
     fn detach(&mut self) {
         self.fd = -1;
+        self.taken = 0;
         self.pending = Pending::default();
         self.gathered = Vec::new();
         self.gathered_bytes = 0;
@@ -138,15 +243,18 @@ impl Slot {
         self.busy = false;
     }
 
-    /// Moves the gathered frames (oldest bytes after `pending`) into `pending`.
-    fn pend_gathered(&mut self, arena: &[u8]) {
-        let mut rest = Vec::with_capacity(self.gathered_bytes);
+    /// Moves the gathered frames (oldest bytes after `pending`) into `pending`; returns how
+    /// many bytes that added there.
+    fn pend_gathered(&mut self, arena: &[u8]) -> usize {
+        let moved = self.gathered_bytes;
+        let mut rest = Vec::with_capacity(moved);
         for &(start, end) in &self.gathered {
             rest.extend_from_slice(&arena[start..end]);
         }
         self.pending.push_copy(&rest);
         self.gathered.clear();
         self.gathered_bytes = 0;
+        moved
     }
 
     /// Writes the gathered frames with sendmsg (up to IOV_MAX ranges a call) without
@@ -299,6 +407,12 @@ pub struct FanOut {
     partial_writes: u64,
     refused_writes: u64,
     overflows: u64,
+    /// Of `overflows`, those because the budget was full (not the connection's own limit).
+    budget_overflows: u64,
+    /// The hub's budget for queued bytes, shared with its outboxes.
+    budget: Arc<Counter>,
+    /// The bytes of every slot's `backlog()` (its share of the budget).
+    backlog: usize,
     threads: usize,
     threaded_uncorks: u64,
     /// Row subscription id (of the hub's row matcher) -> the handles holding it.
@@ -306,6 +420,20 @@ pub struct FanOut {
 }
 
 impl FanOut {
+    /// Frees what `handle` holds against the budget (it is being detached or closed).
+    fn free_backlog(&mut self, handle: u32) -> PyResult<()> {
+        let held = self.slot(handle)?.backlog();
+        self.free(held);
+        Ok(())
+    }
+
+    /// `size` bytes of the backlog are gone (written or discarded).
+    fn free(&mut self, size: usize) {
+        self.backlog -= size;
+        let freed = self.budget.sub(size);
+        debug_assert!(freed, "the fan-out frees bytes the budget does not hold");
+    }
+
     /// Delivers `payload` (framed once) to each of `recipients` once (a handle listed twice
     /// gets it once), except `skip`.
     fn deliver_once<'py>(
@@ -362,11 +490,17 @@ impl FanOut {
         }
         if self.corked || slot.busy {
             let backlog = slot.pending.len() + slot.gathered_bytes;
-            if backlog > 0 && backlog + self.frame.len() > slot.limit {
-                // The backlog is full: the hub's outbox and its slow-consumer policy take
-                // over (it holds the connection as it queues the frame).
+            let full = backlog > 0 && backlog + self.frame.len() > slot.limit;
+            // A busy connection's frame becomes backlog at once, so the budget must have
+            // room for it. (A corked one's is gathered, counted once written or pending.)
+            let over = !full && slot.busy && !self.budget.fits(self.frame.len());
+            if full || over {
+                // The backlog (or the budget) is full: the hub's outbox and its
+                // slow-consumer policy take over (it holds the connection as it queues the
+                // frame).
                 slot.held = true;
                 self.overflows += 1;
+                self.budget_overflows += u64::from(over);
                 slow.push(handle);
                 return false;
             }
@@ -380,6 +514,8 @@ impl FanOut {
             if slot.busy {
                 slot.pending
                     .push(shared(&self.frame, &mut self.frame_shared));
+                self.backlog += self.frame.len();
+                self.budget.add(self.frame.len());
             } else {
                 // Corked: the frame goes into the arena once, the slot keeps its range.
                 let (start, end) = *self.frame_in_arena.get_or_insert_with(|| {
@@ -394,16 +530,30 @@ impl FanOut {
                 slot.gathered_bytes += end - start;
             }
         } else {
+            // Not busy: nothing is pending, so whatever is pending after the write is new.
             match write_frame(slot, &self.frame, &mut self.writes) {
                 Write::Done => {}
                 Write::Partial => {
                     self.partial_writes += 1;
+                    // Half a frame is on the wire: the rest must follow, budget or not.
+                    self.backlog += slot.pending.len();
+                    self.budget.add(slot.pending.len());
                     woken.push(handle);
                 }
                 Write::Refused => {
                     self.refused_writes += 1;
+                    if !self.budget.fits(self.frame.len()) {
+                        // Nothing of it was written: the outbox takes it, under the budget.
+                        slot.held = true;
+                        self.overflows += 1;
+                        self.budget_overflows += 1;
+                        slow.push(handle);
+                        return false;
+                    }
                     slot.pending
                         .push(shared(&self.frame, &mut self.frame_shared));
+                    self.backlog += self.frame.len();
+                    self.budget.add(self.frame.len());
                     woken.push(handle);
                 }
             }
@@ -421,6 +571,8 @@ const PER_THREAD_MIN: usize = 256;
 #[derive(Default)]
 struct Written {
     woken: Vec<u32>,
+    /// Bytes the kernel did not take, now pending.
+    pended: usize,
     writes: u64,
     partial: u64,
     refused: u64,
@@ -432,6 +584,7 @@ impl Written {
         self.writes += other.writes;
         self.partial += other.partial;
         self.refused += other.refused;
+        self.pended += other.pended;
     }
 }
 
@@ -439,7 +592,10 @@ impl Written {
 fn write_all(slots: &mut [(u32, &mut Slot)], arena: &[u8]) -> Written {
     let mut out = Written::default();
     for (handle, slot) in slots.iter_mut() {
-        match slot.write_gathered(arena, &mut out.writes) {
+        let before = slot.pending.len();
+        let outcome = slot.write_gathered(arena, &mut out.writes);
+        out.pended += slot.pending.len() - before;
+        match outcome {
             Write::Done => {}
             Write::Partial => {
                 out.partial += 1;
@@ -475,10 +631,13 @@ type Delivery<'py> = (Bound<'py, PyList>, Bound<'py, PyList>, usize);
 
 #[pymethods]
 impl FanOut {
+    /// `budget`: the hub's budget for queued bytes, shared with its outboxes (default: none).
     #[new]
-    fn new() -> Self {
+    #[pyo3(signature = (budget = None))]
+    fn new(budget: Option<&Bound<'_, OutboxBudget>>) -> Self {
         FanOut {
             threads: 1,
+            budget: budget.map_or_else(Arc::default, |b| b.get().counter.clone()),
             ..Self::default()
         }
     }
@@ -500,6 +659,7 @@ impl FanOut {
 
     /// Forgets `handle` (detaching its socket); unsubscribe its subscriptions first.
     fn close(&mut self, handle: u32) -> PyResult<()> {
+        self.free_backlog(handle)?;
         let slot = self.slot(handle)?;
         slot.detach();
         *slot = Slot::closed();
@@ -548,8 +708,28 @@ impl FanOut {
     /// Stops direct writes to `handle` (pending bytes are discarded). Call it (or `close`)
     /// before the transport closes the socket.
     fn detach(&mut self, handle: u32) -> PyResult<()> {
+        self.free_backlog(handle)?;
         self.slot(handle)?.detach();
         Ok(())
+    }
+
+    /// Discards the frames pending for `handle` that nothing of was written (all but the
+    /// first pending chunk, which may be a frame's rest), freeing their share of the budget;
+    /// returns how many bytes that freed. For a connection being closed as slow: what it
+    /// did receive stays a run of whole frames, and its close frame can follow.
+    fn discard_pending(&mut self, handle: u32) -> PyResult<usize> {
+        let slot = self.slot(handle)?;
+        let mut freed = 0;
+        while slot.pending.chunks.len() > 1 {
+            let chunk = slot.pending.chunks.pop_back().expect("more than one chunk");
+            slot.pending.len -= chunk.len();
+            freed += chunk.len();
+        }
+        // Gathered frames (while corked) are not written yet either; none of them counts.
+        slot.gathered.clear();
+        slot.gathered_bytes = 0;
+        self.free(freed);
+        Ok(freed)
     }
 
     /// Whether `handle` has a socket attached.
@@ -570,8 +750,12 @@ impl FanOut {
 
     /// Direct writes to `handle` may resume: its writer has written everything queued.
     /// Returns False (and nothing changes) when it is not attached or has pending bytes.
+    /// Either way, what the writer took is written: it no longer counts against the budget.
     fn release(&mut self, handle: u32) -> PyResult<bool> {
         let slot = self.slot(handle)?;
+        let written = std::mem::take(&mut slot.taken);
+        self.free(written);
+        let slot = &mut self.slots[handle as usize];
         if slot.fd < 0 || !slot.pending.is_empty() {
             return Ok(false);
         }
@@ -591,13 +775,27 @@ impl FanOut {
         Ok(self.slot(handle)?.pending.len())
     }
 
+    /// Bytes held for every connection: pending, and taken by writers still writing them
+    /// (this fan-out's share of the budget).
+    #[getter]
+    fn backlog_bytes(&self) -> usize {
+        self.backlog
+    }
+
     /// The pending bytes of `handle`, oldest first, to be written before anything queued
     /// (empty if none). From now until `release`, its writer owns the socket: frames to it
-    /// are appended to its pending bytes (up to its limit), not sent.
+    /// are appended to its pending bytes (up to its limit), not sent. The bytes count
+    /// against the budget until the writer comes back (`take_pending` again, or `release`):
+    /// by then it has written them.
     fn take_pending<'py>(&mut self, py: Python<'py>, handle: u32) -> PyResult<Bound<'py, PyBytes>> {
         self.slot(handle)?;
         let slot = &mut self.slots[handle as usize];
-        slot.pend_gathered(&self.arena);
+        let moved = slot.pend_gathered(&self.arena);
+        let written = std::mem::replace(&mut slot.taken, slot.pending.len());
+        self.backlog += moved;
+        self.budget.add(moved);
+        self.free(written);
+        let slot = &mut self.slots[handle as usize];
         let pending = PyBytes::new_with(py, slot.pending.len(), |out| {
             slot.pending.take_into(out);
             Ok(())
@@ -630,7 +828,9 @@ impl FanOut {
                 continue; // closed, reused, or its writer took the bytes already
             }
             if slot.held || slot.busy || slot.fd < 0 {
-                slot.pend_gathered(&arena);
+                let moved = slot.pend_gathered(&arena);
+                self.backlog += moved;
+                self.budget.add(moved);
                 woken.push(handle);
                 continue;
             }
@@ -671,6 +871,8 @@ impl FanOut {
             })
         };
         woken.extend(outcome.woken);
+        self.backlog += outcome.pended;
+        self.budget.add(outcome.pended);
         self.writes += outcome.writes;
         self.partial_writes += outcome.partial;
         self.refused_writes += outcome.refused;
@@ -815,6 +1017,8 @@ impl FanOut {
         d.set_item("partial_writes", self.partial_writes)?;
         d.set_item("refused_writes", self.refused_writes)?;
         d.set_item("overflows", self.overflows)?;
+        d.set_item("budget_overflows", self.budget_overflows)?;
+        d.set_item("backlog_bytes", self.backlog)?;
         d.set_item("threaded_uncorks", self.threaded_uncorks)?;
         d.set_item("row_subscriptions", self.rows.len())?;
         d.set_item("handles", self.slots.iter().filter(|s| s.open).count())?;
@@ -825,5 +1029,6 @@ impl FanOut {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<OutboxBudget>()?;
     m.add_class::<FanOut>()
 }
