@@ -109,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         "" if args.history_max_bytes is None else f"history_max_bytes = {args.history_max_bytes}\n"
     )
     with open(config, "w") as f:
+        # The rate limits would slow the flood down (that is their job, and what an attacker
+        # meets by default): they are off, so that the history budget alone is measured.
         f.write(
             f'[server]\ntransports = ["websocket"]\n[hub]\nhistory_size = {args.messages}\n{budget}'
+            "command_rate = 0\nchannel_publish_rate = 0\n"
         )
     server = subprocess.Popen(
         [sys.executable, "-m", "pyrt._cli", "serve", "--port", "0", "--config", config],
