@@ -389,10 +389,10 @@ catch_up = "test_notify:recording_hook"
     assert source.catch_up is recording_hook
     assert source.routes["Audit"].event == "audit"
     path.write_text("sources = 3\n")
-    with pytest.raises(ConfigError, match=r"sources: expected a table per source"):
+    with pytest.raises(ConfigError, match=r"sources: expected a table"):
         node_config(path)
     path.write_text("[sources]\nnotify = 3\n")
-    with pytest.raises(ConfigError, match=r"sources: expected a table per source"):
+    with pytest.raises(ConfigError, match=r"sources: expected a table"):
         node_config(path)
 
 
