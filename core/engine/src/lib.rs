@@ -2,5 +2,6 @@
 //!
 //! No Python in here: the `pyrt-core` crate binds it as `pyrt._core`.
 
+pub mod frame;
 pub mod matcher;
 pub mod pgoutput;

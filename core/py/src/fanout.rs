@@ -48,6 +48,7 @@ use std::time::Instant;
 use pyo3::exceptions::{PyKeyError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
+use pyrt_engine::frame::text_frame;
 
 use crate::{positioned_error, Matcher};
 
@@ -361,24 +362,6 @@ fn write_frame(slot: &mut Slot, frame: &[u8], writes: &mut u64) -> Write {
         slot.busy = true;
         return Write::Refused;
     }
-}
-
-/// One unfragmented, unmasked WebSocket text frame (RFC 6455 5.2) around `payload`.
-fn text_frame(payload: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    out.reserve(payload.len() + 10);
-    out.push(0x81);
-    let len = payload.len();
-    if len < 126 {
-        out.push(len as u8);
-    } else if len < 1 << 16 {
-        out.push(126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(payload);
 }
 
 /// The hub's direct write path; see the module documentation and `pyrt/_hub.py`.
