@@ -3,6 +3,8 @@
 
 use std::cmp::Ordering;
 
+use ahash::AHashMap;
+
 /// One column value of a row, as the matcher sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -208,10 +210,18 @@ pub enum PatternToken {
     Char(char),
 }
 
-/// A compiled LIKE / ILIKE pattern.
+/// A compiled LIKE / ILIKE pattern: the fixed-length segments between its `%` runs.
+///
+/// A text matches when the first segment starts it, the last one ends it and the others
+/// occur in order in between. Taking each middle segment at its leftmost occurrence is never
+/// worse than a later one, so matching is one forward pass over the text per segment, each
+/// step costing at most [`SHORT_SEGMENT`] comparisons or, for a longer segment, a 64-bit word
+/// per 64 of its tokens (Shift-And). A backtracking matcher costs the product of pattern and
+/// text lengths instead: `%aaa…ab` (1,000 characters) against 100,000 `a`s took 0.9 s.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LikePattern {
-    tokens: Box<[PatternToken]>,
+    /// One more than the pattern's runs (the first and last may be empty).
+    segments: Box<[Segment]>,
     case_insensitive: bool,
 }
 
@@ -223,7 +233,7 @@ impl LikePattern {
         while let Some(c) = chars.next() {
             let literal = match c {
                 '%' | '*' => {
-                    // Consecutive runs are one run; this keeps matching linear-ish.
+                    // Consecutive runs are one run.
                     if tokens.last() != Some(&PatternToken::AnyRun) {
                         tokens.push(PatternToken::AnyRun);
                     }
@@ -242,8 +252,12 @@ impl LikePattern {
                 tokens.push(PatternToken::Char(literal));
             }
         }
+        let segments = tokens
+            .split(|t| *t == PatternToken::AnyRun)
+            .map(Segment::new)
+            .collect();
         Some(Self {
-            tokens: tokens.into(),
+            segments,
             case_insensitive,
         })
     }
@@ -251,43 +265,129 @@ impl LikePattern {
     pub fn matches(&self, text: &str) -> bool {
         if self.case_insensitive {
             let folded: Vec<char> = text.chars().flat_map(char::to_lowercase).collect();
-            wildcard_match(&self.tokens, &folded)
+            self.matches_chars(&folded)
         } else {
             let chars: Vec<char> = text.chars().collect();
-            wildcard_match(&self.tokens, &chars)
+            self.matches_chars(&chars)
+        }
+    }
+
+    fn matches_chars(&self, s: &[char]) -> bool {
+        let (first, rest) = self.segments.split_first().expect("at least one segment");
+        let Some((last, middle)) = rest.split_last() else {
+            return s.len() == first.len && first.matches_at(s);
+        };
+        // The first and last segments are anchored, and must not overlap.
+        let Some(end) = s.len().checked_sub(last.len) else {
+            return false;
+        };
+        if end < first.len || !first.matches_at(&s[..first.len]) || !last.matches_at(&s[end..]) {
+            return false;
+        }
+        let mut at = first.len;
+        for segment in middle {
+            match segment.find(&s[at..end]) {
+                Some(i) => at += i + segment.len,
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Past this many tokens a segment is searched for with Shift-And; up to it, by comparing it
+/// at each position, which costs at most this many steps per character of the text.
+const SHORT_SEGMENT: usize = 32;
+
+/// Literal characters and `_`s: what a pattern has between two runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Segment {
+    /// `Char` and `AnyOne` only.
+    tokens: Box<[PatternToken]>,
+    len: usize,
+    /// For segments longer than [`SHORT_SEGMENT`].
+    shift_and: Option<ShiftAnd>,
+}
+
+impl Segment {
+    fn new(tokens: &[PatternToken]) -> Self {
+        Self {
+            tokens: tokens.into(),
+            len: tokens.len(),
+            shift_and: (tokens.len() > SHORT_SEGMENT).then(|| ShiftAnd::new(tokens)),
+        }
+    }
+
+    /// Whether the segment matches `s`, which has its length.
+    fn matches_at(&self, s: &[char]) -> bool {
+        debug_assert_eq!(s.len(), self.len);
+        self.tokens.iter().zip(s).all(|(t, c)| match t {
+            PatternToken::Char(expected) => expected == c,
+            _ => true,
+        })
+    }
+
+    /// Where the segment first occurs in `s`.
+    fn find(&self, s: &[char]) -> Option<usize> {
+        match &self.shift_and {
+            Some(shift_and) => shift_and.find(s),
+            None => (0..(s.len() + 1).checked_sub(self.len)?)
+                .find(|&i| self.matches_at(&s[i..i + self.len])),
         }
     }
 }
 
-/// Greedy wildcard matching with one backtrack point: O(len(p) * len(s)) at worst.
-fn wildcard_match(p: &[PatternToken], s: &[char]) -> bool {
-    let (mut pi, mut si) = (0usize, 0usize);
-    let mut backtrack: Option<(usize, usize)> = None;
-    while si < s.len() {
-        match p.get(pi) {
-            Some(PatternToken::AnyOne) => {
-                pi += 1;
-                si += 1;
+/// A segment compiled for a bit-parallel search: bit `i` (of word `i / 64`) of a character's
+/// mask is set where token `i` accepts that character.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ShiftAnd {
+    len: usize,
+    /// The bits of the `_` tokens: what any character matches.
+    any: Box<[u64]>,
+    /// For each character the segment names: its bits (`any`'s included).
+    masks: AHashMap<char, Box<[u64]>>,
+}
+
+impl ShiftAnd {
+    fn new(tokens: &[PatternToken]) -> Self {
+        let mut any = vec![0u64; tokens.len().div_ceil(64)];
+        for (i, t) in tokens.iter().enumerate() {
+            if *t == PatternToken::AnyOne {
+                any[i / 64] |= 1 << (i % 64);
             }
-            Some(PatternToken::Char(c)) if *c == s[si] => {
-                pi += 1;
-                si += 1;
+        }
+        let mut masks: AHashMap<char, Box<[u64]>> = AHashMap::default();
+        for (i, t) in tokens.iter().enumerate() {
+            if let PatternToken::Char(c) = t {
+                masks.entry(*c).or_insert_with(|| any.clone().into())[i / 64] |= 1 << (i % 64);
             }
-            Some(PatternToken::AnyRun) => {
-                backtrack = Some((pi, si));
-                pi += 1;
-            }
-            _ => match backtrack {
-                Some((run, start)) => {
-                    pi = run + 1;
-                    si = start + 1;
-                    backtrack = Some((run, start + 1));
-                }
-                None => return false,
-            },
+        }
+        Self {
+            len: tokens.len(),
+            any: any.into(),
+            masks,
         }
     }
-    p[pi..].iter().all(|t| *t == PatternToken::AnyRun)
+
+    /// Where the segment first occurs in `s`: bit `i` of `state` is set while the last
+    /// `i + 1` characters read match the segment's first `i + 1` tokens.
+    fn find(&self, s: &[char]) -> Option<usize> {
+        let (last_word, last_bit) = ((self.len - 1) / 64, 1u64 << ((self.len - 1) % 64));
+        let mut state = vec![0u64; self.any.len()];
+        for (j, c) in s.iter().enumerate() {
+            let mask = self.masks.get(c).unwrap_or(&self.any);
+            let mut carry = 1u64;
+            for (word, m) in state.iter_mut().zip(mask.iter()) {
+                let next = *word >> 63;
+                *word = ((*word << 1) | carry) & m;
+                carry = next;
+            }
+            if state[last_word] & last_bit != 0 {
+                return Some(j + 1 - self.len);
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -364,5 +464,93 @@ mod tests {
         assert!(p("A%", true).matches("abc"));
         assert!(p("σ%", true).matches("Σx"));
         assert!(LikePattern::compile("abc\\", false).is_none());
+    }
+
+    /// The pattern run as an NFA over the text (as `pyrt/_reference.py` does): the oracle.
+    fn like_oracle(pattern: &str, text: &str) -> bool {
+        let s: Vec<char> = text.chars().collect();
+        let mut reach = vec![false; s.len() + 1];
+        reach[0] = true;
+        let mut chars = pattern.chars();
+        while let Some(c) = chars.next() {
+            let literal = match c {
+                '%' | '*' => {
+                    if let Some(first) = reach.iter().position(|r| *r) {
+                        reach[first..].fill(true);
+                    }
+                    continue;
+                }
+                '_' => None,
+                '\\' => chars.next(),
+                c => Some(c),
+            };
+            for p in (0..s.len()).rev() {
+                reach[p + 1] = reach[p] && literal.is_none_or(|l| l == s[p]);
+            }
+            reach[0] = false;
+        }
+        reach[s.len()]
+    }
+
+    #[test]
+    fn like_segments() {
+        let p = |s| LikePattern::compile(s, false).unwrap();
+        for (pattern, text, expected) in [
+            ("", "", true),
+            ("", "a", false),
+            ("%", "", true),
+            ("a%a", "a", false),
+            ("a%a", "aa", true),
+            ("ab%bc", "abc", false),
+            ("ab%bc", "abbc", true),
+            ("%ab_d%", "xxabcabxdy", true),
+            ("%a_%_a%", "aba", false),
+            ("%a_%_a%", "abxba", true),
+            ("_%_", "a", false),
+            ("%b%b%", "abab", true),
+        ] {
+            assert_eq!(p(pattern).matches(text), expected, "{pattern:?} {text:?}");
+            assert_eq!(like_oracle(pattern, text), expected, "{pattern:?} {text:?}");
+        }
+        // Segments longer than one 64-bit word.
+        let long = format!("%{}b%", "a_".repeat(50));
+        let hit = format!("xx{}bxx", "ac".repeat(50));
+        assert!(p(&long).matches(&hit));
+        assert!(!p(&long).matches(&hit.replace('b', "c")));
+    }
+
+    #[test]
+    fn like_is_linear_in_the_text() {
+        // `%aaa…ab` against `aaa…a`: a backtracking matcher tries the 2,000 `a`s at each of
+        // the 200,000 places (4 * 10**8 steps, seconds); here the last segment is compared
+        // once, at the end, and middle segments are found in one pass over the text.
+        let a = |n: usize| "a".repeat(n);
+        let started = std::time::Instant::now();
+        for (pattern, text) in [
+            (format!("%{}b", a(2_000)), a(200_000)),
+            (format!("%{}b%", a(SHORT_SEGMENT - 1)), a(50_000)),
+            (format!("%{}b%", a(2_000)), a(20_000)),
+        ] {
+            let pattern = LikePattern::compile(&pattern, false).unwrap();
+            assert!(!pattern.matches(&text));
+            assert!(pattern.matches(&format!("{text}b")));
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn like_agrees_with_the_oracle(
+            pattern in "[ab_%*\\\\]{0,12}",
+            text in "[abc]{0,12}",
+            long in 0usize..3,
+        ) {
+            // Now and then, segments of more than 64 tokens.
+            let pattern = pattern.replace('*', &"a".repeat(long * 40));
+            let text = text.repeat(long * 10 + 1);
+            if let Some(compiled) = LikePattern::compile(&pattern, false) {
+                proptest::prop_assert_eq!(compiled.matches(&text), like_oracle(&pattern, &text));
+            }
+        }
     }
 }
