@@ -2,7 +2,8 @@
 //! sequence of subscribes, unsubscribes and matches.
 //!
 //! Checked: no panic, no unbounded allocation, no hang (libFuzzer's limits); error positions
-//! fall inside the text; every parsed filter evaluates on any row; the matcher's indexes
+//! fall inside the text; every parsed filter evaluates on any row; like patterns match as
+//! an NFA over the text says they should; the matcher's indexes
 //! give exactly what a brute-force check of every subscription gives (filters evaluated
 //! one by one, channel patterns matched segment by segment).
 #![no_main]
@@ -12,7 +13,7 @@ use std::collections::BTreeMap;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use pyrt_engine::matcher::{
-    check_channel, ChangeKind, Filter, Matcher, Row, RowEvent, SubId, Value, SEPARATOR,
+    check_channel, ChangeKind, Filter, LikePattern, Matcher, Row, RowEvent, SubId, Value, SEPARATOR,
 };
 
 /// Column names drawn from a small set most of the time, so filters and rows meet.
@@ -88,6 +89,8 @@ enum Op {
     Filter(String, Vec<(Name, FValue)>),
     /// Check a channel name or pattern on its own.
     Channel(String, bool),
+    /// Match a like (or ilike) pattern against a text, on its own.
+    Like(String, String, bool),
     AddChannel(u8, String),
     AddRows {
         id: u8,
@@ -137,6 +140,45 @@ fn pattern_matches(pattern: &str, name: &str) -> bool {
     p.len() == n.len()
 }
 
+/// A like pattern run as an NFA over the text's characters (as `pyrt/_reference.py` does),
+/// both sides lowercased character by character for ilike; `None` for a trailing escape.
+fn like(pattern: &str, text: &str, case_insensitive: bool) -> Option<bool> {
+    let fold = |c: char| -> Vec<char> {
+        if case_insensitive {
+            c.to_lowercase().collect()
+        } else {
+            vec![c]
+        }
+    };
+    let s: Vec<char> = text.chars().flat_map(fold).collect();
+    let mut reach = vec![false; s.len() + 1];
+    reach[0] = true;
+    let step = |reach: &mut [bool], literal: Option<char>| {
+        for p in (0..s.len()).rev() {
+            reach[p + 1] = reach[p] && literal.is_none_or(|l| l == s[p]);
+        }
+        reach[0] = false;
+    };
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '%' | '*' => {
+                if let Some(first) = reach.iter().position(|r| *r) {
+                    reach[first..].fill(true);
+                }
+            }
+            '_' => step(&mut reach, None),
+            c => {
+                let literal = if c == '\\' { chars.next()? } else { c };
+                for l in fold(literal) {
+                    step(&mut reach, Some(l));
+                }
+            }
+        }
+    }
+    Some(reach[s.len()])
+}
+
 fn wants(event: &str, schema: &str, table: &str, e: &RowEvent) -> bool {
     (event == "*" || ChangeKind::parse(event) == Some(e.kind))
         && (schema == "*" || schema == &*e.schema)
@@ -165,6 +207,15 @@ fuzz_target!(|ops: Vec<Op>| {
                 if let Err(e) = check_channel(&text, pattern) {
                     assert!(e.position <= chars(&text), "{e} in {text:?}");
                 }
+            }
+            Op::Like(pattern, text, case_insensitive) => {
+                let compiled = LikePattern::compile(&pattern, case_insensitive);
+                let expected = like(&pattern, &text, case_insensitive);
+                assert_eq!(
+                    compiled.map(|p| p.matches(&text)),
+                    expected,
+                    "{pattern:?} {text:?}"
+                );
             }
             Op::AddChannel(id, pattern) => {
                 let id = SubId::from(id);
