@@ -481,23 +481,35 @@ def ws_sessions(
         steps = tuple(draw(actions(target, rude)))
         if not rude:
             return WsSession(target, False, steps, "close_handshake")
+        if draw(st.booleans()):
+            # Paced, as a client that waits a moment after each frame: the server acts on
+            # each (answers, closes) before the next arrives.
+            steps = tuple(a for step in steps for a in (step, Read(0.01)))
         return WsSession(target, draw(st.booleans()), steps, draw(st.sampled_from(ENDINGS)))
 
     return session()
 
 
-def rude_steps() -> list[st.SearchStrategy[list[Action]]]:
+def rude_steps(message: st.SearchStrategy[list[Action]]) -> list[st.SearchStrategy[list[Action]]]:
+    """Besides messages: control frames, frames of any kind, and a message followed by a
+    pause, so that what the server does about it (answer, close) happens before what
+    follows, such as a ping (a client's keepalive crossing the server's close)."""
     return [
         st.lists(control_frames, min_size=1, max_size=2),
         st.lists(odd_frames, min_size=1, max_size=2),
-        st.builds(lambda s: [Read(s)], st.sampled_from([0.0, 0.01, 0.05])),
+        st.builds(
+            lambda m, s, after: [*m, Read(s), *after],
+            message,
+            st.sampled_from([0.01, 0.03, 0.0]),
+            st.lists(control_frames, max_size=1),
+        ),
     ]
 
 
 def native_actions(_target: str, rude: bool) -> st.SearchStrategy[list[Action]]:
     """Joins of a few channels, then commands (and, when rude, any other frames)."""
-    frames = native_frames if rude else native_commands.map(dumps)
-    steps = st.one_of(messages(frames, rude), *(rude_steps() if rude else []))
+    message = messages(native_frames if rude else native_commands.map(dumps), rude)
+    steps = st.one_of(message, *(rude_steps(message) if rude else []))
     return st.builds(
         lambda setup, rest: (
             [Frame(TEXT, frame) for frame in setup] + [a for step in rest for a in step]
@@ -519,10 +531,11 @@ def supabase_actions(target: str, rude: bool) -> st.SearchStrategy[list[Action]]
         frames = phoenix_messages(vsn, mostly(st.sampled_from(joined), topics))
         if rude:
             frames = mostly(frames, st.one_of(json_values.map(dumps), st.binary(max_size=64)))
-        polite = [messages(frames, rude), messages(frames, rude)]
+        message = messages(frames, rude)
+        polite = [message, message]
         if vsn == "2.0.0":
             polite.append(messages(user_broadcast_pushes(), rude, BINARY))
-        steps = st.one_of(*polite, *(rude_steps() if rude else []))
+        steps = st.one_of(*polite, *(rude_steps(message) if rude else []))
         return setup + [a for step in draw(st.lists(steps, max_size=6)) for a in step]
 
     return actions()
@@ -577,7 +590,7 @@ def run_ws_session(port: int, session: WsSession) -> int:
 NATIVE_TARGET = st.just("/connection/websocket")
 
 
-@fuzz_settings(bounded=100)
+@fuzz_settings(bounded=150)
 @given(session=ws_sessions(NATIVE_TARGET, native_actions, rude=False))
 def test_native_websocket_commands(node: ServedNode, session: WsSession) -> None:
     node.ensure_running()
@@ -586,7 +599,7 @@ def test_native_websocket_commands(node: ServedNode, session: WsSession) -> None
     assert status == 101, f"upgrade to {session.target} answered {status}"
 
 
-@fuzz_settings(bounded=100)
+@fuzz_settings(bounded=150)
 @given(session=ws_sessions(NATIVE_TARGET, native_actions, rude=True))
 def test_native_websocket_frames(node: ServedNode, session: WsSession) -> None:
     node.ensure_running()
@@ -595,7 +608,7 @@ def test_native_websocket_frames(node: ServedNode, session: WsSession) -> None:
     assert status == 101, f"upgrade to {session.target} answered {status}"
 
 
-@fuzz_settings(bounded=100)
+@fuzz_settings(bounded=150)
 @given(session=ws_sessions(supabase_targets, supabase_actions, rude=False))
 def test_supabase_websocket_messages(node: ServedNode, session: WsSession) -> None:
     node.ensure_running()
@@ -604,7 +617,7 @@ def test_supabase_websocket_messages(node: ServedNode, session: WsSession) -> No
     assert status == 101, f"upgrade to {session.target} answered {status}"
 
 
-@fuzz_settings(bounded=100)
+@fuzz_settings(bounded=150)
 @given(session=ws_sessions(supabase_targets, supabase_actions, rude=True))
 def test_supabase_websocket_frames(node: ServedNode, session: WsSession) -> None:
     node.ensure_running()
@@ -712,15 +725,15 @@ def chunked_bodies(draw: st.DrawFn, content: bytes) -> bytes:
     pieces = [content[a:b] for a, b in zip([0, *cuts], [*cuts, len(content)], strict=True)]
     out = b""
     for piece in pieces:
-        size = draw(
+        size: str = draw(
             mostly(
                 st.sampled_from([f"{len(piece):x}", f"{len(piece):X}", f"{len(piece):x};ext=1"]),
                 st.one_of(st.sampled_from(BAD_CHUNK_SIZES), latin1),
             )
         )
-        end = draw(mostly(st.just("\r\n"), st.sampled_from(["", "\n", "xx\r\n"])))
+        end: str = draw(mostly(st.just("\r\n"), st.sampled_from(["", "\n", "xx\r\n"])))
         out += size.encode("utf-8") + b"\r\n" + piece + end.encode()
-    last = draw(
+    last: str = draw(
         mostly(st.just("0\r\n\r\n"), st.sampled_from(["", "0\r\n", "0\r\nx-trailer: 1\r\n\r\n"]))
     )
     return out + last.encode()
@@ -738,10 +751,10 @@ def http_requests(draw: st.DrawFn) -> bytes:
         )
     )
     version = draw(mostly(st.just("HTTP/1.1"), st.sampled_from(VERSIONS)))
-    newline = draw(mostly(st.just("\r\n"), st.just("\n")))
+    newline: str = draw(mostly(st.just("\r\n"), st.just("\n")))
     head = [f"{method} {target} {version}", "host: 127.0.0.1"]
     head += [f"{name}: {value}" for name, value in draw(st.lists(headers, max_size=5))]
-    content = draw(body_contents)
+    content: bytes = draw(body_contents)
     framing = draw(st.sampled_from(["length", "length", "chunked", "both", "none"]))
     body = content
     if framing in ("length", "both"):
@@ -788,7 +801,7 @@ def test_http_requests(
 # -- commands over SSE and long-poll sessions --------------------------------------------------
 
 
-@fuzz_settings(bounded=100)
+@fuzz_settings(bounded=150)
 @given(
     transport=st.sampled_from(["sse", "longpoll"]),
     opening=st.lists(
@@ -905,7 +918,7 @@ def rest_requests(draw: st.DrawFn) -> tuple[str, str, bytes]:
     return "GET", path + query, b""
 
 
-@fuzz_settings(bounded=150)
+@fuzz_settings(bounded=200)
 @given(requests=st.lists(rest_requests(), min_size=1, max_size=3))
 def test_rest_api(node: ServedNode, requests: list[tuple[str, str, bytes]]) -> None:
     node.ensure_running()
