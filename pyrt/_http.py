@@ -75,6 +75,8 @@ class HttpError(Exception):
         self.status = status
         self.code = status if code is None else code
         self.message = message
+        self.head_request = False
+        """The refused request was a HEAD: its answer has headers only (`refuse`)."""
 
     def body(self) -> bytes:
         return orjson.dumps({"error": {"code": self.code, "message": self.message}})
@@ -250,7 +252,7 @@ class HttpExchange:
         if self._must_close:
             all_headers.append(("connection", "close"))
         data = self.http.send(_response(status, all_headers)) or b""
-        if body:
+        if body and self.request.method != "HEAD":  # HEAD: the headers of a GET, no body
             data += self.http.send(h11.Data(data=body)) or b""
         data += self.http.send(h11.EndOfMessage()) or b""
         await self._send_all(data)
@@ -349,7 +351,11 @@ async def next_request(
             # end; one that arrived whole in a single read is measured here.
             if buffered + received - _buffered(http) > max_head_bytes:
                 raise HttpError(431, f"request head larger than {max_head_bytes} bytes")
-            _check_framing(event)
+            try:
+                _check_framing(event)
+            except HttpError as e:
+                e.head_request = event.method == b"HEAD"
+                raise
             headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
             return HttpRequest(event.method.decode(), event.target.decode("latin-1"), headers)
         return None
@@ -383,6 +389,7 @@ async def refuse(
         ("connection", "close"),
     ]
     data = http.send(_response(error.status, headers)) or b""
-    data += http.send(h11.Data(data=body)) or b""
+    if not error.head_request:
+        data += http.send(h11.Data(data=body)) or b""
     data += http.send(h11.EndOfMessage()) or b""
     await send_all(stream, data, write_timeout)

@@ -481,3 +481,91 @@ async def test_a_join_may_carry_at_most_64_row_subscriptions(nursery: trio.Nurse
             == "InvalidJoinPayload: 'config.postgres_changes' may hold at most 64 entries, got 65"
         )
     await round_trip(node)
+
+
+# -- found by the front-door fuzzer --------------------------------------------------------
+
+
+async def raw_exchange(node: Node, data: bytes) -> bytes:
+    """Sends `data` on a new connection; everything the server sends until it closes."""
+    assert node.port is not None
+    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+    async with stream:
+        await stream.send_all(data)
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some():
+                received += chunk
+    return received
+
+
+async def test_head_requests_get_headers_only(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    answer = await raw_exchange(
+        node, b"HEAD /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 Not Found")  # /healthz answers GET only
+    assert body == b""
+    smuggled = (
+        b"HEAD / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    head, _, body = (await raw_exchange(node, smuggled)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request")
+    assert body == b""
+    assert sample(await scrape(node), "pyrt_connection_errors_total", plugin="websocket") == 0
+    assert "front door" not in node.metrics.connection_errors
+    await round_trip(node)
+
+
+@pytest.mark.parametrize("path", ["/connection/websocket", f"/realtime/v1/websocket?apikey={KEY}"])
+async def test_a_ping_after_the_servers_close_is_not_answered(
+    nursery: trio.Nursery, path: str
+) -> None:
+    node = await start(nursery)
+    assert node.port is not None
+    sock = await trio.to_thread.run_sync(_handshake, node.port, path)
+    try:
+        # A frame that is not JSON: the server closes (4000); the client's pings cross it.
+        sock.sendall(_masked(0x1, b"not json") + _masked(0x9, b"keepalive") * 3)
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await trio.to_thread.run_sync(sock.recv, 4096):
+                received += chunk
+        frames = []
+        while received:
+            size = received[1] & 0x7F
+            frames.append((received[0], received[2 : 2 + size]))
+            received = received[2 + size :]
+        # Pongs for pings read before the close was due (written around it), one close.
+        closes = [payload for opcode, payload in frames if opcode == 0x88]
+        assert {opcode for opcode, _ in frames} <= {0x8A, 0x88}, frames
+        assert [struct.unpack("!H", c[:2])[0] for c in closes] == [4000]
+    finally:
+        sock.close()
+    await trio.sleep(0.2)
+    assert not node.metrics.connection_errors
+    await round_trip(node)
+
+
+async def test_a_supabase_join_in_the_same_packet_as_the_upgrade(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    assert node.port is not None
+    join = b'{"topic":"realtime:r","event":"phx_join","payload":{},"ref":"1"}'
+    request = (
+        f"GET /realtime/v1/websocket?apikey={KEY}&vsn=1.0.0 HTTP/1.1\r\nHost: x\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode() + _masked(0x1, join)
+    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+    async with stream:
+        await stream.send_all(request)
+        received = b""
+        with trio.fail_after(5):
+            while b'"status":"ok"' not in received:
+                chunk = await stream.receive_some()
+                assert chunk, received
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 101 ")
+    assert not node.metrics.connection_errors
+    await round_trip(node)

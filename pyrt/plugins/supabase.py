@@ -25,6 +25,7 @@ import attrs
 import orjson
 import trio
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -170,9 +171,7 @@ class SupabaseTransport:
             if isinstance(event, Request):
                 await stream.send_all(ws.send(AcceptConnection()))
         socket = _Socket(node, stream, ws, vsn, self.max_channels)
-        if exchange.trailing:
-            await socket.feed(exchange.trailing)
-        await socket.run()
+        await socket.run(exchange.trailing)
 
     # -- REST ------------------------------------------------------------------------------
 
@@ -319,11 +318,15 @@ class _Socket:
         self.rate = node.hub.new_command_rate(node.now)
         """The socket's message rate (`hub.command_rate`), over all its channels."""
 
-    async def run(self) -> None:
+    async def run(self, trailing: bytes = b"") -> None:
+        """Serves the socket; `trailing`: what the client sent after its upgrade request (a
+        join in the same packet), read once the nursery its channels' writers run in is open."""
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 try:
+                    if trailing:
+                        await self.feed(trailing)
                     await self.read()
                 except Exception as e:
                     if is_disconnect(e):
@@ -453,7 +456,8 @@ class _Socket:
                     self.size = 0
                     await self.receive(frame, binary=isinstance(event, BytesMessage))
             elif isinstance(event, Ping):
-                await self.send(self.ws.send(event.response()))
+                if self.ws.state is ConnectionState.OPEN:  # none once our close is sent
+                    await self.send(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 self.done = True
                 with contextlib.suppress(LocalProtocolError):  # we had sent our close already

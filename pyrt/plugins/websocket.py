@@ -16,7 +16,7 @@ import contextlib
 
 import trio
 from wsproto.connection import Connection as WsConnection
-from wsproto.connection import ConnectionType
+from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -146,7 +146,8 @@ class _Connection:
                     self.size = 0
                     self.session.receive(message)
             elif isinstance(event, Ping):
-                replies.append(self.ws.send(event.response()))
+                if self.ws.state is ConnectionState.OPEN:  # none once our close is sent
+                    replies.append(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 self.done = True
                 if self.peer_closed is not None:
