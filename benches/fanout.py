@@ -294,6 +294,24 @@ async def run(
     return results
 
 
+def start_server(config: str) -> tuple[subprocess.Popen[str], int]:
+    """`pyrt serve --port 0 --config <config>` in a subprocess, and the port it listens on
+    (read from the line it prints first)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pyrt._cli", "serve", "--port", "0", "--config", config],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    match = re.search(r":(\d+)/", line)
+    if match is None:
+        server.terminate()
+        server.wait(timeout=30)
+        raise RuntimeError(f"pyrt serve said: {line!r}")
+    return server, int(match.group(1))
+
+
 def server_rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
@@ -329,18 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         # abuse limits are off.
         f.write("command_rate = 0\nchannel_publish_rate = 0\n")
         f.write("[server]\nmax_connections_per_ip = 0\n")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pyrt._cli", "serve", "--port", "0", "--config", config],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    server, port = start_server(config)
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        match = re.search(r":(\d+)/", line)
-        if match is None:
-            raise RuntimeError(f"pyrt serve said: {line!r}")
-        port = int(match.group(1))
         idle_rss = server_rss_kib(server.pid)
         results = trio.run(run, port, counts, args.messages, args.rate, args.size)
         loaded_rss = server_rss_kib(server.pid)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import time
 import urllib.request
@@ -26,7 +24,12 @@ import orjson
 import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fanout import client_frame, open_ws, server_rss_kib  # benches/ is a folder of programs
+from fanout import (  # benches/ is a folder of programs
+    client_frame,
+    open_ws,
+    server_rss_kib,
+    start_server,
+)
 from matcher import machine
 
 from pyrt import HubConfig
@@ -115,18 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             f'[server]\ntransports = ["websocket"]\n[hub]\nhistory_size = {args.messages}\n{budget}'
             "command_rate = 0\nchannel_publish_rate = 0\n"
         )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pyrt._cli", "serve", "--port", "0", "--config", config],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    server, port = start_server(config)
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        match = re.search(r":(\d+)/", line)
-        if match is None:
-            raise RuntimeError(f"pyrt serve said: {line!r}")
-        port = int(match.group(1))
         before_rss = server_rss_kib(server.pid)
         seconds = trio.run(attack, port, args.channels, args.messages, args.size)
         after_rss = server_rss_kib(server.pid)

@@ -52,7 +52,7 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from fanout import client_frame, command, open_ws  # noqa: E402 (benches/ is a folder of programs)
+from fanout import client_frame, command, open_ws, start_server  # noqa: E402 (benches/ is a folder of programs)
 from matcher import machine  # noqa: E402
 from suite import build_loadgen  # noqa: E402
 
@@ -283,18 +283,8 @@ def run_case(pg: Any, kind: str, rate: int, args: Any) -> dict[str, Any]:
             f"[sources.wal]\nport = {pg.port}\nuser = 'pyrt_scram'\n"
             f"password = 'secret'\ndatabase = '{database}'\nslot = '{database}'\n"
         )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pyrt._cli", "serve", "--port", "0", "--config", config.name],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    server, port = start_server(config.name)
     try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        match = re.search(r":(\d+)/", line)
-        if match is None:
-            raise RuntimeError(f"pyrt serve said: {line!r}")
-        port = int(match.group(1))
         writes_before = direct_writes(port)
         cpu_before = cpu_seconds(server.pid)
         ours_before = time.process_time()
