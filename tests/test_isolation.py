@@ -569,3 +569,23 @@ async def test_a_supabase_join_in_the_same_packet_as_the_upgrade(nursery: trio.N
     assert received.startswith(b"HTTP/1.1 101 ")
     assert not node.metrics.connection_errors
     await round_trip(node)
+
+
+async def test_a_ping_in_the_same_packet_as_the_upgrade_is_answered(nursery: trio.Nursery) -> None:
+    node = await start(nursery)
+    assert node.port is not None
+    request = (
+        b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    ) + _masked(0x9, b"early")
+    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+    async with stream:
+        await stream.send_all(request)
+        received = b""
+        with trio.fail_after(5):
+            while b"\x8a\x05early" not in received:
+                chunk = await stream.receive_some()
+                assert chunk, received
+                received += chunk
+    await round_trip(node)

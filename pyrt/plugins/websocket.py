@@ -51,9 +51,7 @@ class WebSocketTransport:
         # handshake state are let go (a few KiB per connection, held for hours).
         trailing = exchange.detach()
         connection = _Connection(node, exchange.stream, ws)
-        if trailing:
-            connection.feed(trailing)
-        await connection.run()
+        await connection.run(trailing)
 
 
 async def _accept(exchange: HttpExchange) -> WsConnection | None:
@@ -93,12 +91,14 @@ class _Connection:
         if socket is not None:
             self.session.attach(socket.fileno())
 
-    async def run(self) -> None:
+    async def run(self, trailing: bytes = b"") -> None:
+        """Serves the connection; `trailing`: what the client sent after its upgrade request
+        (frames in the same packet), read first, its control frames answered."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.write, nursery.cancel_scope)
                 try:
-                    await self.read()
+                    await self.read(trailing)
                 except Exception as e:
                     # A bug while reading: the writer closes with 1011 (bounded by the
                     # write deadline and the close wait), then ends the connection.
@@ -155,12 +155,16 @@ class _Connection:
                 with contextlib.suppress(LocalProtocolError):  # we had sent our close already
                     replies.append(self.ws.send(event.response()))
 
-    async def read(self) -> None:
+    async def read(self, first: bytes = b"") -> None:
         while not self.done:
-            try:
-                data = await self.stream.receive_some(64 * 1024)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+            data: bytes | bytearray
+            if first:
+                data, first = first, b""
+            else:
+                try:
+                    data = await self.stream.receive_some(64 * 1024)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
             try:
                 replies = self.feed(bytes(data) if data else None)
             except RemoteProtocolError:
