@@ -584,9 +584,20 @@ class MatcherComparison(RuleBasedStateMachine):
 
 def test_matcher_agrees_with_reference() -> None:
     MatcherComparison.stats = Counter()
-    run_state_machine_as_test(
-        MatcherComparison, settings=settings(max_examples=300, stateful_step_count=50)
-    )
+    # Every run compares the two matchers; the checks below are about the generator reaching
+    # matches at all. Hypothesis is not derandomized, and a run that found no non-empty row
+    # match at all was seen (once, on a clean clone): a second run is then added to the
+    # sample, and both together must reach the shares.
+    for _ in range(2):
+        run_state_machine_as_test(
+            MatcherComparison, settings=settings(max_examples=300, stateful_step_count=50)
+        )
+        stats = MatcherComparison.stats
+        if (
+            stats["non-empty row matches"] * 20 > stats["row matches"]
+            and stats["non-empty channel matches"] * 20 > stats["channel matches"]
+        ):
+            break
     stats = MatcherComparison.stats
     # Not vacuous: adds succeed, and a fair share of matches find something.
     assert stats["add_rows returned"] > 0
