@@ -285,7 +285,10 @@ def test_what_history_counts_follows_what_it_holds_in_memory(data: Any) -> None:
     finally:
         tracemalloc.stop()
     counted = hub.history_budget.bytes - counted
-    assert 0.5 <= memory / counted <= 1.25, (memory / count, counted / count)
+    # The budget may count more than is held (the safe side: it evicts early), not much less.
+    # How much a `null` publication holds varies with the allocator's state: 257 to 317 bytes
+    # of its 530 counted, in a full run and alone; hence the wide lower bound.
+    assert 0.33 <= memory / counted <= 1.25, (memory / count, counted / count)
 
 
 # -- durable history ---------------------------------------------------------------------------
