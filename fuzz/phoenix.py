@@ -16,7 +16,7 @@ import atheris
 with atheris.instrument_imports(include=_harness.INSTRUMENTED):
     from parsekit import parse_phoenix
 
-    from pyrt._phoenix import VSN_1, VSN_2
+    from pyrt.plugins.supabase.phoenix import VSN_1, VSN_2
 
 MODES = [(VSN_1, False), (VSN_2, False), (VSN_2, True), (VSN_1, True)]
 

@@ -15,9 +15,9 @@ import attrs
 import trio
 
 from . import FilterError, Matcher, RowEvent, __version__
-from ._config import ConfigError, node_config
-from ._node import Node
-from ._sources import SourceError
+from .node.config import ConfigError, node_config
+from .node.node import Node
+from .node.sources import SourceError
 
 DEMO_SUBSCRIPTIONS: list[tuple[int, str, str, str, str | None]] = [
     (1, "INSERT", "public", "messages", "room_id=eq.42"),

@@ -205,7 +205,7 @@ class PgOutputDecoder:
     def relation(self, relid: int) -> PgRelation | None: ...
     def reset(self) -> None: ...
 
-# The fan-out write path (core/py/src/fanout.rs; used by pyrt/_hub.py).
+# The fan-out write path (core/py/src/fanout.rs; used by pyrt/hub/hub.py).
 
 @final
 class OutboxBudget:

@@ -69,7 +69,6 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ._core import Matcher
-from ._protocol import decode_mutate_reply, decode_record, encode_mutate, table_channel
 from .conflict import (
     ConflictPolicy,
     Op,
@@ -81,6 +80,7 @@ from .conflict import (
     Timestamp,
     policy_named,
 )
+from .hub.protocol import decode_mutate_reply, decode_record, encode_mutate, table_channel
 
 __all__ = [
     "TRANSPORTS",

@@ -49,10 +49,10 @@ from typing import Any, Protocol
 import orjson
 import trio
 
-from ._history import Publication
-from ._hub import Connection, Hub, HubConfig
-from ._node import Node, NodeConfig, Transport
-from ._sources import Source
+from .hub.history import Publication
+from .hub.hub import Connection, Hub, HubConfig
+from .node.node import Node, NodeConfig, Transport
+from .node.sources import Source
 
 __all__ = [
     "ClientFactory",

@@ -20,7 +20,7 @@ import httpx
 import orjson
 import trio
 
-from pyrt._node import Node
+from pyrt.node.node import Node
 from pyrt.testing import Closed
 
 _homes = itertools.count(1)

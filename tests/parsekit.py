@@ -18,25 +18,12 @@ from typing import Any
 import attrs
 import orjson
 
-from pyrt._config import ConfigError, hub_config, node_config
 from pyrt._core import check_channel
-from pyrt._cursor import Cursor, decode_cursor
-from pyrt._history import StreamPosition
-from pyrt._hub import HubConfig
-from pyrt._node import NodeConfig
-from pyrt._outbox import SlowConsumerPolicy
-from pyrt._phoenix import (
-    VSN_2,
-    BadFrame,
-    ChannelCodec,
-    JoinError,
-    JoinRequest,
-    Message,
-    TooDeep,
-    decode,
-    parse_join,
-)
-from pyrt._protocol import (
+from pyrt.conflict import Op, Outcome, Record, Result, Timestamp
+from pyrt.hub.history import StreamPosition
+from pyrt.hub.hub import HubConfig
+from pyrt.hub.outbox import SlowConsumerPolicy
+from pyrt.hub.protocol import (
     CloseCode,
     Command,
     ErrorCode,
@@ -54,8 +41,21 @@ from pyrt._protocol import (
     decode_record,
     table_channel,
 )
-from pyrt.conflict import Op, Outcome, Record, Result, Timestamp
+from pyrt.node.config import ConfigError, hub_config, node_config
+from pyrt.node.node import NodeConfig
+from pyrt.plugins.cursor import Cursor, decode_cursor
 from pyrt.plugins.supabase import _channel_of
+from pyrt.plugins.supabase.phoenix import (
+    VSN_2,
+    BadFrame,
+    ChannelCodec,
+    JoinError,
+    JoinRequest,
+    Message,
+    TooDeep,
+    decode,
+    parse_join,
+)
 
 ORJSON_DUMP_DEPTH = 254
 """orjson refuses to encode deeper values ("Recursion limit reached"); it reads up to 1024."""

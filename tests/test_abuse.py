@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from trio_websocket import open_websocket_url as ws_open
 
-import pyrt._config
-from pyrt._config import ConfigError, node_config
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig
+import pyrt.node.config
+from pyrt.hub.hub import HubConfig
+from pyrt.node.config import ConfigError, node_config
+from pyrt.node.node import Node, NodeConfig
 
 KEY = "k"
 UPGRADE = {
@@ -460,7 +460,7 @@ async def test_wrong_supabase_keys_count_too(nursery: trio.Nursery) -> None:
 
 
 def test_the_limits_from_a_config_file(tmp_path: Path) -> None:
-    example = pyrt._config.__doc__ or ""
+    example = pyrt.node.config.__doc__ or ""
     path = tmp_path / "pyrt.toml"
     path.write_text(example.split("```toml\n")[1].split("```")[0])
     config = node_config(path)  # the module's example is valid as it stands

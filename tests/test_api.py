@@ -53,7 +53,7 @@ def test_public_names() -> None:
     assert set(pyrt.__all__) == PUBLIC
     exported = {name for name in vars(pyrt) if not name.startswith("_")} | {"__version__"}
     # Only the curated names, and the public submodules once imported, are visible.
-    assert exported - {"client", "conflict", "plugins", "testing"} == PUBLIC
+    assert exported - {"client", "conflict", "hub", "node", "plugins", "testing"} == PUBLIC
 
 
 def test_version_comes_from_the_compiled_core() -> None:

@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import trio
 
-from pyrt._cursor import decode_cursor
-from pyrt._http import HttpExchange
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig
+from pyrt.hub.hub import HubConfig
+from pyrt.node.http import HttpExchange
+from pyrt.node.node import Node, NodeConfig
+from pyrt.plugins.cursor import decode_cursor
 from pyrt.plugins.sse import SseTransport
 
 CHROMIUM = shutil.which("chromium")

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import trio
 
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig
 from pyrt.client import Channel, ClientError, ConnectionLost, Message, connect
+from pyrt.hub.hub import HubConfig
+from pyrt.node.node import Node, NodeConfig
 
 
 async def start(nursery: trio.Nursery, **hub: Any) -> tuple[Node, str]:

@@ -13,9 +13,9 @@ import attrs
 import pytest
 import trio
 
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig
 from pyrt.client import Channel, Client, ConnectionLost, Message, connect
+from pyrt.hub.hub import HubConfig
+from pyrt.node.node import Node, NodeConfig
 
 FAST = {"min_backoff": 0.01, "max_backoff": 0.2, "ping_interval": 0.2, "stall_timeout": 1.0}
 """Client options for tests: quick reconnects, and a stall noticed after one second."""

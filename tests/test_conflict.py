@@ -18,9 +18,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyrt._config import ConfigError, hub_config
-from pyrt._hub import Hub, HubConfig
-from pyrt._protocol import ErrorCode, decode_record, encode_record
 from pyrt.conflict import (
     ClockDriftError,
     ConflictPolicy,
@@ -41,6 +38,9 @@ from pyrt.conflict import (
     origin_tag,
     policy_named,
 )
+from pyrt.hub.hub import Hub, HubConfig
+from pyrt.hub.protocol import ErrorCode, decode_record, encode_record
+from pyrt.node.config import ConfigError, hub_config
 
 # -- strategies ---------------------------------------------------------------------------------
 
@@ -802,7 +802,7 @@ def test_resolvers_from_python_and_unknown_names() -> None:
 
 
 def test_record_channels_are_never_dropped_from_an_outbox() -> None:
-    from pyrt._outbox import SlowConsumerPolicy
+    from pyrt.hub.outbox import SlowConsumerPolicy
 
     hub = make_hub(
         outbox_messages=2,

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import trio
 
-from pyrt._hub import Connection, Hub, HubConfig
-from pyrt._node import Node, NodeConfig
-from pyrt._protocol import CloseCode, Command, Mutate
 from pyrt.client import Records, connect
 from pyrt.conflict import CustomResolver, Mutation, Outcome, Record, Rejection
+from pyrt.hub.hub import Connection, Hub, HubConfig
+from pyrt.hub.protocol import CloseCode, Command, Mutate
+from pyrt.node.node import Node, NodeConfig
 
 POLICIES = {"todo:>": "reject", "doc:>": "merge", "pos:>": "lww", "count:>": "adder"}
 

@@ -49,8 +49,6 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from pyrt._hub import Hub, HubConfig
-from pyrt._protocol import decode_mutate_reply, decode_record, encode_mutate
 from pyrt.conflict import (
     FieldMerge,
     LastWriterWins,
@@ -65,6 +63,8 @@ from pyrt.conflict import (
     origin_tag,
     policy_named,
 )
+from pyrt.hub.hub import Hub, HubConfig
+from pyrt.hub.protocol import decode_mutate_reply, decode_record, encode_mutate
 
 CHANNEL = "rec:1"
 KEYS = ("k1", "k2")

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyrt._cursor import Cursor, PositionTracker, StreamOpening, decode_cursor
-from pyrt._history import Publication, StreamPosition
-from pyrt._http import HttpError, HttpRequest
-from pyrt._protocol import Command, Join, JsonCodec
+from pyrt.hub.history import Publication, StreamPosition
+from pyrt.hub.protocol import Command, Join, JsonCodec
+from pyrt.node.http import HttpError, HttpRequest
+from pyrt.plugins.cursor import Cursor, PositionTracker, StreamOpening, decode_cursor
 
 codec = JsonCodec()
 positions = st.dictionaries(

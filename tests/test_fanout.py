@@ -23,9 +23,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
 
 from pyrt._core import FanOut, Matcher
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig
-from pyrt._outbox import SlowConsumerPolicy
+from pyrt.hub.hub import HubConfig
+from pyrt.hub.outbox import SlowConsumerPolicy
+from pyrt.node.node import Node, NodeConfig
 
 # -- FanOut over socket pairs ---------------------------------------------------------------
 

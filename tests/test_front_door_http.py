@@ -19,8 +19,8 @@ import trio
 from httpkit import base_url, open_sse, stream_get
 from trio_websocket import open_websocket_url
 
-from pyrt._config import ConfigError, node_config
-from pyrt._node import Node, NodeConfig
+from pyrt.node.config import ConfigError, node_config
+from pyrt.node.node import Node, NodeConfig
 
 KEY = "k"
 TIMEOUT = 0.5

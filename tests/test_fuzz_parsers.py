@@ -40,12 +40,10 @@ from parsekit import (
     parse_record,
 )
 
-from pyrt._config import ConfigError, node_config
-from pyrt._cursor import Cursor, PositionTracker, decode_cursor
-from pyrt._history import Publication, StreamPosition
-from pyrt._hub import HubConfig
-from pyrt._phoenix import VERSIONS, VSN_1, VSN_2, Message, encode
-from pyrt._protocol import (
+from pyrt.conflict import Mutation, Op, Record, Timestamp
+from pyrt.hub.history import Publication, StreamPosition
+from pyrt.hub.hub import HubConfig
+from pyrt.hub.protocol import (
     Join,
     JsonCodec,
     Leave,
@@ -59,7 +57,9 @@ from pyrt._protocol import (
     encode_mutate,
     encode_record,
 )
-from pyrt.conflict import Mutation, Op, Record, Timestamp
+from pyrt.node.config import ConfigError, node_config
+from pyrt.plugins.cursor import Cursor, PositionTracker, decode_cursor
+from pyrt.plugins.supabase.phoenix import VERSIONS, VSN_1, VSN_2, Message, encode
 
 EXAMPLES = int(os.environ.get("PYRT_FUZZ_EXAMPLES", "100"))
 fuzz = settings(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyrt._history import ChannelStream, History, StreamPosition
+from pyrt.hub.history import ChannelStream, History, StreamPosition
 
 
 def epochs() -> itertools.count[int]:

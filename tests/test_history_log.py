@@ -1,4 +1,4 @@
-"""Durable history (pyrt._historylog): a log on disk that a restarted hub replays, so offsets,
+"""Durable history (pyrt.hub.historylog): a log on disk that a restarted hub replays, so offsets,
 epochs and recovery continue; torn and corrupt tails are cut off and never served."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pytest
 from test_wal_hub import changes as row_changes
 from test_wal_hub import frames, join_all
 
-from pyrt import _historylog
+from pyrt.hub import historylog as _historylog
 from pyrt._core import RowEvent
-from pyrt._history import History, StreamPosition
-from pyrt._historylog import HEADER, MAGIC, HistoryLog
-from pyrt._hub import Hub, HubConfig
 from pyrt.conflict import Timestamp
+from pyrt.hub.history import History, StreamPosition
+from pyrt.hub.historylog import HEADER, MAGIC, HistoryLog
+from pyrt.hub.hub import Hub, HubConfig
 
 WALL = 1_700_000_000.0
 
@@ -243,7 +243,7 @@ def test_row_events_replay_filtered_after_a_restart(tmp_path: Path) -> None:
 
 
 def test_history_section_of_the_config_file(tmp_path: Path) -> None:
-    from pyrt._config import ConfigError, node_config
+    from pyrt.node.config import ConfigError, node_config
 
     path = tmp_path / "pyrt.toml"
     path.write_text(f'[history]\ndir = "{tmp_path / "h"}"\nfsync_interval = 2\n')

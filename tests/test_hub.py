@@ -17,10 +17,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from pyrt._history import StreamPosition
-from pyrt._hub import Hub, HubConfig
-from pyrt._outbox import SlowConsumerPolicy
-from pyrt._protocol import CloseCode, ErrorCode
+from pyrt.hub.history import StreamPosition
+from pyrt.hub.hub import Hub, HubConfig
+from pyrt.hub.outbox import SlowConsumerPolicy
+from pyrt.hub.protocol import CloseCode, ErrorCode
 
 
 def make_hub(**config: Any) -> Hub:

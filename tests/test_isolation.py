@@ -22,11 +22,11 @@ import trio
 from httpkit import open_sse
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from pyrt._http import HttpExchange, HttpRequest
-from pyrt._hub import Connection, Hub, HubConfig
 from pyrt._json import MAX_DEPTH
-from pyrt._node import Node, NodeConfig
-from pyrt._protocol import Command, Publish
+from pyrt.hub.hub import Connection, Hub, HubConfig
+from pyrt.hub.protocol import Command, Publish
+from pyrt.node.http import HttpExchange, HttpRequest
+from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.sse import SseTransport
 from pyrt.plugins.supabase import SupabaseTransport
 from pyrt.plugins.websocket import WebSocketTransport

@@ -1,4 +1,4 @@
-"""The abuse limits' counting (pyrt._limits), sans-IO: time is what the test says it is."""
+"""The abuse limits' counting (pyrt.hub.limits), sans-IO: time is what the test says it is."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyrt._limits import (
+from pyrt.hub.limits import (
     Admission,
     ChannelRates,
     CommandRate,

@@ -12,10 +12,10 @@ import trio
 from httpkit import base_url, longpoll_kit_client, open_sse
 from trio_websocket import open_websocket_url
 
-from pyrt._cursor import Cursor, decode_cursor
-from pyrt._history import StreamPosition
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig, load_transports
+from pyrt.hub.history import StreamPosition
+from pyrt.hub.hub import HubConfig
+from pyrt.node.node import Node, NodeConfig, load_transports
+from pyrt.plugins.cursor import Cursor, decode_cursor
 from pyrt.plugins.longpoll import CLOSE_GRACE, LongPollTransport
 from pyrt.testing import check_transport
 

@@ -27,11 +27,11 @@ from test_metrics import scrape, value
 from trio_websocket import open_websocket_url
 
 from pyrt._core import FanOut, OutboxBudget
-from pyrt._history import ENTRY_BYTES, History, Publication, StreamPosition
-from pyrt._historylog import HistoryLog
-from pyrt._hub import Hub, HubConfig
-from pyrt._node import Node, NodeConfig
-from pyrt._outbox import Outbox, PushResult, SlowConsumerPolicy
+from pyrt.hub.history import ENTRY_BYTES, History, Publication, StreamPosition
+from pyrt.hub.historylog import HistoryLog
+from pyrt.hub.hub import Hub, HubConfig
+from pyrt.hub.outbox import Outbox, PushResult, SlowConsumerPolicy
+from pyrt.node.node import Node, NodeConfig
 
 WALL = 1_700_000_000.0
 COST = 1000

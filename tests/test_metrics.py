@@ -12,10 +12,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from pyrt._history import ENTRY_BYTES
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig
-from pyrt._outbox import SlowConsumerPolicy
+from pyrt.hub.history import ENTRY_BYTES
+from pyrt.hub.hub import HubConfig
+from pyrt.hub.outbox import SlowConsumerPolicy
+from pyrt.node.node import Node, NodeConfig
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

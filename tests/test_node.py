@@ -11,9 +11,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from pyrt._node import Node, NodeConfig, load_transports
-from pyrt._wsframe import data_frame
+from pyrt.node.node import Node, NodeConfig, load_transports
 from pyrt.plugins.websocket import WebSocketTransport
+from pyrt.plugins.wsframe import data_frame
 from pyrt.testing import Closed, check_transport
 
 

@@ -20,10 +20,10 @@ import trio
 from pgserver import PASSWORD, PostgresServer
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from pyrt._config import ConfigError, node_config
-from pyrt._node import Node, NodeConfig
 from pyrt._pgwire import PgConnection
-from pyrt._sources import SourceError, load_sources
+from pyrt.node.config import ConfigError, node_config
+from pyrt.node.node import Node, NodeConfig
+from pyrt.node.sources import SourceError, load_sources
 from pyrt.plugins.notify import CatchUp, NotifySource
 from pyrt.plugins.websocket import WebSocketTransport
 from pyrt.testing import check_source

@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from pyrt._outbox import Outbox, PushResult, SlowConsumerPolicy, frame_size
+from pyrt.hub.outbox import Outbox, PushResult, SlowConsumerPolicy, frame_size
 
 DISCONNECT = SlowConsumerPolicy.DISCONNECT
 DROP_OLDEST = SlowConsumerPolicy.DROP_OLDEST

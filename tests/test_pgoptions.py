@@ -10,7 +10,7 @@ import pytest
 from pgserver import PASSWORD, PostgresServer
 
 from pyrt._pgwire import PgAuthError
-from pyrt._sources import load_sources
+from pyrt.node.sources import load_sources
 from pyrt.plugins._postgres import PgOptions
 from pyrt.plugins.notify import NotifySource
 from pyrt.plugins.wal import WalSource

@@ -1,4 +1,4 @@
-"""Presence (pyrt._presence): local diffs, the lattice laws of the state, and convergence.
+"""Presence (pyrt.hub.presence): local diffs, the lattice laws of the state, and convergence.
 
 Members of a topic never read ``Presence.state``: they get ``presence_state`` once and then
 apply diffs. So besides the state itself these tests check, everywhere, that applying the
@@ -22,7 +22,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from pyrt._presence import (
+from pyrt.hub.presence import (
     CausalContext,
     Dot,
     Presence,

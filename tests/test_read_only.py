@@ -19,8 +19,8 @@ from test_wal import run_sql, wal_db, wal_source  # noqa: F401 (wal_db is a fixt
 from trio_websocket import WebSocketConnection
 from trio_websocket import open_websocket_url as ws_open
 
-from pyrt._hub import Hub, HubConfig
-from pyrt._node import Node, NodeConfig
+from pyrt.hub.hub import Hub, HubConfig
+from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.notify import NotifySource
 from pyrt.plugins.wal import WalSource
 

@@ -13,9 +13,9 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig
 from pyrt.conflict import Timestamp
+from pyrt.hub.hub import HubConfig
+from pyrt.node.node import Node, NodeConfig
 
 KEY = "k"
 

@@ -13,8 +13,8 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from pyrt._config import ConfigError, node_config
-from pyrt._outbox import SlowConsumerPolicy
+from pyrt.hub.outbox import SlowConsumerPolicy
+from pyrt.node.config import ConfigError, node_config
 
 
 def test_defaults_need_no_file() -> None:

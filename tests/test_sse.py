@@ -11,10 +11,10 @@ import pytest
 import trio
 from httpkit import SseParser, base_url, open_sse, sse_kit_client, sse_target, stream_get
 
-from pyrt._cursor import Cursor, decode_cursor
-from pyrt._history import StreamPosition
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig, load_transports
+from pyrt.hub.history import StreamPosition
+from pyrt.hub.hub import HubConfig
+from pyrt.node.node import Node, NodeConfig, load_transports
+from pyrt.plugins.cursor import Cursor, decode_cursor
 from pyrt.plugins.sse import SseTransport
 from pyrt.testing import Closed, check_transport
 

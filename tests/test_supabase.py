@@ -25,10 +25,10 @@ from realtime.types import RealtimeAcknowledgementStatus
 from test_wal import run_sql, wal_db, wal_source  # noqa: F401 (wal_db is a fixture)
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from pyrt._hub import HubConfig
-from pyrt._node import Node, NodeConfig
-from pyrt._phoenix import topic_channel
+from pyrt.hub.hub import HubConfig
+from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.supabase import SupabaseTransport
+from pyrt.plugins.supabase.phoenix import topic_channel
 
 KEY = "anon-key"
 T = TypeVar("T")

@@ -14,11 +14,11 @@ import pytest
 import trio
 from pgserver import PostgresServer, free_port
 
-from pyrt._hub import Hub
-from pyrt._node import Node, NodeConfig, Session
 from pyrt._pgrepl import ReplicationStream
-from pyrt._sources import SourceError, load_sources
 from pyrt.client import connect
+from pyrt.hub.hub import Hub
+from pyrt.node.node import Node, NodeConfig, Session
+from pyrt.node.sources import SourceError, load_sources
 from pyrt.plugins.wal import WalSource
 from pyrt.testing import check_source
 

@@ -19,9 +19,9 @@ import pytest
 import trio
 from pgserver import PostgresServer, free_port
 
-from pyrt._history import History
-from pyrt._historylog import HistoryLog
 from pyrt.client import Message, connect
+from pyrt.hub.history import History
+from pyrt.hub.historylog import HistoryLog
 
 ROWS = 10_000
 BATCH = 500  # rows per transaction: the kill lands inside one (after 2,750 rows)

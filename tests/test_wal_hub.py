@@ -11,10 +11,10 @@ import pytest
 from test_pgoutput import enc_begin, enc_commit, enc_insert, enc_relation, enc_truncate
 
 from pyrt._core import PgChange, PgOutputDecoder, check_channel
-from pyrt._hub import Connection, Hub, HubConfig
-from pyrt._node import Node, NodeConfig
 from pyrt._pgrepl import XLogData
-from pyrt._protocol import table_channel
+from pyrt.hub.hub import Connection, Hub, HubConfig
+from pyrt.hub.protocol import table_channel
+from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.wal import WalSource
 
 INT4, TEXT = 23, 25

@@ -10,9 +10,9 @@ import pytest
 from pgserver import PostgresServer
 from test_wal import run_sql, running, until, wal_source
 
-from pyrt._hub import Hub, HubConfig
-from pyrt._sources import SourceError
 from pyrt.client import connect
+from pyrt.hub.hub import Hub, HubConfig
+from pyrt.node.sources import SourceError
 from pyrt.plugins.wal import WalSource
 
 TABLES = """

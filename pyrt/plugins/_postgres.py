@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from .._pgwire import PgAuthError, PgConnection, PgError
-from .._sources import SourceError
+from ..node.sources import SourceError
 from ._options import integer, seconds
 
 __all__ = ["PgOptions", "text_option"]

@@ -25,11 +25,11 @@ import attrs
 import orjson
 import trio
 
-from .._cursor import PositionTracker, StreamOpening, decode_cursor
-from .._http import HttpError, HttpExchange, HttpRequest
-from .._node import Node, Session, _bearer
-from .._protocol import CloseCode
+from ..hub.protocol import CloseCode
+from ..node.http import HttpError, HttpExchange, HttpRequest
+from ..node.node import Node, Session, _bearer
 from ._options import integer, seconds
+from .cursor import PositionTracker, StreamOpening, decode_cursor
 
 CLOSE_GRACE = 2.0
 """Seconds a session the hub closed waits for a poll to collect its last frames and close;

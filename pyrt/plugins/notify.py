@@ -41,8 +41,8 @@ import trio
 
 from .._core import check_channel
 from .._json import JsonError, loads
-from .._node import Node
 from .._pgwire import PgConnection, PgConnectionError, PgError
+from ..node.node import Node
 from ._options import seconds
 from ._postgres import PgOptions
 

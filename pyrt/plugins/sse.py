@@ -12,10 +12,10 @@ from __future__ import annotations
 import orjson
 import trio
 
-from .._cursor import PositionTracker, StreamOpening
-from .._http import HttpError, HttpExchange, HttpRequest
-from .._node import Node, Session
+from ..node.http import HttpError, HttpExchange, HttpRequest
+from ..node.node import Node, Session
 from ._options import integer, seconds
+from .cursor import PositionTracker, StreamOpening
 
 _HEADERS = (("cache-control", "no-store"), ("x-accel-buffering", "no"))
 

@@ -54,7 +54,6 @@ from .._core import (
     check_channel,
 )
 from .._json import loads
-from .._node import Node
 from .._pgoutput import DecodeError, format_commit_time
 from .._pgrepl import (
     PG_EPOCH_UNIX,
@@ -74,8 +73,9 @@ from .._pgwire import (
     quote_ident,
     quote_literal,
 )
-from .._protocol import TABLE_CHANNEL_PREFIX
-from .._sources import SourceError
+from ..hub.protocol import TABLE_CHANNEL_PREFIX
+from ..node.node import Node
+from ..node.sources import SourceError
 from ._options import integer, seconds
 from ._postgres import PgOptions, text_option
 

@@ -1,7 +1,7 @@
 """The WebSocket transport: pyrt's native protocol over RFC 6455 at `/connection/websocket`.
 
 wsproto does the handshake, the reading, the control frames and the close; data frames to the
-client are built by `pyrt._wsframe`, so the hub's encoded frame bytes go out as they are.
+client are built by `pyrt.plugins.wsframe`, so the hub's encoded frame bytes go out as they are.
 
 The socket is attached to the hub's Rust fan-out (`Session.attach`): while nothing is queued
 for the connection, publications are written to it straight from Rust. The writer task writes
@@ -28,10 +28,10 @@ from wsproto.events import (
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .._http import HttpError, HttpExchange, HttpRequest
-from .._node import Node, Session
-from .._protocol import CloseCode
-from .._wsframe import data_frame
+from ..hub.protocol import CloseCode
+from ..node.http import HttpError, HttpExchange, HttpRequest
+from ..node.node import Node, Session
+from .wsframe import data_frame
 
 
 class WebSocketTransport:

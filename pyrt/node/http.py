@@ -20,9 +20,9 @@ import h11
 import orjson
 import trio
 
-from . import _json
-from ._io import send_all
-from ._protocol import _mapping
+from .. import _json
+from ..hub.protocol import _mapping
+from .io import send_all
 
 __all__ = ["HttpError", "HttpExchange", "HttpRequest"]
 
@@ -116,7 +116,7 @@ class HttpExchange:
     ) -> None:
         self.http = http
         self.write_timeout = write_timeout
-        """Writes making no progress for this long fail with `pyrt._io.WriteTimeout`."""
+        """Writes making no progress for this long fail with `pyrt.node.io.WriteTimeout`."""
         self.stream = stream
         self.request = request
         self.deadline = deadline

@@ -277,7 +277,7 @@ class HistoryLog:
         return self._size >= self.segment_bytes
 
     def append(self, publication: Any, change: Any) -> None:
-        """Writes one publication (a `pyrt._history.Publication`); `change` is its row
+        """Writes one publication (a `pyrt.hub.history.Publication`); `change` is its row
         change encoded for the log (or None)."""
         record: dict[str, Any] = {
             "k": "p",

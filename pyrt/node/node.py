@@ -24,8 +24,11 @@ import h11
 import orjson
 import trio
 
-from ._historylog import HistoryLog
-from ._http import (
+from ..hub.historylog import HistoryLog
+from ..hub.hub import DEFAULT, Hub, HubConfig, _Default
+from ..hub.limits import ConnectionsPerAddress, KeyFailures, address_key
+from ..hub.protocol import CloseCode, Command
+from .http import (
     MAX_HEAD_BYTES,
     CorsPolicy,
     HttpError,
@@ -34,13 +37,10 @@ from ._http import (
     next_request,
     refuse,
 )
-from ._hub import DEFAULT, Hub, HubConfig, _Default
-from ._io import has_write_timeout, is_disconnect, send_all
-from ._limits import ConnectionsPerAddress, KeyFailures, address_key
-from ._metrics import NodeMetrics
-from ._protocol import CloseCode, Command
-from ._rest import api_route
-from ._sources import Source, load_sources
+from .io import has_write_timeout, is_disconnect, send_all
+from .metrics import NodeMetrics
+from .rest import api_route
+from .sources import Source, load_sources
 
 Route = Callable[["Node", HttpExchange], Awaitable[bool]]
 """A built-in HTTP route: handles the exchange and returns True, or returns False to pass."""
@@ -125,7 +125,7 @@ class NodeConfig:
     sources: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     """Source name -> its options (`[sources.<name>]`); only these sources run."""
     history_dir: str | None = None
-    """Durable history: a directory for the history log (pyrt._historylog), reloaded at
+    """Durable history: a directory for the history log (pyrt.hub.historylog), reloaded at
     start so offsets, epochs and recovery survive a restart. None: history in memory."""
     history_fsync_interval: float = 1.0
     """With `history_dir`: fsync the log this often when something was written (sources
@@ -493,7 +493,7 @@ class Node:
 
     async def send_all(self, stream: trio.abc.SendStream, data: bytes) -> None:
         """Writes to a client with the node's write deadline (`[hub] write_timeout`):
-        `pyrt._io.WriteTimeout`, a BrokenResourceError, once no progress is made for it."""
+        `pyrt.node.io.WriteTimeout`, a BrokenResourceError, once no progress is made for it."""
         await send_all(stream, data, self.hub.config.write_timeout)
 
     def count_write_timeout(self, transport: str, error: BaseException) -> None:
@@ -512,7 +512,7 @@ class Node:
 
     @staticmethod
     def address_of(stream: trio.abc.Stream) -> str | None:
-        """The key per-address limits count `stream`'s peer under (`pyrt._limits.address_key`);
+        """The key per-address limits count `stream`'s peer under (`pyrt.hub.limits.address_key`);
         None when it has no IP address."""
         socket = getattr(stream, "socket", None)
         if socket is None:
@@ -716,4 +716,4 @@ def _bearer(value: str | None) -> str | None:
 
 @functools.cache
 def _status_page() -> bytes:
-    return importlib.resources.files("pyrt").joinpath("_status.html").read_bytes()
+    return importlib.resources.files("pyrt.node").joinpath("status.html").read_bytes()

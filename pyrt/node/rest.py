@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ._core import check_channel
-from ._errors import ChannelNameError
-from ._history import StreamPosition
-from ._http import HttpError, HttpExchange, HttpRequest
-from ._protocol import ErrorCode, _presence_map, encode_record
-from .conflict import Mutation, Op, Timestamp
+from .._core import check_channel
+from .._errors import ChannelNameError
+from ..conflict import Mutation, Op, Timestamp
+from ..hub.history import StreamPosition
+from ..hub.protocol import ErrorCode, _presence_map, encode_record
+from .http import HttpError, HttpExchange, HttpRequest
 
 if TYPE_CHECKING:
-    from ._node import Node
+    from .node import Node
 
 API_PREFIX = "/api/"
 MAX_PUBLISH_CHANNELS = 100

@@ -29,13 +29,25 @@ from typing import Any
 import attrs
 import orjson
 
-from ._core import FanOut, Matcher, OutboxBudget, PgChange, check_channel
-from ._errors import ChannelNameError
-from ._history import History, HistoryBudget, Publication, Recovery, StreamPosition
-from ._limits import Admission, ChannelRates, CommandRate
-from ._outbox import Outbox, SlowConsumerPolicy
-from ._presence import Presence, PresenceDiff
-from ._protocol import (
+from .._core import FanOut, Matcher, OutboxBudget, PgChange, check_channel
+from .._errors import ChannelNameError
+from ..conflict import (
+    ConflictPolicy,
+    HybridClock,
+    Mutation,
+    Outcome,
+    Record,
+    RecordStore,
+    Resolver,
+    Timestamp,
+    origin_tag,
+    policy_named,
+)
+from .history import History, HistoryBudget, Publication, Recovery, StreamPosition
+from .limits import Admission, ChannelRates, CommandRate
+from .outbox import Outbox, SlowConsumerPolicy
+from .presence import Presence, PresenceDiff
+from .protocol import (
     CloseCode,
     Command,
     ErrorCode,
@@ -53,19 +65,7 @@ from ._protocol import (
     encode_record,
     table_channel,
 )
-from ._rows import TRUNCATE, InvalidRowSubscription, RowSubscriptions
-from .conflict import (
-    ConflictPolicy,
-    HybridClock,
-    Mutation,
-    Outcome,
-    Record,
-    RecordStore,
-    Resolver,
-    Timestamp,
-    origin_tag,
-    policy_named,
-)
+from .rows import TRUNCATE, InvalidRowSubscription, RowSubscriptions
 
 
 @attrs.frozen(slots=True, kw_only=True)

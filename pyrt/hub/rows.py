@@ -14,9 +14,9 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ._core import FanOut, Matcher, PgChange, RowEvent
-from ._errors import FilterError
-from ._protocol import RowSubscription
+from .._core import FanOut, Matcher, PgChange, RowEvent
+from .._errors import FilterError
+from .protocol import RowSubscription
 
 TRUNCATE = "TRUNCATE"
 """The `change` kept in history for a truncate (the matcher has no TRUNCATE events)."""
@@ -119,7 +119,7 @@ class RowSubscriptions:
             matcher.add_rows(sub_id, spec.event, spec.schema, spec.table, spec.filter)
         rows = [c for c in changes if isinstance(c, PgChange)]
         matched = iter(matcher.match_changes(rows))
-        # Row events reloaded from a durable history log are RowEvents (pyrt._historylog).
+        # Row events reloaded from a durable history log are RowEvents (pyrt.hub.historylog).
         events = [c for c in changes if isinstance(c, RowEvent)]
         matched_events = iter(matcher.match_rows(events) if events else ())
         out = []

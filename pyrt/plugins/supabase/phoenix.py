@@ -1,7 +1,7 @@
 """Supabase Realtime's wire protocol: Phoenix channel frames (vsn 1.0.0 and 2.0.0), join
 configs, and the per-channel codec through which the hub writes to Supabase clients.
 
-Sans-IO, like pyrt._protocol: frames in, values out; values in, frame bytes out. The transport
+Sans-IO, like pyrt.hub.protocol: frames in, values out; values in, frame bytes out. The transport
 (pyrt.plugins.supabase) maps each Phoenix channel of a socket to one hub connection whose codec
 is a `ChannelCodec`; docs/supabase.md describes the mapping and every error.
 
@@ -22,12 +22,12 @@ from typing import Any, TypeAlias
 import attrs
 import orjson
 
-from . import _json
-from ._core import Matcher
-from ._errors import FilterError
-from ._history import Publication, StreamPosition
-from ._presence import PresenceDiff, PresenceMeta
-from ._protocol import (
+from ... import _json
+from ..._core import Matcher
+from ..._errors import FilterError
+from ...hub.history import Publication, StreamPosition
+from ...hub.presence import PresenceDiff, PresenceMeta
+from ...hub.protocol import (
     MAX_ROW_SUBSCRIPTIONS,
     TABLE_CHANNEL_PREFIX,
     CloseCode,

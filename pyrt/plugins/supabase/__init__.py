@@ -2,15 +2,15 @@
 `realtime`) against pyrt's hub, unmodified (docs/supabase.md).
 
 Serves WebSocket upgrades at `/realtime/v1/websocket` and `/socket/websocket` (Phoenix
-channels, vsn 1.0.0 or 2.0.0; frames in pyrt._phoenix) and Supabase's broadcast REST API at
-`POST /api/broadcast` and `POST /api/broadcast/<topic>/events/<event>` (also under
-`/realtime/v1`). Each Phoenix channel of a socket is one hub connection, with a
+channels, vsn 1.0.0 or 2.0.0; frames in pyrt.plugins.supabase.phoenix) and Supabase's
+broadcast REST API at `POST /api/broadcast` and `POST /api/broadcast/<topic>/events/<event>`
+(also under `/realtime/v1`). Each Phoenix channel of a socket is one hub connection, with a
 `ChannelCodec` naming its topic: broadcasts are publications on the topic's channel, presence
 is the hub's presence, and `postgres_changes` are the hub's row-change subscriptions (one
 hub join per table), so Supabase and native clients share channels, history and rows.
 
 wsproto does the handshake, control frames and close, as in the native WebSocket transport;
-data frames are built by pyrt._wsframe.
+data frames are built by pyrt.plugins.wsframe.
 """
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .._core import check_channel
-from .._errors import ChannelNameError
-from .._http import HttpError, HttpExchange, HttpRequest
-from .._io import is_disconnect
-from .._json import JsonError, loads
-from .._limits import Admission
-from .._node import Node, Session
-from .._phoenix import (
+from ..._core import check_channel
+from ..._errors import ChannelNameError
+from ..._json import JsonError, loads
+from ...hub.limits import Admission
+from ...hub.protocol import CloseCode, Join, Leave, Publish, Track, Untrack
+from ...node.http import HttpError, HttpExchange, HttpRequest
+from ...node.io import is_disconnect
+from ...node.node import Node, Session
+from .._options import integer
+from ..wsframe import BINARY, TEXT, data_frame
+from .phoenix import (
     PHOENIX_TOPIC,
     TOPIC_PREFIX,
     VERSIONS,
@@ -60,9 +63,6 @@ from .._phoenix import (
     parse_join,
     topic_channel,
 )
-from .._protocol import CloseCode, Join, Leave, Publish, Track, Untrack
-from .._wsframe import BINARY, TEXT, data_frame
-from ._options import integer
 
 SOCKET_PATHS = ("/realtime/v1/websocket", "/socket/websocket")
 BROADCAST_PATHS = ("/api/broadcast", "/realtime/v1/api/broadcast")

@@ -19,10 +19,10 @@ from typing import Any, TypeAlias
 import attrs
 import orjson
 
-from . import _json
-from ._history import Publication, StreamPosition
-from ._presence import PresenceDiff, PresenceMeta
-from .conflict import Mutation, Op, Outcome, Record, Result, Timestamp
+from .. import _json
+from ..conflict import Mutation, Op, Outcome, Record, Result, Timestamp
+from .history import Publication, StreamPosition
+from .presence import PresenceDiff, PresenceMeta
 
 
 class ErrorCode(enum.IntEnum):

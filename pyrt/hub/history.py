@@ -19,7 +19,7 @@ offsets themselves are lost or could be reused: a restart without durable histor
 dropped stream, a source's gap.)
 
 Sans-IO: time is passed in as `now` (seconds, any monotonic origin), epochs come from a
-callable the owner passes in. Durable history is an attached `HistoryLog` (pyrt._historylog,
+callable the owner passes in. Durable history is an attached `HistoryLog` (pyrt.hub.historylog,
 the IO side): every publication is written to it before `append` returns, that is before the
 hub queues it for anyone, and `attach` replays it at start.
 """
@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import orjson
 
-from ._core import PgChange, RowEvent
-from .conflict import Timestamp
+from .._core import PgChange, RowEvent
+from ..conflict import Timestamp
 
 if TYPE_CHECKING:
-    from ._historylog import HistoryLog, LogRecord
+    from .historylog import HistoryLog, LogRecord
 
 
 @attrs.frozen(slots=True)

@@ -22,13 +22,13 @@ from typing import Protocol
 import attrs
 import orjson
 
-from . import _json
-from ._core import check_channel
-from ._errors import ChannelNameError
-from ._history import StreamPosition
-from ._http import HttpError, HttpRequest
-from ._hub import _is_pattern
-from ._protocol import Command, Join
+from .. import _json
+from .._core import check_channel
+from .._errors import ChannelNameError
+from ..hub.history import StreamPosition
+from ..hub.hub import _is_pattern
+from ..hub.protocol import Command, Join
+from ..node.http import HttpError, HttpRequest
 
 MAX_CURSOR_CHARS = 16 * 1024
 
@@ -130,7 +130,7 @@ class PositionTracker:
 
 
 class CommandSink(Protocol):
-    """Where an opening sends its joins (a `pyrt._node.Session`)."""
+    """Where an opening sends its joins (a `pyrt.node.node.Session`)."""
 
     def command(self, command: Command) -> None: ...
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 if TYPE_CHECKING:
-    from ._node import Node
+    from .node import Node
 
 SOURCE_GROUP = "pyrt.sources"
 

@@ -21,10 +21,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from ._http import HttpError, HttpExchange
+from .http import HttpError, HttpExchange
 
 if TYPE_CHECKING:
-    from ._node import Node
+    from .node import Node
 
 METRICS_PATH = "/metrics"
 

@@ -67,11 +67,11 @@ from typing import Any
 
 import attrs
 
-from . import _json
-from ._http import MAX_HEAD_BYTES
-from ._hub import HubConfig
-from ._node import NodeConfig
-from ._outbox import SlowConsumerPolicy
+from .. import _json
+from ..hub.hub import HubConfig
+from ..hub.outbox import SlowConsumerPolicy
+from .http import MAX_HEAD_BYTES
+from .node import NodeConfig
 
 _SERVER_KEYS = {
     "host",

@@ -1,0 +1,1 @@
+"""The hub: sans-IO channels, history, presence and records (no sockets, no clock)."""
