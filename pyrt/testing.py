@@ -50,9 +50,10 @@ import orjson
 import trio
 
 from .hub.history import Publication
-from .hub.hub import Connection, Hub, HubConfig
-from .node.node import Node, NodeConfig, Transport
-from .node.sources import Source
+from .hub.hub import Hub, HubConfig
+from .node.config import NodeConfig
+from .node.node import Node
+from .plugin import Session, Source, Transport
 
 __all__ = [
     "ClientFactory",
@@ -457,14 +458,14 @@ async def _source_publishes_in_order(
         with trio.fail_after(timeout):
             await nursery.start(run_node)
         session = node.open_session(transport="check_source", pings=False)
-        session.receive(orjson.dumps({"id": 1, "cmd": "join", "channel": channel}))
-        reply = await _next_frame(session.connection, node, timeout)
+        await session.receive(orjson.dumps({"id": 1, "cmd": "join", "channel": channel}))
+        reply = await _next_frame(session, timeout)
         _check(reply.get("reply") == 1 and "ok" in reply, f"joining {channel!r}: {reply}")
         with trio.fail_after(timeout):
             await produce(SOURCE_KIT_VALUES)
         got = []
         for _ in SOURCE_KIT_VALUES:
-            frame = await _next_push(session.connection, node, timeout)
+            frame = await _next_push(session, timeout)
             _check(frame.get("channel") == channel, f"published elsewhere: {frame}")
             got.append(value(frame["data"]))
         _check(got == SOURCE_KIT_VALUES, f"events out of order or changed: {got!r}")
@@ -494,12 +495,12 @@ async def _bad_event_is_skipped(
         with trio.fail_after(timeout):
             await nursery.start(node.run)
         session = node.open_session(transport="check_source", pings=False)
-        session.receive(orjson.dumps({"id": 1, "cmd": "join", "channel": channel}))
-        await _next_frame(session.connection, node, timeout)
+        await session.receive(orjson.dumps({"id": 1, "cmd": "join", "channel": channel}))
+        await _next_frame(session, timeout)
         hub.armed = 1
         with trio.fail_after(timeout):
             await produce(["kit-fail", "kit-after"])
-        frame = await _next_push(session.connection, node, timeout)
+        frame = await _next_push(session, timeout)
         _check(
             value(frame["data"]) == "kit-after",
             f"after an event it could not publish, the source must go on: got {frame}",
@@ -510,20 +511,17 @@ async def _bad_event_is_skipped(
         node.stop()
 
 
-async def _next_frame(conn: Connection, node: Node, timeout: float) -> dict[str, Any]:
-    session = node._sessions[conn.id]
+async def _next_frame(session: Session, timeout: float) -> dict[str, Any]:
     with trio.fail_after(timeout):
         while True:
-            if len(conn.outbox):
-                frame = conn.outbox.pop(max_bytes=1)[0]
-                data = frame if isinstance(frame, bytes) else frame.encode()
-                result: dict[str, Any] = orjson.loads(data)
+            if session.queued:
+                result: dict[str, Any] = orjson.loads(session.take(max_frames=1)[0])
                 return result
             await session.wait_changed()
 
 
-async def _next_push(conn: Connection, node: Node, timeout: float) -> dict[str, Any]:
+async def _next_push(session: Session, timeout: float) -> dict[str, Any]:
     while True:
-        frame = await _next_frame(conn, node, timeout)
+        frame = await _next_frame(session, timeout)
         if frame.get("push") == "pub":
             return frame

@@ -53,7 +53,8 @@ def test_public_names() -> None:
     assert set(pyrt.__all__) == PUBLIC
     exported = {name for name in vars(pyrt) if not name.startswith("_")} | {"__version__"}
     # Only the curated names, and the public submodules once imported, are visible.
-    assert exported - {"client", "conflict", "hub", "node", "plugins", "testing"} == PUBLIC
+    submodules = {"client", "conflict", "hub", "node", "plugin", "plugins", "testing"}
+    assert exported - submodules == PUBLIC
 
 
 def test_version_comes_from_the_compiled_core() -> None:

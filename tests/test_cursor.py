@@ -119,11 +119,11 @@ class Sink:
     def __init__(self) -> None:
         self.commands: list[Command] = []
 
-    def command(self, command: Command) -> None:
+    async def command(self, command: Command) -> None:
         self.commands.append(command)
 
 
-def test_an_opening_joins_in_order_from_the_cursor() -> None:
+async def test_an_opening_joins_in_order_from_the_cursor() -> None:
     cursor = Cursor({"a": StreamPosition(3, "e"), "gone": StreamPosition(1, "e")}).encode()
     opening = StreamOpening.parse(
         request(f"channel=a&presence=p&channel=b:*&channel=a&cursor={cursor}"),
@@ -131,7 +131,7 @@ def test_an_opening_joins_in_order_from_the_cursor() -> None:
         cursor=cursor,
     )
     sink = Sink()
-    tracker = opening.join(sink)
+    tracker = await opening.join(sink)
     assert sink.commands == [
         Join("join:a", "a", since=StreamPosition(3, "e")),
         Join("join:p", "p", presence=True),

@@ -1,5 +1,6 @@
 """Failure isolation over real sockets: no input from one client, and no bug in one plugin,
-ends the node or touches another client (DESIGN: failure isolation; docs/security.md).
+ends the node or touches another client (docs/architecture.md, "Failure isolation";
+docs/security.md).
 
 Each test runs a node in the test's nursery: an exception that escaped a connection would
 reach the nursery and fail the test. Each ends by checking that a second, well-behaved

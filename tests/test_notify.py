@@ -24,6 +24,7 @@ from pyrt._pgwire import PgConnection
 from pyrt.node.config import ConfigError, node_config
 from pyrt.node.node import Node, NodeConfig
 from pyrt.node.sources import SourceError, load_sources
+from pyrt.plugin import SourceContext
 from pyrt.plugins.notify import CatchUp, NotifySource
 from pyrt.plugins.websocket import WebSocketTransport
 from pyrt.testing import check_source
@@ -74,7 +75,7 @@ class Swallower:
     def __init__(self, port: int) -> None:
         self.port = port
 
-    async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
+    async def run(self, ctx: SourceContext, *, task_status: trio.TaskStatus[None]) -> None:
         conn = await PgConnection.connect(
             "127.0.0.1", self.port, "pyrt_scram", PASSWORD, "postgres"
         )
@@ -83,15 +84,15 @@ class Swallower:
             task_status.started()
             async for n in conn.notifications():
                 with contextlib.suppress(Exception):  # uncounted: the mistake the kit must catch
-                    node.publish("kit:notify", {"payload": n.payload})
+                    await ctx.publish("kit:notify", {"payload": n.payload})
 
 
 class Stubborn(Swallower):
     """A source that holds on past cancellation: the kit must notice the node hanging."""
 
-    async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
+    async def run(self, ctx: SourceContext, *, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(super().run, node)
+            await nursery.start(super().run, ctx)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -212,7 +213,7 @@ class Recorder:
 
     async def __call__(self, ctx: CatchUp) -> None:
         (result,) = await ctx.connection.simple_query("SELECT 'caught up'")
-        ctx.publish("orders", {"catch_up": len(self.calls), "query": result.rows[0][0]})
+        await ctx.publish("orders", {"catch_up": len(self.calls), "query": result.rows[0][0]})
         self.calls.append(ctx.reconnect)
         self.changed.set()
         self.changed = trio.Event()
@@ -364,7 +365,7 @@ def test_option_errors(
 
 async def recording_hook(ctx: CatchUp) -> None:
     """Named by dotted path in the config test below."""
-    ctx.publish("orders", "from the dotted-path hook")
+    await ctx.publish("orders", "from the dotted-path hook")
 
 
 def test_config_file_sources(tmp_path: Path, postgres: PostgresServer) -> None:

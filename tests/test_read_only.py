@@ -21,6 +21,7 @@ from trio_websocket import open_websocket_url as ws_open
 
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.node.node import Node, NodeConfig
+from pyrt.plugin import SourceContext
 from pyrt.plugins.notify import NotifySource
 from pyrt.plugins.wal import WalSource
 
@@ -95,7 +96,7 @@ class Ticker:
     name = "ticker"
     owned_channels = ("ticks:>",)
 
-    async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
+    async def run(self, ctx: SourceContext, *, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
         await trio.sleep_forever()
 

@@ -101,16 +101,15 @@ class Subscriber:
         self._ids = 0
 
     def collect(self) -> list[dict[str, Any]]:
-        outbox = self.session.connection.outbox
-        while len(outbox):
-            for frame in outbox.pop(max_bytes=1 << 30):
+        while self.session.queued:
+            for frame in self.session.take(max_bytes=1 << 30):
                 self.frames.append(orjson.loads(frame))
         return self.frames
 
     async def request(self, **command: Any) -> dict[str, Any]:
         self._ids += 1
         rid = self._ids
-        self.session.receive(orjson.dumps({**command, "id": rid}))
+        await self.session.receive(orjson.dumps({**command, "id": rid}))
         reply = next(f for f in self.collect() if f.get("reply") == rid)
         return reply
 

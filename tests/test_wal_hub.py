@@ -14,6 +14,7 @@ from pyrt._core import PgChange, PgOutputDecoder, check_channel
 from pyrt._pgrepl import XLogData
 from pyrt.hub.hub import Connection, Hub, HubConfig
 from pyrt.hub.protocol import table_channel
+from pyrt.node.context import SourceContext
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.wal import WalSource
 
@@ -222,13 +223,13 @@ async def test_pump_skips_what_the_slot_sends_again() -> None:
     join(node.hub, conn, channel="pg:public:items")
     # A session cut off in the middle of the second transaction...
     first = FakeStream([RELATION, *transaction(100, 1, 2), *transaction(200, 3, 4, commit=False)])
-    await source.pump(node, first)
+    await source.pump(SourceContext(node, source.name), first)
     assert first.acks == [108]
     # ...then the slot sends both again (the first's ack was lost), and a third.
     second = FakeStream(
         [RELATION, *transaction(100, 1, 2), *transaction(200, 3, 4, 5), *transaction(300, 6)]
     )
-    await source.pump(node, second)
+    await source.pump(SourceContext(node, source.name), second)
     assert second.acks == [108, 208, 308]
     ids = [f["data"]["record"]["id"] for f in frames(conn)]
     assert ids == [1, 2, 3, 4, 5, 6]
@@ -251,7 +252,7 @@ async def test_pump_publishes_truncates_per_table() -> None:
             enc_commit(0, 100, 108, 0),
         ]
     )
-    await source.pump(node, stream)
+    await source.pump(SourceContext(node, source.name), stream)
     got = [(f["channel"], f["data"]["type"], f["data"]["columns"]) for f in frames(conn)]
     assert got == [
         (
@@ -288,7 +289,7 @@ async def test_pump_skips_a_message_it_cannot_decode_and_goes_on(
             *transaction(300, 3),
         ]
     )
-    await source.pump(node, stream)
+    await source.pump(SourceContext(node, source.name), stream)
     assert [f["data"]["record"]["id"] for f in frames(conn)] == [1, 2, 3]
     assert stream.acks == [108, 208, 308]  # the slot moves past the bad message
     assert node.metrics.source_events_skipped["wal"] == 1
@@ -317,7 +318,7 @@ async def test_a_row_too_deep_to_keep_as_a_record_is_skipped_as_a_record_only() 
             enc_commit(0, 100, 108, 0),
         ]
     )
-    await source.pump(node, stream)
+    await source.pump(SourceContext(node, source.name), stream)
     # Both row events go out (as the database sent them); only the shallow row is a record.
     assert [f["data"]["record"]["id"] for f in frames(conn)] == [1, 2]
     assert [r.key for r in node.hub.records("docs")] == ["2"]

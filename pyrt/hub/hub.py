@@ -1,9 +1,11 @@
 """The hub: channels, broadcast, history and recovery, presence, liveness, slow consumers.
 
-Sans-IO and synchronous (DESIGN.md): the transport layer calls `open`, `receive`, `tick` and
+Sans-IO and synchronous (docs/architecture.md): the node calls `open`, `receive`, `tick` and
 `disconnect` with the current time, then writes out what each connection's `outbox` holds
 (`take_ready` names the connections with new frames) and closes what `take_closing` names.
-Nothing here touches a socket, a clock or trio, which is what lets hypothesis drive it.
+Nothing here reads a clock or uses trio, which is what lets hypothesis drive it. One thing
+does I/O: the Rust fan-out the hub owns writes publications straight to the sockets that
+transports attached (`attach_socket`); a hub with no socket attached writes nothing.
 
 Routing goes through the Rust matcher; a publication is encoded once per codec and the same
 frame object is queued for every recipient.

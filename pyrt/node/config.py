@@ -71,7 +71,63 @@ from .. import _json
 from ..hub.hub import HubConfig
 from ..hub.outbox import SlowConsumerPolicy
 from .http import MAX_HEAD_BYTES
-from .node import NodeConfig
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class NodeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    """0 picks a free port (see Node.port)."""
+    hub: HubConfig = attrs.field(factory=HubConfig)
+    transports: tuple[str, ...] | None = None
+    """Transport plugins to enable, by entry point name; None for every installed one."""
+    drain_timeout: float = 5.0
+    """On shutdown, how long clients get to receive what is queued for them."""
+    request_timeout: float = 10.0
+    """How long a client may take to send a whole request, head and body, counted from when
+    the connection opened or the previous response was sent (so it also bounds an idle
+    keep-alive connection). A body still arriving then is answered 408, and a head still
+    arriving is not answered; either way the connection is closed. Responses, streamed ones
+    (SSE, long-poll waits, WebSocket) included, are not bounded by it."""
+    max_head_bytes: int = MAX_HEAD_BYTES
+    """Largest request head (request line and headers) accepted; 431 beyond, then close."""
+    transport_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    """Plugin name -> keyword arguments for its factory."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to use the HTTP endpoints from other sites (`*`: any)."""
+    api_keys: tuple[str, ...] = ()
+    """Keys that authorize the REST API (server-side publishers). None: the API refuses."""
+    max_body_bytes: int = 1024 * 1024
+    """Largest request body the REST API accepts."""
+    sources: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    """Source name -> its options (`[sources.<name>]`); only these sources run."""
+    history_dir: str | None = None
+    """Durable history: a directory for the history log (pyrt.hub.historylog), reloaded at
+    start so offsets, epochs and recovery survive a restart. None: history in memory."""
+    history_fsync_interval: float = 1.0
+    """With `history_dir`: fsync the log this often when something was written (sources
+    that acknowledge upstream fsync before each acknowledgement anyway)."""
+    history_segment_bytes: int = 16 * 1024 * 1024
+    """With `history_dir`: the log's segment size; old segments are deleted whole."""
+    max_connections_per_ip: int = 256
+    """Open connections one peer address may have (an IPv4 address, or an IPv6 /64 network);
+    0: no limit. Over it, a new connection is answered 503 and closed at once. Behind a
+    reverse proxy every connection comes from the proxy's address: raise it, or use 0."""
+    api_key_max_failures: int = 10
+    """Wrong API keys (REST API, Supabase keys) from one peer address within
+    `api_key_failure_window` that pause the address (0: never pause)."""
+    api_key_failure_window: float = 60.0
+    """Seconds within which `api_key_max_failures` wrong keys pause an address."""
+    api_key_pause: float = 60.0
+    """Seconds a paused address is refused (HTTP 429 with `retry-after`), whatever key it
+    sends."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_connections_per_ip < 0 or self.api_key_max_failures < 0:
+            raise ValueError("max_connections_per_ip and api_key_max_failures must be >= 0")
+        if not (0 < self.api_key_failure_window < math.inf and 0 < self.api_key_pause < math.inf):
+            raise ValueError("api_key_failure_window and api_key_pause must be positive")
+
 
 _SERVER_KEYS = {
     "host",

@@ -393,3 +393,10 @@ async def refuse(
         data += http.send(h11.Data(data=body)) or b""
     data += http.send(h11.EndOfMessage()) or b""
     await send_all(stream, data, write_timeout)
+
+
+def bearer_token(value: str | None) -> str | None:
+    """The token of an `authorization: Bearer <token>` header value, or None."""
+    if value is not None and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None

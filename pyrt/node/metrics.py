@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,10 +21,21 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ..hub.hub import Hub
+from ..hub.limits import ConnectionsPerAddress, KeyFailures
 from .http import HttpError, HttpExchange
+from .plugins import ReportsLag, Source, Transport
 
-if TYPE_CHECKING:
-    from .node import Node
+
+class Measured(Protocol):
+    """What `/metrics` reads (`Node` is one)."""
+
+    hub: Hub
+    transports: list[Transport]
+    sources: list[Source]
+    key_failures: KeyFailures
+    connections_per_address: ConnectionsPerAddress
+
 
 METRICS_PATH = "/metrics"
 
@@ -40,7 +51,7 @@ class NodeMetrics:
     """A node's metrics: the registry `/metrics` serves, and the few counts the hub cannot
     keep because they happen outside it (REST API requests)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Measured) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.api_messages_in = 0
         """`POST /api/publish` requests that published (one per request, however many
@@ -58,7 +69,7 @@ class NodeMetrics:
     def count_refused(self, status: int) -> None:
         self.http_refused[status] = self.http_refused.get(status, 0) + 1
 
-    async def route(self, node: Node, exchange: HttpExchange) -> bool:
+    async def route(self, node: object, exchange: HttpExchange) -> bool:
         """Serves `GET /metrics` (no API key: like most exporters, protect it by network)."""
         if exchange.request.path != METRICS_PATH:
             return False
@@ -73,7 +84,7 @@ class NodeMetrics:
 class _HubCollector(Collector):
     """Reads the hub's counters at scrape time."""
 
-    def __init__(self, node: Node, metrics: NodeMetrics) -> None:
+    def __init__(self, node: Measured, metrics: NodeMetrics) -> None:
         self._node = node
         self._metrics = metrics
 
@@ -235,8 +246,8 @@ class _HubCollector(Collector):
             labels=["source"],
         )
         for source in self._node.sources:
-            # Sources that know their lag say so with these attributes (the WAL source).
-            if hasattr(source, "lag_bytes") and hasattr(source, "lag_seconds"):
+            # Sources that know their lag say so (`ReportsLag`: the WAL source).
+            if isinstance(source, ReportsLag):
                 lag_bytes.add_metric([source.name], source.lag_bytes)
                 lag_seconds.add_metric([source.name], source.lag_seconds)
         yield lag_bytes

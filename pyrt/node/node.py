@@ -14,33 +14,34 @@ import importlib.metadata
 import importlib.resources
 import logging
 import math
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-import attrs
 import h11
 import orjson
 import trio
 
 from ..hub.historylog import HistoryLog
-from ..hub.hub import DEFAULT, Hub, HubConfig, _Default
+from ..hub.hub import DEFAULT, Hub, _Default
 from ..hub.limits import ConnectionsPerAddress, KeyFailures, address_key
-from ..hub.protocol import CloseCode, Command
+from ..hub.protocol import CloseCode
+from .config import NodeConfig
+from .context import SourceContext, TransportContext
 from .http import (
-    MAX_HEAD_BYTES,
     CorsPolicy,
     HttpError,
     HttpExchange,
-    HttpRequest,
+    bearer_token,
     next_request,
     refuse,
 )
 from .io import has_write_timeout, is_disconnect, send_all
 from .metrics import NodeMetrics
+from .plugins import BackgroundTransport, OwnsChannels, Source, Transport
 from .rest import api_route
-from .sources import Source, load_sources
+from .session import Session
+from .sources import load_sources
 
 Route = Callable[["Node", HttpExchange], Awaitable[bool]]
 """A built-in HTTP route: handles the exchange and returns True, or returns False to pass."""
@@ -48,30 +49,6 @@ Route = Callable[["Node", HttpExchange], Awaitable[bool]]
 TRANSPORT_GROUP = "pyrt.transports"
 
 log = logging.getLogger("pyrt.node")
-
-
-class Transport(Protocol):
-    """What a transport plugin provides. Register a factory returning one under the
-    `pyrt.transports` entry point group; the built-in transports register the same way."""
-
-    name: str
-
-    def claims(self, request: HttpRequest) -> bool:
-        """Whether this transport serves `request`."""
-        ...
-
-    async def serve(self, node: Node, exchange: HttpExchange) -> None:
-        """Serves `exchange.request` to its end: a whole connection for an upgrade (use
-        `exchange.stream` and `exchange.trailing`), or one response (`exchange.respond`, or
-        `start_stream`/`send`/`end_stream`). Raise `HttpError` for an error response. The
-        node reuses the connection if the response ended cleanly, else closes it."""
-        ...
-
-    # Optional: `async def run(self, node, *, task_status)`. A transport whose work outlives
-    # its requests (long-poll sessions live between polls) has it run under the node's
-    # nursery: started (and `task_status.started()` awaited) before the node accepts
-    # connections, cancelled when the node has drained. Not declared here, as a Protocol
-    # member it would be required.
 
 
 def load_transports(
@@ -94,202 +71,6 @@ def load_transports(
         except (TypeError, ValueError) as e:
             raise ValueError(f"transports.{name}: {e}") from None
     return transports
-
-
-@attrs.frozen(slots=True, kw_only=True)
-class NodeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    """0 picks a free port (see Node.port)."""
-    hub: HubConfig = attrs.field(factory=HubConfig)
-    transports: tuple[str, ...] | None = None
-    """Transport plugins to enable, by entry point name; None for every installed one."""
-    drain_timeout: float = 5.0
-    """On shutdown, how long clients get to receive what is queued for them."""
-    request_timeout: float = 10.0
-    """How long a client may take to send a whole request, head and body, counted from when
-    the connection opened or the previous response was sent (so it also bounds an idle
-    keep-alive connection). A body still arriving then is answered 408, and a head still
-    arriving is not answered; either way the connection is closed. Responses, streamed ones
-    (SSE, long-poll waits, WebSocket) included, are not bounded by it."""
-    max_head_bytes: int = MAX_HEAD_BYTES
-    """Largest request head (request line and headers) accepted; 431 beyond, then close."""
-    transport_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
-    """Plugin name -> keyword arguments for its factory."""
-    cors_origins: tuple[str, ...] = ()
-    """Browser origins allowed to use the HTTP endpoints from other sites (`*`: any)."""
-    api_keys: tuple[str, ...] = ()
-    """Keys that authorize the REST API (server-side publishers). None: the API refuses."""
-    max_body_bytes: int = 1024 * 1024
-    """Largest request body the REST API accepts."""
-    sources: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
-    """Source name -> its options (`[sources.<name>]`); only these sources run."""
-    history_dir: str | None = None
-    """Durable history: a directory for the history log (pyrt.hub.historylog), reloaded at
-    start so offsets, epochs and recovery survive a restart. None: history in memory."""
-    history_fsync_interval: float = 1.0
-    """With `history_dir`: fsync the log this often when something was written (sources
-    that acknowledge upstream fsync before each acknowledgement anyway)."""
-    history_segment_bytes: int = 16 * 1024 * 1024
-    """With `history_dir`: the log's segment size; old segments are deleted whole."""
-    max_connections_per_ip: int = 256
-    """Open connections one peer address may have (an IPv4 address, or an IPv6 /64 network);
-    0: no limit. Over it, a new connection is answered 503 and closed at once. Behind a
-    reverse proxy every connection comes from the proxy's address: raise it, or use 0."""
-    api_key_max_failures: int = 10
-    """Wrong API keys (REST API, Supabase keys) from one peer address within
-    `api_key_failure_window` that pause the address (0: never pause)."""
-    api_key_failure_window: float = 60.0
-    """Seconds within which `api_key_max_failures` wrong keys pause an address."""
-    api_key_pause: float = 60.0
-    """Seconds a paused address is refused (HTTP 429 with `retry-after`), whatever key it
-    sends."""
-
-    def __attrs_post_init__(self) -> None:
-        if self.max_connections_per_ip < 0 or self.api_key_max_failures < 0:
-            raise ValueError("max_connections_per_ip and api_key_max_failures must be >= 0")
-        if not (0 < self.api_key_failure_window < math.inf and 0 < self.api_key_pause < math.inf):
-            raise ValueError("api_key_failure_window and api_key_pause must be positive")
-
-
-class Session:
-    """One client connection's link to the hub, used by its transport."""
-
-    def __init__(
-        self,
-        node: Node,
-        *,
-        transport: str = "websocket",
-        idle_timeout: float | _Default | None = DEFAULT,
-        pings: bool = True,
-    ) -> None:
-        self._node = node
-        self.connection = node.hub.open(
-            node.now, transport=transport, idle_timeout=idle_timeout, pings=pings
-        )
-        self.id = self.connection.id
-        self.token = secrets.token_urlsafe(18)
-        """Authorizes commands sent over HTTP (`POST /connection/send`) for this session."""
-        self._wake = trio.Event()
-        self._pulse: trio.Event | None = None
-        """Made by the first `wait_changed` (long-poll): idle WebSockets need none."""
-        self.closed = False
-
-    def frame_too_big(self) -> None:
-        """The client sent a frame over the limit without it being read whole."""
-        if not self.closed:
-            with self._isolated():
-                self._node.hub.frame_too_big(self.id)
-            self._node.pump()
-
-    def command(self, command: Command) -> None:
-        """Hands a command built by the transport (not read from the wire) to the hub."""
-        if not self.closed:
-            with self._isolated():
-                self._node.hub.handle(self.connection, command, self._node.now)
-            self._node.pump()
-
-    @contextlib.contextmanager
-    def _isolated(self) -> Iterator[None]:
-        """An exception while the hub handles this connection's input ends this connection
-        (1011, logged and counted: `Node.connection_failed`) and nothing else."""
-        try:
-            yield
-        except Exception as e:
-            self._node.connection_failed(self.connection.transport, e, self)
-
-    def touch(self) -> None:
-        """A sign of life that is not a frame (a long-poll request)."""
-        self._node.hub.touch(self.id, self._node.now)
-
-    def receive(self, frame: str | bytes) -> None:
-        """Hands one frame from the client to the hub."""
-        if not self.closed:
-            with self._isolated():
-                self._node.hub.receive(self.id, frame, self._node.now)
-            self._node.pump()
-
-    @property
-    def close_request(self) -> tuple[CloseCode, str] | None:
-        """Set once the hub wants this connection closed (after its queued frames)."""
-        return self._node._close_requests.get(self.id)
-
-    async def outgoing(self, max_bytes: int = 256 * 1024) -> list[bytes]:
-        """The next frames to write; waits for some. Empty once the connection must close
-        and everything queued was handed out."""
-        outbox = self.connection.outbox
-        while True:
-            # Popping (even nothing) also says the frames popped last time are written.
-            frames = outbox.pop(max_bytes=max_bytes)
-            if frames:
-                return [f if isinstance(f, bytes) else f.encode() for f in frames]
-            if self.close_request is not None or self.closed:
-                return []
-            await self._wake.wait()
-            self._wake = trio.Event()
-
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
-        """`Node.corked` (for a transport handing over several frames read at once)."""
-        with self._node.corked():
-            yield
-
-    def attach(self, fd: int) -> bool:
-        """Offers the connection's socket to the hub's Rust fan-out, which then writes
-        publications to it directly while nothing is queued (`Hub.attach_socket`). A
-        transport that attaches must write only what `outgoing_wire` returns, and call
-        `hold` before writing anything else (a control frame) itself."""
-        return not self.closed and self._node.hub.attach_socket(self.connection, fd)
-
-    def hold(self) -> None:
-        """Keeps the fan-out off the socket while the transport writes to it itself (call
-        `wake` once done, so that the writer hands the socket back)."""
-        self._node.hub.hold(self.connection)
-
-    async def outgoing_wire(
-        self, frame: Callable[[bytes], bytes], idle: Callable[[], bool], max_bytes: int = 256 * 1024
-    ) -> bytes:
-        """For transports that `attach`: the next bytes to write, waiting for some: what the
-        fan-out wrote only in part, then queued frames, each wrapped by `frame`. Empty once
-        the connection must close and everything was handed out. When nothing is queued and
-        `idle()` (the transport writes nothing itself just now), the socket is handed back
-        to the fan-out before waiting."""
-        hub, conn, outbox = self._node.hub, self.connection, self.connection.outbox
-        while True:
-            data = hub.take_wire(conn)
-            # Popping (even nothing) also says the frames popped last time are written.
-            frames = outbox.pop(max_bytes=max_bytes)
-            if frames:
-                wire = (frame(f if isinstance(f, bytes) else f.encode()) for f in frames)
-                return data + b"".join(wire)
-            if data:
-                return data
-            if self.close_request is not None or self.closed:
-                return b""
-            if idle():
-                hub.release(conn)
-            await self._wake.wait()
-            self._wake = trio.Event()
-
-    async def wait_changed(self) -> None:
-        """Waits for the hub's next nudge (frames queued, or a close asked) without taking
-        anything, for transports that pop `connection.outbox` themselves (long-poll). Check
-        the state first: a nudge before the call is not seen."""
-        if self._pulse is None:
-            self._pulse = trio.Event()
-        await self._pulse.wait()
-
-    def wake(self) -> None:
-        self._wake.set()
-        if self._pulse is not None:
-            self._pulse.set()
-            self._pulse = None
-
-    def end(self) -> None:
-        """The transport is gone: the hub forgets the connection (presence leaves, etc.)."""
-        if not self.closed:
-            self.closed = True
-            self._node._end(self)
 
 
 class Node:
@@ -320,8 +101,11 @@ class Node:
                 self.config.history_dir, segment_bytes=self.config.history_segment_bytes
             )
         for source in self.sources:
-            # Channels a source feeds are read-only to clients (`Source.owned_channels`).
-            self.hub.own_channels(f"source {source.name}", getattr(source, "owned_channels", ()))
+            # Channels a source feeds are read-only to clients (`OwnsChannels`).
+            if isinstance(source, OwnsChannels):
+                self.hub.own_channels(f"source {source.name}", source.owned_channels)
+        self._contexts = {t.name: TransportContext(self, t.name) for t in self.transports}
+        """What each transport sees of the node (`pyrt.plugin.TransportContext`)."""
         self.cors = CorsPolicy(self.config.cors_origins)
         self.connections_per_address = ConnectionsPerAddress(self.config.max_connections_per_ip)
         """Open connections per peer address (`max_connections_per_ip`)."""
@@ -376,11 +160,10 @@ class Node:
 
             try:
                 for transport in self.transports:
-                    run = getattr(transport, "run", None)
-                    if run is not None:
-                        await nursery.start(run, self)
+                    if isinstance(transport, BackgroundTransport):
+                        await nursery.start(transport.run, self._contexts[transport.name])
                 for source in self.sources:
-                    await nursery.start(source.run, self)
+                    await nursery.start(source.run, SourceContext(self, source.name))
             except BaseException:
                 for listener in listeners:  # serve_listeners would have closed them
                     await trio.aclose_forcefully(listener)
@@ -441,7 +224,7 @@ class Node:
         """A new hub connection for a transport; see `Hub.open` for the options."""
         session = Session(self, transport=transport, idle_timeout=idle_timeout, pings=pings)
         self._sessions[session.id] = session
-        idle = session.connection.idle_timeout
+        idle = session.idle_timeout
         if idle is not None and self.now + idle < self._clock_due:
             self._clock_kick.set()  # it expires before the clock's next tick: tick sooner
         return session
@@ -457,7 +240,12 @@ class Node:
             raise HttpError(401, "wrong session token")
         return session
 
-    def _end(self, session: Session) -> None:
+    def close_request(self, session_id: str) -> tuple[CloseCode, str] | None:
+        """The close the hub asked for `session_id`, once it has (`Session.close_request`)."""
+        return self._close_requests.get(session_id)
+
+    def end_session(self, session: Session) -> None:
+        """`Session.end`: the hub forgets the connection."""
         self._sessions.pop(session.id, None)
         self._close_requests.pop(session.id, None)
         self.hub.disconnect(session.id, self.now)
@@ -501,6 +289,14 @@ class Node:
         for transports that end a connection on BrokenResourceError themselves."""
         if has_write_timeout(error):
             self.metrics.write_timeouts[transport] += 1
+
+    def count_event_skipped(self, source: str) -> None:
+        """A source skipped an event (`pyrt_source_events_skipped_total`)."""
+        self.metrics.source_events_skipped[source] += 1
+
+    def count_api_messages(self, count: int) -> None:
+        """Publications made through an API (`pyrt_api_messages_in_total`)."""
+        self.metrics.api_messages_in += count
 
     def publish(self, channel: str, data: Any) -> Any:
         """Publishes from the server side (sources, the REST API, your own code)."""
@@ -560,7 +356,7 @@ class Node:
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         # Nothing raised while serving one connection reaches the node's nursery: the
-        # other connections and the node go on (DESIGN: failure isolation).
+        # other connections and the node go on (docs/architecture.md, "Failure isolation").
         try:
             async with stream:
                 await self._serve_http(stream)
@@ -630,7 +426,7 @@ class Node:
         if claimant is not None:
             exchange.served_by = claimant.name
             del request  # see _serve_http
-            await claimant.serve(self, exchange)
+            await claimant.serve(self._contexts[claimant.name], exchange)
             return
         for route in self.routes:
             if await route(self, exchange):
@@ -671,7 +467,7 @@ class Node:
         long-poll). Its reply, like everything else, comes on the session's stream."""
         request = exchange.request
         session_id = request.param("session")
-        token = request.param("token") or _bearer(request.header("authorization"))
+        token = request.param("token") or bearer_token(request.header("authorization"))
         if session_id is None or token is None:
             raise HttpError(400, "'session' and 'token' query parameters are required")
         session = self.session(session_id, token)
@@ -683,7 +479,7 @@ class Node:
                 session.frame_too_big()  # as on WebSocket, an oversized frame ends it (1009)
             raise
         session.touch()
-        session.receive(frame)
+        await session.receive(frame)
         closing = session.close_request
         if closing is not None:
             code, reason = closing
@@ -706,12 +502,6 @@ def _too_many_connections(limit: int) -> bytes:
         "connection: close\r\n\r\n"
     )
     return head.encode() + body
-
-
-def _bearer(value: str | None) -> str | None:
-    if value is not None and value[:7].lower() == "bearer ":
-        return value[7:].strip()
-    return None
 
 
 @functools.cache

@@ -11,19 +11,40 @@ import hmac
 import math
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
+import trio
 
 from .._core import check_channel
 from .._errors import ChannelNameError
 from ..conflict import Mutation, Op, Timestamp
 from ..hub.history import StreamPosition
+from ..hub.hub import Hub
+from ..hub.limits import KeyFailures
 from ..hub.protocol import ErrorCode, _presence_map, encode_record
-from .http import HttpError, HttpExchange, HttpRequest
+from .config import NodeConfig
+from .http import HttpError, HttpExchange, HttpRequest, bearer_token
 
-if TYPE_CHECKING:
-    from .node import Node
+
+class RestHost(Protocol):
+    """What the REST API needs of the node (`pyrt.node.node.Node` is one)."""
+
+    hub: Hub
+    key_failures: KeyFailures
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def now(self) -> float: ...
+
+    def address_of(self, stream: trio.abc.Stream) -> str | None: ...
+
+    def count_api_messages(self, count: int) -> None: ...
+
+    def pump(self) -> None: ...
+
 
 API_PREFIX = "/api/"
 MAX_PUBLISH_CHANNELS = 100
@@ -37,7 +58,7 @@ _MUTATE_FIELDS = frozenset({"op", "value", "base", "origin", "seq"})
 RECORDS_PREFIX = API_PREFIX + "records/"
 MAX_KEY_LENGTH = 256
 
-_Handler = Callable[["Node", HttpExchange, str], Awaitable[None]]
+_Handler = Callable[[RestHost, HttpExchange, str], Awaitable[None]]
 
 
 _ROUTES = (
@@ -64,7 +85,7 @@ async def retry_later(exchange: HttpExchange, seconds: float, message: str) -> N
     await exchange.respond(429, error.body(), headers=headers)
 
 
-async def paused(node: Node, exchange: HttpExchange) -> bool:
+async def paused(node: RestHost, exchange: HttpExchange) -> bool:
     """Answers 429 if the client's address is paused for wrong API keys (and returns True):
     call it before checking the request's key."""
     wait = node.key_failures.paused(node.address_of(exchange.stream), node.now)
@@ -75,7 +96,7 @@ async def paused(node: Node, exchange: HttpExchange) -> bool:
     return True
 
 
-async def api_route(node: Node, exchange: HttpExchange) -> bool:
+async def api_route(node: RestHost, exchange: HttpExchange) -> bool:
     """Serves every path under `/api/`; passes on everything else."""
     path = exchange.request.path
     if not path.startswith(API_PREFIX):
@@ -149,7 +170,7 @@ def _authorize(keys: Sequence[str], exchange: HttpExchange) -> None:
             401, "the REST API is disabled: no API keys configured (set server.api_keys)"
         )
     request = exchange.request
-    given = _bearer(request.header("authorization"))
+    given = bearer_token(request.header("authorization"))
     if given is None:
         given = request.header("x-api-key") or request.header("apikey")
     if not given:
@@ -166,16 +187,10 @@ def _authorize(keys: Sequence[str], exchange: HttpExchange) -> None:
         raise _WrongKey(401, "wrong API key")
 
 
-def _bearer(value: str | None) -> str | None:
-    if value is not None and value[:7].lower() == "bearer ":
-        return value[7:].strip()
-    return None
-
-
 # -- POST /api/publish ---------------------------------------------------------------------
 
 
-async def _publish(node: Node, exchange: HttpExchange, _argument: str) -> None:
+async def _publish(node: RestHost, exchange: HttpExchange, _argument: str) -> None:
     body = await exchange.json_body(node.config.max_body_bytes)
     channels, data, key = _publish_request(body, node.hub.config.max_payload_bytes)
     hub, now = node.hub, node.now
@@ -186,7 +201,7 @@ async def _publish(node: Node, exchange: HttpExchange, _argument: str) -> None:
         await _channel_busy(node, exchange, wait)
         return
     publications = [hub.publish(channel, data, now, key=key) for channel in channels]
-    node.metrics.api_messages_in += 1
+    node.count_api_messages(1)
     node.pump()
     await exchange.respond_json(
         200,
@@ -198,7 +213,7 @@ async def _publish(node: Node, exchange: HttpExchange, _argument: str) -> None:
     )
 
 
-def _check_publish(node: Node, channel: str) -> None:
+def _check_publish(node: RestHost, channel: str) -> None:
     """HttpError 403 when clients may not publish to `channel`: a source feeds it (code 423),
     or it holds records (code 405: change them with POST /api/records/...)."""
     refusal = node.hub.client_write_refusal(channel)
@@ -209,7 +224,7 @@ def _check_publish(node: Node, channel: str) -> None:
         raise HttpError(403, message, code=ErrorCode.NOT_ALLOWED)
 
 
-async def _channel_busy(node: Node, exchange: HttpExchange, wait: float) -> None:
+async def _channel_busy(node: RestHost, exchange: HttpExchange, wait: float) -> None:
     rate = node.hub.config.channel_publish_rate
     await retry_later(exchange, wait, f"a channel takes at most {rate:g} publications per second")
 
@@ -299,7 +314,7 @@ def _int_param(exchange: HttpExchange, name: str, low: int, high: int | None) ->
     return value
 
 
-async def _history(node: Node, exchange: HttpExchange, channel: str) -> None:
+async def _history(node: RestHost, exchange: HttpExchange, channel: str) -> None:
     channel = _channel_name(channel)
     since = _int_param(exchange, "since", 0, None)
     epoch = exchange.request.param("epoch")
@@ -327,13 +342,13 @@ async def _history(node: Node, exchange: HttpExchange, channel: str) -> None:
     )
 
 
-async def _presence(node: Node, exchange: HttpExchange, channel: str) -> None:
+async def _presence(node: RestHost, exchange: HttpExchange, channel: str) -> None:
     channel = _channel_name(channel)
     state = _presence_map(node.hub.presence(channel))
     await exchange.respond_json(200, {"channel": channel, "state": state})
 
 
-async def _channels(node: Node, exchange: HttpExchange, _argument: str) -> None:
+async def _channels(node: RestHost, exchange: HttpExchange, _argument: str) -> None:
     channels = sorted(node.hub.channels().items())
     await exchange.respond_json(
         200, {"channels": [{"channel": c, "subscribers": n} for c, n in channels]}
@@ -343,7 +358,7 @@ async def _channels(node: Node, exchange: HttpExchange, _argument: str) -> None:
 # -- /api/records/<channel>[/<key>] ----------------------------------------------------------
 
 
-def _records_channel(node: Node, channel: str) -> str:
+def _records_channel(node: RestHost, channel: str) -> str:
     """A records channel's name; HttpError 422 (not a channel name) or 404 (no records)."""
     channel = _channel_name(channel)
     if not _holds_records(node, channel):
@@ -353,7 +368,7 @@ def _records_channel(node: Node, channel: str) -> str:
     return channel
 
 
-def _holds_records(node: Node, channel: str) -> bool:
+def _holds_records(node: RestHost, channel: str) -> bool:
     try:
         node.hub.record(channel, "")
     except ValueError:
@@ -361,7 +376,7 @@ def _holds_records(node: Node, channel: str) -> bool:
     return True
 
 
-def _channel_and_key(node: Node, argument: str) -> tuple[str, str]:
+def _channel_and_key(node: RestHost, argument: str) -> tuple[str, str]:
     channel, _, key = argument.partition("\0")
     channel = _records_channel(node, channel)
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
@@ -369,7 +384,7 @@ def _channel_and_key(node: Node, argument: str) -> tuple[str, str]:
     return channel, key
 
 
-async def _records(node: Node, exchange: HttpExchange, argument: str) -> None:
+async def _records(node: RestHost, exchange: HttpExchange, argument: str) -> None:
     channel = _records_channel(node, argument)
     hub = node.hub
     records = hub.records(channel)
@@ -387,13 +402,13 @@ async def _records(node: Node, exchange: HttpExchange, argument: str) -> None:
     await exchange.respond_json(200, body)
 
 
-async def _record(node: Node, exchange: HttpExchange, argument: str) -> None:
+async def _record(node: RestHost, exchange: HttpExchange, argument: str) -> None:
     channel, key = _channel_and_key(node, argument)
     record = node.hub.record(channel, key)
     await exchange.respond_json(200, {"channel": channel, "record": encode_record(record)})
 
 
-async def _mutate(node: Node, exchange: HttpExchange, argument: str) -> None:
+async def _mutate(node: RestHost, exchange: HttpExchange, argument: str) -> None:
     channel, key = _channel_and_key(node, argument)
     body = await exchange.json_body(node.config.max_body_bytes)
     mutation = _mutation_request(key, body, node.hub.config.max_payload_bytes)

@@ -1,12 +1,13 @@
 """Source plugins: where events come from besides clients (Postgres NOTIFY, the WAL, Redis).
 
-A source is an object with a `name` and `async def run(self, node, *, task_status)`. The
-node starts every configured source in its nursery, after the transports' run hooks and
-before it accepts connections, and cancels it at shutdown. `run` calls
-`task_status.started()` once it is live (events from then on get published) and publishes
-with `node.publish(channel, data)`. It handles the outages it expects (reconnect with
-backoff); anything else it raises, and the node stops with that error rather than run on
-without the source. `pyrt.testing.check_source` checks a source against that contract.
+A source (`pyrt.plugin.Source`) is an object with a `name` and
+`async def run(self, ctx, *, task_status)`. The node starts every configured source in its
+nursery, after the transports' run hooks and before it accepts connections, and cancels it at
+shutdown. `run` calls `task_status.started()` once it is live (events from then on get
+published) and publishes through its `pyrt.plugin.SourceContext`. It handles the outages it
+expects (reconnect with backoff); anything else it raises, and the node stops with that error
+rather than run on without the source. `pyrt.testing.check_source` checks a source against
+that contract.
 
 Sources are registered under the `pyrt.sources` entry point group and configured with one
 `[sources.<name>]` table each; only configured sources run:
@@ -24,47 +25,28 @@ channels = { audit = "audit:all" }
 The table's other keys are keyword arguments for the plugin's factory.
 
 A source declares the channels it feeds with an `owned_channels` attribute (a sequence of
-channel patterns; optional): clients may not publish to them or change their records (error
-423 `read_only`), so nobody can pass an event off as the source's. `[hub] client_writable`
-opens chosen ones again.
+channel patterns; optional: `pyrt.plugin.OwnsChannels`): clients may not publish to them or
+change their records (error 423 `read_only`), so nobody can pass an event off as the
+source's. `[hub] client_writable` opens chosen ones again.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-import trio
-
-if TYPE_CHECKING:
-    from .node import Node
+from .plugins import Source
 
 SOURCE_GROUP = "pyrt.sources"
 
-__all__ = ["SOURCE_GROUP", "Source", "SourceError", "load_sources"]
+__all__ = ["SOURCE_GROUP", "SourceError", "load_sources"]
 
 
 class SourceError(Exception):
     """A source cannot run (bad credentials, no such database, no server within its startup
     timeout). The message names the source (`sources.<name>`) and says why; `pyrt serve`
     prints it and exits."""
-
-
-class Source(Protocol):
-    """What a source plugin provides. Register a factory returning one under the
-    `pyrt.sources` entry point group; the built-in sources register the same way."""
-
-    name: str
-
-    async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
-        """Produces events into `node` until cancelled; `task_status.started()` once live."""
-        ...
-
-    # Optional: `owned_channels`, the channel patterns the source publishes to (the WAL
-    # source: `pg:>`; the NOTIFY source: its mapped channels). The node reads it once, when
-    # it is made, and makes those channels read-only to clients (`Hub.own_channels`). Not
-    # declared here: as a Protocol member it would be required.
 
 
 def load_sources(options: Mapping[str, Mapping[str, Any]]) -> list[Source]:

@@ -29,8 +29,9 @@ import attrs
 import trio
 
 from .._pgwire import PgAuthError, PgConnection, PgError
-from ..node.sources import SourceError
-from ._options import integer, seconds
+from ..plugin import SourceError
+from ..plugin import check_integer as integer
+from ..plugin import check_seconds as seconds
 
 __all__ = ["PgOptions", "text_option"]
 

@@ -22,13 +22,17 @@ from typing import Protocol
 import attrs
 import orjson
 
-from .. import _json
-from .._core import check_channel
-from .._errors import ChannelNameError
-from ..hub.history import StreamPosition
-from ..hub.hub import _is_pattern
-from ..hub.protocol import Command, Join
-from ..node.http import HttpError, HttpRequest
+from ..plugin import (
+    ChannelNameError,
+    Command,
+    HttpError,
+    HttpRequest,
+    Join,
+    StreamPosition,
+    check_channel,
+    is_pattern,
+    json_loads,
+)
 
 MAX_CURSOR_CHARS = 16 * 1024
 
@@ -54,7 +58,7 @@ def decode_cursor(token: str) -> Cursor:
         raise ValueError(f"cursor longer than {MAX_CURSOR_CHARS} characters")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        body = _json.loads(raw, max_depth=3)  # {"p": {channel: [offset, epoch]}}
+        body = json_loads(raw, max_depth=3)  # {"p": {channel: [offset, epoch]}}
     except (binascii.Error, ValueError):
         raise ValueError("cursor is not a token this server issued") from None
     if not isinstance(body, dict) or not isinstance(body.get("p"), dict):
@@ -130,9 +134,9 @@ class PositionTracker:
 
 
 class CommandSink(Protocol):
-    """Where an opening sends its joins (a `pyrt.node.node.Session`)."""
+    """Where an opening sends its joins (a `pyrt.plugin.Session`)."""
 
-    def command(self, command: Command) -> None: ...
+    async def command(self, command: Command) -> None: ...
 
 
 @attrs.frozen(slots=True)
@@ -165,7 +169,7 @@ class StreamOpening:
             except ChannelNameError as e:
                 raise HttpError(422, f"channel '{channel[:64]}': {e}") from None
         for channel in presence:
-            if _is_pattern(channel):
+            if is_pattern(channel):
                 raise HttpError(
                     400, f"presence needs a channel name, not a pattern: '{channel[:64]}'"
                 )
@@ -175,15 +179,15 @@ class StreamOpening:
             raise HttpError(400, str(e)) from None
         return cls(channels, frozenset(presence), parsed)
 
-    def join(self, session: CommandSink) -> PositionTracker:
+    async def join(self, session: CommandSink) -> PositionTracker:
         """Joins every channel on `session`, each from its cursor position if it has one;
         returns the tracker for the stream, starting from those positions."""
         resume: dict[str, StreamPosition] = {}
         for channel in self.channels:
-            since = None if _is_pattern(channel) else self.cursor.positions.get(channel)
+            since = None if is_pattern(channel) else self.cursor.positions.get(channel)
             if since is not None:
                 resume[channel] = since
-            session.command(
+            await session.command(
                 Join(
                     id=f"join:{channel}",
                     channel=channel,

@@ -25,10 +25,17 @@ import attrs
 import orjson
 import trio
 
-from ..hub.protocol import CloseCode
-from ..node.http import HttpError, HttpExchange, HttpRequest
-from ..node.node import Node, Session, _bearer
-from ._options import integer, seconds
+from ..plugin import (
+    CloseCode,
+    HttpError,
+    HttpExchange,
+    HttpRequest,
+    Session,
+    TransportContext,
+    bearer_token,
+    check_integer,
+    check_seconds,
+)
 from .cursor import PositionTracker, StreamOpening, decode_cursor
 
 CLOSE_GRACE = 2.0
@@ -63,8 +70,8 @@ class _PollSession:
 
     def ready(self) -> bool:
         """Whether a poll has something to answer with: frames, or the close."""
-        conn = self.session.connection
-        return bool(len(conn.outbox)) or self.session.close_request is not None or self.finished
+        session = self.session
+        return bool(session.queued) or session.close_request is not None or self.finished
 
 
 class LongPollTransport:
@@ -89,15 +96,15 @@ class LongPollTransport:
         max_batch_messages: int = 512,
         max_batch_bytes: int = 1024 * 1024,
     ) -> None:
-        self.poll_timeout = seconds("poll_timeout", poll_timeout)
-        self.session_ttl = seconds("session_ttl", session_ttl)
+        self.poll_timeout = check_seconds("poll_timeout", poll_timeout)
+        self.session_ttl = check_seconds("session_ttl", session_ttl)
         if session_ttl <= poll_timeout:
             raise ValueError(
                 f"session_ttl ({session_ttl}) must exceed poll_timeout ({poll_timeout}): "
                 "a session must outlive the wait between two polls"
             )
-        self.max_batch_messages = integer("max_batch_messages", max_batch_messages, 1)
-        self.max_batch_bytes = integer("max_batch_bytes", max_batch_bytes, 1)
+        self.max_batch_messages = check_integer("max_batch_messages", max_batch_messages, 1)
+        self.max_batch_bytes = check_integer("max_batch_bytes", max_batch_bytes, 1)
         self._sessions: dict[str, _PollSession] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -106,7 +113,12 @@ class LongPollTransport:
 
     # -- owning the sessions ---------------------------------------------------------------
 
-    async def run(self, node: Node, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self,
+        ctx: TransportContext,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Owns the sessions' keepers until the node cancels it."""
         if self._nursery is not None:
             raise RuntimeError("a LongPollTransport serves one node at a time")
@@ -149,53 +161,53 @@ class LongPollTransport:
 
     # -- requests --------------------------------------------------------------------------
 
-    async def serve(self, node: Node, exchange: HttpExchange) -> None:
+    async def serve(self, ctx: TransportContext, exchange: HttpExchange) -> None:
         request = exchange.request
         if request.path == self.end_path:
             if request.method != "POST":
                 raise HttpError(405, "use POST")
-            poll = self._lookup(node, request)
+            poll = self._lookup(ctx, request)
             self._finish(poll)
             await exchange.respond_json(200, {})
             return
         if request.method != "GET":
             raise HttpError(405, "use GET")
         if request.param("session") is None:
-            await self._open(node, exchange)
+            await self._open(ctx, exchange)
         else:
-            await self._poll(node, exchange)
+            await self._poll(ctx, exchange)
 
-    def _lookup(self, node: Node, request: HttpRequest) -> _PollSession:
+    def _lookup(self, ctx: TransportContext, request: HttpRequest) -> _PollSession:
         session_id = request.param("session")
-        token = request.param("token") or _bearer(request.header("authorization"))
+        token = request.param("token") or bearer_token(request.header("authorization"))
         if session_id is None or token is None:
             raise HttpError(400, "'session' and 'token' query parameters are required")
-        session = node.session(session_id, token)  # 404 for unknown or gone, 401 for a bad token
+        session = ctx.session(session_id, token)  # 404 for unknown or gone, 401 for a bad token
         poll = self._sessions.get(session.id)
         if poll is None:
             raise HttpError(404, f"session '{session_id[:64]}' is not a long-poll session")
         return poll
 
-    async def _open(self, node: Node, exchange: HttpExchange) -> None:
+    async def _open(self, ctx: TransportContext, exchange: HttpExchange) -> None:
         if self._nursery is None:
             raise HttpError(503, "the long-poll transport is not running (see Transport.run)")
         request = exchange.request
         opening = StreamOpening.parse(
             request,
-            max_channels=node.hub.config.max_channels_per_connection,
+            max_channels=ctx.config.hub.max_channels_per_connection,
             cursor=request.param("cursor"),
         )
-        session = node.open_session(transport=self.name, idle_timeout=self.session_ttl, pings=False)
-        poll = _PollSession(session, opening.join(session))
+        session = ctx.open_session(idle_timeout=self.session_ttl, pings=False)
+        poll = _PollSession(session, await opening.join(session))
         self._sessions[session.id] = poll
         self._nursery.start_soon(self._keep, poll)
         # The joins' replies are queued already: batch 0 carries them.
         body = self._next_batch(poll, {"session": session.id, "token": session.token})
         await exchange.respond(200, body)
 
-    async def _poll(self, node: Node, exchange: HttpExchange) -> None:
+    async def _poll(self, ctx: TransportContext, exchange: HttpExchange) -> None:
         request = exchange.request
-        poll = self._lookup(node, request)
+        poll = self._lookup(ctx, request)
         token = request.param("cursor")
         if token is None:
             raise HttpError(400, "'cursor' is required: send the cursor of the last response")
@@ -237,15 +249,11 @@ class LongPollTransport:
         `opening`: the session fields of the opening response, which is batch 0.
         """
         session = poll.session
-        outbox = session.connection.outbox
-        frames = [
-            f if isinstance(f, bytes) else f.encode()
-            for f in outbox.pop(max_frames=self.max_batch_messages, max_bytes=self.max_batch_bytes)
-        ]
+        frames = session.take(max_frames=self.max_batch_messages, max_bytes=self.max_batch_bytes)
         for frame in frames:
             poll.tracker.observe(frame)
         fields: dict[str, Any] = dict(opening or {})
-        if not len(outbox) and (session.close_request is not None or poll.finished):
+        if not session.queued and (session.close_request is not None or poll.finished):
             # Everything is out: this batch carries the close, and the session ends.
             self._finish(poll)
             code, reason = poll.close or (CloseCode.NORMAL, "session ended")

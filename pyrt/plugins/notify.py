@@ -39,11 +39,8 @@ from typing import Any
 import attrs
 import trio
 
-from .._core import check_channel
-from .._json import JsonError, loads
 from .._pgwire import PgConnection, PgConnectionError, PgError
-from ..node.node import Node
-from ._options import seconds
+from ..plugin import JsonError, SourceContext, check_channel, check_seconds, json_loads
 from ._postgres import PgOptions
 
 __all__ = ["CatchUp", "NotifySource", "Route"]
@@ -69,16 +66,16 @@ class CatchUp:
     """What the catch-up hook gets, after each (re)connect, once LISTEN is in place."""
 
     source: NotifySource
-    node: Node
+    ctx: SourceContext
     connection: PgConnection
     """The listening connection: query with it (notifications that arrive meanwhile wait)."""
     reconnect: bool
     """False the first time, True after an outage (when notifications may have been lost)."""
 
-    def publish(self, pg_channel: str, payload: Any) -> None:
+    async def publish(self, pg_channel: str, payload: Any) -> None:
         """Publishes `payload` as a notification on `pg_channel` would be (same channel,
         same `{"event", "payload"}` shape)."""
-        self.source.publish(self.node, pg_channel, payload)
+        await self.source.publish(self.ctx, pg_channel, payload)
 
 
 CatchUpHook = Callable[[CatchUp], Awaitable[None] | None]
@@ -165,8 +162,8 @@ class NotifySource:
             raise TypeError(f"json must be true or false, not {json!r}")
         self.json = json
         self.catch_up = _hook(catch_up)
-        self.ping_interval = seconds("ping_interval", ping_interval)
-        self.ping_timeout = seconds("ping_timeout", ping_timeout)
+        self.ping_interval = check_seconds("ping_interval", ping_interval)
+        self.ping_timeout = check_seconds("ping_timeout", ping_timeout)
         self.random = random.Random()
         self.connected = False
         """Whether the source is listening right now."""
@@ -189,23 +186,23 @@ class NotifySource:
         """The published form of a notification's payload: JSON if it parses, else text."""
         if self.json:
             try:
-                return loads(text)
+                return json_loads(text)
             except JsonError:  # not JSON, or too deep to publish: as text
                 pass
         return text
 
-    def publish(self, node: Node, pg_channel: str, payload: Any) -> None:
+    async def publish(self, ctx: SourceContext, pg_channel: str, payload: Any) -> None:
         route = self.routes.get(pg_channel)
         if route is None:
             raise KeyError(f"{pg_channel!r} is not one of the source's channels")
-        node.publish(route.channel, {"event": route.event, "payload": payload})
+        await ctx.publish(route.channel, {"event": route.event, "payload": payload})
 
     # -- running -------------------------------------------------------------------------
 
     async def connect(self) -> PgConnection:
         return await self.pg.connect()
 
-    async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
+    async def run(self, ctx: SourceContext, *, task_status: trio.TaskStatus[None]) -> None:
         started = False
         deadline = trio.current_time() + self.pg.startup_timeout
         attempt = 0
@@ -215,7 +212,7 @@ class NotifySource:
                 conn = await self.connect()
                 async with conn:
                     await conn.listen(*self.routes)
-                    await self._catch_up(node, conn, reconnect=started)
+                    await self._catch_up(ctx, conn, reconnect=started)
                     self.connected = True
                     self.connects += 1
                     if started:
@@ -224,7 +221,7 @@ class NotifySource:
                         started = True
                         task_status.started()
                     attempt = 0
-                    await self._relay(node, conn)
+                    await self._relay(ctx, conn)
             except (PgError, PgConnectionError, trio.TooSlowError) as e:
                 self.last_error = e
                 delay = self.pg.retry_delay(
@@ -241,13 +238,13 @@ class NotifySource:
                 self.connected = False
             await trio.sleep(delay)
 
-    async def _catch_up(self, node: Node, conn: PgConnection, *, reconnect: bool) -> None:
+    async def _catch_up(self, ctx: SourceContext, conn: PgConnection, *, reconnect: bool) -> None:
         if self.catch_up is not None:
-            result = self.catch_up(CatchUp(self, node, conn, reconnect))
+            result = self.catch_up(CatchUp(self, ctx, conn, reconnect))
             if inspect.isawaitable(result):
                 await result
 
-    async def _relay(self, node: Node, conn: PgConnection) -> None:
+    async def _relay(self, ctx: SourceContext, conn: PgConnection) -> None:
         while True:
             with trio.move_on_after(self.ping_interval) as idle:
                 notification = await conn.next_notification()
@@ -257,7 +254,7 @@ class NotifySource:
                 continue
             if notification.channel in self.routes:
                 try:
-                    self.publish(node, notification.channel, self.payload(notification.payload))
+                    payload = self.payload(notification.payload)
+                    await self.publish(ctx, notification.channel, payload)
                 except Exception as e:  # one bad notification does not stop the source
-                    log.error("%s: cannot publish a notification; skipped", self.name, exc_info=e)
-                    node.metrics.source_events_skipped[self.name] += 1
+                    ctx.skip("cannot publish a notification", e)

@@ -12,9 +12,15 @@ from __future__ import annotations
 import orjson
 import trio
 
-from ..node.http import HttpError, HttpExchange, HttpRequest
-from ..node.node import Node, Session
-from ._options import integer, seconds
+from ..plugin import (
+    HttpError,
+    HttpExchange,
+    HttpRequest,
+    Session,
+    TransportContext,
+    check_integer,
+    check_seconds,
+)
 from .cursor import PositionTracker, StreamOpening
 
 _HEADERS = (("cache-control", "no-store"), ("x-accel-buffering", "no"))
@@ -32,26 +38,26 @@ class SseTransport:
     path = "/connection/sse"
 
     def __init__(self, *, heartbeat: float = 15.0, retry_ms: int = 2000) -> None:
-        self.heartbeat = seconds("heartbeat", heartbeat)
-        self.retry_ms = integer("retry_ms", retry_ms, 0, unit=" (milliseconds)")
+        self.heartbeat = check_seconds("heartbeat", heartbeat)
+        self.retry_ms = check_integer("retry_ms", retry_ms, 0, unit=" (milliseconds)")
 
     def claims(self, request: HttpRequest) -> bool:
         return request.path == self.path
 
-    async def serve(self, node: Node, exchange: HttpExchange) -> None:
+    async def serve(self, ctx: TransportContext, exchange: HttpExchange) -> None:
         request = exchange.request
         if request.method != "GET":
             raise HttpError(405, "use GET")
         # EventSource resends the last id it saw: it is newer than the URL's cursor.
         cursor = request.header("last-event-id") or request.param("cursor")
         opening = StreamOpening.parse(
-            request, max_channels=node.hub.config.max_channels_per_connection, cursor=cursor
+            request, max_channels=ctx.config.hub.max_channels_per_connection, cursor=cursor
         )
         # No idle timeout and no pings: the heartbeat is ours, and a client that went away is
         # noticed by the hangup watcher or a failed write.
-        session = node.open_session(transport=self.name, idle_timeout=None, pings=False)
+        session = ctx.open_session(idle_timeout=None, pings=False)
         try:
-            tracker = opening.join(session)
+            tracker = await opening.join(session)
             await exchange.start_stream(200, "text/event-stream; charset=utf-8", _HEADERS)
             hello = orjson.dumps({"push": "session", "session": session.id, "token": session.token})
             await exchange.send(b"retry: %d\n\ndata: %s\n\n" % (self.retry_ms, hello))

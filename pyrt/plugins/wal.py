@@ -53,7 +53,6 @@ from .._core import (
     PgUnknown,
     check_channel,
 )
-from .._json import loads
 from .._pgoutput import DecodeError, format_commit_time
 from .._pgrepl import (
     PG_EPOCH_UNIX,
@@ -73,10 +72,8 @@ from .._pgwire import (
     quote_ident,
     quote_literal,
 )
-from ..hub.protocol import TABLE_CHANNEL_PREFIX
-from ..node.node import Node
-from ..node.sources import SourceError
-from ._options import integer, seconds
+from ..plugin import TABLE_CHANNEL_PREFIX, SourceContext, SourceError, check_integer, check_seconds
+from ..plugin import json_loads as loads
 from ._postgres import PgOptions, text_option
 
 __all__ = ["WalSource"]
@@ -165,14 +162,14 @@ class WalSource:
         if not isinstance(create_slot, bool):
             raise TypeError(f"create_slot must be true or false, not {create_slot!r}")
         self.create_slot = create_slot
-        self.max_event_bytes = integer("max_event_bytes", max_event_bytes, 256, " of bytes")
+        self.max_event_bytes = check_integer("max_event_bytes", max_event_bytes, 256, " of bytes")
         self.messages_channel = text_option("messages_channel", messages_channel, optional=True)
         if self.messages_channel is not None:
             try:
                 check_channel(self.messages_channel)
             except ValueError as e:
                 raise ValueError(f"messages_channel: {e}") from None
-        self.status_interval = seconds("status_interval", status_interval)
+        self.status_interval = check_seconds("status_interval", status_interval)
         self.records = _record_tables(records)
         """(schema, table) -> the records channel its rows keep up to date (key: the
         primary key), through `Hub.apply_record_change`."""
@@ -243,11 +240,10 @@ class WalSource:
         """A replication connection (`replication=database`)."""
         return await self.pg.connect(replication=True)
 
-    def _restore(self, node: Node) -> None:
+    def _restore(self, ctx: SourceContext) -> None:
         """With durable history: continue after the last change the log holds (its commit
         LSN and place in the transaction), so what the slot sends again is skipped."""
-        history_log = node.history_log
-        position = history_log.position(self.name) if history_log is not None else None
+        position = ctx.saved_checkpoint()
         if position is None:
             return
         commit_lsn, seq, message_lsn = position
@@ -261,8 +257,8 @@ class WalSource:
             seq,
         )
 
-    async def run(self, node: Node, *, task_status: trio.TaskStatus[None]) -> None:
-        self._restore(node)
+    async def run(self, ctx: SourceContext, *, task_status: trio.TaskStatus[None]) -> None:
+        self._restore(ctx)
         started = False
         deadline = trio.current_time() + self.pg.startup_timeout
         attempt = 0
@@ -271,9 +267,9 @@ class WalSource:
             try:
                 conn = await self.connect()
                 async with conn:
-                    await self._prepare(node, conn)
+                    await self._prepare(ctx, conn)
                     if self.records and not self._records_loaded:
-                        await self._load_records(node, conn)
+                        await self._load_records(ctx, conn)
                     async with start_replication(
                         conn,
                         self.slot,
@@ -290,7 +286,7 @@ class WalSource:
                             started = True
                             task_status.started()
                         attempt = 0
-                        await self.pump(node, stream)
+                        await self.pump(ctx, stream)
                     raise PgConnectionError("the replication stream ended")
             except SlotInvalidated as e:
                 # Lost between the check and START_REPLICATION: the next round's check
@@ -318,7 +314,7 @@ class WalSource:
                 self._open_since = None
             await trio.sleep(delay)
 
-    async def _prepare(self, node: Node, conn: PgConnection) -> None:
+    async def _prepare(self, ctx: SourceContext, conn: PgConnection) -> None:
         """Checks the publication and makes (or finds) the slot; an invalidated slot is a
         gap: reported to clients, then replaced by a new slot."""
         (found,) = await conn.simple_query(
@@ -337,8 +333,7 @@ class WalSource:
             await self._ensure_slot(conn)
         except SlotInvalidated as e:
             self.invalidations += 1
-            channels = node.hub.reset_channels(f"{TABLE_CHANNEL_PREFIX}:>", node.now)
-            node.pump()
+            channels = await ctx.reset_channels(f"{TABLE_CHANNEL_PREFIX}:>")
             log.error(
                 "%s: %s; %d channel(s) told recovered=false (a gap)", self.name, e, len(channels)
             )
@@ -351,13 +346,12 @@ class WalSource:
             await self._ensure_slot(conn)
             log.warning("%s: made a new slot %s", self.name, self.slot)
 
-    async def _load_records(self, node: Node, conn: PgConnection) -> None:
+    async def _load_records(self, ctx: SourceContext, conn: PgConnection) -> None:
         """Fills the records channels from the tables as they are (the database is the
         source of truth): then changes from the slot keep them up to date."""
-        hub = node.hub
         for (schema, table), channel in self.records.items():
             try:
-                hub.records(channel)
+                ctx.records(channel)
             except ValueError as e:
                 raise SourceError(
                     f"sources.{self.name}: records for {schema}.{table}: {e}; add it to"
@@ -386,7 +380,7 @@ class WalSource:
                 record = loads(change.to_json())["record"]
                 key = _record_key(record, ordered)
                 if key is not None:
-                    hub.apply_record_change(channel, key, record, node.now)
+                    await ctx.set_record(channel, key, record)
             log.info(
                 "%s: loaded %d row(s) of %s.%s into %s",
                 self.name,
@@ -396,10 +390,9 @@ class WalSource:
                 channel,
             )
         self._records_loaded = True
-        node.pump()
 
-    def _record_change(
-        self, node: Node, decoder: PgOutputDecoder, change: PgChange, version: int
+    async def _record_change(
+        self, ctx: SourceContext, decoder: PgOutputDecoder, change: PgChange, version: int
     ) -> None:
         channel = self.records.get((change.schema, change.table))
         if channel is None:
@@ -407,7 +400,6 @@ class WalSource:
         relation = decoder.relation(change.relid)
         key_columns = [c[1] for c in relation.columns if c[0] & 1] if relation else []
         data = loads(change.to_json())
-        hub = node.hub
         if change.type == "DELETE":
             key = _record_key(data.get("old_record") or {}, key_columns)
             value = None
@@ -416,15 +408,13 @@ class WalSource:
             key = _record_key(value, key_columns)
             if key is not None and change.type == "UPDATE":
                 # Unchanged TOAST values are not sent: keep them from the record.
-                current = hub.record(channel, key).value
+                current = ctx.record(channel, key).value
                 if current is not None:
                     value = {**current, **value}
             if change.type == "UPDATE":
                 old_key = _record_key(data.get("old_record") or {}, key_columns)
                 if old_key is not None and old_key != key:  # the key itself changed
-                    hub.apply_record_change(
-                        channel, old_key, None, node.now, source_version=version
-                    )
+                    await ctx.set_record(channel, old_key, None, version=version)
         if key is None:
             log.warning(
                 "%s: a %s on %s.%s without its key columns; records not updated",
@@ -434,17 +424,17 @@ class WalSource:
                 change.table,
             )
             return
-        hub.apply_record_change(channel, key, value, node.now, source_version=version)
+        await ctx.set_record(channel, key, value, version=version)
 
-    def _truncate_records(self, node: Node, schema: str, table: str, version: int) -> None:
+    async def _truncate_records(
+        self, ctx: SourceContext, schema: str, table: str, version: int
+    ) -> None:
         channel = self.records.get((schema, table))
         if channel is None:
             return
-        for record in node.hub.records(channel):
+        for record in ctx.records(channel):
             if record.value is not None:
-                node.hub.apply_record_change(
-                    channel, record.key, None, node.now, source_version=version
-                )
+                await ctx.set_record(channel, record.key, None, version=version)
 
     async def _ensure_slot(self, conn: PgConnection) -> None:
         if self.create_slot:
@@ -463,14 +453,12 @@ class WalSource:
 
     # -- the pump ------------------------------------------------------------------------------
 
-    async def pump(self, node: Node, stream: Any) -> None:
+    async def pump(self, ctx: SourceContext, stream: Any) -> None:
         """Decodes the XLogData of one replication session (`async for` over `stream`),
         puts row events in history and calls `stream.ack(end_lsn)` once a commit's are all
         there. Any async iterable of XLogData with an `ack` method will do (tests)."""
         decoder = PgOutputDecoder()  # Relation messages come again in each session
-        hub = node.hub
-        history_log = getattr(node, "history_log", None)
-        name = self.name
+        durable = ctx.durable
         records = self.records
         limit = self.max_event_bytes
         commit_lsn = 0
@@ -487,7 +475,7 @@ class WalSource:
                 batch += take_ready()
             ack = 0
             # Each connection gets the batch's events in one write (Hub.corked).
-            with hub.corked():
+            with ctx.corked():
                 for item in batch:
                     self._server_lsn = max(self._server_lsn, item.wal_end)
                     try:
@@ -495,24 +483,23 @@ class WalSource:
                     except DecodeError as e:
                         # Logged, counted and skipped: one bad message does not stop the
                         # source (the slot moves past it with its transaction's commit).
-                        self._skip(
-                            node, f"cannot decode the message at {format_lsn(item.wal_start)}", e
-                        )
+                        ctx.skip(f"cannot decode the message at {format_lsn(item.wal_start)}", e)
                         continue
                     if isinstance(message, PgChange):
                         seq += 1
                         if skip_all or seq <= skip_first:
                             self.skipped += 1
                             continue
-                        if history_log is not None:
-                            history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
+                        if durable:
+                            ctx.note_checkpoint([commit_lsn, seq, self._message_lsn])
                         try:
-                            hub.publish_change(message, node.now, max_bytes=limit)
+                            await ctx.publish_change(message, max_bytes=limit)
                             if records:
-                                self._record_change(node, decoder, message, commit_lsn << 32 | seq)
+                                version = commit_lsn << 32 | seq
+                                await self._record_change(ctx, decoder, message, version)
                         except Exception as e:
                             where = f"{message.type} on {message.schema}.{message.table}"
-                            self._skip(node, f"cannot publish the {where}", e)
+                            ctx.skip(f"cannot publish the {where}", e)
                         self.events += 1
                         self._partial = (commit_lsn, seq)
                     elif isinstance(message, PgBegin):
@@ -544,21 +531,17 @@ class WalSource:
                         ):
                             relation = decoder.relation(relid)
                             columns = [(c[1], c[4]) for c in relation.columns] if relation else []
-                            if history_log is not None and i == last:
+                            if durable and i == last:
                                 # Only the last table's event says the truncate is in
                                 # history: a crash halfway publishes it again (twice, never
                                 # zero times).
-                                position = [commit_lsn, seq, self._message_lsn]
-                                history_log.note_position(name, position)
-                            hub.publish_truncate(
-                                schema,
-                                table,
-                                node.now,
-                                commit_timestamp=commit_time,
-                                columns=columns,
+                                ctx.note_checkpoint([commit_lsn, seq, self._message_lsn])
+                            await ctx.publish_truncate(
+                                schema, table, commit_timestamp=commit_time, columns=columns
                             )
                             if records:
-                                self._truncate_records(node, schema, table, commit_lsn << 32 | seq)
+                                version = commit_lsn << 32 | seq
+                                await self._truncate_records(ctx, schema, table, version)
                             self.events += 1
                         self._partial = (commit_lsn, seq)
                     elif isinstance(message, PgLogicalMessage):
@@ -571,28 +554,21 @@ class WalSource:
                             continue
                         else:
                             self._message_lsn = message.lsn
-                        if history_log is not None and self.messages_channel is not None:
-                            history_log.note_position(name, [commit_lsn, seq, self._message_lsn])
+                        if durable and self.messages_channel is not None:
+                            ctx.note_checkpoint([commit_lsn, seq, self._message_lsn])
                         try:
-                            self._logical_message(node, message)
+                            await self._logical_message(ctx, message)
                         except Exception as e:
-                            self._skip(node, "cannot publish a logical message", e)
+                            ctx.skip("cannot publish a logical message", e)
                     elif isinstance(message, PgUnknown):
                         log.warning("%s: skipping pgoutput message %r", self.name, chr(message.tag))
-            node.pump()
             if ack:
-                if history_log is not None:
-                    # The commits' events are written; on disk before the slot lets go.
-                    await history_log.sync_async()
+                # The commits' events are written; on disk (durable history) before the slot
+                # lets go.
+                await ctx.flush()
                 stream.ack(ack)
 
-    def _skip(self, node: Node, what: str, error: Exception) -> None:
-        """An event that cannot be decoded or published: logged with the error, counted
-        (`pyrt_source_events_skipped_total`), and left out; the source goes on."""
-        log.error("%s: %s; skipped", self.name, what, exc_info=error)
-        node.metrics.source_events_skipped[self.name] += 1
-
-    def _logical_message(self, node: Node, message: PgLogicalMessage) -> None:
+    async def _logical_message(self, ctx: SourceContext, message: PgLogicalMessage) -> None:
         if self.messages_channel is None:
             log.info(
                 "%s: skipping a logical message (prefix %r; set messages_channel to publish them)",
@@ -610,4 +586,4 @@ class WalSource:
         except UnicodeDecodeError:
             data["content"] = None
             data["content_hex"] = message.content.hex()
-        node.publish(self.messages_channel, data)
+        await ctx.publish(self.messages_channel, data)

@@ -28,9 +28,7 @@ from wsproto.events import (
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ..hub.protocol import CloseCode
-from ..node.http import HttpError, HttpExchange, HttpRequest
-from ..node.node import Node, Session
+from ..plugin import CloseCode, HttpError, HttpExchange, HttpRequest, Session, TransportContext
 from .wsframe import data_frame
 
 
@@ -43,14 +41,14 @@ class WebSocketTransport:
     def claims(self, request: HttpRequest) -> bool:
         return request.is_websocket_upgrade and request.path in self.paths
 
-    async def serve(self, node: Node, exchange: HttpExchange) -> None:
+    async def serve(self, ctx: TransportContext, exchange: HttpExchange) -> None:
         ws = await _accept(exchange)
         if ws is None:
             return
         # From here on only the WebSocket lives: the request, its headers and the HTTP and
         # handshake state are let go (a few KiB per connection, held for hours).
         trailing = exchange.detach()
-        connection = _Connection(node, exchange.stream, ws)
+        connection = _Connection(ctx, exchange.stream, ws)
         await connection.run(trailing)
 
 
@@ -73,12 +71,12 @@ async def _accept(exchange: HttpExchange) -> WsConnection | None:
 class _Connection:
     """One accepted WebSocket: a reader and a writer task around a hub session."""
 
-    def __init__(self, node: Node, stream: trio.abc.Stream, ws: WsConnection) -> None:
-        self.node = node
+    def __init__(self, ctx: TransportContext, stream: trio.abc.Stream, ws: WsConnection) -> None:
+        self.ctx = ctx
         self.stream = stream
         self.ws = ws
-        self.session: Session = node.open_session()
-        self.max_message = node.hub.config.max_frame_bytes
+        self.session: Session = ctx.open_session()
+        self.max_message = ctx.config.hub.max_frame_bytes
         self.send_lock = trio.Lock()
         self.parts: list[bytes] = []
         self.size = 0
@@ -102,7 +100,7 @@ class _Connection:
                 except Exception as e:
                     # A bug while reading: the writer closes with 1011 (bounded by the
                     # write deadline and the close wait), then ends the connection.
-                    self.node.connection_failed(WebSocketTransport.name, e, self.session)
+                    self.ctx.connection_failed(e, self.session)
                     return
                 nursery.cancel_scope.cancel()
         finally:
@@ -110,7 +108,7 @@ class _Connection:
 
     async def send(self, data: bytes) -> None:
         async with self.send_lock:
-            await self.node.send_all(self.stream, data)
+            await self.ctx.send_all(self.stream, data)
 
     async def reply(self, data: bytes) -> None:
         """A control frame from the reader: the fan-out stays off the socket meanwhile."""
@@ -125,15 +123,15 @@ class _Connection:
     def idle(self) -> bool:
         return not self.replying
 
-    def feed(self, data: bytes | None) -> list[bytes]:
+    async def feed(self, data: bytes | None) -> list[bytes]:
         """Gives received bytes to wsproto; returns control replies to send."""
         self.ws.receive_data(data)
         replies: list[bytes] = []
         with self.session.corked():  # what these frames publish goes out in one write each
-            self._feed_events(replies)
+            await self._feed_events(replies)
         return replies
 
-    def _feed_events(self, replies: list[bytes]) -> None:
+    async def _feed_events(self, replies: list[bytes]) -> None:
         for event in self.ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
                 chunk = event.data.encode() if isinstance(event.data, str) else bytes(event.data)
@@ -144,7 +142,7 @@ class _Connection:
                     message = b"".join(self.parts)
                     self.parts.clear()
                     self.size = 0
-                    self.session.receive(message)
+                    await self.session.receive(message)
             elif isinstance(event, Ping):
                 if self.ws.state is ConnectionState.OPEN:  # none once our close is sent
                     replies.append(self.ws.send(event.response()))
@@ -166,14 +164,14 @@ class _Connection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
             try:
-                replies = self.feed(bytes(data) if data else None)
+                replies = await self.feed(bytes(data) if data else None)
             except RemoteProtocolError:
                 return
             try:
                 for reply in replies:
                     await self.reply(reply)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                self.node.count_write_timeout(WebSocketTransport.name, e)
+                self.ctx.count_write_timeout(e)
                 return  # the client went away (a reset after its ping or close)
             if not data:
                 return
@@ -195,5 +193,5 @@ class _Connection:
                 with trio.move_on_after(2.0):
                     await self.peer_closed.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self.node.count_write_timeout(WebSocketTransport.name, e)
+            self.ctx.count_write_timeout(e)
         cancel_scope.cancel()

@@ -36,15 +36,27 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ..._core import check_channel
-from ..._errors import ChannelNameError
-from ..._json import JsonError, loads
-from ...hub.limits import Admission
-from ...hub.protocol import CloseCode, Join, Leave, Publish, Track, Untrack
-from ...node.http import HttpError, HttpExchange, HttpRequest
-from ...node.io import is_disconnect
-from ...node.node import Node, Session
-from .._options import integer
+from ...plugin import (
+    Admission,
+    ChannelNameError,
+    CloseCode,
+    HttpError,
+    HttpExchange,
+    HttpRequest,
+    Join,
+    JsonError,
+    Leave,
+    Publish,
+    Session,
+    Track,
+    TransportContext,
+    Untrack,
+    bearer_token,
+    check_channel,
+    check_integer,
+    is_disconnect,
+    json_loads,
+)
 from ..wsframe import BINARY, TEXT, data_frame
 from .phoenix import (
     PHOENIX_TOPIC,
@@ -90,17 +102,18 @@ class _Refused(Exception):
         self.retry_after = retry_after
 
 
-def _check_key(node: Node, stream: trio.abc.Stream, given: list[str], keys: Sequence[str]) -> None:
+def _check_key(
+    ctx: TransportContext, stream: trio.abc.Stream, given: list[str], keys: Sequence[str]
+) -> None:
     """Refuses (401) when none of `given` is one of `keys`, counting the wrong key against
     the client's address; 429 while that address is paused for wrong keys."""
-    address = node.address_of(stream)
-    wait = node.key_failures.paused(address, node.now)
+    wait = ctx.api_key_pause(stream)
     if wait:
         raise _Refused(429, "too many wrong API keys from your address: try again later", wait)
     if not given:
         return
     if not any(_matches(c, keys) for c in given):
-        node.key_failures.fail(address, node.now)
+        ctx.api_key_failed(stream)
         raise _Refused(401, "invalid apikey")
 
 
@@ -120,7 +133,7 @@ class SupabaseTransport:
         if isinstance(apikeys, str) or not all(isinstance(k, str) and k for k in apikeys):
             raise TypeError("apikeys must be a list of non-empty strings")
         self.apikeys = tuple(apikeys)
-        self.max_channels = integer("max_channels", max_channels, 1)
+        self.max_channels = check_integer("max_channels", max_channels, 1)
 
     def claims(self, request: HttpRequest) -> bool:
         path = request.path
@@ -128,15 +141,15 @@ class SupabaseTransport:
             path == p or path.startswith(p + "/") for p in BROADCAST_PATHS
         )
 
-    def keys(self, node: Node) -> tuple[str, ...]:
-        return self.apikeys + tuple(node.config.api_keys)
+    def keys(self, ctx: TransportContext) -> tuple[str, ...]:
+        return self.apikeys + tuple(ctx.config.api_keys)
 
-    async def serve(self, node: Node, exchange: HttpExchange) -> None:
+    async def serve(self, ctx: TransportContext, exchange: HttpExchange) -> None:
         try:
             if exchange.request.path in SOCKET_PATHS:
-                await self._socket(node, exchange)
+                await self._socket(ctx, exchange)
             else:
-                await self._rest(node, exchange)
+                await self._rest(ctx, exchange)
         except _Refused as e:
             headers = []
             if e.retry_after is not None:
@@ -145,19 +158,19 @@ class SupabaseTransport:
 
     # -- the socket ------------------------------------------------------------------------
 
-    async def _socket(self, node: Node, exchange: HttpExchange) -> None:
+    async def _socket(self, ctx: TransportContext, exchange: HttpExchange) -> None:
         request = exchange.request
         if not request.is_websocket_upgrade:
             raise _Refused(400, "this endpoint takes WebSocket upgrades only")
         vsn = request.param("vsn") or VSN_1
         if vsn not in VERSIONS:
             raise _Refused(400, f"unsupported vsn '{vsn[:16]}': use 1.0.0 or 2.0.0")
-        keys = self.keys(node)
+        keys = self.keys(ctx)
         if keys:
             given = (
                 request.param("apikey") or request.header("x-api-key") or request.header("apikey")
             )
-            _check_key(node, exchange.stream, [given] if given else [], keys)
+            _check_key(ctx, exchange.stream, [given] if given else [], keys)
             if not given:
                 raise _Refused(401, "missing apikey: send it as ?apikey= or an x-api-key header")
         ws = WSConnection(ConnectionType.SERVER)
@@ -170,21 +183,21 @@ class SupabaseTransport:
         for event in ws.events():
             if isinstance(event, Request):
                 await stream.send_all(ws.send(AcceptConnection()))
-        socket = _Socket(node, stream, ws, vsn, self.max_channels)
+        socket = _Socket(ctx, stream, ws, vsn, self.max_channels)
         await socket.run(exchange.trailing)
 
     # -- REST ------------------------------------------------------------------------------
 
-    async def _rest(self, node: Node, exchange: HttpExchange) -> None:
+    async def _rest(self, ctx: TransportContext, exchange: HttpExchange) -> None:
         request = exchange.request
         if request.method != "POST":
             raise _Refused(405, f"use POST for {request.path[:128]}")
-        self._authorize(node, exchange)
+        self._authorize(ctx, exchange)
         path = next(p for p in BROADCAST_PATHS if request.path.startswith(p))
         rest = request.path[len(path) :]
-        limit = node.hub.config.max_payload_bytes
+        limit = ctx.config.hub.max_payload_bytes
         if not rest:
-            body = await self._json(node, exchange)
+            body = await self._json(ctx, exchange)
             messages = _broadcast_messages(body)
         else:
             topic, slash, event = rest[1:].partition("/events/")
@@ -195,7 +208,7 @@ class SupabaseTransport:
             content_type = (request.header("content-type") or "").split(";")[0].strip()
             if content_type == "application/octet-stream":
                 raise _Refused(415, "binary broadcast payloads are not supported by pyrt yet")
-            payload = await self._json(node, exchange)
+            payload = await self._json(ctx, exchange)
             messages = [(topic, event, payload)]
         channels = []
         for index, (topic, event, payload) in enumerate(messages):
@@ -203,44 +216,38 @@ class SupabaseTransport:
             if size > limit:
                 raise _Refused(413, f"messages[{index}].payload larger than {limit} bytes")
             channel = _channel_of(TOPIC_PREFIX + topic)
-            refusal = node.hub.client_write_refusal(channel)
+            refusal = ctx.write_refusal(channel)
             if refusal is not None:
-                raise _Refused(403, f"messages[{index}]: {refusal}")
-            if node.hub.is_records_channel(channel):
-                raise _Refused(403, f"messages[{index}]: '{channel}' holds records")
+                raise _Refused(403, f"messages[{index}]: {refusal[1]}")
             channels.append((channel, event, payload))
-        wait = node.hub.take_publish_rate(dict.fromkeys(c for c, _, _ in channels), node.now)
+        wait = ctx.take_publish_rate(dict.fromkeys(c for c, _, _ in channels))
         if wait:
-            rate = node.hub.config.channel_publish_rate
+            rate = ctx.config.hub.channel_publish_rate
             message = f"MessagePerSecondRateLimitReached: at most {rate:g} per channel"
             raise _Refused(429, message, wait)
         for channel, event, payload in channels:
-            node.hub.publish(channel, {"event": event, "payload": payload}, node.now)
-        node.metrics.api_messages_in += len(channels)
-        node.pump()
+            await ctx.publish(channel, {"event": event, "payload": payload})
         await exchange.respond(202, b"")
 
-    def _authorize(self, node: Node, exchange: HttpExchange) -> None:
-        keys = self.keys(node)
+    def _authorize(self, ctx: TransportContext, exchange: HttpExchange) -> None:
+        keys = self.keys(ctx)
         if not keys:
             raise _Refused(401, "the broadcast API is disabled: no API keys configured")
         request = exchange.request
         candidates = [request.header("apikey"), request.header("x-api-key")]
-        authorization = request.header("authorization") or ""
-        if authorization[:7].lower() == "bearer ":
-            candidates.append(authorization[7:].strip())
+        candidates.append(bearer_token(request.header("authorization")))
         given = [c for c in candidates if c]
-        _check_key(node, exchange.stream, given, keys)
+        _check_key(ctx, exchange.stream, given, keys)
         if not given:
             raise _Refused(401, "missing apikey: send an apikey header")
 
-    async def _json(self, node: Node, exchange: HttpExchange) -> Any:
+    async def _json(self, ctx: TransportContext, exchange: HttpExchange) -> Any:
         try:
-            raw = await exchange.body(node.config.max_body_bytes)
+            raw = await exchange.body(ctx.config.max_body_bytes)
         except HttpError as e:
             raise _Refused(e.status, e.message) from None
         try:
-            return loads(raw)
+            return json_loads(raw)
         except JsonError as e:
             raise _Refused(400, f"body is {e.message}") from None
 
@@ -297,16 +304,20 @@ class _Socket:
     """One accepted Supabase socket: a reader, and a writer task per joined channel."""
 
     def __init__(
-        self, node: Node, stream: trio.abc.Stream, ws: WSConnection, vsn: str, max_channels: int
+        self,
+        ctx: TransportContext,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
+        vsn: str,
+        max_channels: int,
     ) -> None:
-        self.node = node
-        self.hub = node.hub
+        self.ctx = ctx
         self.stream = stream
         self.ws = ws
         self.vsn = vsn
         self.max_channels = max_channels
-        self.max_message = node.hub.config.max_frame_bytes
-        self.idle_timeout = node.hub.config.idle_timeout
+        self.max_message = ctx.config.hub.max_frame_bytes
+        self.idle_timeout = ctx.config.hub.idle_timeout
         self.channels: dict[str, _Channel] = {}
         self.send_lock = trio.Lock()
         self.parts: list[bytes] = []
@@ -315,7 +326,7 @@ class _Socket:
         self.closing = False
         self.read_scope = trio.CancelScope()
         self.nursery: trio.Nursery | None = None
-        self.rate = node.hub.new_command_rate(node.now)
+        self.rate = ctx.socket_rate()
         """The socket's message rate (`hub.command_rate`), over all its channels."""
 
     async def run(self, trailing: bytes = b"") -> None:
@@ -332,12 +343,12 @@ class _Socket:
                     if is_disconnect(e):
                         raise
                     # A bug while reading: this socket closes with 1011, nothing else.
-                    self.node.connection_failed(SupabaseTransport.name, e)
+                    self.ctx.connection_failed(e)
                     await self.close(CloseCode.INTERNAL_ERROR, "internal server error")
                 nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
             # The client went away, or stopped reading; maybe inside the nursery.
-            self.node.count_write_timeout(SupabaseTransport.name, group)
+            self.ctx.count_write_timeout(group)
         finally:
             for channel in list(self.channels.values()):
                 channel.session.end()
@@ -347,7 +358,7 @@ class _Socket:
 
     async def send(self, data: bytes) -> None:
         async with self.send_lock:
-            await self.node.send_all(self.stream, data)
+            await self.ctx.send_all(self.stream, data)
 
     async def send_frames(self, frames: Sequence[bytes]) -> None:
         wire = b"".join(data_frame(f, BINARY if is_binary(f) else TEXT) for f in frames if f)
@@ -386,7 +397,7 @@ class _Socket:
                 if not frames:
                     break
                 await self.send_frames(frames)
-                if channel.leaving and not len(session.connection.outbox):
+                if channel.leaving and not session.queued:
                     break
             closing = session.close_request
             if closing is not None and not channel.leaving:
@@ -400,7 +411,7 @@ class _Socket:
                     await self.close(code, reason)  # before the session ends: a node
                     # shutting down waits for its sessions, not for its sockets
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self.node.count_write_timeout(SupabaseTransport.name, e)
+            self.ctx.count_write_timeout(e)
             if self.nursery is not None:
                 self.nursery.cancel_scope.cancel()  # the socket is unusable: end it all
         finally:
@@ -464,11 +475,10 @@ class _Socket:
                     await self.send(self.ws.send(event.response()))
 
     async def receive(self, frame: bytes, *, binary: bool) -> None:
-        now, hub = self.node.now, self.hub
-        admission = Admission.ACCEPT if self.rate is None else self.rate.admit(now)
+        admission = Admission.ACCEPT if self.rate is None else self.rate.admit()
         if admission is Admission.CLOSE:
-            hub.stats.rate_limit_closes += 1
-            rate = hub.config.command_rate
+            assert self.rate is not None
+            rate = self.rate.per_second
             await self.close(CloseCode.RATE_LIMITED, f"over {rate:g} messages per second")
             return
         try:
@@ -484,10 +494,10 @@ class _Socket:
             # Heartbeats are answered all the same (a client without answers reconnects);
             # they count against the rate like every message.
             assert self.rate is not None
-            hub.stats.rate_limited += 1
+            self.rate.refused()
             code = "ClientJoinRateLimitReached" if message.event == "phx_join" else None
-            retry = math.ceil(self.rate.retry_after(now) * 1000) / 1000
-            reason = f"over {hub.config.command_rate:g} messages per second; retry in {retry:g} s"
+            retry = math.ceil(self.rate.retry_after() * 1000) / 1000
+            reason = f"over {self.rate.per_second:g} messages per second; retry in {retry:g} s"
             await self.refuse(message, f"{code or 'MessagePerSecondRateLimitReached'}: {reason}")
             return
         if message.topic == PHOENIX_TOPIC:
@@ -504,7 +514,6 @@ class _Socket:
             await self.refuse(message, "unmatched topic")
             return
         await self.handle(channel, message, len(frame))
-        self.node.pump()
 
     # -- channels --------------------------------------------------------------------------
 
@@ -531,26 +540,23 @@ class _Socket:
             await self.refuse(message, f"TooManyChannels: at most {limit} channels per socket")
             return
         groups = request.groups()
-        if len(groups) + 1 > self.hub.config.max_channels_per_connection:
-            limit = self.hub.config.max_channels_per_connection - 1
+        if len(groups) + 1 > self.ctx.config.hub.max_channels_per_connection:
+            limit = self.ctx.config.hub.max_channels_per_connection - 1
             await self.refuse(message, f"TooManyChannels: at most {limit} tables per channel")
             return
         join_ref = message.join_ref if message.join_ref is not None else message.ref
         codec = ChannelCodec(topic, join_ref, self.vsn, extras=request.extras)
-        session = self.node.open_session(transport="supabase", idle_timeout=None, pings=False)
-        conn = session.connection
-        conn.codec = codec
-        hub, now = self.hub, self.node.now
+        session = self.ctx.open_session(idle_timeout=None, pings=False)
+        session.codec = codec
         ids = [0] * len(request.changes)
         for table, indexes in groups.items():
             subs = tuple(request.changes[i].subscription for i in indexes)
-            hub.handle(conn, Join(None, table, changes=subs), now)
-            joined = conn.joins.get(table)
-            if joined is None:  # refused by the hub (the binding was checked: not expected)
+            await session.command(Join(None, table, changes=subs))
+            if not session.joined(table):  # refused (the binding was checked: not expected)
                 session.end()
                 await self.refuse(message, f"InvalidJoinPayload: cannot subscribe to {table}")
                 return
-            for index, sub_id in zip(indexes, joined.row_ids, strict=True):
+            for index, sub_id in zip(indexes, session.row_subscriptions(table), strict=True):
                 ids[index] = sub_id
         channel_name = _channel_of(topic)
         response: dict[str, Any] = {
@@ -561,10 +567,10 @@ class _Socket:
         }
         if request.extras:
             if request.since is not None:
-                recovery = hub.history(channel_name, now, since=request.since)
+                recovery = self.ctx.history(channel_name, since=request.since)
                 position, recovered = recovery.position, recovery.recovered
             else:
-                position, recovered = hub.history_position(channel_name, now), True
+                position, recovered = self.ctx.history_position(channel_name), True
             response["pyrt"] = {
                 "channel": channel_name,
                 "offset": position.offset,
@@ -572,15 +578,13 @@ class _Socket:
                 "recovered": recovered,
             }
         # The reply, then what the join sends (missed broadcasts, presence_state), then the
-        # row subscriptions' confirmation: they are live from the hub.handle above.
-        hub.push(conn.id, codec.ok(message.ref, response))
-        hub.handle(
-            conn,
-            Join(None, channel_name, since=request.since, presence=request.presence_enabled),
-            now,
+        # row subscriptions' confirmation: they are live from the table joins above.
+        session.push(codec.ok(message.ref, response))
+        await session.command(
+            Join(None, channel_name, since=request.since, presence=request.presence_enabled)
         )
         if request.changes:
-            hub.push(conn.id, codec.system("ok", "Subscribed to PostgreSQL", "postgres_changes"))
+            session.push(codec.system("ok", "Subscribed to PostgreSQL", "postgres_changes"))
         channel = _Channel(
             topic,
             session,
@@ -594,10 +598,9 @@ class _Socket:
         self.channels[topic] = channel
         assert self.nursery is not None
         self.nursery.start_soon(self.write, channel)
-        self.node.pump()
 
     async def handle(self, channel: _Channel, message: Message, size: int) -> None:
-        hub, now, conn = self.hub, self.node.now, channel.session.connection
+        session = channel.session
         payload = message.payload
         event = message.event
         if not isinstance(payload, dict):
@@ -621,7 +624,7 @@ class _Socket:
                 echo=channel.echo,
                 size=size,
             )
-            hub.handle(conn, publish, now)
+            await session.command(publish)
         elif event == "presence":
             kind = payload.get("event")
             if kind == "track":
@@ -631,11 +634,10 @@ class _Socket:
                     return
                 key = channel.presence_key
                 track = Track(message.ref, channel.channel, key, meta, channel.track_ref)
-                hub.handle(conn, track, now)
-                mine = [m for m in hub.presence(channel.channel).get(key, ()) if m.conn == conn.id]
-                channel.track_ref = mine[-1].ref if mine else None
+                await session.command(track)
+                channel.track_ref = session.presence_ref(channel.channel, key)
             elif kind == "untrack":
-                hub.handle(conn, Untrack(message.ref, channel.channel, channel.presence_key), now)
+                await session.command(Untrack(message.ref, channel.channel, channel.presence_key))
                 channel.track_ref = None
             else:
                 await self.refuse(message, "InvalidMessage: a presence event is track or untrack")
@@ -645,14 +647,14 @@ class _Socket:
                 await self.refuse(message, "InvalidMessage: 'access_token' must be a string")
                 return
             channel.access_token = token
-            hub.push(conn.id, channel.codec.ok(message.ref))
+            session.push(channel.codec.ok(message.ref))
         elif event == "phx_leave":
-            for joined in list(conn.joins):
-                hub.handle(conn, Leave(None, joined), now)
+            for joined in session.joins():
+                await session.command(Leave(None, joined))
             channel.leaving = True
             del self.channels[channel.topic]
             codec = channel.codec
-            hub.push(conn.id, codec.ok(message.ref))
-            hub.push(conn.id, codec.message("phx_close", {}, codec.join_ref))
+            session.push(codec.ok(message.ref))
+            session.push(codec.message("phx_close", {}, codec.join_ref))
         else:
             await self.refuse(message, f"UnknownEvent: '{event[:64]}'")

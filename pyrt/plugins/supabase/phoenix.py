@@ -22,18 +22,22 @@ from typing import Any, TypeAlias
 import attrs
 import orjson
 
-from ... import _json
-from ..._core import Matcher
-from ..._errors import FilterError
-from ...hub.history import Publication, StreamPosition
-from ...hub.presence import PresenceDiff, PresenceMeta
-from ...hub.protocol import (
+from ...plugin import (
+    JSON_MAX_DEPTH,
     MAX_ROW_SUBSCRIPTIONS,
     TABLE_CHANNEL_PREFIX,
     CloseCode,
+    FilterError,
     JsonCodec,
+    Matcher,
+    PresenceDiff,
+    PresenceMeta,
+    Publication,
     RequestId,
     RowSubscription,
+    StreamPosition,
+    json_depth_exceeds,
+    json_too_deep_message,
     table_channel,
 )
 
@@ -74,13 +78,13 @@ class BadFrame(Exception):
 
 
 class TooDeep(Exception):
-    """A message whose JSON nests deeper than `pyrt._json.MAX_DEPTH`: refused with a reply
+    """A message whose JSON nests deeper than `pyrt.JSON_MAX_DEPTH`: refused with a reply
     to `message` (its payload left out), and the socket stays."""
 
     def __init__(self, message: Message) -> None:
-        super().__init__(_json.too_deep_message())
+        super().__init__(json_too_deep_message())
         self.message = message
-        self.reason = f"InvalidMessage: {_json.too_deep_message()}"
+        self.reason = f"InvalidMessage: {json_too_deep_message()}"
 
 
 class JoinError(Exception):
@@ -126,7 +130,7 @@ def decode(frame: bytes, vsn: str, *, binary: bool = False) -> Message:
     if payload is None:
         payload = {}
     message = Message(topic, event, payload, _ref(ref, "ref"), _ref(join_ref, "join_ref"))
-    if _json.depth_exceeds(value, _json.MAX_DEPTH, frame):
+    if json_depth_exceeds(value, JSON_MAX_DEPTH, frame):
         raise TooDeep(attrs.evolve(message, payload={}))
     return message
 
@@ -170,7 +174,7 @@ def _decode_user_broadcast_push(frame: bytes) -> Message:
             if "depth limit" in str(e):
                 raise deep from None
             raise BadFrame("binary broadcast metadata is not JSON") from None
-    if _json.depth_exceeds(payload, _json.MAX_DEPTH):
+    if json_depth_exceeds(payload, JSON_MAX_DEPTH):
         raise deep
     return Message(topic, "broadcast", payload, ref or None, join_ref or None)
 
