@@ -514,6 +514,12 @@ async def test_head_requests_get_headers_only(nursery: trio.Nursery) -> None:
     head, _, body = (await raw_exchange(node, smuggled)).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 Bad Request")
     assert body == b""
+    # Too large, but whole in one read, so h11 parsed it as a HEAD (the front door fuzzer's
+    # find): a 431 without a body, not a bug in the front door.
+    big = b"HEAD / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 17_000 + b"\r\n\r\n"
+    head, _, body = (await raw_exchange(node, big)).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large")
+    assert body == b""
     assert sample(await scrape(node), "pyrt_connection_errors_total", plugin="websocket") == 0
     assert "front door" not in node.metrics.connection_errors
     await round_trip(node)

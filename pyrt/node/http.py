@@ -347,14 +347,14 @@ async def next_request(
             http.receive_data(bytes(data))
             continue
         if isinstance(event, h11.Request):
-            # h11 refuses a head once more than `max_head_bytes` of it is buffered without its
-            # end; one that arrived whole in a single read is measured here.
-            if buffered + received - _buffered(http) > max_head_bytes:
-                raise HttpError(431, f"request head larger than {max_head_bytes} bytes")
             try:
+                # h11 refuses a head once more than `max_head_bytes` of it is buffered without
+                # its end; one that arrived whole in a single read is measured here.
+                if buffered + received - _buffered(http) > max_head_bytes:
+                    raise HttpError(431, f"request head larger than {max_head_bytes} bytes")
                 _check_framing(event)
             except HttpError as e:
-                e.head_request = event.method == b"HEAD"
+                e.head_request = event.method == b"HEAD"  # its answer has no body
                 raise
             headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers)
             return HttpRequest(event.method.decode(), event.target.decode("latin-1"), headers)
