@@ -3,6 +3,7 @@
     python benches/suite.py                         # every scenario, pyrt + Nchan + python-socketio
     python benches/suite.py --quick                 # small sizes, a few seconds (the smoke test)
     python benches/suite.py --scenario fanout_1ch_10000subs_100B --repeat 3
+    python benches/suite.py --pyrt-publisher ws     # pyrt's publisher pipelined over a WebSocket
     pyrt bench --quick                              # the same, through the pyrt command
 
 For each scenario and target the harness starts the server in a subprocess on a free loopback
@@ -11,20 +12,26 @@ port and runs the Rust load generator (benches/loadgen, built once with
 
 - pyrt: `python -m pyrt._cli serve` with a config sized for the run (outboxes that hold the
   whole burst, so the slow-consumer policy is not what is measured; publishing without
-  joining, so one publisher reaches 1,000 channels);
+  joining, so one publisher reaches 1,000 channels); WebSocket subscribers. Its publisher
+  (`--pyrt-publisher`) is by default the like for like of Nchan's: HTTP POSTs to
+  `/api/publish` over 64 keep-alive connections (`http`); `ws` sends `publish` commands
+  pipelined over one WebSocket instead, 64 awaiting their ack, which lets the hub cork a
+  burst into one write per subscriber and so favours pyrt: every table says which was used;
 - Nchan: nginx with Debian's ngx_nchan_module from a config written to a temp dir, one worker
   process (pyrt and python-socketio get one core too), WebSocket subscribers, HTTP POST
-  publishers;
-- python-socketio: benches/socketio_server.py (AsyncServer on aiohttp, rooms as channels).
+  publishers (64 keep-alive connections);
+- python-socketio: benches/socketio_server.py (AsyncServer on aiohttp, rooms as channels);
+  its publisher emits events pipelined over one WebSocket, 64 awaiting their ack.
 
 The load generator opens the subscribers, then publishes M messages as fast as the server
-accepts them (a window of 64 unacknowledged; deliveries/s = deliveries / time until the last
-one arrived), then paces messages at half of that peak rate for the latency percentiles
-(every message carries its send time). The harness samples the server's CPU time (every
-process of it, from /proc/<pid>/stat) at the load generator's phase boundaries, its RSS, the
-load generator's own CPU, and how busy the rest of the machine was, and prints one markdown
-table per scenario with pyrt/peer ratios, then a plot (PNG) of throughput and p99 against the
-number of subscribers. `idle_*` scenarios only connect, then measure RSS per connection.
+accepts them (a window of 64 unacknowledged: over HTTP, requests in flight; deliveries/s =
+deliveries / time until the last one arrived), then paces messages at half of that peak rate
+for the latency percentiles (every message carries its send time). The harness samples the
+server's CPU time (every process of it, from /proc/<pid>/stat) at the load generator's phase
+boundaries, its RSS, the load generator's own CPU, and how busy the rest of the machine was,
+and prints one markdown table per scenario with pyrt/peer ratios, then a plot (PNG) of
+throughput and p99 against the number of subscribers. `idle_*` scenarios only connect, then
+measure RSS per connection.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import importlib.metadata
 import json
 import os
 import resource
+import secrets
 import shutil
 import socket
 import subprocess
@@ -61,6 +69,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NO_LIMITS_SERVER = "max_connections_per_ip = 0\n"
 NO_LIMITS_HUB = "command_rate = 0\nchannel_publish_rate = 0\n"
 """pyrt's abuse limits, off (docs/http.md): the peers have none."""
+PUBLISHERS = ("http", "ws")
+PUBLISHER_LABELS = {"http": "HTTP POST", "ws": "pipelined over one WebSocket"}
+"""How each target's publisher sent its messages, as the tables say it: `http`, one request
+per message over 64 keep-alive connections (Nchan always; pyrt with `--pyrt-publisher http`);
+`ws`, 64 commands in flight over one WebSocket (python-socketio always; pyrt with `ws`)."""
+KEEPALIVE_SECONDS = 75.0
+"""How long pyrt keeps an idle keep-alive connection (`request_timeout`): nginx's default
+`keepalive_timeout`, so the HTTP publisher's connections live as long with both servers."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,14 @@ class Result:
     other_cpu: dict[str, float] = field(default_factory=dict)  # phase -> cores busy, others
     rss_kib: tuple[int, int] = (0, 0)  # before connecting, at the end (or while held)
     error: str | None = None
+
+    @property
+    def publisher(self) -> str:
+        """How the load generator published (`http` or `ws`), as it reported it."""
+        reported = self.report.get("publisher")
+        if isinstance(reported, str):
+            return reported
+        return "http" if self.target == "nchan" else "ws" if self.target == "socketio" else "?"
 
     @property
     def rate(self) -> float:
@@ -207,6 +231,8 @@ class Server:
         self.target = target
         self.workdir = workdir
         self.port = free_port()
+        self.api_key = secrets.token_urlsafe(18)
+        """pyrt's REST API key, for the HTTP publisher."""
         self.process: subprocess.Popen[str] | None = None
         self.log = workdir / f"{target}.log"
         self.command = self._command(scenario)
@@ -220,6 +246,8 @@ class Server:
                 # Every client comes from 127.0.0.1 and the publisher sends as fast as it
                 # can: the abuse limits are off, as the peers have none.
                 f"{NO_LIMITS_SERVER}"
+                f'api_keys = ["{self.api_key}"]\n'
+                f"request_timeout = {KEEPALIVE_SECONDS}\n"
                 # Outboxes that hold the whole burst: fan-out is measured, not the policy
                 # (nor the total budget, which would close laggards in a big burst).
                 f"[hub]\noutbox_messages = {max(4096, burst)}\n"
@@ -339,15 +367,19 @@ def build_loadgen() -> Path:
 
 
 def loadgen_command(
-    loadgen: Path, target: str, port: int, s: Scenario, args: argparse.Namespace, prefix: str
+    loadgen: Path, server: Server, s: Scenario, args: argparse.Namespace, prefix: str
 ) -> list[str]:
-    command = [str(loadgen), "--target", target, "--port", str(port)]
+    command = [str(loadgen), "--target", server.target, "--port", str(server.port)]
     command += ["--channels", str(s.channels), "--subscribers", str(s.subscribers)]
     command += ["--prefix", prefix, "--timeout", str(args.phase_timeout)]
     command += ["--threads", str(args.threads)]
     if s.idle:
         return [*command, "--idle"]
     command += ["--messages", str(s.messages), "--size", str(s.size)]
+    if server.target == "pyrt":
+        command += ["--publisher", args.pyrt_publisher]
+        if args.pyrt_publisher == "http":
+            command += ["--api-key", server.api_key]
     command += ["--paced-fraction", "0.5", "--paced-seconds", str(args.paced_seconds)]
     # Latency from a sample of subscribers, at most ~5M samples per phase.
     every = max(1, s.subscribers * s.messages // max(s.channels, 1) // 5_000_000)
@@ -368,7 +400,7 @@ def run_one(
         try:
             pids = server.pids()
             rss_before = rss_kib(pids)
-            command = loadgen_command(loadgen, target, server.port, s, args, run_id)
+            command = loadgen_command(loadgen, server, s, args, run_id)
             gen = subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
             )
@@ -443,14 +475,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def fanout_table(results: dict[str, Result]) -> str:
     pyrt = results.get("pyrt")
     header = [
-        "target", "deliveries/s", "pyrt/target", "publishes/s", "p50 / p99 at ½ peak",
+        "target", "publisher", "deliveries/s", "pyrt/target", "publishes/s", "p50 / p99 at ½ peak",
         "pyrt/target p99", "p99 at peak", "connects/s", "server CPU peak / paced", "loadgen CPU",
         "others' CPU", "server RSS", "errors",
     ]  # fmt: skip
     rows = []
     for target, r in results.items():
         if r.error and not r.report:
-            rows.append([LABELS[target], "failed", "-", "-", r.error[:80], *["-"] * 8])
+            rows.append([LABELS[target], "-", "failed", "-", "-", r.error[:80], *["-"] * 8])
             continue
         peak = r.report.get("peak") or {}
         paced = r.report.get("paced") or {}
@@ -467,6 +499,7 @@ def fanout_table(results: dict[str, Result]) -> str:
         loadgen_wall = float(peak.get("seconds", 0)) or 1e-9
         rows.append([
             LABELS[target],
+            PUBLISHER_LABELS.get(r.publisher, r.publisher),
             f"{r.rate:,.0f}",
             fmt_ratio(ratio),
             "-" if peak.get("timed_out") else f"{float(peak.get('publishes_per_s', 0)):,.0f}",
@@ -517,6 +550,9 @@ def ratio_line(results: dict[str, Result], idle: bool) -> str:
         return "Ratios: pyrt was not run"
     parts = []
     pyrt = results["pyrt"]
+    label = "Ratios"
+    if not idle and pyrt.report:
+        label += f" (pyrt's publisher: {PUBLISHER_LABELS.get(pyrt.publisher, pyrt.publisher)})"
     for target, r in results.items():
         if target == "pyrt":
             continue
@@ -531,7 +567,7 @@ def ratio_line(results: dict[str, Result], idle: bool) -> str:
             if a and b:
                 text += f", p99 {a / b:.2f}x"
             parts.append(text)
-    return "Ratios: " + ("; ".join(parts) if parts else "no peer measured")
+    return f"{label}: " + ("; ".join(parts) if parts else "no peer measured")
 
 
 def plot(all_results: dict[Scenario, dict[str, Result]], path: Path) -> bool:
@@ -543,11 +579,14 @@ def plot(all_results: dict[Scenario, dict[str, Result]], path: Path) -> bool:
 
     series: dict[str, list[tuple[int, float, float | None]]] = {}
     incomplete: dict[str, list[tuple[int, float]]] = {}  # cut short: drawn hollow
+    names: dict[str, str] = {}  # target -> its legend: the name and how it published
     for s, results in all_results.items():
         if s.idle or s.channels != 1 or s.size != 100:
             continue
         for target, r in results.items():
             if r.rate:
+                publisher = PUBLISHER_LABELS.get(r.publisher, r.publisher)
+                names[target] = f"{LABELS[target]} (publisher: {publisher})"
                 point = (s.subscribers, r.rate, r.latency("paced", "p99"))
                 series.setdefault(target, []).append(point)
                 if (r.report.get("peak") or {}).get("timed_out"):
@@ -559,7 +598,7 @@ def plot(all_results: dict[Scenario, dict[str, Result]], path: Path) -> bool:
     for target, points in series.items():
         points.sort()
         xs = [p[0] for p in points]
-        line = top.plot(xs, [p[1] for p in points], marker=markers[target], label=LABELS[target])
+        line = top.plot(xs, [p[1] for p in points], marker=markers[target], label=names[target])
         if target in incomplete:
             top.scatter(
                 [x for x, _ in incomplete[target]],
@@ -575,11 +614,11 @@ def plot(all_results: dict[Scenario, dict[str, Result]], path: Path) -> bool:
             [x for x, _ in lat],
             [y for _, y in lat],
             marker=markers[target],
-            label=LABELS[target],
+            label=names[target],
         )
     top.set_ylabel("deliveries/s (peak)")
     top.set_yscale("log")
-    top.set_title("Fan-out on one channel, 100 B messages, WebSocket")
+    top.set_title("Fan-out on one channel, 100 B messages, WebSocket subscribers")
     bottom.set_ylabel("p99 latency, ms (at ½ of each peak)")
     bottom.set_yscale("log")
     bottom.set_xlabel("subscribers")
@@ -628,6 +667,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     parser.add_argument("--scenario", action="append", help="run only this one (repeatable)")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    parser.add_argument(
+        "--pyrt-publisher",
+        choices=PUBLISHERS,
+        default="http",
+        help="how pyrt's messages are published: http, POSTs to /api/publish over 64 keep-alive"
+        " connections, like Nchan's publisher (the default: like for like); ws, `publish`"
+        " commands pipelined over one WebSocket (lets the hub cork a burst; favours pyrt)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per target; best is kept")
     parser.add_argument("--plot", type=Path, default=Path("fanout.png"), help="PNG to write")
     parser.add_argument("--json", type=Path, help="also write every result here")
@@ -661,6 +708,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     loadgen = args.loadgen or build_loadgen()
 
     print(f"# Fan-out suite ({' '.join(sys.argv[1:]) or 'defaults'})\n")
+    if "pyrt" in targets:
+        like = " (like for like with Nchan)" if args.pyrt_publisher == "http" else ""
+        print(
+            f"pyrt's publisher: {PUBLISHER_LABELS[args.pyrt_publisher]}{like};"
+            " the publisher column says how each row published.\n"
+        )
     all_results: dict[Scenario, dict[str, Result]] = {}
     for s in scenarios:
         # The server and the load generator each hold one descriptor per connection.
@@ -703,8 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Plot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps(
-            {s.name: {t: {"report": r.report, "server_cpu": r.server_cpu,
-                          "other_cpu": r.other_cpu, "rss_kib": r.rss_kib, "error": r.error}
+            {s.name: {t: {"publisher": r.publisher, "report": r.report,
+                          "server_cpu": r.server_cpu, "other_cpu": r.other_cpu,
+                          "rss_kib": r.rss_kib, "error": r.error}
                       for t, r in results.items()} for s, results in all_results.items()},
             indent=1,
         ))  # fmt: skip

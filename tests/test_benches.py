@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -64,14 +65,26 @@ def test_pgoutput_benchmark_prints_its_table() -> None:
     assert any(line.startswith("Machine: ") for line in out.splitlines())
 
 
+def _suite_rows(body: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in body.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("pyrt", "Nchan", "python-socketio"):
+            rows[cells[0]] = cells
+    return rows
+
+
 def test_fanout_suite_quick_compares_pyrt_with_its_peers(tmp_path: Path) -> None:
-    """pyrt, Nchan and python-socketio, the Rust load generator, ratios and the plot."""
-    png = tmp_path / "fanout.png"
+    """pyrt, Nchan and python-socketio, the Rust load generator, ratios and the plot; pyrt
+    publishes over HTTP by default, as Nchan does, and the tables say so."""
+    png, results = tmp_path / "fanout.png", tmp_path / "results.json"
     # scripts/test builds the load generator before pytest; here cargo finds it up to date.
     out = subprocess.run(
-        [sys.executable, str(BENCHES / "suite.py"), "--quick", "--plot", str(png)],
+        [sys.executable, str(BENCHES / "suite.py"), "--quick", "--plot", str(png),
+         "--json", str(results)],
         capture_output=True, text=True, check=True, timeout=600,
     ).stdout  # fmt: skip
+    assert "pyrt's publisher: HTTP POST (like for like with Nchan)" in out
     sections = {}
     for block in out.split("\n## ")[1:]:
         name, _, body = block.partition("\n")
@@ -81,11 +94,7 @@ def test_fanout_suite_quick_compares_pyrt_with_its_peers(tmp_path: Path) -> None
         "idle_200conns",
     ]  # fmt: skip
     for name, body in sections.items():
-        rows = {}
-        for line in body.splitlines():
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if cells[0] in ("pyrt", "Nchan", "python-socketio"):
-                rows[cells[0]] = cells
+        rows = _suite_rows(body)
         assert sorted(rows) == ["Nchan", "pyrt", "python-socketio"], name
         if name.startswith("idle_"):
             for cells in rows.values():
@@ -94,17 +103,45 @@ def test_fanout_suite_quick_compares_pyrt_with_its_peers(tmp_path: Path) -> None
             assert rows["pyrt"][5] == "1.00x"
             assert "pyrt/Nchan memory per connection" in body
         else:
+            assert rows["pyrt"][1] == rows["Nchan"][1] == "HTTP POST"  # like for like
+            assert rows["python-socketio"][1] == "pipelined over one WebSocket"
             for cells in rows.values():
-                assert int(cells[1].replace(",", "")) > 0  # deliveries/s was measured
-                assert cells[2].endswith("x")  # the pyrt/target ratio
-                assert re.match(r"[\d.,]+ ms / [\d.,]+ ms", cells[4])  # p50 / p99
+                assert int(cells[2].replace(",", "")) > 0  # deliveries/s was measured
+                assert cells[3].endswith("x")  # the pyrt/target ratio
+                assert re.match(r"[\d.,]+ ms / [\d.,]+ ms", cells[5])  # p50 / p99
                 assert cells[-1] == "0"  # no errors, nothing missing
-            assert rows["pyrt"][2] == "1.00x"
-            assert "Ratios: pyrt/Nchan throughput" in body
+            assert rows["pyrt"][3] == "1.00x"
+            assert "Ratios (pyrt's publisher: HTTP POST): pyrt/Nchan throughput" in body
             assert "pyrt/python-socketio throughput" in body
+    # What the load generator itself reported: pyrt's messages went to /api/publish (a
+    # refused request would be an error), every one delivered to every subscriber.
+    report = json.loads(results.read_text())
+    for name in sections:
+        if not name.startswith("idle_"):
+            pyrt = report[name]["pyrt"]
+            assert pyrt["publisher"] == pyrt["report"]["publisher"] == "http"
+            assert pyrt["report"]["errors"] == 0
+            peak = pyrt["report"]["peak"]
+            assert peak["delivered"] == peak["expected"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith("Machine: ") for line in out.splitlines())
     assert any(line.startswith("Peers: nginx/") for line in out.splitlines())
+
+
+def test_fanout_suite_runs_pyrt_with_its_pipelined_publisher(tmp_path: Path) -> None:
+    """`--pyrt-publisher ws`: publications pipelined over one WebSocket, labelled as such."""
+    out = subprocess.run(
+        [sys.executable, str(BENCHES / "suite.py"), "--quick", "--scenario",
+         "fanout_5ch_10subs_100B", "--targets", "pyrt", "--pyrt-publisher", "ws",
+         "--plot", str(tmp_path / "fanout.png")],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    assert "pyrt's publisher: pipelined over one WebSocket;" in out
+    body = out.split("\n## fanout_5ch_10subs_100B\n")[1]
+    cells = _suite_rows(body)["pyrt"]
+    assert cells[1] == "pipelined over one WebSocket"
+    assert int(cells[2].replace(",", "")) > 0
+    assert cells[-1] == "0"
 
 
 def test_history_budget_benchmark_prints_rss_and_history_bytes() -> None:

@@ -8,8 +8,12 @@
 //! padded to `--size` bytes; subscribers record arrival minus send time.
 //!
 //! Targets (`--target`):
-//! - `pyrt`: the native protocol on `/connection/websocket` (`join`, `publish` with `ack`);
-//!   the server must allow publishing without joining (`publish_requires_join = false`).
+//! - `pyrt`: subscribers speak the native protocol on `/connection/websocket` (`join`). The
+//!   publisher (`--publisher`) either POSTs to the REST API's `/api/publish` over W keep-alive
+//!   connections with `--api-key` (`http`, what Nchan's publisher does), or sends `publish`
+//!   commands with `ack` over one WebSocket, W in flight (`ws`: pipelined, which lets the hub
+//!   cork a burst into one write per subscriber); the server must allow publishing without
+//!   joining (`publish_requires_join = false`).
 //! - `nchan`: WebSocket subscribers on `/sub/<channel>`, publishing by HTTP POST to
 //!   `/pub/<channel>` over W keep-alive connections.
 //! - `socketio`: Engine.IO v4 / Socket.IO v5 over WebSocket (`/socket.io/?EIO=4&transport=websocket`):
@@ -63,6 +67,23 @@ enum Target {
     Socketio,
 }
 
+/// How messages are published: HTTP POSTs over W keep-alive connections, or commands
+/// pipelined over one WebSocket with W awaiting their acknowledgement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Publisher {
+    Http,
+    Ws,
+}
+
+impl Publisher {
+    fn name(self) -> &'static str {
+        match self {
+            Publisher::Http => "http",
+            Publisher::Ws => "ws",
+        }
+    }
+}
+
 impl Target {
     fn name(self) -> &'static str {
         match self {
@@ -79,7 +100,12 @@ const USAGE: &str = "usage: pyrt-loadgen --target pyrt|nchan|socketio --port N [
   --subscribers N          subscriber connections in all (default 1000)
   --messages M             messages in the peak phase, round-robin over channels (default 100)
   --size B                 bytes of each message's data, as JSON (default 100)
-  --window W               publishes in flight; for nchan, HTTP connections (default 64)
+  --window W               publishes in flight; with an HTTP publisher, its keep-alive
+                           connections (default 64)
+  --publisher http|ws      pyrt only: POST to /api/publish (needs --api-key), or `publish`
+                           commands pipelined over one WebSocket (default ws); nchan always
+                           publishes over HTTP, socketio over its WebSocket
+  --api-key KEY            the REST API key, for --publisher http
   --paced-fraction F       paced phase rate as a fraction of the peak message rate;
                            0: no paced phase (default 0.5)
   --paced-rate R           paced phase rate in messages/s (overrides --paced-fraction)
@@ -100,6 +126,9 @@ const USAGE: &str = "usage: pyrt-loadgen --target pyrt|nchan|socketio --port N [
 struct Args {
     target: Target,
     port: u16,
+    publisher: Publisher,
+    /// `--api-key`: sent as `authorization: Bearer` by the pyrt HTTP publisher.
+    api_key: Option<String>,
     channels: usize,
     subscribers: usize,
     messages: usize,
@@ -123,6 +152,8 @@ impl Args {
         let mut args = Args {
             target: Target::Pyrt,
             port: 0,
+            publisher: Publisher::Ws,
+            api_key: None,
             channels: 1,
             subscribers: 1000,
             messages: 100,
@@ -139,7 +170,7 @@ impl Args {
             latency_every: 1,
             joins: None,
         };
-        let (mut target, mut port) = (None, None);
+        let (mut target, mut port, mut publisher) = (None, None, None);
         let mut argv = argv;
         while let Some(flag) = argv.next() {
             if flag == "--idle" {
@@ -165,6 +196,19 @@ impl Args {
                     })
                 }
                 "--port" => port = Some(num(&flag, &value)?),
+                "--publisher" => {
+                    publisher = Some(match value.as_str() {
+                        "http" => Publisher::Http,
+                        "ws" => Publisher::Ws,
+                        _ => return Err(format!("--publisher: http or ws, not {value:?}")),
+                    })
+                }
+                "--api-key" => {
+                    if value.is_empty() || value.bytes().any(|b| !b.is_ascii_graphic()) {
+                        return Err("--api-key: printable ASCII without spaces".into());
+                    }
+                    args.api_key = Some(value)
+                }
                 "--channels" => args.channels = num(&flag, &value)?,
                 "--subscribers" => args.subscribers = num(&flag, &value)?,
                 "--messages" => args.messages = num(&flag, &value)?,
@@ -197,6 +241,21 @@ impl Args {
         }
         args.target = target.ok_or("--target is required")?;
         args.port = port.ok_or("--port is required")?;
+        args.publisher = match (args.target, publisher) {
+            (Target::Pyrt, chosen) => chosen.unwrap_or(Publisher::Ws),
+            (Target::Nchan, None | Some(Publisher::Http)) => Publisher::Http,
+            (Target::Socketio, None | Some(Publisher::Ws)) => Publisher::Ws,
+            (target, Some(p)) => {
+                let name = target.name();
+                return Err(format!("--publisher {}: not for {name}", p.name()));
+            }
+        };
+        if args.target == Target::Pyrt
+            && args.publisher == Publisher::Http
+            && args.api_key.is_none()
+        {
+            return Err("--publisher http needs --api-key (the REST API's key)".into());
+        }
         if args.channels == 0 || (args.subscribers == 0 && !args.idle) {
             return Err("--channels and --subscribers must be at least 1".into());
         }
@@ -1123,8 +1182,8 @@ async fn start_publisher(
     window: Arc<Semaphore>,
 ) -> Result<mpsc::UnboundedSender<Outgoing>, String> {
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    match args.target {
-        Target::Pyrt | Target::Socketio => {
+    match args.publisher {
+        Publisher::Ws => {
             let ws = if args.target == Target::Pyrt {
                 open_ws(args.port, "/connection/websocket", 0, false).await?
             } else {
@@ -1201,26 +1260,25 @@ async fn start_publisher(
                 }
             });
         }
-        Target::Nchan => {
+        Publisher::Http => {
+            // W keep-alive connections, each taking the next message when its previous
+            // request was answered: W requests in flight, as the WebSocket publishers have W
+            // publishes awaiting their acknowledgement.
             let rx = Arc::new(tokio::sync::Mutex::new(rx));
             for _ in 0..args.window.max(1) {
                 let rx = rx.clone();
                 let shared = shared.clone();
                 let window = window.clone();
-                let prefix = args.prefix.clone();
+                let args = args.clone();
                 let port = args.port;
+                let name = args.target.name();
                 tokio::spawn(async move {
                     let mut conn: Option<TcpStream> = None;
                     let mut buffer = Vec::with_capacity(4096);
                     loop {
                         let next = rx.lock().await.recv().await;
                         let Some(out) = next else { break };
-                        let channel = channel_name(&prefix, out.channel);
-                        let request = format!(
-                            "POST /pub/{channel} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
-                            out.data.len(),
-                            out.data
-                        );
+                        let request = publish_request(&args, &out);
                         // A keep-alive connection the server closed (after its request limit)
                         // fails the first attempt; the second one is on a fresh connection.
                         let mut result = Err(String::new());
@@ -1233,8 +1291,8 @@ async fn start_publisher(
                         }
                         match result {
                             Ok(status) if (200..300).contains(&status) => {}
-                            Ok(status) => shared.error(format!("nchan publish: HTTP {status}")),
-                            Err(e) => shared.error(format!("nchan publish: {e}")),
+                            Ok(status) => shared.error(format!("{name} publish: HTTP {status}")),
+                            Err(e) => shared.error(format!("{name} publish: {e}")),
                         }
                         window.add_permits(1);
                     }
@@ -1243,6 +1301,28 @@ async fn start_publisher(
         }
     }
     Ok(tx)
+}
+
+/// The HTTP request that publishes `out`: Nchan's `POST /pub/<channel>` with the data as the
+/// body, or pyrt's `POST /api/publish` with `{"channel", "data"}` and the API key.
+fn publish_request(args: &Args, out: &Outgoing) -> String {
+    let channel = channel_name(&args.prefix, out.channel);
+    let (path, auth, body) = match args.target {
+        Target::Pyrt => {
+            let key = args.api_key.as_deref().unwrap_or_default();
+            let body = format!("{{\"channel\":\"{channel}\",\"data\":{}}}", out.data);
+            (
+                "/api/publish".to_string(),
+                format!("Authorization: Bearer {key}\r\n"),
+                body,
+            )
+        }
+        _ => (format!("/pub/{channel}"), String::new(), out.data.clone()),
+    };
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// Sends one request on `conn` (connecting first if there is none); returns the status.
@@ -1430,6 +1510,8 @@ async fn run(args: Args) -> Value {
     let timeout = Duration::from_secs_f64(args.timeout);
     let mut report = json!({
         "target": args.target.name(),
+        "publisher": args.publisher.name(),
+        "window": args.window,
         "subscribers": args.subscribers,
         "channels": args.channels,
         "size": args.size,
@@ -1631,6 +1713,71 @@ mod tests {
             }
         }
         assert!(parse_frame(&[0x81, 0x85, 0, 0, 0, 0, 1, 2, 3, 4, 5]).is_err());
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, String> {
+        Args::parse(argv.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn publishes_to_pyrt_over_http_with_the_key() {
+        let args = parse(&[
+            "--target",
+            "pyrt",
+            "--port",
+            "1",
+            "--publisher",
+            "http",
+            "--api-key",
+            "k3y",
+        ])
+        .unwrap();
+        assert_eq!(args.publisher, Publisher::Http);
+        let out = Outgoing {
+            seq: 0,
+            channel: 2,
+            data: r#"{"t":1}"#.into(),
+        };
+        let request = publish_request(&args, &out);
+        let body = r#"{"channel":"benchc2","data":{"t":1}}"#;
+        assert!(
+            request.starts_with("POST /api/publish HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request.contains("\r\nAuthorization: Bearer k3y\r\n"),
+            "{request}"
+        );
+        assert!(request.contains(&format!("\r\nContent-Length: {}\r\n", body.len())));
+        assert!(request.ends_with(&format!("\r\n\r\n{body}")), "{request}");
+        let body_json: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body_json["data"]["t"], 1);
+
+        let nchan = parse(&["--target", "nchan", "--port", "1"]).unwrap();
+        assert_eq!(nchan.publisher, Publisher::Http);
+        let request = publish_request(&nchan, &out);
+        assert!(
+            request.starts_with("POST /pub/benchc2 HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(!request.contains("Authorization"));
+        assert!(request.ends_with("\r\n\r\n{\"t\":1}"), "{request}");
+    }
+
+    #[test]
+    fn chooses_publishers_per_target() {
+        assert_eq!(
+            parse(&["--target", "pyrt", "--port", "1"])
+                .unwrap()
+                .publisher,
+            Publisher::Ws
+        );
+        let no_key = parse(&["--target", "pyrt", "--port", "1", "--publisher", "http"]);
+        assert!(no_key.unwrap_err().contains("--api-key"));
+        assert!(parse(&["--target", "nchan", "--port", "1", "--publisher", "ws"]).is_err());
+        assert!(parse(&["--target", "socketio", "--port", "1", "--publisher", "http"]).is_err());
+        let bad = parse(&["--target", "pyrt", "--port", "1", "--api-key", "a b"]);
+        assert!(bad.is_err());
     }
 
     #[test]
