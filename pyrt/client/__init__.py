@@ -68,8 +68,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ._core import Matcher
-from .conflict import (
+from .._core import Matcher
+from ..conflict import (
     ConflictPolicy,
     Op,
     OptimisticStore,
@@ -80,7 +80,7 @@ from .conflict import (
     Timestamp,
     policy_named,
 )
-from .hub.protocol import decode_mutate_reply, decode_record, encode_mutate, table_channel
+from ..hub.protocol import decode_mutate_reply, decode_record, encode_mutate, table_channel
 
 __all__ = [
     "TRANSPORTS",
