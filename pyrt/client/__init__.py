@@ -37,7 +37,7 @@ only a *link* that sends commands and yields frames in order.
 
 The package, arrows pointing down: `_connect` (`connect`) -> `_session` (`Client`: reconnects,
 fallback, probes, rejoins) -> `_channels` (`Channel`, `Records`, `Write`, `Message`) and the
-links: `_websocket` (on trio-websocket), `_http` (SSE and long-poll, on httpx), both on
+links: `_websocket` (on wsproto), `_http` (SSE and long-poll, on httpx), both on
 `_link` (what a link is, and how a session on one can end). `_errors` is at the bottom.
 """
 
