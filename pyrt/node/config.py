@@ -51,11 +51,12 @@ Values are checked as well: every section is a table, `host` a string, `drain_ti
 with a file (not UTF-8, not TOML, nested too deeply, a bad value) is a `ConfigError` naming the
 key, which `pyrt serve` prints before exiting with code 2.
 
-Every key, with its type and default: docs/configuration.md. The memory budgets: `history_max_bytes` bounds what history
-holds across all channels (over it, the oldest publications of any channel are forgotten;
-clients resuming from before them get `recovered: false`); `outbox_total_bytes` bounds what
-is queued for all connections (a connection whose frame does not fit is a slow consumer
-under its policy; closed as slow, 4008, under `disconnect`). See docs/protocol.md.
+Every key, with its type and default: docs/configuration.md. The memory budgets:
+`history_max_bytes` bounds what history holds across all channels (over it, the oldest
+publications of any channel are forgotten; clients resuming from before them get `recovered:
+false`); `outbox_total_bytes` bounds what is queued for all connections (a connection whose
+frame does not fit is a slow consumer under its policy; closed as slow, 4008, under
+`disconnect`). See docs/protocol.md.
 """
 
 from __future__ import annotations
