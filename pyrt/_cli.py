@@ -79,8 +79,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def _pg_setup(args: argparse.Namespace) -> int:
     """Creates the publication the WAL source reads and reports on replica identities."""
-    from ._pgrepl import setup_publication
-    from ._pgwire import PgConnection, PgConnectionError, PgError
+    from .postgres import PgConnection, PgConnectionError, PgError
+    from .postgres.replication import setup_publication
 
     password = os.environ.get("PGPASSWORD")
     if password is None and sys.stdin.isatty():

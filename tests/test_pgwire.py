@@ -22,24 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pgserver import PASSWORD, PostgresServer
 
-from pyrt._pgrepl import (
-    PrimaryKeepalive,
-    ReplicationProgress,
-    SlotInvalidated,
-    XLogData,
-    drop_slot,
-    ensure_slot,
-    format_lsn,
-    identify_system,
-    parse_copy_payload,
-    parse_lsn,
-    setup_publication,
-    slot_status,
-    standby_status_update,
-    start_replication,
-    start_replication_stream,
-)
-from pyrt._pgwire import (
+from pyrt.postgres.protocol import (
     NEED_DATA,
     AuthenticationMD5Password,
     AuthenticationOk,
@@ -63,6 +46,23 @@ from pyrt._pgwire import (
     quote_ident,
     quote_literal,
     startup_message,
+)
+from pyrt.postgres.replication import (
+    PrimaryKeepalive,
+    ReplicationProgress,
+    SlotInvalidated,
+    XLogData,
+    drop_slot,
+    ensure_slot,
+    format_lsn,
+    identify_system,
+    parse_copy_payload,
+    parse_lsn,
+    setup_publication,
+    slot_status,
+    standby_status_update,
+    start_replication,
+    start_replication_stream,
 )
 
 # -- sans-IO -------------------------------------------------------------------------------

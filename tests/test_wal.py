@@ -14,12 +14,12 @@ import pytest
 import trio
 from pgserver import PostgresServer, free_port
 
-from pyrt._pgrepl import ReplicationStream
 from pyrt.client import connect
 from pyrt.hub.hub import Hub
 from pyrt.node.node import Node, NodeConfig, Session
 from pyrt.node.sources import SourceError, load_sources
 from pyrt.plugins.wal import WalSource
+from pyrt.postgres.replication import ReplicationStream
 from pyrt.testing import check_source
 
 TABLES = """

@@ -41,10 +41,9 @@ import trio
 
 from .._core import check_channel
 from .._json import JsonError, loads
-from .._pgwire import PgConnection, PgConnectionError, PgError
 from ..node.node import Node
+from ..postgres import PgConnection, PgConnectionError, PgError, PgOptions
 from ._options import seconds
-from ._postgres import PgOptions
 
 __all__ = ["CatchUp", "NotifySource", "Route"]
 

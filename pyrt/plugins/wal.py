@@ -15,7 +15,7 @@ messages_channel = "pg:messages"   # optional: where pg_logical_emit_message goe
 records = { "public.todos" = "todos" }   # optional: rows kept as records (docs/conflicts.md)
 ```
 Connection options (host, port, user, password, ssl, reconnect backoff, ...) are the ones
-every Postgres source shares: `pyrt.plugins._postgres.PgOptions`.
+every Postgres source shares: `pyrt.postgres.PgOptions`.
 
 Each INSERT, UPDATE and DELETE of a published table becomes a row event on the table's
 channel `pg:<schema>:<table>` (`Hub.publish_change`), each TRUNCATE an event on every
@@ -52,10 +52,23 @@ from .._core import (
     PgTruncate,
     PgUnknown,
     check_channel,
+    format_commit_time,
 )
 from .._json import loads
-from .._pgoutput import DecodeError, format_commit_time
-from .._pgrepl import (
+from ..hub.protocol import TABLE_CHANNEL_PREFIX
+from ..node.node import Node
+from ..node.sources import SourceError
+from ..postgres import (
+    DecodeError,
+    PgConnection,
+    PgConnectionError,
+    PgError,
+    PgOptions,
+    quote_ident,
+    quote_literal,
+)
+from ..postgres.options import text_option
+from ..postgres.replication import (
     PG_EPOCH_UNIX,
     ReplicationStream,
     SlotInvalidated,
@@ -66,18 +79,7 @@ from .._pgrepl import (
     slot_status,
     start_replication,
 )
-from .._pgwire import (
-    PgConnection,
-    PgConnectionError,
-    PgError,
-    quote_ident,
-    quote_literal,
-)
-from ..hub.protocol import TABLE_CHANNEL_PREFIX
-from ..node.node import Node
-from ..node.sources import SourceError
 from ._options import integer, seconds
-from ._postgres import PgOptions, text_option
 
 __all__ = ["WalSource"]
 

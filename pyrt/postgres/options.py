@@ -28,9 +28,9 @@ import ssl as _ssl
 import attrs
 import trio
 
-from .._pgwire import PgAuthError, PgConnection, PgError
 from ..node.sources import SourceError
-from ._options import integer, seconds
+from ..plugins._options import integer, seconds
+from .protocol import PgAuthError, PgConnection, PgError
 
 __all__ = ["PgOptions", "text_option"]
 

@@ -1,8 +1,8 @@
 """Logical replication over a `PgConnection`: slots, publications and the CopyBoth stream.
 
 The stream hands out raw `XLogData` (pgoutput messages, undecoded: the decoder is
-`pyrt._core` / `pyrt._pgoutput`) and takes acknowledgements. Acking follows the
-at-least-once rule (DESIGN.md): ack a commit's end LSN only once its events are safe; the
+`pyrt._core.PgOutputDecoder`) and takes acknowledgements. Acking follows the
+at-least-once rule (docs/sources.md): ack a commit's end LSN only once its events are safe; the
 slot's `confirmed_flush_lsn` follows the acks, and a restart resumes from there.
 
 Keepalives are answered inside: a reply when the server asks, a status update at least
@@ -28,7 +28,7 @@ from typing import Final
 import attrs
 import trio
 
-from ._pgwire import (
+from .protocol import (
     CommandComplete,
     CopyBothResponse,
     CopyData,

@@ -6,8 +6,9 @@ psycopg 3 has neither replication (psycopg#71) nor trio support (psycopg#29), as
 asyncio-only, pg-purepy has no COPY or LISTEN, and psycopg2's replication connection needs
 libpq. What pyrt needs is small: startup and authentication (cleartext, md5, SCRAM-SHA-256
 through `scramp`), optional TLS, the simple query protocol, LISTEN/NOTIFY and the CopyBoth
-stream replication runs on (`pyrt._pgrepl`). There is no extended query protocol here: no
-bound parameters, so quote values with `quote_literal` and names with `quote_ident`.
+stream replication runs on (`pyrt.postgres.replication`). There is no extended query
+protocol here: no bound parameters, so quote values with `quote_literal` and names with
+`quote_ident`.
 
 The sans-IO half (message builders, `BackendParser`, `Authenticator`) reads no clock and
 touches no socket, like h11: `receive_data(bytes)`, then `next_event()` until `NEED_DATA`.
