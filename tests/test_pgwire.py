@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pgserver import PASSWORD, PostgresServer
 
+from pyrt.postgres import PgAuthError, PgConnection, PgConnectionError, PgError, PgProtocolError
 from pyrt.postgres.protocol import (
     NEED_DATA,
     AuthenticationMD5Password,
@@ -35,11 +36,6 @@ from pyrt.postgres.protocol import (
     ErrorResponse,
     NotificationResponse,
     ParameterStatus,
-    PgAuthError,
-    PgConnection,
-    PgConnectionError,
-    PgError,
-    PgProtocolError,
     ReadyForQuery,
     TransactionStatus,
     md5_password,

@@ -9,13 +9,13 @@
 """
 
 from .._errors import DecodeError as DecodeError
+from .connection import PgConnection as PgConnection
+from .errors import PgAuthError as PgAuthError
+from .errors import PgConnectionError as PgConnectionError
+from .errors import PgError as PgError
+from .errors import PgProtocolError as PgProtocolError
 from .options import PgOptions as PgOptions
 from .protocol import NotificationResponse as NotificationResponse
-from .protocol import PgAuthError as PgAuthError
-from .protocol import PgConnection as PgConnection
-from .protocol import PgConnectionError as PgConnectionError
-from .protocol import PgError as PgError
-from .protocol import PgProtocolError as PgProtocolError
 from .protocol import ResultSet as ResultSet
 from .protocol import quote_ident as quote_ident
 from .protocol import quote_literal as quote_literal

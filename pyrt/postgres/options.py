@@ -30,7 +30,8 @@ import trio
 
 from ..node.sources import SourceError
 from ..plugins._options import integer, seconds
-from .protocol import PgAuthError, PgConnection, PgError
+from .connection import PgConnection
+from .errors import PgAuthError, PgError
 
 __all__ = ["PgOptions", "text_option"]
 

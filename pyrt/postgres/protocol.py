@@ -1,36 +1,43 @@
-"""A PostgreSQL client for trio: the frontend/backend protocol (version 3.0) as sans-IO code,
-and a trio connection around it.
+"""PostgreSQL's frontend/backend protocol (version 3.0) as sans-IO code, like h11: bytes in,
+events out, bytes to send back. No socket, no clock, no trio: `pyrt.postgres.connection`
+does the I/O around it.
+
+- Message builders (`startup_message`, `query_message`, `copy_data`, ...) encode what the
+  client sends; `quote_ident` and `quote_literal` quote names and values.
+- `BackendParser` splits the server's bytes into frozen events (`receive_data(bytes)`, then
+  `next_event()` until `NEED_DATA`).
+- `Authenticator` answers the server's authentication requests: cleartext, md5 and
+  SCRAM-SHA-256 through `scramp`.
+- `Frontend` is the state machine of one connection: it parses, authenticates, keeps what
+  the server reported (parameters, backend pid, transaction status) and refuses what the
+  state does not allow, in both directions. Its transitions are one table, `TRANSITIONS`.
 
 Why hand-written: no Python driver speaks PostgreSQL's replication protocol under trio.
 psycopg 3 has neither replication (psycopg#71) nor trio support (psycopg#29), asyncpg is
 asyncio-only, pg-purepy has no COPY or LISTEN, and psycopg2's replication connection needs
-libpq. What pyrt needs is small: startup and authentication (cleartext, md5, SCRAM-SHA-256
-through `scramp`), optional TLS, the simple query protocol, LISTEN/NOTIFY and the CopyBoth
-stream replication runs on (`pyrt.postgres.replication`). There is no extended query
-protocol here: no bound parameters, so quote values with `quote_literal` and names with
-`quote_ident`.
-
-The sans-IO half (message builders, `BackendParser`, `Authenticator`) reads no clock and
-touches no socket, like h11: `receive_data(bytes)`, then `next_event()` until `NEED_DATA`.
+libpq. What pyrt needs is small: startup and authentication, the simple query protocol,
+LISTEN/NOTIFY and the CopyBoth stream replication runs on (`pyrt.postgres.replication`).
+There is no extended query protocol here: no bound parameters, so quote values with
+`quote_literal` and names with `quote_ident`.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import enum
 import hashlib
-import ssl
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Final, TypeAlias
 
 import attrs
 import scramp  # type: ignore[import-untyped]  # (no stubs or py.typed)
-import trio
+
+from .errors import PgAuthError, PgProtocolError, PgStateError
 
 __all__ = [
     "NEED_DATA",
+    "TRANSITIONS",
     "AuthenticationCleartextPassword",
     "AuthenticationMD5Password",
     "AuthenticationOk",
@@ -52,17 +59,14 @@ __all__ = [
     "DataRow",
     "EmptyQueryResponse",
     "ErrorResponse",
+    "Frontend",
     "NoticeResponse",
     "NotificationResponse",
     "ParameterStatus",
-    "PgAuthError",
-    "PgConnection",
-    "PgConnectionError",
-    "PgError",
-    "PgProtocolError",
     "ReadyForQuery",
     "ResultSet",
     "RowDescription",
+    "State",
     "TransactionStatus",
     "copy_data",
     "copy_done",
@@ -83,76 +87,6 @@ PROTOCOL_VERSION: Final = 3 << 16
 SSL_REQUEST_CODE: Final = 80877103
 MAX_MESSAGE_BYTES: Final = 1 << 30
 """The server never sends a message over 1 GiB (its MaxAllocSize); a longer length is garbage."""
-
-
-# -- errors --------------------------------------------------------------------------------
-
-
-class PgError(Exception):
-    """An ErrorResponse from the server: `code` is the SQLSTATE (`28P01` bad password,
-    `42601` syntax error, ...), the other attributes the fields the server filled in.
-
-    `context` says what the client was doing (the address and user when connecting)."""
-
-    def __init__(self, fields: Mapping[str, str], context: str | None = None) -> None:
-        self.fields = dict(fields)
-        self.context = context
-        super().__init__(str(self))
-
-    @property
-    def code(self) -> str:
-        return self.fields.get("C", "")
-
-    @property
-    def message(self) -> str:
-        return self.fields.get("M", "")
-
-    @property
-    def severity(self) -> str:
-        """Not localized: ERROR, FATAL or PANIC."""
-        return self.fields.get("V", self.fields.get("S", ""))
-
-    @property
-    def detail(self) -> str | None:
-        return self.fields.get("D")
-
-    @property
-    def hint(self) -> str | None:
-        return self.fields.get("H")
-
-    @property
-    def position(self) -> int | None:
-        """1-based character position in the query the error refers to."""
-        value = self.fields.get("P")
-        return int(value) if value is not None and value.isdigit() else None
-
-    def __str__(self) -> str:
-        text = f"{self.message} (SQLSTATE {self.code})"
-        if self.detail:
-            text += f"\nDETAIL: {self.detail}"
-        if self.hint:
-            text += f"\nHINT: {self.hint}"
-        if self.context:
-            text += f"\n({self.context})"
-        return text
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.fields, self.context))
-
-
-class PgConnectionError(Exception):
-    """No usable connection: refused, unreachable, timed out, closed, or broken by a
-    cancelled call. The message names the server's address."""
-
-
-class PgAuthError(PgConnectionError):
-    """Authentication failed on the client's side (no password given, a method pyrt does not
-    speak, a server that failed SCRAM's proof). A wrong password is a `PgError` with SQLSTATE
-    28P01: the server decides that."""
-
-
-class PgProtocolError(PgConnectionError):
-    """The server sent something that is not the protocol; the connection is unusable."""
 
 
 # -- frontend messages ---------------------------------------------------------------------
@@ -411,12 +345,14 @@ BackendEvent: TypeAlias = (
 )
 
 
-class _NeedData:
+class _NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = _NeedData.NEED_DATA
 """`next_event()`'s answer when the buffer holds no whole message."""
 
 
@@ -682,360 +618,228 @@ class ResultSet:
         return [dict(zip(names, row, strict=True)) for row in self.rows]
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("utf-8", errors="replace")
+# -- the connection's state machine --------------------------------------------------------
 
 
-# -- the trio connection -------------------------------------------------------------------
+class State(enum.Enum):
+    """Where one connection stands, seen from the client (the protocol's "message flow")."""
+
+    STARTUP = "starting up"
+    """StartupMessage sent: authentication and the server's parameters, until ReadyForQuery."""
+    IDLE = "idle"
+    """The server is ready for a query."""
+    QUERY = "running a query"
+    """A query runs: its results come, then ReadyForQuery."""
+    COPY_IN = "in COPY FROM STDIN"
+    """The server waits for COPY data (pyrt only answers CopyFail)."""
+    COPY_OUT = "in COPY TO STDOUT"
+    """CopyData until CopyDone."""
+    COPY_BOTH = "streaming"
+    """Streaming replication: CopyData both ways until either side's CopyDone."""
+    CLOSED = "closed"
+    """Terminate sent, or the server ended the session (a FATAL error)."""
 
 
-class PgConnection:
-    """One connection to PostgreSQL; make one with `await PgConnection.connect(...)`.
+_AUTHENTICATION = (
+    AuthenticationOk,
+    AuthenticationCleartextPassword,
+    AuthenticationMD5Password,
+    AuthenticationSASL,
+    AuthenticationSASLContinue,
+    AuthenticationSASLFinal,
+    AuthenticationUnsupported,
+)
+_ANY_TIME = (ParameterStatus, NoticeResponse, NotificationResponse)
 
-    One task at a time: a second concurrent call raises `trio.BusyResourceError`. A call
-    cancelled halfway through a query leaves the protocol out of step, so the connection is
-    then broken (every call raises `PgConnectionError`); waiting for a notification can be
-    cancelled safely.
-    """
+TRANSITIONS: Final[Mapping[State, Mapping[type, State]]] = {
+    State.STARTUP: {
+        **dict.fromkeys(_AUTHENTICATION, State.STARTUP),
+        BackendKeyData: State.STARTUP,
+        ReadyForQuery: State.IDLE,
+    },
+    State.IDLE: {},
+    State.QUERY: {
+        RowDescription: State.QUERY,
+        DataRow: State.QUERY,
+        CommandComplete: State.QUERY,
+        EmptyQueryResponse: State.QUERY,
+        ErrorResponse: State.QUERY,
+        CopyInResponse: State.COPY_IN,
+        CopyOutResponse: State.COPY_OUT,
+        CopyBothResponse: State.COPY_BOTH,
+        ReadyForQuery: State.IDLE,
+    },
+    State.COPY_IN: {ErrorResponse: State.QUERY},
+    State.COPY_OUT: {CopyData: State.COPY_OUT, CopyDone: State.QUERY, ErrorResponse: State.QUERY},
+    State.COPY_BOTH: {
+        CopyData: State.COPY_BOTH,
+        CopyDone: State.COPY_BOTH,
+        # The end of the COPY: after CopyDone both ways, or without the server's CopyDone
+        # when a walsender stops (a server shutting down sends CommandComplete "COPY 0",
+        # then closes the connection instead of sending ReadyForQuery).
+        CommandComplete: State.QUERY,
+        ErrorResponse: State.QUERY,
+    },
+    State.CLOSED: {},
+}
+"""What each message from the server moves the connection to; a message its state does not
+list is a protocol error. Besides these, ParameterStatus, NoticeResponse and
+NotificationResponse may come in any state but CLOSED, and an ErrorResponse whose severity
+is FATAL or PANIC (or any ErrorResponse at startup or while idle) ends the session: CLOSED."""
+
+
+def _ends_session(state: State, error: ErrorResponse) -> bool:
+    severity = error.fields.get("V", error.fields.get("S"))
+    return state in (State.STARTUP, State.IDLE) or severity in ("FATAL", "PANIC")
+
+
+class Frontend:
+    """The client's side of one connection, sans-IO.
+
+    Feed it the server's bytes with `receive_data` and take events with `next_event`
+    (`NEED_DATA` when it needs more); send what `data_to_send` holds (answers to
+    authentication requests) and what `start`, `query`, `copy_data`, `copy_done`,
+    `copy_fail` and `terminate` return. It raises `PgProtocolError` for a message from the
+    server that the state does not allow (the connection is then CLOSED), and `PgStateError`
+    for one from the client (nothing changes then)."""
 
     def __init__(
         self,
-        stream: trio.abc.Stream,
-        *,
-        address: str,
         user: str,
-        database: str,
-        replication: bool,
+        password: str | None,
+        params: Mapping[str, str],
+        *,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        self._stream = stream
-        self._parser = BackendParser()
-        self.address = address
-        """`host:port` of the server."""
         self.user = user
-        self.database = database
-        self.replication = replication
+        self._params = {"user": user, **params}
+        self._parser = BackendParser(max_message_bytes)
+        self._auth = Authenticator(user, password)
+        self._outgoing = bytearray()
+        self._started = False
+        self._client_copy_done = False
+        self._server_copy_done = False
+        self.state = State.STARTUP
         self.parameters: dict[str, str] = {}
         """What the server reported with ParameterStatus (server_version, TimeZone, ...)."""
         self.backend_pid: int | None = None
+        self.secret_key: int | None = None
         self.transaction_status = TransactionStatus.IDLE
         self.notices: collections.deque[NoticeResponse] = collections.deque(maxlen=100)
         """The latest notices (warnings) the server sent."""
-        self.auth_method: str | None = None
-        self._notifications: collections.deque[NotificationResponse] = collections.deque()
-        self._busy = False
-        self._broken: str | None = None
-        self._closed = False
 
     def __repr__(self) -> str:
-        return f"<PgConnection {self.user}@{self.address}/{self.database}>"
+        return f"<Frontend {self.user} {self.state.value}>"
 
     @property
-    def tls(self) -> bool:
-        return isinstance(self._stream, trio.SSLStream)
+    def auth_method(self) -> str | None:
+        """What the server asked for: cleartext, md5 or SCRAM-SHA-256 (None: trust)."""
+        return self._auth.method
 
-    @classmethod
-    async def connect(
-        cls,
-        host: str = "127.0.0.1",
-        port: int = 5432,
-        user: str = "postgres",
-        password: str | None = None,
-        database: str | None = None,
-        *,
-        replication: bool = False,
-        ssl_context: ssl.SSLContext | None = None,
-        timeout: float = 10.0,
-        application_name: str = "pyrt",
-        settings: Mapping[str, str] | None = None,
-    ) -> PgConnection:
-        """Connects and authenticates. `replication=True` opens a logical replication
-        connection (`replication=database`): simple queries and replication commands only.
-        With `ssl_context` the connection must be TLS (the server's refusal is an error).
-        `settings` are run-time parameters for the session (`statement_timeout`, ...).
+    @property
+    def server_copy_done(self) -> bool:
+        """In COPY_BOTH: the server sent CopyDone (no more CopyData comes)."""
+        return self._server_copy_done
 
-        Raises `PgConnectionError` (refused, unreachable, timed out: the message names
-        the address and user), `PgError` (the server refused: `28P01` wrong password,
-        `3D000` no such database, ...) or `PgAuthError`.
-        """
-        database = database or user
-        address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-        context = f"PostgreSQL at {address}, user {user!r}, database {database!r}"
-        params = {
-            "user": user,
-            "database": database,
-            "application_name": application_name,
-            "client_encoding": "UTF8",
-            **(settings or {}),
-        }
-        if replication:
-            params["replication"] = "database"
-        with trio.move_on_after(timeout):
-            try:
-                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-            except OSError as e:
-                raise PgConnectionError(f"cannot connect to {context}: {_reason(e)}") from e
-            try:
-                if ssl_context is not None:
-                    stream = await _start_tls(stream, ssl_context, host, context)
-                conn = cls(
-                    stream, address=address, user=user, database=database, replication=replication
-                )
-                await conn._startup(params, password, context)
-            except BaseException:
-                await trio.aclose_forcefully(stream)
-                raise
-            return conn
-        raise PgConnectionError(f"timed out after {timeout:g} s connecting to {context}")
+    # -- what the client sends ---------------------------------------------------------------
 
-    async def _startup(self, params: Mapping[str, str], password: str | None, context: str) -> None:
-        auth = Authenticator(self.user, password)
-        try:
-            await self._stream.send_all(startup_message(params))
-            while True:
-                event = await self._read_event()
-                match event:
-                    case ErrorResponse(fields):
-                        raise PgError(fields, context=context)
-                    case ReadyForQuery(status):
-                        self.transaction_status = status
-                        self.auth_method = auth.method
-                        return
-                    case BackendKeyData(pid, _):
-                        self.backend_pid = pid
-                    case NoticeResponse() | ParameterStatus():
-                        self._note(event)
-                    case _:
-                        reply = auth.respond(event)
-                        if reply is not None:
-                            await self._stream.send_all(reply)
-        except PgProtocolError as e:
-            raise PgProtocolError(f"{context} does not speak PostgreSQL's protocol: {e}") from e
-        except PgConnectionError as e:
-            if context not in str(e):
-                raise type(e)(f"{e} ({context})") from e
-            raise
+    def start(self) -> bytes:
+        """The StartupMessage, to send first."""
+        if self._started:
+            raise PgStateError("the connection has already started")
+        self._started = True
+        return startup_message(self._params)
 
-    # -- low level (the replication stream builds on these) ----------------------------
+    def data_to_send(self) -> bytes:
+        """What the frontend has to send (answers to authentication requests), once."""
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
+        return data
 
-    async def _read_event(self) -> BackendEvent:
-        """The next message from the server, reading the socket as needed."""
-        while True:
-            event = self._parser.next_event()
-            if not isinstance(event, _NeedData):
-                return event
-            try:
-                data = await self._stream.receive_some(65536)
-            except (trio.BrokenResourceError, OSError) as e:
-                self._broken = f"connection to {self.address} lost: {e}"
-                raise PgConnectionError(self._broken) from e
-            except trio.ClosedResourceError:
-                raise PgConnectionError(f"the connection to {self.address} is closed") from None
-            if not data:
-                self._broken = f"PostgreSQL at {self.address} closed the connection"
-                raise PgConnectionError(self._broken)
-            self._parser.receive_data(data)
+    def query(self, sql: str) -> bytes:
+        """Query (the simple query protocol): IDLE to QUERY."""
+        self._expect("a query", State.IDLE)
+        message = query_message(sql)
+        self.state = State.QUERY
+        return message
 
-    async def _send(self, data: bytes) -> None:
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, OSError) as e:
-            self._broken = f"connection to {self.address} lost: {e}"
-            raise PgConnectionError(self._broken) from e
-        except trio.ClosedResourceError:
-            raise PgConnectionError(f"the connection to {self.address} is closed") from None
+    def copy_data(self, data: bytes) -> bytes:
+        self._expect("CopyData", State.COPY_IN, State.COPY_BOTH)
+        if self._client_copy_done:
+            raise PgStateError("cannot send CopyData after CopyDone")
+        return copy_data(data)
 
-    def _note(self, event: BackendEvent) -> bool:
-        """Handles a message that may come at any time; False if `event` is not one."""
-        match event:
-            case ParameterStatus(name, value):
-                self.parameters[name] = value
-            case NoticeResponse():
+    def copy_done(self) -> bytes:
+        """The client's end of a COPY: COPY_IN to QUERY; in COPY_BOTH the server goes on
+        until its own CopyDone."""
+        self._expect("CopyDone", State.COPY_IN, State.COPY_BOTH)
+        if self._client_copy_done:
+            raise PgStateError("cannot send CopyDone twice")
+        if self.state is State.COPY_IN:
+            self.state = State.QUERY
+        else:
+            self._client_copy_done = True
+        return copy_done()
+
+    def copy_fail(self, reason: str) -> bytes:
+        """Refuses COPY FROM STDIN: the server answers with an error."""
+        self._expect("CopyFail", State.COPY_IN)
+        message = copy_fail(reason)
+        self.state = State.QUERY
+        return message
+
+    def terminate(self) -> bytes:
+        """Terminate: goodbye, in any state."""
+        self.state = State.CLOSED
+        return terminate()
+
+    def _expect(self, what: str, *states: State) -> None:
+        if self.state not in states:
+            raise PgStateError(f"cannot send {what} while the connection is {self.state.value}")
+
+    # -- what the server sends -----------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        self._parser.receive_data(data)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as events."""
+        return self._parser.buffered
+
+    def next_event(self) -> BackendEvent | _NeedData:
+        """The next message from the server, the connection's state moved past it."""
+        event = self._parser.next_event()
+        if event is NEED_DATA:
+            return event
+        state = self.state
+        if isinstance(event, _ANY_TIME) and state is not State.CLOSED:
+            if isinstance(event, ParameterStatus):
+                self.parameters[event.name] = event.value
+            elif isinstance(event, NoticeResponse):
                 self.notices.append(event)
-            case NotificationResponse():
-                self._notifications.append(event)
-            case _:
-                return False
-        return True
-
-    async def receive_message(self) -> BackendEvent:
-        """The next message that is part of the conversation (parameter changes, notices
-        and notifications are taken care of). For protocol extensions like replication."""
-        while True:
-            event = await self._read_event()
-            if not self._note(event):
-                return event
-
-    async def send_message(self, data: bytes) -> None:
-        """Sends one or more frontend messages as built by this module's functions."""
-        await self._send(data)
-
-    @contextlib.contextmanager
-    def exclusive(self, *, desync_on_error: bool = True) -> Iterator[None]:
-        """Claims the connection for one task's exchange with the server; if the exchange
-        ends with an exception (a cancellation too) and `desync_on_error`, the connection is
-        marked broken, as the server's answer may be left half read."""
-        if self._closed:
-            raise PgConnectionError(f"the connection to {self.address} is closed")
-        if self._broken is not None:
-            raise PgConnectionError(f"{self._broken}; open a new connection")
-        if self._busy:
-            raise trio.BusyResourceError("another task is using this PostgreSQL connection")
-        self._busy = True
-        try:
-            yield
-        except BaseException as e:
-            if desync_on_error and self._broken is None:
-                self._broken = f"connection to {self.address} left mid-exchange ({e!r})"
-            raise
-        finally:
-            self._busy = False
-
-    def mark_broken(self, reason: str) -> None:
-        if self._broken is None:
-            self._broken = reason
-
-    @property
-    def broken(self) -> bool:
-        return self._broken is not None or self._closed
-
-    # -- queries -------------------------------------------------------------------------
-
-    async def simple_query(self, sql: str) -> list[ResultSet]:
-        """Runs `sql` (one or more statements) and returns one ResultSet per statement.
-        Raises `PgError` if a statement failed; the connection stays usable."""
-        with self.exclusive():
-            await self._send(query_message(sql))
-            results, error = await self._results()
-        if error is not None:
-            raise PgError(error.fields)
-        return results
-
-    async def _results(self) -> tuple[list[ResultSet], ErrorResponse | None]:
-        results: list[ResultSet] = []
-        error: ErrorResponse | None = None
-        columns: tuple[Column, ...] = ()
-        rows: list[tuple[str | None, ...]] = []
-        while True:
-            event = await self.receive_message()
-            match event:
-                case RowDescription(cols):
-                    columns, rows = cols, []
-                case DataRow(values):
-                    rows.append(tuple(_text(v) for v in values))
-                case CommandComplete(tag):
-                    results.append(ResultSet(columns, tuple(rows), tag))
-                    columns, rows = (), []
-                case EmptyQueryResponse():
-                    results.append(ResultSet((), (), ""))
-                case ErrorResponse():
-                    error = event
-                case ReadyForQuery(status):
-                    self.transaction_status = status
-                    return results, error
-                case CopyInResponse():
-                    await self._send(copy_fail("pyrt's simple_query does not send COPY data"))
-                case CopyOutResponse() | CopyData() | CopyDone():
-                    pass  # COPY TO STDOUT: the rows are not kept
-                case _:
-                    raise PgProtocolError(f"unexpected {type(event).__name__} during a query")
-
-    # -- LISTEN / NOTIFY ---------------------------------------------------------------------
-
-    async def listen(self, *channels: str) -> None:
-        """LISTEN on each channel, by exact name (quoted, so case matters)."""
-        if channels:
-            await self.simple_query("; ".join(f"LISTEN {quote_ident(c)}" for c in channels))
-
-    async def unlisten(self, *channels: str) -> None:
-        """UNLISTEN each channel; none: every channel."""
-        names = [quote_ident(c) for c in channels] or ["*"]
-        await self.simple_query("; ".join(f"UNLISTEN {n}" for n in names))
-
-    async def notify(self, channel: str, payload: str = "") -> None:
-        await self.simple_query(
-            f"SELECT pg_notify({quote_literal(channel)}, {quote_literal(payload)})"
-        )
-
-    async def next_notification(self) -> NotificationResponse:
-        """Waits for the next notification on a channel this connection listens on
-        (notifications that came during a query first). Safe to cancel."""
-        if self._notifications:
-            return self._notifications.popleft()
-        with self.exclusive(desync_on_error=False):
-            while True:
-                event = await self._read_event()
-                if isinstance(event, NotificationResponse):
-                    return event
-                if self._note(event):
-                    continue
-                if isinstance(event, ErrorResponse):  # FATAL: the server is going away
-                    self._broken = f"PostgreSQL at {self.address} ended the session"
-                    raise PgError(event.fields, context=f"PostgreSQL at {self.address}")
-                self._broken = f"unexpected {type(event).__name__} from {self.address}"
-                raise PgProtocolError(self._broken)
-
-    def notifications(self) -> _Notifications:
-        """`async for n in conn.notifications()`: `next_notification()` forever."""
-        return _Notifications(self)
-
-    # -- closing -------------------------------------------------------------------------
-
-    async def aclose(self) -> None:
-        """Says goodbye (Terminate) if the connection is healthy, and closes it."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._broken is None and not self._busy:
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._stream.send_all(terminate())
-        await trio.aclose_forcefully(self._stream)
-
-    async def __aenter__(self) -> PgConnection:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-def _reason(error: OSError) -> str:
-    """Why a connection failed: trio wraps the errors of each address it tried."""
-    reasons = []
-    cause = error.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        for leaf in cause.exceptions:
-            if isinstance(leaf, OSError) and leaf.strerror:
-                reasons.append(leaf.strerror)
-    return ", ".join(dict.fromkeys(reasons)) or error.strerror or str(error)
-
-
-class _Notifications:
-    def __init__(self, conn: PgConnection) -> None:
-        self._conn = conn
-
-    def __aiter__(self) -> _Notifications:
-        return self
-
-    async def __anext__(self) -> NotificationResponse:
-        return await self._conn.next_notification()
-
-
-async def _start_tls(
-    stream: trio.abc.Stream, context: ssl.SSLContext, host: str, what: str
-) -> trio.SSLStream[trio.abc.Stream]:
-    await stream.send_all(ssl_request())
-    # One byte only: bytes after it would be unencrypted data injected before the handshake
-    # (CVE-2021-23222); read one, and any more go to (and fail) the TLS handshake.
-    answer = await stream.receive_some(1)
-    if answer == b"N":
-        raise PgConnectionError(f"{what} does not accept TLS (ssl = off), and TLS was required")
-    if answer != b"S":
-        raise PgProtocolError(f"{what} answered the TLS request with {answer!r}")
-    tls = trio.SSLStream(stream, context, server_hostname=host)
-    try:
-        await tls.do_handshake()
-    except (trio.BrokenResourceError, ssl.SSLError) as e:
-        cause = e.__cause__ or e
-        raise PgConnectionError(f"TLS with {what} failed: {cause}") from e
-    return tls
+            return event
+        if isinstance(event, ErrorResponse) and _ends_session(state, event):
+            self.state = State.CLOSED
+            return event
+        after = TRANSITIONS[state].get(type(event))
+        if after is None:
+            self.state = State.CLOSED
+            raise PgProtocolError(f"unexpected {type(event).__name__} while {state.value}")
+        match event:
+            case ReadyForQuery(status):
+                self.transaction_status = status
+            case BackendKeyData(pid, secret):
+                self.backend_pid, self.secret_key = pid, secret
+            case CopyBothResponse():
+                self._client_copy_done = self._server_copy_done = False
+            case CopyDone() if state is State.COPY_BOTH:
+                self._server_copy_done = True
+            case _ if state is State.STARTUP:
+                reply = self._auth.respond(event)
+                if reply is not None:
+                    self._outgoing += reply
+        if after is not State.COPY_BOTH:
+            self._client_copy_done = False
+        self.state = after
+        return event

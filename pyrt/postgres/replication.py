@@ -28,20 +28,16 @@ from typing import Final
 import attrs
 import trio
 
+from .connection import PgConnection
+from .errors import PgConnectionError, PgError, PgProtocolError
 from .protocol import (
     CommandComplete,
     CopyBothResponse,
     CopyData,
     CopyDone,
     ErrorResponse,
-    PgConnection,
-    PgConnectionError,
-    PgError,
-    PgProtocolError,
     ReadyForQuery,
-    copy_data,
-    copy_done,
-    query_message,
+    State,
     quote_ident,
     quote_literal,
 )
@@ -414,7 +410,10 @@ class ReplicationStream:
             await self._status_update()
 
     async def _status_update(self) -> None:
-        await self._conn.send_message(copy_data(self.progress.status_update(pg_time(time.time()))))
+        if self._conn.frontend.state is not State.COPY_BOTH:
+            return  # the server has left COPY mode (its error, or its end)
+        update = self.progress.status_update(pg_time(time.time()))
+        await self._conn.send_copy_data(update)
         self.status_updates += 1
 
     async def _finish(self, timeout: float) -> None:
@@ -426,9 +425,9 @@ class ReplicationStream:
         ok = False
         with trio.CancelScope(shield=True), trio.move_on_after(timeout):
             try:
-                if self._error is None:  # else the server left COPY mode with its error
+                if conn.frontend.state is State.COPY_BOTH:  # else the server left COPY mode
                     await self._status_update()
-                    await conn.send_message(copy_done())
+                    await conn.send_copy_done()
                 while True:
                     event = await conn.receive_message()
                     if isinstance(event, ReadyForQuery):
@@ -465,7 +464,7 @@ async def start_replication_stream(
         options.append("messages 'true'")
     sql = f"START_REPLICATION SLOT {slot} LOGICAL {format_lsn(start_lsn)} ({', '.join(options)})"
     with conn.exclusive():
-        await conn.send_message(query_message(sql))
+        await conn.send_query(sql)
         error = await _until_streaming(conn, slot)
     if error is not None:
         if _is_invalidation(error):
