@@ -791,6 +791,32 @@ async def test_body_errors_come_out_as_themselves(postgres: PostgresServer, repl
         assert result.rows == (("1",),)
 
 
+async def test_a_server_shutdown_ends_the_stream_normally(
+    postgres: PostgresServer, repl_db: str
+) -> None:
+    # A walsender that stops with its server waits until the client has acked what it sent,
+    # then sends CommandComplete "COPY 0" (no CopyDone) and closes the connection: the
+    # stream ends as an iteration does, and says why.
+    async with await connect(postgres, database=repl_db, replication=True) as conn:
+        await ensure_slot(conn, "shutdown")
+        async with start_replication(conn, "shutdown", ["pub"], status_interval=0.5) as stream:
+            await sql(postgres, "INSERT INTO items VALUES (20, 'before')", repl_db)
+            stream.ack(commit_end_lsn((await transaction(stream))[-1]))
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, postgres.restart)
+                    rest = [message async for message in stream]
+        assert rest == []
+        assert stream.ended is not None
+        assert stream.ended == (
+            f"PostgreSQL at {postgres.host}:{postgres.port} stopped streaming slot"
+            " 'shutdown': the server is shutting down"
+        )
+        assert conn.broken  # the server closed it
+        with pytest.raises(PgConnectionError, match="closed the connection"):
+            await conn.simple_query("SELECT 1")
+
+
 # -- publications and `pyrt pg-setup` ------------------------------------------------------
 
 

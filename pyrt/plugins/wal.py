@@ -293,7 +293,8 @@ class WalSource:
                             task_status.started()
                         attempt = 0
                         await self.pump(node, stream)
-                    raise PgConnectionError("the replication stream ended")
+                    # The server ended the stream normally (it is shutting down): say so.
+                    raise PgConnectionError(stream.ended or "the replication stream ended")
             except SlotInvalidated as e:
                 # Lost between the check and START_REPLICATION: the next round's check
                 # reports the gap and makes a new slot.

@@ -307,7 +307,11 @@ def _is_invalidation(error: PgError) -> bool:
 
 class ReplicationStream:
     """`async for message in stream`: XLogData in WAL order; `stream.ack(lsn)` once the
-    events up to `lsn` are safe. Made by `start_replication`."""
+    events up to `lsn` are safe. Made by `start_replication`.
+
+    The iteration ends (after the messages already received) when the server ends the
+    stream normally: a server shutting down does so once the client has acked all it sent,
+    and `ended` then says why. An error ends it with that error."""
 
     def __init__(
         self, conn: PgConnection, slot: str, start: int, status_interval: float, buffer: int
@@ -323,6 +327,8 @@ class ReplicationStream:
         self.status_updates = 0
         """How many status updates went to the server (for tests and metrics)."""
         self.keepalives = 0
+        self.ended: str | None = None
+        """Why the server ended the stream, once it has (None while it streams)."""
 
     def __aiter__(self) -> ReplicationStream:
         return self
@@ -397,6 +403,16 @@ class ReplicationStream:
                     if _is_invalidation(error):
                         raise SlotInvalidated(self.slot, error.detail or error.message) from error
                     raise error
+                case CommandComplete():
+                    # The end of COPY without the server's CopyDone: its walsender is
+                    # stopping because the server shuts down (it sends CommandComplete
+                    # "COPY 0" once everything it sent is acked, then closes the connection).
+                    self.ended = (
+                        f"PostgreSQL at {conn.address} stopped streaming slot {self.slot!r}:"
+                        " the server is shutting down"
+                    )
+                    self._scope.cancel()
+                    return
                 case CopyDone():
                     raise PgConnectionError(f"the server ended replication of slot {self.slot!r}")
                 case _:
@@ -418,7 +434,9 @@ class ReplicationStream:
 
     async def _finish(self, timeout: float) -> None:
         """Reports the last ack and leaves COPY mode so the connection can be reused; if
-        the server does not play along within `timeout`, the connection is marked broken."""
+        the server does not play along within `timeout`, the connection is marked broken.
+        After the server's own end the connection is usable only if ReadyForQuery follows
+        (a server shutting down closes it instead)."""
         conn = self._conn
         if isinstance(self._error, PgConnectionError):
             return  # already broken
@@ -438,7 +456,7 @@ class ReplicationStream:
             except (PgConnectionError, PgError):
                 pass
         if not ok:
-            conn.mark_broken(f"replication of slot {self.slot!r} did not end cleanly")
+            conn.mark_broken(self.ended or f"replication of slot {self.slot!r} did not end cleanly")
 
 
 async def start_replication_stream(
