@@ -867,3 +867,41 @@ def test_pg_setup_command(postgres: PostgresServer) -> None:
     assert done.returncode == 1
     assert "28P01" in done.stderr
     assert f"127.0.0.1:{postgres.port}" in done.stderr
+
+
+def test_pg_setup_without_tables_tells_a_non_superuser_to_name_them(
+    postgres: PostgresServer,
+) -> None:
+    db = postgres.new_database("owner")
+    role = f"owner_{db.rsplit('_', 1)[1]}"  # roles are per cluster
+    postgres.sql(
+        f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'; GRANT CREATE ON DATABASE {db} TO {role}"
+    )
+    postgres.sql(
+        f"CREATE TABLE orders (id int PRIMARY KEY); ALTER TABLE orders OWNER TO {role}", db
+    )
+    args = ["--host", "127.0.0.1", "--port", str(postgres.port), "--user", role]
+    command = [sys.executable, "-m", "pyrt._cli", "pg-setup", *args, "--database", db]
+    env = {**os.environ, "PGPASSWORD": PASSWORD}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 1
+    server, hint = done.stderr.splitlines()[-2:]
+    assert server == (
+        "pyrt pg-setup: must be superuser to create FOR ALL TABLES publication (SQLSTATE 42501)"
+    )
+    assert hint.startswith("pyrt pg-setup: without --table, pg-setup creates the publication")
+    assert f"only a superuser may do, and '{role}' is not one" in hint
+    assert "--table public.orders" in hint
+    # As told: the same user, naming the table.
+    done = subprocess.run(
+        [*command, "--table", "public.orders"], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "publication 'pyrt' created (1 table(s))" in done.stdout
+    # Another refusal (no CREATE on the database), with --table given: no such hint.
+    postgres.sql(f"REVOKE CREATE ON DATABASE {db} FROM {role}")
+    denied = [*command, "--publication", "other", "--table", "public.orders"]
+    done = subprocess.run(denied, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 1
+    assert "42501" in done.stderr
+    assert "--table" not in done.stderr
