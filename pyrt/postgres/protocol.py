@@ -813,6 +813,8 @@ class Frontend:
         if event is NEED_DATA:
             return event
         state = self.state
+        if type(event) is CopyData and (state is State.COPY_BOTH or state is State.COPY_OUT):
+            return event  # the replication stream's common case: no transition
         if isinstance(event, _ANY_TIME) and state is not State.CLOSED:
             if isinstance(event, ParameterStatus):
                 self.parameters[event.name] = event.value
