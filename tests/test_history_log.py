@@ -14,9 +14,9 @@ import pytest
 from test_wal_hub import changes as row_changes
 from test_wal_hub import frames, join_all
 
-from pyrt.hub import historylog as _historylog
 from pyrt._core import RowEvent
 from pyrt.conflict import Timestamp
+from pyrt.hub import historylog as _historylog
 from pyrt.hub.history import History, StreamPosition
 from pyrt.hub.historylog import HEADER, MAGIC, HistoryLog
 from pyrt.hub.hub import Hub, HubConfig
