@@ -37,8 +37,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import pyrt
-from pyrt._reference import ReferenceMatcher
-from pyrt._reference import RowEvent as ReferenceRowEvent
+from pyrt.reference.matcher import ReferenceMatcher
+from pyrt.reference.matcher import RowEvent as ReferenceRowEvent
 
 Value = bool | int | float | str | None
 

@@ -15,7 +15,7 @@ Rows:
   decode+match+json  decode_many, then Matcher.match_changes against --subscriptions
                      `user_id=eq.K` subscriptions, then to_json(max_bytes=1 MB) for every change
                      that matched at least one subscription (the hub encodes once per change)
-The reference column runs the same steps with pyrt._pgoutput.ReferenceDecoder (and, for the
+The reference column runs the same steps with pyrt.reference.pgoutput.ReferenceDecoder (and, for the
 last row, the reference matcher and Change.to_json).
 """
 
@@ -36,8 +36,8 @@ from matcher import fmt_rate, machine, table  # the matcher benchmark's helpers
 
 import pyrt
 from pyrt._core import PgOutputDecoder
-from pyrt._pgoutput import ReferenceDecoder
-from pyrt._reference import ReferenceMatcher
+from pyrt.reference.matcher import ReferenceMatcher
+from pyrt.reference.pgoutput import ReferenceDecoder
 
 RELID = 16_384
 COLUMNS = [  # (flags, name, type oid)

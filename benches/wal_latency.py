@@ -68,7 +68,7 @@ CREATE PUBLICATION pyrt FOR TABLE bench;
 
 
 async def write(port: int, database: str, rate: int, seconds: float) -> None:
-    from pyrt._pgwire import PgConnection
+    from pyrt.postgres import PgConnection
 
     per_tick = max(1, round(rate * TICK))
     tick_seconds = per_tick / rate  # TICK, or longer for rates under 100 rows/s

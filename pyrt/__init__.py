@@ -7,10 +7,6 @@ from ._core import check_channel as check_channel
 from ._core import parse_filter as parse_filter
 from ._errors import ChannelNameError as ChannelNameError
 from ._errors import FilterError as FilterError
-from ._pgwire import PgAuthError as PgAuthError
-from ._pgwire import PgConnection as PgConnection
-from ._pgwire import PgConnectionError as PgConnectionError
-from ._pgwire import PgError as PgError
 from .conflict import HybridClock as HybridClock
 from .conflict import Mutation as Mutation
 from .conflict import Record as Record
@@ -32,13 +28,8 @@ from .node.plugins import Source as Source
 from .node.plugins import Transport as Transport
 from .node.session import Session as Session
 from .node.sources import SourceError as SourceError
-from .plugins._postgres import PgOptions as PgOptions
-from .plugins.notify import CatchUp as CatchUp
-from .plugins.notify import NotifySource as NotifySource
-from .plugins.wal import WalSource as WalSource
 
 __all__ = [
-    "CatchUp",
     "ChannelNameError",
     "CloseCode",
     "ErrorCode",
@@ -53,12 +44,6 @@ __all__ = [
     "Mutation",
     "Node",
     "NodeConfig",
-    "NotifySource",
-    "PgAuthError",
-    "PgConnection",
-    "PgConnectionError",
-    "PgError",
-    "PgOptions",
     "Publication",
     "Record",
     "Rejection",
@@ -70,7 +55,6 @@ __all__ = [
     "StreamPosition",
     "Timestamp",
     "Transport",
-    "WalSource",
     "__version__",
     "check_channel",
     "parse_filter",

@@ -79,24 +79,42 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def _pg_setup(args: argparse.Namespace) -> int:
     """Creates the publication the WAL source reads and reports on replica identities."""
-    from ._pgrepl import setup_publication
-    from ._pgwire import PgConnection, PgConnectionError, PgError
+    from .postgres import PgConnection, PgConnectionError, PgError
+    from .postgres.replication import setup_publication
 
     password = os.environ.get("PGPASSWORD")
     if password is None and sys.stdin.isatty():
         password = getpass.getpass(f"password for {args.user}: ")
 
+    hint: str | None = None
+
     async def setup() -> list[str]:
+        nonlocal hint
         async with await PgConnection.connect(
             args.host, args.port, args.user, password, args.database
         ) as conn:
-            report = await setup_publication(conn, args.publication, args.table or None)
+            try:
+                report = await setup_publication(conn, args.publication, args.table or None)
+            except PgError as e:
+                # 42501 insufficient_privilege: CREATE PUBLICATION ... FOR ALL TABLES is for
+                # superusers only (the server's ParameterStatus says whether we are one).
+                superuser = conn.parameters.get("is_superuser") == "on"
+                if e.code == "42501" and not args.table and not superuser:
+                    hint = (
+                        "without --table, pg-setup creates the publication FOR ALL TABLES,"
+                        f" which only a superuser may do, and {conn.user!r} is not one. Name the"
+                        " tables to publish instead (tables you own; repeat the option):"
+                        " pyrt pg-setup --table public.orders --table public.items ..."
+                    )
+                raise
             return report.lines()
 
     try:
         lines = trio.run(setup)
     except (PgError, PgConnectionError) as e:
         print(f"pyrt pg-setup: {e}", file=sys.stderr)
+        if hint is not None:
+            print(f"pyrt pg-setup: {hint}", file=sys.stderr)
         return 1
     print("\n".join(lines))
     return 0
@@ -139,9 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     pg = commands.add_parser(
         "pg-setup",
         help="create the publication for the WAL source; list tables needing a replica identity",
-        description="Creates the publication (FOR ALL TABLES, or the --table ones) unless it"
-        " exists, then lists published tables without a primary key (UPDATE/DELETE on them"
-        " fail) and tables whose old rows carry the key only, with the SQL to fix them."
+        description="Creates the publication (FOR ALL TABLES, which needs a superuser, or the"
+        " --table ones) unless it exists, then lists published tables without a primary key"
+        " (UPDATE/DELETE on them fail) and tables whose old rows carry the key only, with the"
+        " SQL to fix them."
         " The password comes from PGPASSWORD (or a prompt).",
     )
     pg.add_argument("--host", default=os.environ.get("PGHOST", "127.0.0.1"))
@@ -149,7 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pg.add_argument("--user", default=os.environ.get("PGUSER", "postgres"))
     pg.add_argument("--database", default=os.environ.get("PGDATABASE"))
     pg.add_argument("--publication", default="pyrt", help="publication name (default pyrt)")
-    pg.add_argument("--table", action="append", help="publish this table (schema.name; repeatable)")
+    pg.add_argument(
+        "--table",
+        action="append",
+        help="publish this table (schema.name; repeatable); without it: all tables, which"
+        " needs a superuser",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo()

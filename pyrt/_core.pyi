@@ -2,7 +2,7 @@
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeAlias, final
 
-from pyrt._pgoutput import DecodeError
+from pyrt._errors import DecodeError
 
 __all__ = [
     "FanOut",
@@ -21,6 +21,7 @@ __all__ = [
     "RowEvent",
     "__version__",
     "check_channel",
+    "format_commit_time",
     "parse_filter",
 ]
 
@@ -204,6 +205,8 @@ class PgOutputDecoder:
     def decode_many(self, payloads: Iterable[bytes]) -> list[_PgMessage | DecodeError]: ...
     def relation(self, relid: int) -> PgRelation | None: ...
     def reset(self) -> None: ...
+
+def format_commit_time(micros: int) -> str: ...
 
 # The fan-out write path (core/py/src/fanout.rs; used by pyrt/hub/hub.py).
 

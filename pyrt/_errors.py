@@ -18,3 +18,15 @@ class FilterError(_PositionedError):
 
 class ChannelNameError(_PositionedError):
     """A channel name or channel pattern is not valid."""
+
+
+class DecodeError(ValueError):
+    """A pgoutput message is malformed or truncated: `reason` and the byte `offset`.
+
+    Raised by `pyrt._core.PgOutputDecoder` (and by the reference decoder in
+    `pyrt.reference.pgoutput`, which must fail the same way)."""
+
+    def __init__(self, reason: str, offset: int) -> None:
+        super().__init__(f"{reason} (at byte {offset})")
+        self.reason = reason
+        self.offset = offset

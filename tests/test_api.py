@@ -10,7 +10,6 @@ from pyrt import _core
 from pyrt._cli import main
 
 PUBLIC = {
-    "CatchUp",
     "ChannelNameError",
     "CloseCode",
     "ErrorCode",
@@ -25,12 +24,6 @@ PUBLIC = {
     "Mutation",
     "Node",
     "NodeConfig",
-    "NotifySource",
-    "PgAuthError",
-    "PgConnection",
-    "PgConnectionError",
-    "PgError",
-    "PgOptions",
     "Publication",
     "Record",
     "Rejection",
@@ -42,7 +35,6 @@ PUBLIC = {
     "StreamPosition",
     "Timestamp",
     "Transport",
-    "WalSource",
     "__version__",
     "check_channel",
     "parse_filter",
@@ -53,8 +45,58 @@ def test_public_names() -> None:
     assert set(pyrt.__all__) == PUBLIC
     exported = {name for name in vars(pyrt) if not name.startswith("_")} | {"__version__"}
     # Only the curated names, and the public submodules once imported, are visible.
-    submodules = {"client", "conflict", "hub", "node", "plugin", "plugins", "testing"}
+    submodules = {
+        "client",
+        "conflict",
+        "hub",
+        "node",
+        "plugin",
+        "plugins",
+        "postgres",
+        "reference",
+        "testing",
+    }
     assert exported - submodules == PUBLIC
+
+
+def test_import_pyrt_loads_no_plugin_driver_or_oracle() -> None:
+    # A fresh interpreter: in this one, other tests have imported them already.
+    code = (
+        "import sys, pyrt; print(' '.join(sorted(m for m in sys.modules"
+        " if m.startswith(('pyrt.plugins', 'pyrt.postgres', 'pyrt.reference', 'scramp')))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []
+    # The check sees those modules when they are loaded.
+    code = code.replace("import sys, pyrt;", "import sys, pyrt, pyrt.plugins.wal;")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = out.stdout.split()
+    assert {"pyrt.plugins.wal", "pyrt.postgres.protocol", "scramp"} <= set(loaded)
+    assert not [m for m in loaded if m.startswith("pyrt.reference")]
+
+
+POSTGRES = {
+    "DecodeError",
+    "NotificationResponse",
+    "PgAuthError",
+    "PgConnection",
+    "PgConnectionError",
+    "PgError",
+    "PgOptions",
+    "PgProtocolError",
+    "ResultSet",
+    "quote_ident",
+    "quote_literal",
+}
+
+
+def test_postgres_public_names() -> None:
+    import pyrt.postgres
+
+    assert set(pyrt.postgres.__all__) == POSTGRES
+    exported = {name for name in vars(pyrt.postgres) if not name.startswith("_")}
+    modules = {"connection", "errors", "options", "pgoutput", "protocol", "replication"}
+    assert exported - modules == POSTGRES
 
 
 def test_version_comes_from_the_compiled_core() -> None:

@@ -1,4 +1,4 @@
-"""The Rust matcher (pyrt._core) against the pure-Python reference (pyrt._reference).
+"""The Rust matcher (pyrt._core) against the pure-Python reference (pyrt.reference.matcher).
 
 Both sides get the same inputs and must give the same outputs: equal results, or the same
 exception class with the same reason and position. Inputs are built from the grammar of
@@ -24,8 +24,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from pyrt import _reference as reference
 from pyrt._errors import ChannelNameError, FilterError
+from pyrt.reference import matcher as reference
 
 core: Any = pytest.importorskip("pyrt._core")
 

@@ -20,13 +20,13 @@ import trio
 from pgserver import PASSWORD, PostgresServer
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from pyrt._pgwire import PgConnection
 from pyrt.node.config import ConfigError, node_config
 from pyrt.node.node import Node, NodeConfig
 from pyrt.node.sources import SourceError, load_sources
 from pyrt.plugin import SourceContext
 from pyrt.plugins.notify import CatchUp, NotifySource
 from pyrt.plugins.websocket import WebSocketTransport
+from pyrt.postgres import PgConnection
 from pyrt.testing import check_source
 
 

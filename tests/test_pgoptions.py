@@ -1,4 +1,4 @@
-"""The connection options both Postgres sources share (pyrt.plugins._postgres.PgOptions): one
+"""The connection options both Postgres sources share (pyrt.postgres.PgOptions): one
 set of checks, the same errors from either source, and the connect/backoff they drive."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from typing import Any
 import pytest
 from pgserver import PASSWORD, PostgresServer
 
-from pyrt._pgwire import PgAuthError
 from pyrt.node.sources import load_sources
-from pyrt.plugins._postgres import PgOptions
 from pyrt.plugins.notify import NotifySource
 from pyrt.plugins.wal import WalSource
+from pyrt.postgres import PgAuthError, PgOptions
 
 BAD = [
     ({"host": ""}, TypeError, "host must be a non-empty string"),

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from pyrt import _pgoutput as reference
-from pyrt._pgoutput import DecodeError
+from pyrt.postgres import DecodeError
+from pyrt.reference import pgoutput as reference
 
 core: Any = pytest.importorskip("pyrt._core")
 

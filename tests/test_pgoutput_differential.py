@@ -1,4 +1,4 @@
-"""The Rust pgoutput decoder (pyrt._core) against the reference (pyrt._pgoutput).
+"""The Rust pgoutput decoder (pyrt._core) against the reference (pyrt.reference.pgoutput).
 
 Hypothesis builds sessions of messages (relations over every known type and unknown ones,
 rows of values shaped like what Postgres sends and of arbitrary text, nulls and unchanged
@@ -32,7 +32,8 @@ from test_pgoutput import (
     same_outcome,
 )
 
-from pyrt._pgoutput import BUILTIN_TYPES, DecodeError
+from pyrt.postgres import DecodeError
+from pyrt.reference.pgoutput import BUILTIN_TYPES
 
 core: Any = pytest.importorskip("pyrt._core")
 

@@ -18,7 +18,7 @@ import pytest
 from pgserver import PostgresServer
 from test_pgoutput import EXPECTED_RECORD, TEXT, assert_same_message, message_kind
 
-from pyrt import _pgoutput as reference
+from pyrt.reference import pgoutput as reference
 
 core: Any = pytest.importorskip("pyrt._core")
 

@@ -22,7 +22,28 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pgserver import PASSWORD, PostgresServer
 
-from pyrt._pgrepl import (
+from pyrt.postgres import PgAuthError, PgConnection, PgConnectionError, PgError, PgProtocolError
+from pyrt.postgres.protocol import (
+    NEED_DATA,
+    AuthenticationMD5Password,
+    AuthenticationOk,
+    AuthenticationSASL,
+    AuthenticationUnsupported,
+    Authenticator,
+    BackendParser,
+    CommandComplete,
+    DataRow,
+    ErrorResponse,
+    NotificationResponse,
+    ParameterStatus,
+    ReadyForQuery,
+    TransactionStatus,
+    md5_password,
+    quote_ident,
+    quote_literal,
+    startup_message,
+)
+from pyrt.postgres.replication import (
     PrimaryKeepalive,
     ReplicationProgress,
     SlotInvalidated,
@@ -38,31 +59,6 @@ from pyrt._pgrepl import (
     standby_status_update,
     start_replication,
     start_replication_stream,
-)
-from pyrt._pgwire import (
-    NEED_DATA,
-    AuthenticationMD5Password,
-    AuthenticationOk,
-    AuthenticationSASL,
-    AuthenticationUnsupported,
-    Authenticator,
-    BackendParser,
-    CommandComplete,
-    DataRow,
-    ErrorResponse,
-    NotificationResponse,
-    ParameterStatus,
-    PgAuthError,
-    PgConnection,
-    PgConnectionError,
-    PgError,
-    PgProtocolError,
-    ReadyForQuery,
-    TransactionStatus,
-    md5_password,
-    quote_ident,
-    quote_literal,
-    startup_message,
 )
 
 # -- sans-IO -------------------------------------------------------------------------------
@@ -795,6 +791,32 @@ async def test_body_errors_come_out_as_themselves(postgres: PostgresServer, repl
         assert result.rows == (("1",),)
 
 
+async def test_a_server_shutdown_ends_the_stream_normally(
+    postgres: PostgresServer, repl_db: str
+) -> None:
+    # A walsender that stops with its server waits until the client has acked what it sent,
+    # then sends CommandComplete "COPY 0" (no CopyDone) and closes the connection: the
+    # stream ends as an iteration does, and says why.
+    async with await connect(postgres, database=repl_db, replication=True) as conn:
+        await ensure_slot(conn, "shutdown")
+        async with start_replication(conn, "shutdown", ["pub"], status_interval=0.5) as stream:
+            await sql(postgres, "INSERT INTO items VALUES (20, 'before')", repl_db)
+            stream.ack(commit_end_lsn((await transaction(stream))[-1]))
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, postgres.restart)
+                    rest = [message async for message in stream]
+        assert rest == []
+        assert stream.ended is not None
+        assert stream.ended == (
+            f"PostgreSQL at {postgres.host}:{postgres.port} stopped streaming slot"
+            " 'shutdown': the server is shutting down"
+        )
+        assert conn.broken  # the server closed it
+        with pytest.raises(PgConnectionError, match="closed the connection"):
+            await conn.simple_query("SELECT 1")
+
+
 # -- publications and `pyrt pg-setup` ------------------------------------------------------
 
 
@@ -845,3 +867,41 @@ def test_pg_setup_command(postgres: PostgresServer) -> None:
     assert done.returncode == 1
     assert "28P01" in done.stderr
     assert f"127.0.0.1:{postgres.port}" in done.stderr
+
+
+def test_pg_setup_without_tables_tells_a_non_superuser_to_name_them(
+    postgres: PostgresServer,
+) -> None:
+    db = postgres.new_database("owner")
+    role = f"owner_{db.rsplit('_', 1)[1]}"  # roles are per cluster
+    postgres.sql(
+        f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'; GRANT CREATE ON DATABASE {db} TO {role}"
+    )
+    postgres.sql(
+        f"CREATE TABLE orders (id int PRIMARY KEY); ALTER TABLE orders OWNER TO {role}", db
+    )
+    args = ["--host", "127.0.0.1", "--port", str(postgres.port), "--user", role]
+    command = [sys.executable, "-m", "pyrt._cli", "pg-setup", *args, "--database", db]
+    env = {**os.environ, "PGPASSWORD": PASSWORD}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 1
+    server, hint = done.stderr.splitlines()[-2:]
+    assert server == (
+        "pyrt pg-setup: must be superuser to create FOR ALL TABLES publication (SQLSTATE 42501)"
+    )
+    assert hint.startswith("pyrt pg-setup: without --table, pg-setup creates the publication")
+    assert f"only a superuser may do, and '{role}' is not one" in hint
+    assert "--table public.orders" in hint
+    # As told: the same user, naming the table.
+    done = subprocess.run(
+        [*command, "--table", "public.orders"], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "publication 'pyrt' created (1 table(s))" in done.stdout
+    # Another refusal (no CREATE on the database), with --table given: no such hint.
+    postgres.sql(f"REVOKE CREATE ON DATABASE {db} FROM {role}")
+    denied = [*command, "--publication", "other", "--table", "public.orders"]
+    done = subprocess.run(denied, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 1
+    assert "42501" in done.stderr
+    assert "--table" not in done.stderr

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pyrt._errors import ChannelNameError, FilterError
-from pyrt._reference import ReferenceMatcher, RowEvent, check_channel, parse_filter
+from pyrt.reference.matcher import ReferenceMatcher, RowEvent, check_channel, parse_filter
 
 # --------------------------------------------------------------------------------------------
 # The filter grammar

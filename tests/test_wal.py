@@ -4,6 +4,7 @@ Postgres, of the replication link and of the hub, and gaps reported when the slo
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -14,12 +15,12 @@ import pytest
 import trio
 from pgserver import PostgresServer, free_port
 
-from pyrt._pgrepl import ReplicationStream
 from pyrt.client import connect
 from pyrt.hub.hub import Hub
 from pyrt.node.node import Node, NodeConfig, Session
 from pyrt.node.sources import SourceError, load_sources
 from pyrt.plugins.wal import WalSource
+from pyrt.postgres.replication import ReplicationStream
 from pyrt.testing import check_source
 
 TABLES = """
@@ -421,8 +422,9 @@ async def test_since_replays_history_filtered(postgres: PostgresServer, wal_db: 
 
 
 async def test_postgres_restart_mid_stream_loses_nothing(
-    postgres: PostgresServer, wal_db: str
+    postgres: PostgresServer, wal_db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="pyrt.sources.wal")
     source = wal_source(postgres, wal_db)
     async with running(source) as node:
         sub = Subscriber(node)
@@ -440,6 +442,13 @@ async def test_postgres_restart_mid_stream_loses_nothing(
         assert [id_ for _, id_ in rows(sub.events())] == list(range(1, 11))
         assert [e["offset"] for e in events] == list(range(1, 11))
         assert source.connects >= 2
+    # The restart is logged as what it is, not as a protocol error.
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "pyrt.sources.wal"]
+    ended = f"wal: PostgreSQL at {postgres.host}:{postgres.port} stopped streaming slot"
+    assert [
+        level for level, text in logged if text.startswith(ended) and "shutting down" in text
+    ] == [logging.WARNING]
+    assert not [text for _, text in logged if "unexpected" in text or "protocol" in text]
 
 
 async def test_commits_sent_again_by_the_slot_are_skipped(

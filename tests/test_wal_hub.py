@@ -11,12 +11,12 @@ import pytest
 from test_pgoutput import enc_begin, enc_commit, enc_insert, enc_relation, enc_truncate
 
 from pyrt._core import PgChange, PgOutputDecoder, check_channel
-from pyrt._pgrepl import XLogData
 from pyrt.hub.hub import Connection, Hub, HubConfig
 from pyrt.hub.protocol import table_channel
 from pyrt.node.context import SourceContext
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.wal import WalSource
+from pyrt.postgres.replication import XLogData
 
 INT4, TEXT = 23, 25
 RELATION = enc_relation(

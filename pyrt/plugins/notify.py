@@ -39,9 +39,8 @@ from typing import Any
 import attrs
 import trio
 
-from .._pgwire import PgConnection, PgConnectionError, PgError
 from ..plugin import JsonError, SourceContext, check_channel, check_seconds, json_loads
-from ._postgres import PgOptions
+from ..postgres import PgConnection, PgConnectionError, PgError, PgOptions
 
 __all__ = ["CatchUp", "NotifySource", "Route"]
 

@@ -15,7 +15,7 @@ messages_channel = "pg:messages"   # optional: where pg_logical_emit_message goe
 records = { "public.todos" = "todos" }   # optional: rows kept as records (docs/conflicts.md)
 ```
 Connection options (host, port, user, password, ssl, reconnect backoff, ...) are the ones
-every Postgres source shares: `pyrt.plugins._postgres.PgOptions`.
+every Postgres source shares: `pyrt.postgres.PgOptions`.
 
 Each INSERT, UPDATE and DELETE of a published table becomes a row event on the table's
 channel `pg:<schema>:<table>` (`Hub.publish_change`), each TRUNCATE an event on every
@@ -43,7 +43,26 @@ from typing import Any
 
 import trio
 
-from .._core import (
+from ..plugin import (
+    TABLE_CHANNEL_PREFIX,
+    SourceContext,
+    SourceError,
+    check_channel,
+    check_integer,
+    check_seconds,
+)
+from ..plugin import json_loads as loads
+from ..postgres import (
+    DecodeError,
+    PgConnection,
+    PgConnectionError,
+    PgError,
+    PgOptions,
+    quote_ident,
+    quote_literal,
+)
+from ..postgres.options import text_option
+from ..postgres.pgoutput import (
     PgBegin,
     PgChange,
     PgCommit,
@@ -51,10 +70,9 @@ from .._core import (
     PgOutputDecoder,
     PgTruncate,
     PgUnknown,
-    check_channel,
+    format_commit_time,
 )
-from .._pgoutput import DecodeError, format_commit_time
-from .._pgrepl import (
+from ..postgres.replication import (
     PG_EPOCH_UNIX,
     ReplicationStream,
     SlotInvalidated,
@@ -65,16 +83,6 @@ from .._pgrepl import (
     slot_status,
     start_replication,
 )
-from .._pgwire import (
-    PgConnection,
-    PgConnectionError,
-    PgError,
-    quote_ident,
-    quote_literal,
-)
-from ..plugin import TABLE_CHANNEL_PREFIX, SourceContext, SourceError, check_integer, check_seconds
-from ..plugin import json_loads as loads
-from ._postgres import PgOptions, text_option
 
 __all__ = ["WalSource"]
 
@@ -287,7 +295,8 @@ class WalSource:
                             task_status.started()
                         attempt = 0
                         await self.pump(ctx, stream)
-                    raise PgConnectionError("the replication stream ended")
+                    # The server ended the stream normally (it is shutting down): say so.
+                    raise PgConnectionError(stream.ended or "the replication stream ended")
             except SlotInvalidated as e:
                 # Lost between the check and START_REPLICATION: the next round's check
                 # reports the gap and makes a new slot.

@@ -14,10 +14,10 @@ use pyrt_engine::pgoutput::{
 
 use crate::{row_to_py, RowEvent};
 
-/// Builds `pyrt._pgoutput.DecodeError(reason, offset)` (one home for the error type, shared
-/// with the reference decoder).
+/// Builds `pyrt._errors.DecodeError(reason, offset)` (one home for the error types the
+/// binding raises, shared with the reference decoder).
 fn decode_error<'py>(py: Python<'py>, e: &DecodeError) -> PyResult<Bound<'py, PyAny>> {
-    py.import("pyrt._pgoutput")?
+    py.import("pyrt._errors")?
         .getattr("DecodeError")?
         .call1((&e.reason, e.offset))
 }
@@ -409,7 +409,7 @@ impl PgOutputDecoder {
         Self::default()
     }
 
-    /// Decodes one message; raises `pyrt._pgoutput.DecodeError` (nothing changes then).
+    /// Decodes one message; raises `pyrt._errors.DecodeError` (nothing changes then).
     fn decode(&mut self, py: Python<'_>, payload: &[u8]) -> PyResult<Py<PyAny>> {
         match self.inner.decode(payload) {
             Ok(m) => message_to_py(py, m),
@@ -449,7 +449,15 @@ impl PgOutputDecoder {
     }
 }
 
+/// Microseconds since 2000-01-01 00:00 UTC (a commit time) as `YYYY-MM-DDTHH:MM:SS.mmmZ`,
+/// truncated to milliseconds: the form of `PgChange.commit_timestamp`.
+#[pyfunction]
+fn format_commit_time(micros: i64) -> String {
+    engine::format_commit_time(micros)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(format_commit_time, m)?)?;
     m.add_class::<PgOutputDecoder>()?;
     m.add_class::<PgBegin>()?;
     m.add_class::<PgCommit>()?;

@@ -140,7 +140,7 @@ fn pattern_matches(pattern: &str, name: &str) -> bool {
     p.len() == n.len()
 }
 
-/// A like pattern run as an NFA over the text's characters (as `pyrt/_reference.py` does),
+/// A like pattern run as an NFA over the text's characters (as `pyrt/reference/matcher.py` does),
 /// both sides lowercased character by character for ilike; `None` for a trailing escape.
 fn like(pattern: &str, text: &str, case_insensitive: bool) -> Option<bool> {
     let fold = |c: char| -> Vec<char> {

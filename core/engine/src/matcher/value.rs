@@ -466,7 +466,7 @@ mod tests {
         assert!(LikePattern::compile("abc\\", false).is_none());
     }
 
-    /// The pattern run as an NFA over the text (as `pyrt/_reference.py` does): the oracle.
+    /// The pattern run as an NFA over the text (as `pyrt/reference/matcher.py` does): the oracle.
     fn like_oracle(pattern: &str, text: &str) -> bool {
         let s: Vec<char> = text.chars().collect();
         let mut reach = vec![false; s.len() + 1];

@@ -18,7 +18,7 @@ from typing import NamedTuple, TypeAlias
 
 import attrs
 
-from ._errors import ChannelNameError, FilterError
+from .._errors import ChannelNameError, FilterError
 
 __all__ = [
     "Condition",

@@ -1,8 +1,8 @@
 """Logical replication over a `PgConnection`: slots, publications and the CopyBoth stream.
 
 The stream hands out raw `XLogData` (pgoutput messages, undecoded: the decoder is
-`pyrt._core` / `pyrt._pgoutput`) and takes acknowledgements. Acking follows the
-at-least-once rule (DESIGN.md): ack a commit's end LSN only once its events are safe; the
+`pyrt._core.PgOutputDecoder`) and takes acknowledgements. Acking follows the
+at-least-once rule (docs/sources.md): ack a commit's end LSN only once its events are safe; the
 slot's `confirmed_flush_lsn` follows the acks, and a restart resumes from there.
 
 Keepalives are answered inside: a reply when the server asks, a status update at least
@@ -28,20 +28,16 @@ from typing import Final
 import attrs
 import trio
 
-from ._pgwire import (
+from .connection import PgConnection
+from .errors import PgConnectionError, PgError, PgProtocolError
+from .protocol import (
     CommandComplete,
     CopyBothResponse,
     CopyData,
     CopyDone,
     ErrorResponse,
-    PgConnection,
-    PgConnectionError,
-    PgError,
-    PgProtocolError,
     ReadyForQuery,
-    copy_data,
-    copy_done,
-    query_message,
+    State,
     quote_ident,
     quote_literal,
 )
@@ -311,7 +307,11 @@ def _is_invalidation(error: PgError) -> bool:
 
 class ReplicationStream:
     """`async for message in stream`: XLogData in WAL order; `stream.ack(lsn)` once the
-    events up to `lsn` are safe. Made by `start_replication`."""
+    events up to `lsn` are safe. Made by `start_replication`.
+
+    The iteration ends (after the messages already received) when the server ends the
+    stream normally: a server shutting down does so once the client has acked all it sent,
+    and `ended` then says why. An error ends it with that error."""
 
     def __init__(
         self, conn: PgConnection, slot: str, start: int, status_interval: float, buffer: int
@@ -327,6 +327,8 @@ class ReplicationStream:
         self.status_updates = 0
         """How many status updates went to the server (for tests and metrics)."""
         self.keepalives = 0
+        self.ended: str | None = None
+        """Why the server ended the stream, once it has (None while it streams)."""
 
     def __aiter__(self) -> ReplicationStream:
         return self
@@ -401,6 +403,16 @@ class ReplicationStream:
                     if _is_invalidation(error):
                         raise SlotInvalidated(self.slot, error.detail or error.message) from error
                     raise error
+                case CommandComplete():
+                    # The end of COPY without the server's CopyDone: its walsender is
+                    # stopping because the server shuts down (it sends CommandComplete
+                    # "COPY 0" once everything it sent is acked, then closes the connection).
+                    self.ended = (
+                        f"PostgreSQL at {conn.address} stopped streaming slot {self.slot!r}:"
+                        " the server is shutting down"
+                    )
+                    self._scope.cancel()
+                    return
                 case CopyDone():
                     raise PgConnectionError(f"the server ended replication of slot {self.slot!r}")
                 case _:
@@ -414,21 +426,26 @@ class ReplicationStream:
             await self._status_update()
 
     async def _status_update(self) -> None:
-        await self._conn.send_message(copy_data(self.progress.status_update(pg_time(time.time()))))
+        if self._conn.frontend.state is not State.COPY_BOTH:
+            return  # the server has left COPY mode (its error, or its end)
+        update = self.progress.status_update(pg_time(time.time()))
+        await self._conn.send_copy_data(update)
         self.status_updates += 1
 
     async def _finish(self, timeout: float) -> None:
         """Reports the last ack and leaves COPY mode so the connection can be reused; if
-        the server does not play along within `timeout`, the connection is marked broken."""
+        the server does not play along within `timeout`, the connection is marked broken.
+        After the server's own end the connection is usable only if ReadyForQuery follows
+        (a server shutting down closes it instead)."""
         conn = self._conn
         if isinstance(self._error, PgConnectionError):
             return  # already broken
         ok = False
         with trio.CancelScope(shield=True), trio.move_on_after(timeout):
             try:
-                if self._error is None:  # else the server left COPY mode with its error
+                if conn.frontend.state is State.COPY_BOTH:  # else the server left COPY mode
                     await self._status_update()
-                    await conn.send_message(copy_done())
+                    await conn.send_copy_done()
                 while True:
                     event = await conn.receive_message()
                     if isinstance(event, ReadyForQuery):
@@ -439,7 +456,7 @@ class ReplicationStream:
             except (PgConnectionError, PgError):
                 pass
         if not ok:
-            conn.mark_broken(f"replication of slot {self.slot!r} did not end cleanly")
+            conn.mark_broken(self.ended or f"replication of slot {self.slot!r} did not end cleanly")
 
 
 async def start_replication_stream(
@@ -465,7 +482,7 @@ async def start_replication_stream(
         options.append("messages 'true'")
     sql = f"START_REPLICATION SLOT {slot} LOGICAL {format_lsn(start_lsn)} ({', '.join(options)})"
     with conn.exclusive():
-        await conn.send_message(query_message(sql))
+        await conn.send_query(sql)
         error = await _until_streaming(conn, slot)
     if error is not None:
         if _is_invalidation(error):

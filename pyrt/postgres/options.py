@@ -28,10 +28,11 @@ import ssl as _ssl
 import attrs
 import trio
 
-from .._pgwire import PgAuthError, PgConnection, PgError
 from ..plugin import SourceError
 from ..plugin import check_integer as integer
 from ..plugin import check_seconds as seconds
+from .connection import PgConnection
+from .errors import PgAuthError, PgError
 
 __all__ = ["PgOptions", "text_option"]
 

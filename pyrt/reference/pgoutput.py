@@ -2,7 +2,7 @@
 
 ``pyrt._core.PgOutputDecoder`` is what the hub uses; this module restates the same semantics
 as readable code, and the differential tests require both to give the same messages, values,
-JSON payloads and errors. It also holds :class:`DecodeError`, which both raise.
+JSON payloads and errors; both raise :class:`pyrt._errors.DecodeError`.
 
 A payload is one pgoutput message of protocol version 1: the bytes after the XLogData header
 of START_REPLICATION, or the ``data`` column of ``pg_logical_slot_peek_binary_changes``.
@@ -17,7 +17,8 @@ from typing import Literal, TypeAlias
 
 import attrs
 
-from ._reference import RowEvent, Value, _read_integer, _read_number
+from .._errors import DecodeError
+from .matcher import RowEvent, Value, _read_integer, _read_number
 
 __all__ = [
     "BUILTIN_TYPES",
@@ -34,15 +35,6 @@ __all__ = [
     "Unknown",
     "format_commit_time",
 ]
-
-
-class DecodeError(ValueError):
-    """A pgoutput message is malformed or truncated: ``reason`` and the byte ``offset``."""
-
-    def __init__(self, reason: str, offset: int) -> None:
-        super().__init__(f"{reason} (at byte {offset})")
-        self.reason = reason
-        self.offset = offset
 
 
 # --------------------------------------------------------------------------------------------
