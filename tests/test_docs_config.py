@@ -25,10 +25,11 @@ from typing import Any
 import attrs
 import pytest
 
-from pyrt import HubConfig, NodeConfig, PgOptions
+from pyrt import HubConfig, NodeConfig
 from pyrt.node.config import _SERVER_KEYS, node_config
 from pyrt.node.node import load_transports
 from pyrt.node.sources import load_sources
+from pyrt.postgres import PgOptions
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 GROUPS = {"transports": "pyrt.transports", "sources": "pyrt.sources"}
