@@ -10,9 +10,6 @@ use pyrt_engine::matcher::{
     Test, Value,
 };
 
-// The fan-out moves into pyrt-engine; until its engine half is split out, the binding
-// compiles it from there.
-#[path = "../../engine/src/fanout/mod.rs"]
 mod fanout;
 mod pgoutput;
 use pgoutput::PgChange;
