@@ -1,4 +1,5 @@
-"""The Rust fan-out write path (core/py/src/fanout.rs) and its use by the hub.
+"""The Rust fan-out write path (core/engine/src/fanout, bound in core/py/src/fanout.rs) and its
+use by the hub.
 
 The first half drives `pyrt._core.FanOut` over real socket pairs: what it writes, what it hands
 back, partial writes, descriptor safety and its errors. The second half runs a Node and real
@@ -265,7 +266,7 @@ def test_detach_stops_direct_writes_and_leaves_the_socket_alone(
     assert not fanout.attached(handle)
     assert not fanout.release(handle)  # not attached: stays held
     assert fanout.send([handle], b"x") == ([handle], [], 0)  # detached: handed back
-    ours.sendall(b"still ours")  # the transport's socket is untouched (borrowed, not closed)
+    ours.sendall(b"still ours")  # the transport's socket is open: detach closed the fan-out's own
     theirs.settimeout(5)
     expected = b"\x81\x06direct" + b"still ours"
     received = b""
@@ -273,6 +274,36 @@ def test_detach_stops_direct_writes_and_leaves_the_socket_alone(
         received += theirs.recv(100)
     assert received == expected
     fanout.attach(handle, ours.fileno())  # attachable again
+
+
+def test_a_socket_closed_without_detaching_is_never_confused_with_one_reusing_its_number(
+    pairs: list[tuple[socket.socket, socket.socket]],
+) -> None:
+    """The descriptor rule: the fan-out writes to its own duplicate of an attached socket.
+    A transport that closes its socket without detaching first cannot make it write to the
+    socket that the kernel then gives the same number: frames still go to the attached
+    socket, whose peer sees the end of the stream once the fan-out closes the handle."""
+    fanout = FanOut()
+    ours, theirs = pair(pairs)
+    handle = free_handle(fanout, ours)
+    number = ours.fileno()
+    ours.close()  # no detach
+    for _ in range(64):
+        new, new_peer = pair(pairs)
+        if number in (new.fileno(), new_peer.fileno()):
+            break
+    else:
+        raise AssertionError(f"descriptor {number} was not reused")
+    reuser, reuser_peer = (new, new_peer) if new.fileno() == number else (new_peer, new)
+    assert fanout.send([handle], b"for the attached socket") == ([], [], 1)
+    assert read_frames(theirs) == [b"for the attached socket"]
+    assert read_frames(reuser_peer) == []
+    reuser.sendall(b"\x81\x03new")  # the new socket works as its owner expects
+    assert read_frames(reuser_peer) == [b"new"]
+    theirs.setblocking(True)
+    theirs.settimeout(5)
+    fanout.close(handle)  # the last descriptor of the attached socket: its peer sees the end
+    assert theirs.recv(100) == b""
 
 
 def test_a_closed_peer_is_handed_back_not_raised(

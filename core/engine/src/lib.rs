@@ -2,6 +2,7 @@
 //!
 //! No Python in here: the `pyrt-core` crate binds it as `pyrt._core`.
 
+pub mod fanout;
 pub mod frame;
 pub mod matcher;
 pub mod pgoutput;
