@@ -21,7 +21,14 @@ import trio
 import trio.testing
 from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Message, Request, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Message,
+    Ping,
+    Request,
+    TextMessage,
+)
 
 from pyrt._core import FanOut, Matcher
 from pyrt.hub.hub import HubConfig
@@ -666,3 +673,54 @@ async def test_big_frames_written_in_part_arrive_whole(nursery: trio.Nursery) ->
         with trio.fail_after(30):
             got = [orjson.loads(await ws.get_message())["data"] for _ in payloads]
     assert got == payloads
+
+
+async def test_a_pong_never_lands_inside_a_frame_the_fan_out_wrote_in_part(
+    nursery: trio.Nursery,
+) -> None:
+    """A ping read while the fan-out has written only part of a frame to a client that is
+    not reading: the pong goes after the whole frame, so the stream stays valid."""
+    big = 8 << 20
+    hub = HubConfig(
+        max_frame_bytes=2 * big,
+        max_payload_bytes=2 * big,
+        outbox_bytes=4 * big,
+        history_max_bytes=64 * big,
+    )
+    node: Node = await nursery.start(Node(NodeConfig(port=0, hub=hub)).run)
+    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    events: list[Any] = []
+
+    async def next_event() -> Any:
+        while not events:
+            data = await stream.receive_some(1 << 16)
+            ws.receive_data(data or None)
+            events.extend(ws.events())  # a pong inside a frame raises here
+        return events.pop(0)
+
+    async with stream:
+        await stream.send_all(ws.send(Request(host="x", target="/connection/websocket")))
+        assert isinstance(await next_event(), AcceptConnection)
+        join = orjson.dumps({"cmd": "join", "id": 1, "channel": "c"}).decode()
+        await stream.send_all(ws.send(TextMessage(join)))
+        assert orjson.loads((await next_event()).data)["reply"] == 1
+        publish = {"cmd": "publish", "id": 2, "channel": "c", "data": "x" * big, "self": True}
+        # The publication (echoed to this client) and a ping, in one write; then not reading
+        # until the fan-out holds part of the echo.
+        await stream.send_all(
+            ws.send(TextMessage(orjson.dumps(publish).decode())) + ws.send(Ping(b"p"))
+        )
+        with trio.fail_after(10):
+            while not node.hub.fanout_stats()["partial_writes"]:
+                await trio.sleep(0.01)
+        got = []
+        with trio.fail_after(20):
+            while len(got) < 2:
+                event = await next_event()
+                if isinstance(event, Message) and not event.message_finished:
+                    continue
+                got.append(type(event).__name__)
+        # The echo (no reply: no ack asked), whose first part was out before the ping was
+        # read, then the pong.
+        assert got == ["TextMessage", "Pong"]

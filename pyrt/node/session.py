@@ -194,6 +194,11 @@ class Session:
         the session before closing the socket."""
         return not self.closed and self._node.hub.attach_socket(self._connection, fd)
 
+    def take_wire(self) -> bytes:
+        """For transports that `attach`: the rest of a frame the fan-out wrote only in part
+        (empty if none). Call `hold` first; write it before anything else of your own."""
+        return self._node.hub.take_wire(self._connection)
+
     def hold(self) -> None:
         """Keeps the fan-out off the socket while the transport writes to it itself (call
         `wake` once done, so that the writer hands the socket back)."""

@@ -111,11 +111,14 @@ class _Connection:
             await self.ctx.send_all(self.stream, data)
 
     async def reply(self, data: bytes) -> None:
-        """A control frame from the reader: the fan-out stays off the socket meanwhile."""
+        """A control frame from the reader: the fan-out stays off the socket meanwhile, and
+        the rest of a frame it wrote only in part goes first (a pong must not land inside
+        a publication). The rest is taken before waiting for the lock: the writer then
+        takes nothing of it, and the lock hands over in order."""
         self.replying += 1
         self.session.hold()
         try:
-            await self.send(data)
+            await self.send(self.session.take_wire() + data)
         finally:
             self.replying -= 1
             self.session.wake()  # the writer hands the socket back to the fan-out
