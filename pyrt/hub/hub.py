@@ -467,8 +467,9 @@ class Hub:
         carrying this hub's native JSON frames). Returns False when it cannot (direct writes
         are off, or the connection uses another codec): then everything goes through the
         outbox as before. The transport must then write only what `take_wire` hands it,
-        call `release` when it has written everything, and end the connection
-        (`disconnect`) before it closes the socket."""
+        and call `release` when it has written everything. The fan-out writes to its own
+        duplicate of `fd`, closed by `disconnect`: closing the socket first cannot misdirect
+        a write, but the peer sees no close until the connection is disconnected."""
         if not self.config.direct_writes or conn.codec.name != self._native.name:
             return False
         if conn.id not in self._connections or conn.closing is not None:
