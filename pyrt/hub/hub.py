@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 import orjson
 
-from .._core import FanOut, Matcher, OutboxBudget, PgChange, check_channel
+from .._core import Matcher, OutboxBudget, PgChange, check_channel
 from .._errors import ChannelNameError
 from ..conflict import (
     ConflictPolicy,
@@ -50,6 +50,7 @@ from .connection import DEFAULT as DEFAULT
 from .connection import ChannelJoin
 from .connection import Connection as Connection
 from .connection import _Default as _Default
+from .deliverer import DelivererFactory, SocketDeliverer, fan_out
 from .history import History, HistoryBudget, Publication, Recovery, StreamPosition
 from .limits import Admission, ChannelRates, CommandRate
 from .outbox import Outbox, SlowConsumerPolicy
@@ -114,6 +115,7 @@ class Hub:
         timer: Callable[[], float] = time.perf_counter,
         resolvers: Mapping[str, Resolver | ConflictPolicy] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        deliverer: DelivererFactory | None = None,
     ) -> None:
         self.config = config or HubConfig()
         self.replica = replica or secrets.token_hex(4)
@@ -154,9 +156,10 @@ class Hub:
         self._ready: dict[str, Connection] = {}
         self._closing: dict[str, tuple[CloseCode, str]] = {}
         self._outbox_budget = OutboxBudget(self.config.outbox_total_bytes)
-        self._fanout = FanOut(self._outbox_budget)
-        self._fanout.threads = self.config.write_threads
-        self._rows = RowSubscriptions(self._fanout)
+        self._deliverer = (deliverer or fan_out)(self._outbox_budget, self.config)
+        self._sockets = self._deliverer if isinstance(self._deliverer, SocketDeliverer) else None
+        """The deliverer, if it writes to sockets (None: `attach_socket` says no)."""
+        self._rows = RowSubscriptions(self._deliverer)
         self._by_handle: dict[int, Connection] = {}
         self._corks = 0
         self._native = JsonCodec()
@@ -205,7 +208,7 @@ class Hub:
             if isinstance(idle_timeout, _Default)
             else idle_timeout,
             pings=pings,
-            handle=self._fanout.open(),
+            handle=self._deliverer.open(),
             rate=self.new_command_rate(now),
         )
         self._connections[conn.id] = conn
@@ -248,7 +251,7 @@ class Hub:
             self._drop_join(conn, channel)
         for channel, diff in self._presence.untrack_conn(conn.id).items():
             self._broadcast_presence(channel, diff)
-        self._fanout.close(conn.handle)  # detaches the socket: before the transport closes it
+        self._deliverer.close(conn.handle)  # detaches the socket: before the transport closes it
         conn.outbox.clear()  # what it held no longer counts against the budget
         del self._by_handle[conn.handle]
         conn.direct = False
@@ -264,31 +267,37 @@ class Hub:
         outbox as before. The transport must then write only what `take_wire` hands it,
         call `release` when it has written everything, and end the connection
         (`disconnect`) before it closes the socket."""
-        if not self.config.direct_writes or conn.codec.name != self._native.name:
+        sockets = self._sockets
+        if sockets is None or not self.config.direct_writes:
+            return False
+        if conn.codec.name != self._native.name:
             return False
         if conn.id not in self._connections or conn.closing is not None:
             return False
         # Up to outbox_bytes wait in the fan-out for a busy writer; more go to the outbox.
-        self._fanout.attach(conn.handle, fd, self.config.outbox_bytes)
+        sockets.attach(conn.handle, fd, self.config.outbox_bytes)
         conn.direct = True
         return True
 
     def take_wire(self, conn: Connection) -> bytes:
         """Bytes the fan-out could write only in part: the transport writes them first."""
-        return self._fanout.take_pending(conn.handle) if conn.direct else b""
+        sockets = self._sockets
+        return sockets.take_pending(conn.handle) if conn.direct and sockets is not None else b""
 
     def hold(self, conn: Connection) -> None:
         """The transport is about to write to the socket itself (a control frame): the
         fan-out leaves it alone until `release`."""
-        if conn.direct:
-            self._fanout.hold(conn.handle)
+        sockets = self._sockets
+        if conn.direct and sockets is not None:
+            sockets.hold(conn.handle)
 
     def release(self, conn: Connection) -> bool:
         """The transport has written everything queued: the fan-out may write directly
         again. Returns whether it may (not if something is queued or closing)."""
-        if not conn.direct or len(conn.outbox) or conn.closing is not None:
+        sockets = self._sockets
+        if not conn.direct or sockets is None or len(conn.outbox) or conn.closing is not None:
             return False
-        return self._fanout.release(conn.handle)
+        return sockets.release(conn.handle)
 
     @contextlib.contextmanager
     def corked(self) -> Iterator[None]:
@@ -296,18 +305,18 @@ class Hub:
         write per connection (a burst of publications, a batch of row changes). Nests."""
         self._corks += 1
         if self._corks == 1:
-            self._fanout.cork()
+            self._deliverer.cork()
         try:
             yield
         finally:
             self._corks -= 1
             if not self._corks:
-                self._count_direct(0, 0, self._fanout.uncork())
+                self._count_direct(0, 0, self._deliverer.uncork())
 
     def fanout_stats(self) -> dict[str, int]:
         """The Rust fan-out's counters (direct frames and bytes, partial and refused
         writes, overflows, backlog bytes, handles, attached sockets, subscriptions)."""
-        return self._fanout.stats()
+        return self._deliverer.stats()
 
     @property
     def outbox_budget(self) -> OutboxBudget:
@@ -501,7 +510,7 @@ class Hub:
         skip = None if publisher is None or echo else publisher.handle
         # The Rust fan-out matches the channel and writes the frame to every recipient that
         # can take it now; the rest come back here, to their outbox and its policy.
-        slow, woken, direct, seconds = self._fanout.publish(self._matcher, channel, native, skip)
+        slow, woken, direct, seconds = self._deliverer.publish(self._matcher, channel, native, skip)
         self.stats.match_seconds += seconds
         self.stats.matches += 1
         self._count_direct(direct, len(native), woken)
@@ -594,7 +603,7 @@ class Hub:
         self._history.charge(publication, len(native) - len(orjson.dumps(ids)) - 7)
         # The Rust fan-out finds who holds the ids (and who joined the table's channel: plain
         # joins get every row) and writes the frame to every one it can; the rest come back.
-        slow, woken, direct, seconds = self._fanout.publish_rows(
+        slow, woken, direct, seconds = self._deliverer.publish_rows(
             ids, native, self._matcher, channel
         )
         self.stats.match_seconds += seconds
@@ -786,7 +795,7 @@ class Hub:
         sub_id = next(self._sub_ids)
         if not row_ids:
             self._matcher.add_channel(sub_id, channel)
-            self._fanout.subscribe(sub_id, conn.handle)
+            self._deliverer.subscribe(sub_id, conn.handle)
         self._subscribers[sub_id] = (conn, channel)
         conn.joins[channel] = ChannelJoin(sub_id, command.presence, row_ids=row_ids)
         self._channel_users[channel] = self._channel_users.get(channel, 0) + 1
@@ -846,7 +855,7 @@ class Hub:
     def _drop_join(self, conn: Connection, channel: str) -> None:
         join = conn.joins.pop(channel)
         self._matcher.remove(join.sub_id)
-        self._fanout.unsubscribe(join.sub_id)
+        self._deliverer.unsubscribe(join.sub_id)
         self._rows.remove(conn.id, join.row_ids)
         del self._subscribers[join.sub_id]
         users = self._channel_users[channel] - 1
@@ -1084,8 +1093,9 @@ class Hub:
     ) -> None:
         if conn.closing is not None:
             return
-        if conn.direct:
-            self._fanout.hold(conn.handle)  # what follows goes after this frame, in order
+        sockets = self._sockets
+        if conn.direct and sockets is not None:
+            sockets.hold(conn.handle)  # what follows goes after this frame, in order
         result = conn.outbox.push(
             frame, droppable=droppable, policy=policy, key=key, size=len(frame)
         )
@@ -1100,7 +1110,8 @@ class Hub:
                 # now rather than once its client has read it all (if it ever does).
                 self.stats.budget_disconnects += 1
                 conn.outbox.clear()
-                self._fanout.discard_pending(conn.handle)
+                if conn.direct and sockets is not None:
+                    sockets.discard_pending(conn.handle)
                 reason = (
                     "slow consumer: the server's outbox budget is full, resume from your offsets"
                 )
@@ -1130,5 +1141,6 @@ class Hub:
         if conn.closing is None:
             conn.closing = code
             self._closing[conn.id] = (code, reason)
-            if conn.direct:
-                self._fanout.hold(conn.handle)
+            sockets = self._sockets
+            if conn.direct and sockets is not None:
+                sockets.hold(conn.handle)

@@ -4,8 +4,8 @@ A subscription is `(event, schema, table, filter)` (docs/matcher.md). Identical 
 entry, with one id, however many connections hold them: the Rust matcher stores each once,
 and a row event names the ids it matched hub-wide, so one encoded frame serves every
 recipient (a client keeps the ids it was given, as Supabase's clients do). Who holds which
-id is kept in the hub's Rust fan-out (`FanOut.subscribe_rows`), which delivers row events
-without a Python step per recipient. Sans-IO.
+id is kept in the hub's deliverer (`Deliverer.subscribe_rows`); the Rust fan-out delivers row
+events without a Python step per recipient. Sans-IO.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .._core import FanOut, Matcher, PgChange, RowEvent
+from .._core import Matcher, PgChange, RowEvent
 from .._errors import FilterError
+from .deliverer import Deliverer
 from .protocol import RowSubscription
 
 TRUNCATE = "TRUNCATE"
@@ -38,11 +39,11 @@ def _key(spec: RowSubscription) -> tuple[str, str, str, str]:
 
 class RowSubscriptions:
     """The row subscriptions of every connection (the hub's Connections: `id`, `handle`),
-    with their holders registered in `fanout`."""
+    with their holders registered in `deliverer`."""
 
-    def __init__(self, fanout: FanOut) -> None:
+    def __init__(self, deliverer: Deliverer) -> None:
         self.matcher = Matcher()
-        self._fanout = fanout
+        self._deliverer = deliverer
         self._ids = itertools.count(1)
         self._by_key: dict[tuple[str, str, str, str], int] = {}
         self._specs: dict[int, RowSubscription] = {}
@@ -74,7 +75,7 @@ class RowSubscriptions:
             members = self._members[sub_id]
             held = members.get(conn_id)
             if held is None:
-                self._fanout.subscribe_rows(sub_id, conn.handle)
+                self._deliverer.subscribe_rows(sub_id, conn.handle)
             members[conn_id] = (conn, 1 if held is None else held[1] + 1)
             ids.append(sub_id)
         return tuple(ids)
@@ -90,7 +91,7 @@ class RowSubscriptions:
                 members[conn_id] = (conn, count - 1)
                 continue
             del members[conn_id]
-            self._fanout.unsubscribe_rows(sub_id, conn.handle)
+            self._deliverer.unsubscribe_rows(sub_id, conn.handle)
             if not members:
                 del self._members[sub_id]
                 del self._by_key[_key(self._specs.pop(sub_id))]
