@@ -25,7 +25,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
@@ -38,12 +38,12 @@ from ..conflict import (
     Mutation,
     Outcome,
     Record,
-    RecordStore,
     Resolver,
     Timestamp,
     origin_tag,
     policy_named,
 )
+from .broker import DurableHistory, MemoryBroker, RecordTable, StorageEngine
 from .config import HubConfig as HubConfig
 from .config import HubStats as HubStats
 from .connection import DEFAULT as DEFAULT
@@ -51,10 +51,10 @@ from .connection import ChannelJoin
 from .connection import Connection as Connection
 from .connection import _Default as _Default
 from .deliverer import DelivererFactory, SocketDeliverer, fan_out
-from .history import History, HistoryBudget, Publication, Recovery, StreamPosition
+from .history import HistoryBudget, Publication, Recovery, StreamPosition
 from .limits import Admission, ChannelRates, CommandRate
 from .outbox import Outbox, SlowConsumerPolicy
-from .presence import Presence, PresenceDiff
+from .presence import PresenceDiff
 from .protocol import (
     CloseCode,
     Command,
@@ -74,6 +74,9 @@ from .protocol import (
     table_channel,
 )
 from .rows import TRUNCATE, InvalidRowSubscription, RowSubscriptions
+
+if TYPE_CHECKING:
+    from .historylog import HistoryLog
 
 
 @attrs.frozen(slots=True)
@@ -104,6 +107,11 @@ class Hub:
     `resolvers` names the user-supplied conflict resolvers (functions or `ConflictPolicy`
     objects) that `record_policies` may refer to. `wall_clock` gives wall time in seconds for
     the hybrid logical clock (`replica` is the clock's node name).
+
+    `broker` is the storage engine that keeps history, presence and records (default: a
+    `MemoryBroker` with this config, `replica` and `new_epoch`, which makes epochs).
+    `deliverer` makes what carries publications to connections (default: the Rust fan-out,
+    `pyrt.hub.deliverer.fan_out`).
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class Hub:
         resolvers: Mapping[str, Resolver | ConflictPolicy] | None = None,
         wall_clock: Callable[[], float] = time.time,
         deliverer: DelivererFactory | None = None,
+        broker: StorageEngine | None = None,
     ) -> None:
         self.config = config or HubConfig()
         self.replica = replica or secrets.token_hex(4)
@@ -130,25 +139,21 @@ class Hub:
         self._record_matcher = Matcher()
         for index, pattern in enumerate(self.config.record_policies):
             self._record_matcher.add_channel(index, pattern)
-        self._stores: dict[str, RecordStore] = {}
         self._connections: dict[str, Connection] = {}
         self._conn_numbers = itertools.count(1)
         self._sub_ids = itertools.count(1)
         self._matcher = Matcher()
         self._subscribers: dict[int, tuple[Connection, str]] = {}
         self._channel_users: dict[str, int] = {}
-        self._presence = Presence(self.replica)
         self._presence_members: dict[str, dict[str, Connection]] = {}
         self._native = JsonCodec()
         """The codec of the frames the fan-out writes directly (attached connections')."""
-        self._history = History(
-            self.config.history_size,
-            self.config.history_age,
-            new_epoch or (lambda: secrets.token_hex(6)),
-            self.config.history_idle_ttl,
-            max_bytes=self.config.history_max_bytes,
-            measure=lambda publication: len(self._native.publication(publication)),
+        self._broker: StorageEngine = (
+            broker
+            if broker is not None
+            else MemoryBroker(self.config, replica=self.replica, new_epoch=new_epoch)
         )
+        """History, presence and records: reached only through the engine's interfaces."""
         self._policies = list(self.config.channel_policies.values())
         self._policy_matcher = Matcher()
         for index, pattern in enumerate(self.config.channel_policies):
@@ -249,7 +254,7 @@ class Hub:
             return
         for channel in list(conn.joins):
             self._drop_join(conn, channel)
-        for channel, diff in self._presence.untrack_conn(conn.id).items():
+        for channel, diff in self._broker.untrack_conn(conn.id).items():
             self._broadcast_presence(channel, diff)
         self._deliverer.close(conn.handle)  # detaches the socket: before the transport closes it
         conn.outbox.clear()  # what it held no longer counts against the budget
@@ -324,10 +329,23 @@ class Hub:
         return self._outbox_budget
 
     @property
+    def broker(self) -> StorageEngine:
+        """The storage engine: history, presence and records (`pyrt.hub.broker`)."""
+        return self._broker
+
+    def attach_history_log(self, log: HistoryLog, now: float, wall: float) -> None:
+        """Keeps history in the durable `log` (replayed first: offsets and epochs go on from
+        where they were). `now` is the hub's time and `wall` the wall clock at that moment.
+        TypeError if the storage engine keeps no local log (`DurableHistory`)."""
+        if not isinstance(self._broker, DurableHistory):
+            raise TypeError(f"{type(self._broker).__name__} keeps no local history log")
+        self._broker.attach_log(log, now, wall)
+
+    @property
     def history_budget(self) -> HistoryBudget:
         """What every channel's history holds (`bytes`, `retained`) and forgot because it was
         over `history_max_bytes` (`evicted`)."""
-        return self._history.budget
+        return self._broker.budget
 
     def take_ready(self) -> list[Connection]:
         """Connections that got new frames since the last call."""
@@ -427,7 +445,7 @@ class Hub:
                 self._track(conn, command)
             case Untrack(rid, channel, key, ref):
                 if self._require_presence_channel(conn, rid, channel):
-                    diff = self._presence.untrack(channel, conn.id, key or conn.id, ref)
+                    diff = self._broker.untrack(channel, conn.id, key or conn.id, ref)
                     self._broadcast_presence(channel, diff)
                     self._reply(conn, rid, {})
             case PresenceQuery(rid, channel):
@@ -454,11 +472,11 @@ class Hub:
                     conn.last_ping = now
                     self._send(conn, conn.codec.ping())
                 next_due = min(next_due, conn.last_ping + config.ping_interval)
-        self._history.expire(now, lambda channel: self._channel_users.get(channel, 0) > 0)
+        self._broker.expire(now, lambda channel: self._channel_users.get(channel, 0) > 0)
         if self._channel_rates is not None:
             self._channel_rates.prune(now)
         horizon = self._physical() - config.tombstone_ttl * 1000
-        for store in self._stores.values():
+        for store in self._broker.record_tables().values():
             store.expire(now, config.mutation_ttl)
             if store.tombstones:
                 store.compact(horizon)
@@ -499,15 +517,47 @@ class Hub:
     ) -> Publication:
         publisher_id = publisher.id if publisher else None
         stamp = hlc or self._stamp()
-        publication = self._history.append(channel, data, now, publisher_id, key, stamp, size=0)
+        publication = self._broker.publish(
+            channel, data, now, publisher=publisher_id, key=key, hlc=stamp, size=0
+        )
         self.stats.publications += 1
         # A record change that is dropped would leave a client's copy stale for good: those
         # are never dropped, whatever the channel's policy (a slow client is disconnected).
         policy = SlowConsumerPolicy.DISCONNECT if record else self._policy(channel)
-        conflation_key = (channel, key) if key is not None else None
-        native = self._native.publication(publication)
-        self._history.charge(publication, len(native))
         skip = None if publisher is None or echo else publisher.handle
+        self._fan_out(publication, policy, skip)
+        return publication
+
+    def deliver(self, publication: Publication, now: float) -> Publication | None:
+        """A publication whose offset and epoch were assigned elsewhere (another node, by a
+        storage engine shared between nodes): taken into the local history (`Broker.accept`)
+        and queued for this hub's subscribers as `publish` does, with its own offset and
+        epoch. Returns it (stamped with `now`), or None if history has it already (a
+        duplicate: nothing is sent). A publication past the local top + 1 or of another
+        epoch starts the local stream there, so a client resuming from before it is told
+        `recovered: false`. Plain publications only: records channels and row events are
+        kept by their own engine parts (ValueError)."""
+        channel = publication.channel
+        check_channel(channel)
+        if publication.change is not None or self.is_records_channel(channel):
+            raise ValueError("deliver takes plain publications, not records or row events")
+        if publication.hlc is not None:
+            self.clock.update(publication.hlc, self._physical())
+        local = self._broker.accept(publication, now, size=0)
+        if local is None:
+            return None
+        self.stats.publications += 1
+        self._fan_out(local, self._policy(channel), None)
+        return local
+
+    def _fan_out(
+        self, publication: Publication, policy: SlowConsumerPolicy, skip: int | None
+    ) -> None:
+        """Encodes a publication once (its size counts against the history budget) and hands
+        it to the deliverer; queues it for the recipients handed back."""
+        channel, key = publication.channel, publication.key
+        native = self._native.publication(publication)
+        self._broker.charge(publication, len(native))
         # The Rust fan-out matches the channel and writes the frame to every recipient that
         # can take it now; the rest come back here, to their outbox and its policy.
         slow, woken, direct, seconds = self._deliverer.publish(self._matcher, channel, native, skip)
@@ -515,10 +565,10 @@ class Hub:
         self.stats.matches += 1
         self._count_direct(direct, len(native), woken)
         if slow:
+            conflation_key = (channel, key) if key is not None else None
             self._queue_slow(
                 slow, native, lambda codec: codec.publication(publication), policy, conflation_key
             )
-        return publication
 
     def _queue_slow(
         self,
@@ -593,14 +643,14 @@ class Hub:
     def _publish_row(
         self, channel: str, payload: bytes, change: Any, ids: list[int], now: float
     ) -> Publication:
-        publication = self._history.append(
-            channel, orjson.Fragment(payload), now, None, None, self._stamp(), change, size=0
+        publication = self._broker.publish(
+            channel, orjson.Fragment(payload), now, hlc=self._stamp(), change=change, size=0
         )
         self.stats.publications += 1
         ids.sort()
         native = self._native.change(publication, ids)
         # History counts its `pub` frame, which is this one without `"ids":[...],`.
-        self._history.charge(publication, len(native) - len(orjson.dumps(ids)) - 7)
+        self._broker.charge(publication, len(native) - len(orjson.dumps(ids)) - 7)
         # The Rust fan-out finds who holds the ids (and who joined the table's channel: plain
         # joins get every row) and writes the frame to every one it can; the rest come back.
         slow, woken, direct, seconds = self._deliverer.publish_rows(
@@ -634,10 +684,10 @@ class Hub:
         check_channel(pattern, pattern=True)
         matcher = Matcher()
         matcher.add_channel(0, pattern)
-        names = {c for c in self._history.channels() if not _is_pattern(c)}
+        names = {c for c in self._broker.channels() if not _is_pattern(c)}
         names.update(c for c in self._channel_users if not _is_pattern(c))
         reset = sorted(c for c in names if matcher.match_channel(c))
-        positions = {channel: self._history.reset(channel, now) for channel in reset}
+        positions = {channel: self._broker.reset(channel, now) for channel in reset}
         for conn in list(self._connections.values()):
             for channel in conn.joins:
                 position = positions.get(channel)
@@ -646,7 +696,7 @@ class Hub:
         return reset
 
     def history_position(self, channel: str, now: float) -> StreamPosition:
-        return self._history.stream(channel, now).position
+        return self._broker.position(channel, now)
 
     def history(self, channel: str, now: float, since: StreamPosition | None = None) -> Recovery:
         """The channel's retained publications after `since` (all retained ones without it).
@@ -655,16 +705,10 @@ class Hub:
         without, whether the retained ones reach back to the channel's first publication.
         """
         check_channel(channel)
-        stream = self._history.stream(channel, now)
-        if since is not None:
-            return stream.recover(since, now)
-        stream.trim(now)
-        retained = tuple(stream)
-        complete = stream.top == 0 or (bool(retained) and retained[0].offset == 1)
-        return Recovery(complete, retained, stream.position)
+        return self._broker.history(channel, now, since)
 
     def presence(self, channel: str) -> Mapping[str, tuple[Any, ...]]:
-        return self._presence.state(channel)
+        return self._broker.presence(channel)
 
     def channels(self) -> dict[str, int]:
         """Joined channels and patterns with their subscriber counts."""
@@ -810,10 +854,10 @@ class Hub:
         result: dict[str, Any]
         missed: tuple[Publication, ...] = ()
         if command.since is None:
-            position = self._history.stream(channel, now).position
+            position = self._broker.position(channel, now)
             result = {"channel": channel, "offset": position.offset, "epoch": position.epoch}
         else:
-            recovery = self._history.recover(channel, command.since, now)
+            recovery = self._broker.history(channel, now, command.since)
             if recovery.recovered:
                 self.stats.recoveries += 1
             else:
@@ -850,7 +894,7 @@ class Hub:
             self._send(conn, conn.codec.publication(publication), policy=policy, key=key)
         if command.presence:
             self._presence_members.setdefault(channel, {})[conn.id] = conn
-            self._send(conn, conn.codec.presence_state(channel, self._presence.state(channel)))
+            self._send(conn, conn.codec.presence_state(channel, self._broker.presence(channel)))
 
     def _drop_join(self, conn: Connection, channel: str) -> None:
         join = conn.joins.pop(channel)
@@ -869,7 +913,7 @@ class Hub:
             if not members:
                 del self._presence_members[channel]
         for key in join.tracked_keys:
-            self._broadcast_presence(channel, self._presence.untrack(channel, conn.id, key))
+            self._broadcast_presence(channel, self._broker.untrack(channel, conn.id, key))
 
     # -- records ---------------------------------------------------------------------------
 
@@ -881,9 +925,9 @@ class Hub:
         return store.records()
 
     @property
-    def record_stores(self) -> Mapping[str, RecordStore]:
+    def record_stores(self) -> Mapping[str, RecordTable]:
         """The record store of every records channel used so far, by channel (for metrics)."""
-        return dict(self._stores)
+        return self._broker.record_tables()
 
     def record(self, channel: str, key: str) -> Record:
         """One record (with `value` None if it does not exist)."""
@@ -930,13 +974,13 @@ class Hub:
         matches = self._record_matcher.match_channel(channel)
         return self._record_policies[min(matches)] if matches else None
 
-    def _record_store(self, channel: str) -> RecordStore | None:
-        store = self._stores.get(channel)
+    def _record_store(self, channel: str) -> RecordTable | None:
+        store = self._broker.record_table(channel)
         if store is None:
             policy = self._record_policy(channel)
             if policy is None or _is_pattern(channel):
                 return None
-            store = self._stores[channel] = RecordStore(policy)
+            store = self._broker.new_record_table(channel, policy)
         return store
 
     def _stamp(self) -> Timestamp:
@@ -983,7 +1027,7 @@ class Hub:
 
     def _apply_mutation(
         self,
-        store: RecordStore,
+        store: RecordTable,
         channel: str,
         mutation: Mutation,
         now: float,
@@ -1061,7 +1105,7 @@ class Hub:
             return
         key = command.key or conn.id
         try:
-            ref, diff = self._presence.track(channel, conn.id, key, command.meta, command.ref)
+            ref, diff = self._broker.track(channel, conn.id, key, command.meta, command.ref)
         except KeyError:
             self._error(conn, rid, ErrorCode.BAD_REQUEST, f"no presence entry '{command.ref}'")
             return

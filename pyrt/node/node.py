@@ -144,7 +144,7 @@ class Node:
         log = self.history_log
         if log is not None:
             # Replayed before anything can publish or join: offsets and epochs continue.
-            self.hub._history.attach(log, self.now, time.time())
+            self.hub.attach_history_log(log, self.now, time.time())
         try:
             await self._run(task_status)
         finally:
