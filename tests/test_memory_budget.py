@@ -596,7 +596,7 @@ async def test_the_outbox_budget_closes_a_stalled_subscriber_and_frees_what_it_h
         # frame after it, which may be written in part.
         stalled_conn = next(c for c in hub._connections.values() if c.closing is not None)
         assert len(stalled_conn.outbox) == 0
-        assert hub._sockets.pending_bytes(stalled_conn.handle) <= len(payload) + 200
+        assert hub._out.sockets.pending_bytes(stalled_conn.handle) <= len(payload) + 200
         assert hub.outbox_budget.held < budget // 4
         for _ in range(20):  # the reader carries on
             node.publish("c", payload)
