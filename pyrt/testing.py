@@ -38,6 +38,19 @@ published. The checks: the node starts with the source; its events are published
 publishing fail once) is logged, counted in `node.metrics.source_events_skipped[name]` and
 skipped, and the next event is published (one bad event never stops a source, nor the
 node); and a node stops with the source running, promptly.
+
+A storage engine (`Broker`, `PresenceManager` and `RecordStorage` in one object: a
+`StorageEngine`, as `Hub(broker=...)` takes) passes when `check_broker` passes with it:
+
+```python
+from pyrt.testing import check_broker
+
+def test_my_engine():
+    check_broker(lambda config: MyEngine(config))
+```
+`factory(config)` makes a fresh, empty engine with the history limits of `config` (a
+`HubConfig`). The checks are listed in `check_broker`'s docstring; `MemoryBroker`, the
+default engine, passes them (`check_broker(MemoryBroker)`).
 """
 
 from __future__ import annotations
@@ -51,7 +64,14 @@ import orjson
 import trio
 
 from .conflict import LastWriterWins, Mutation, Op, Outcome, Timestamp
-from .hub.broker import StorageEngine
+from .hub.broker import (
+    Broker,
+    MemoryBroker,
+    PresenceManager,
+    RecordStorage,
+    RecordTable,
+    StorageEngine,
+)
 from .hub.history import Publication, StreamPosition
 from .hub.hub import Hub, HubConfig
 from .node.config import NodeConfig
@@ -59,10 +79,16 @@ from .node.node import Node
 from .plugin import Session, Source, Transport
 
 __all__ = [
+    "Broker",
     "BrokerFactory",
     "ClientFactory",
     "Closed",
+    "MemoryBroker",
+    "PresenceManager",
+    "RecordStorage",
+    "RecordTable",
     "SourceKitFailure",
+    "StorageEngine",
     "TransportClient",
     "check_broker",
     "check_source",
