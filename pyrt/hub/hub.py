@@ -240,15 +240,15 @@ class Hub:
         self._presence.gone(conn)
         self._out.forget(conn)  # detaches the socket: before the transport closes it
 
-    # -- the direct write path (Rust fan-out) ------------------------------------------------
+    # -- the direct write path (a SocketDeliverer: the Rust fan-out) ------------------------
 
     def attach_socket(self, conn: Connection, fd: int) -> bool:
         """Lets the fan-out write publications straight to the socket `fd` (a WebSocket
         carrying this hub's native JSON frames). Returns False when it cannot (direct writes
-        are off, or the connection uses another codec): then everything goes through the
-        outbox as before. The transport must then write only what `take_wire` hands it,
-        call `release` when it has written everything, and end the connection
-        (`disconnect`) before it closes the socket."""
+        are off, the deliverer writes to no socket, or the connection uses another codec):
+        then everything goes through the outbox as before. The transport must then write
+        only what `take_wire` hands it, call `release` when it has written everything, and
+        end the connection (`disconnect`) before it closes the socket."""
         if conn.id not in self._connections:
             return False
         return self._out.attach(conn, fd)
@@ -273,8 +273,9 @@ class Hub:
         return self._out.corked()
 
     def fanout_stats(self) -> dict[str, int]:
-        """The Rust fan-out's counters (direct frames and bytes, partial and refused
-        writes, overflows, backlog bytes, handles, attached sockets, subscriptions)."""
+        """The deliverer's counters, as the Rust fan-out names them (direct frames and bytes,
+        partial and refused writes, overflows, backlog bytes, handles, attached sockets,
+        subscriptions)."""
         return self._deliverer.stats()
 
     @property
