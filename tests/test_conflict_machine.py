@@ -63,6 +63,7 @@ from pyrt.conflict import (
     origin_tag,
     policy_named,
 )
+from pyrt.hub.deliverer import MemoryDeliverer
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.hub.protocol import decode_mutate_reply, decode_record, encode_mutate
 
@@ -111,6 +112,7 @@ class RecordsConvergence(RuleBasedStateMachine):
             replica="hub",
             new_epoch=lambda: f"e{next(epochs)}",
             wall_clock=lambda: self.wall() / 1000,
+            deliverer=MemoryDeliverer,
         )
         self.clients = {
             name: Client(name, OptimisticStore(f"{name}-o", clock=None)) for name in CLIENTS

@@ -216,7 +216,7 @@ def test_row_events_replay_filtered_after_a_restart(tmp_path: Path) -> None:
     config = HubConfig(history_size=100)
     hub = Hub(config)
     log = HistoryLog(tmp_path)
-    hub._history.attach(log, 0.0, WALL)
+    hub.attach_history_log(log, 0.0, WALL)
     for change in row_changes((1, "a", 5), (2, "b", 50), (3, "c", 500)):
         hub.publish_change(change, 1.0)
     hub.publish_truncate("public", "items", 1.0)
@@ -225,7 +225,7 @@ def test_row_events_replay_filtered_after_a_restart(tmp_path: Path) -> None:
 
     again = Hub(config)
     again_log = HistoryLog(tmp_path)
-    again._history.attach(again_log, 5.0, WALL + 5)
+    again.attach_history_log(again_log, 5.0, WALL + 5)
     kept = again.history("pg:public:items", 5.0).publications
     assert isinstance(kept[0].change, RowEvent)
     conn = again.open(5.0)

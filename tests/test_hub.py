@@ -17,6 +17,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from pyrt.hub.deliverer import MemoryDeliverer
 from pyrt.hub.history import StreamPosition
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.hub.outbox import SlowConsumerPolicy
@@ -24,8 +25,15 @@ from pyrt.hub.protocol import CloseCode, ErrorCode
 
 
 def make_hub(**config: Any) -> Hub:
+    """A hub on the pure-Python deliverer: no socket, every frame through an outbox (as with
+    the Rust fan-out when no socket is attached: tests/test_delivery.py)."""
     epochs = itertools.count(1)
-    return Hub(HubConfig(**config), replica="n1", new_epoch=lambda: f"e{next(epochs)}")
+    return Hub(
+        HubConfig(**config),
+        replica="n1",
+        new_epoch=lambda: f"e{next(epochs)}",
+        deliverer=MemoryDeliverer,
+    )
 
 
 class Peer:

@@ -259,7 +259,7 @@ def test_the_hub_counts_a_publication_as_its_pub_frame() -> None:
     publication = hub.publish_truncate("public", "orders", 0.0)
     (change,) = conn.outbox.pop()
     assert orjson.loads(change)["ids"]  # the frame carries ids, history does not
-    measured = hub._history.measure(publication)
+    measured = hub.broker.streams.measure(publication)
     assert hub.history_budget.bytes - before == measured + ENTRY_BYTES
     assert measured == len(hub._native.publication(publication))
 
@@ -298,14 +298,12 @@ def durable_hub(directory: Path, **config: Any) -> tuple[Hub, HistoryLog]:
     """A hub whose history is in `directory` (replayed now)."""
     hub = Hub(HubConfig(publish_requires_join=False, **config))
     log = HistoryLog(directory, segment_bytes=64 * 1024, wall_clock=lambda: WALL)
-    hub._history.attach(log, 0.0, WALL)
+    hub.attach_history_log(log, 0.0, WALL)
     return hub, log
 
 
 def retained(hub: Hub) -> dict[str, list[int]]:
-    return {
-        c: [p.offset for p in hub.history(c, 0.0).publications] for c in hub._history.channels()
-    }
+    return {c: [p.offset for p in hub.history(c, 0.0).publications] for c in hub.broker.channels()}
 
 
 def test_durable_history_keeps_to_the_budget_on_disk_and_after_a_restart(tmp_path: Path) -> None:
@@ -598,7 +596,7 @@ async def test_the_outbox_budget_closes_a_stalled_subscriber_and_frees_what_it_h
         # frame after it, which may be written in part.
         stalled_conn = next(c for c in hub._connections.values() if c.closing is not None)
         assert len(stalled_conn.outbox) == 0
-        assert hub._fanout.pending_bytes(stalled_conn.handle) <= len(payload) + 200
+        assert hub._out.sockets.pending_bytes(stalled_conn.handle) <= len(payload) + 200
         assert hub.outbox_budget.held < budget // 4
         for _ in range(20):  # the reader carries on
             node.publish("c", payload)

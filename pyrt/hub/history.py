@@ -302,6 +302,16 @@ class ChannelStream:
         self.top = publication.offset
         self._retain(publication)
 
+    def accept(self, publication: Publication) -> bool:
+        """Takes a publication whose offset and epoch were assigned elsewhere: False if the
+        stream has it already (same epoch, offset not above the top). One of another epoch,
+        or past the top + 1, starts the stream afresh: a client resuming from before it is
+        told recovered=False, never handed a gap."""
+        if publication.epoch == self.epoch and publication.offset <= self.top:
+            return False
+        self.restore(publication)
+        return True
+
     def restore_top(self, epoch: str, top: int) -> None:
         if epoch != self.epoch:
             self.reset(epoch)
@@ -402,9 +412,32 @@ class History:
         """
         stream = self.stream(channel, now)
         publication = stream.append(data, now, publisher, key, hlc, change)
+        self._logged(stream, publication, size)
+        return publication
+
+    def accept(
+        self, publication: Publication, now: float, *, size: int | None = None
+    ) -> Publication | None:
+        """Takes a publication whose offset and epoch were assigned elsewhere (another node)
+        into its channel's stream, stamped `now` (its age counts from here); returns it, or
+        None if the stream has it already. See `ChannelStream.accept`; `size` as `append`."""
+        channel = publication.channel
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._new_stream(channel, publication.epoch)
+        self._last_used[channel] = now
+        publication = attrs.evolve(publication, time=now)
+        if not stream.accept(publication):
+            return None
+        stream.trim(now)
+        self._logged(stream, publication, size)
+        return publication
+
+    def _logged(self, stream: ChannelStream, publication: Publication, size: int | None) -> None:
+        """Writes a new publication to the log, if any, and counts it against the budget."""
         log = self.log
         if log is not None:
-            log.append(publication, _encode_change(change))
+            log.append(publication, _encode_change(publication.change))
             if log.full:
                 log.start_segment(self._snapshot())
                 log.compact(self._holds)
@@ -414,7 +447,6 @@ class History:
             stream.charge(publication, size)
         elif self.budget.over:  # ENTRY_BYTES alone took it over
             self.budget.enforce()
-        return publication
 
     def charge(self, publication: Publication, size: int) -> None:
         """`publication`, just appended with `size=0`, counts `size` more bytes; the oldest
@@ -508,6 +540,15 @@ class History:
 
     def recover(self, channel: str, since: StreamPosition, now: float) -> Recovery:
         return self.stream(channel, now).recover(since, now)
+
+    def retained(self, channel: str, now: float) -> Recovery:
+        """Every retained publication of the channel; `recovered` says whether they reach
+        back to its first publication."""
+        stream = self.stream(channel, now)
+        stream.trim(now)
+        retained = tuple(stream)
+        complete = stream.top == 0 or (bool(retained) and retained[0].offset == 1)
+        return Recovery(complete, retained, stream.position)
 
     def expire(self, now: float, in_use: Callable[[str], bool]) -> list[str]:
         """Trims every stream by age and drops streams idle for idle_ttl that nobody uses.

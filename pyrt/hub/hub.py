@@ -1,54 +1,51 @@
-"""The hub: channels, broadcast, history and recovery, presence, liveness, slow consumers.
+"""The hub: connections, commands, channels and publishing; liveness, rates and who may write.
 
 Sans-IO and synchronous (docs/architecture.md): the node calls `open`, `receive`, `tick` and
 `disconnect` with the current time, then writes out what each connection's `outbox` holds
 (`take_ready` names the connections with new frames) and closes what `take_closing` names.
-Nothing here reads a clock or uses trio, which is what lets hypothesis drive it. One thing
-does I/O: the Rust fan-out the hub owns writes publications straight to the sockets that
-transports attached (`attach_socket`); a hub with no socket attached writes nothing.
+Nothing here reads a clock or uses trio, which is what lets hypothesis drive it.
+
+The hub is made of parts, each in its module, that it alone wires together:
+- a storage engine (`broker.py`: history, presence and records, memory by default);
+- a deliverer (`deliverer.py`: the Rust fan-out, which writes publications straight to the
+  sockets transports attach, or the pure-Python one) and the outgoing side of every
+  connection (`output.py`: outboxes, slow consumers, closes);
+- records channels (`records.py`), presence as connections see it (`presence_feed.py`) and
+  row subscriptions (`rows.py`).
 
 Routing goes through the Rust matcher; a publication is encoded once per codec and the same
-frame object is queued for every recipient.
-
-Every publication is stamped with the hub's hybrid logical clock. Channels matching a pattern
-of `record_policies` are *records channels*: they hold keyed records changed by `mutate`
-commands under the channel's conflict policy and by `apply_record_change` (a database source);
-each change is a publication like any other, so history and recovery carry them, and a join
-that does not resume gets the records as a snapshot (pyrt.conflict, docs/conflicts.md).
+frame object is queued for every recipient. Every publication is stamped with the hub's
+hybrid logical clock.
 """
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import itertools
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
-import attrs
 import orjson
 
-from .._core import FanOut, Matcher, OutboxBudget, PgChange, check_channel
+from .._core import Matcher, OutboxBudget, PgChange, check_channel
 from .._errors import ChannelNameError
-from ..conflict import (
-    ConflictPolicy,
-    HybridClock,
-    Mutation,
-    Outcome,
-    Record,
-    RecordStore,
-    Resolver,
-    Timestamp,
-    origin_tag,
-    policy_named,
-)
-from .history import History, HistoryBudget, Publication, Recovery, StreamPosition
+from ..conflict import ConflictPolicy, HybridClock, Mutation, Record, Resolver, Timestamp
+from .broker import DurableHistory, MemoryBroker, RecordTable, StorageEngine
+from .config import HubConfig as HubConfig
+from .config import HubStats as HubStats
+from .connection import DEFAULT as DEFAULT
+from .connection import ChannelJoin
+from .connection import Connection as Connection
+from .connection import _Default as _Default
+from .deliverer import DelivererFactory, fan_out
+from .history import HistoryBudget, Publication, Recovery, StreamPosition
 from .limits import Admission, ChannelRates, CommandRate
-from .outbox import Outbox, SlowConsumerPolicy
-from .presence import Presence, PresenceDiff
+from .outbox import SlowConsumerPolicy
+from .output import Output
+from .presence_feed import PresenceFeed
 from .protocol import (
     CloseCode,
     Command,
@@ -64,233 +61,14 @@ from .protocol import (
     RequestId,
     Track,
     Untrack,
-    encode_record,
-    table_channel,
+    is_pattern,
 )
-from .rows import TRUNCATE, InvalidRowSubscription, RowSubscriptions
+from .records import MutationReply as MutationReply
+from .records import RecordChannels
+from .rows import InvalidRowSubscription, RowEvents, RowSubscriptions
 
-
-@attrs.frozen(slots=True, kw_only=True)
-class HubConfig:
-    """Limits and policies. Every field has a default that suits a small deployment."""
-
-    max_channels_per_connection: int = 128
-    max_payload_bytes: int = 64 * 1024
-    """Largest `data` a client may publish, as JSON bytes."""
-    max_frame_bytes: int = 256 * 1024
-    """Largest frame a client may send; larger ones close the connection (1009)."""
-    history_size: int = 256
-    """Publications kept per channel for recovery (0: no history, recovery only at the top)."""
-    history_age: float = 300.0
-    """Seconds a publication stays recoverable."""
-    history_idle_ttl: float = 3600.0
-    """Seconds an unused channel's stream (and epoch) is kept after its last use."""
-    history_max_bytes: int = 64 * 1024 * 1024
-    """The most bytes the history of every channel holds together. A retained publication
-    counts the size of its `pub` frame (its data as JSON, channel, offset, epoch, clock)
-    plus 400 bytes for the objects that hold it. When a publication would take history
-    past this, the oldest publications across all channels are forgotten until it fits (a
-    client resuming from before them gets `recovered: false`). The default holds some 40,000
-    publications of 1 KB (the whole `history_size` of 160 busy channels) while keeping what
-    one client can make history hold (`max_payload_bytes` to each of
-    `max_channels_per_connection` channels, `history_size` deep: 2 GiB with the other
-    defaults) to a small share of a developer machine's memory; size it to yours."""
-    ping_interval: float = 25.0
-    idle_timeout: float = 60.0
-    """A connection that sends nothing for this long is closed (4009)."""
-    outbox_messages: int = 4096
-    outbox_bytes: int = 4 * 1024 * 1024
-    """The most bytes one connection's outbox holds, and as much again its fan-out backlog
-    (docs/protocol.md, Slow consumers)."""
-    outbox_total_bytes: int = 256 * 1024 * 1024
-    """The most bytes all connections' outboxes and fan-out backlogs hold together, frames
-    their writers are writing included (a frame queued for many connections counts once for
-    each). A connection whose next frame does not fit is a slow consumer under its
-    channel's policy, as if its own outbox were full; one closed for it (4008) has what was
-    queued for it discarded at once. The default is 64 connections' worth of full outboxes
-    (`outbox_bytes`), or 26 KiB behind for each of 10,000 subscribers."""
-    slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
-    channel_policies: Mapping[str, SlowConsumerPolicy] = attrs.field(factory=dict)
-    """Channel pattern -> policy; the first matching pattern (in order) wins."""
-    publish_requires_join: bool = True
-    """Also for `mutate`: a connection changes records only of channels it joined."""
-    record_policies: Mapping[str, str] = attrs.field(factory=dict)
-    """Channel pattern -> conflict policy ("reject", "lww", "merge" or the name of a resolver
-    given to the Hub): channels matching one hold records; the first matching pattern wins."""
-    max_clock_drift: float = 1.0
-    """Seconds a client's timestamp may be ahead of the hub's clock; a mutation stamped
-    further ahead is stamped by the hub instead."""
-    mutation_ttl: float = 3600.0
-    """Seconds the hub remembers the idempotency keys of a client (origin) after its last
-    mutation; clients stop re-sending an unanswered mutation well before."""
-    tombstone_ttl: float = 86400.0
-    """Seconds a deleted record's tombstone is kept (by the hub's clock) before it may be
-    forgotten; a mutation based on a forgotten version is then refused as a conflict
-    (docs/conflicts.md). `math.inf` keeps tombstones for good."""
-    direct_writes: bool = True
-    """Let the Rust fan-out write publications straight to WebSocket sockets that can take
-    them now (`attach_socket`); False sends every frame through the outbox and the
-    connection's writer task (slower; for comparison)."""
-    write_timeout: float = 10.0
-    """Seconds a write to a client may make no progress (the client reads nothing) before
-    the connection is closed; a connection being closed (slow, idle, shutting down) is
-    gone within this plus 2 s however its peer behaves."""
-    write_threads: int = 1
-    """Threads the Rust fan-out spreads a corked batch's socket writes over (each takes at
-    least 256 connections; the calling thread is one of them). Socket writes are most of the
-    work of a big fan-out, and the kernel does them: more threads use more cores for them."""
-    command_rate: float = 100.0
-    """Commands (frames) a connection may send per second on average, on every transport
-    (0: no limit). Over it, a command is refused with error 430 `rate_limited`; a connection
-    that keeps sending at more than twice the rate is closed with 4029."""
-    command_burst: int = 200
-    """Commands a connection may send at once before `command_rate` applies."""
-    channel_publish_rate: float = 500.0
-    """Publications a channel takes per second on average from clients and the REST API
-    together (0: no limit); sources and server-side code are not limited. Over it, a publish
-    (or `mutate`) is refused: error 432 `channel_rate_limited`, HTTP 429 on the REST API."""
-    channel_publish_burst: int = 1000
-    """Publications a channel takes at once before `channel_publish_rate` applies."""
-    client_writable: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    """Channel patterns clients may publish to (and mutate records of) even though a source
-    feeds them; every other channel a source declares as its own is read-only to clients
-    (error 423 `read_only`)."""
-
-    def __attrs_post_init__(self) -> None:
-        positive = ("max_channels_per_connection", "max_payload_bytes", "max_frame_bytes")
-        limits = ("outbox_messages", "outbox_bytes", "outbox_total_bytes", "history_max_bytes")
-        for name in (*positive, *limits):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        for name in ("history_size", "history_age", "history_idle_ttl"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        if not 0 < self.ping_interval < self.idle_timeout:
-            raise ValueError("need 0 < ping_interval < idle_timeout")
-        for pattern in self.channel_policies:
-            check_channel(pattern, pattern=True)
-        for pattern, name in self.record_policies.items():
-            check_channel(pattern, pattern=True)
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"record policy for {pattern!r} must be a name, not {name!r}")
-        if self.max_clock_drift < 0:
-            raise ValueError("max_clock_drift must not be negative")
-        if self.mutation_ttl <= 0:
-            raise ValueError("mutation_ttl must be positive")
-        if not self.tombstone_ttl > 0:
-            raise ValueError("tombstone_ttl must be positive")
-        if not 0 < self.write_timeout < math.inf:
-            raise ValueError("write_timeout must be positive and finite")
-        if not 1 <= self.write_threads <= 64:
-            raise ValueError("write_threads must be 1..64")
-        for rate, burst in (
-            ("command_rate", "command_burst"),
-            ("channel_publish_rate", "channel_publish_burst"),
-        ):
-            if not 0 <= getattr(self, rate) < math.inf:
-                raise ValueError(f"{rate} must be a number of at least 0 (0: no limit)")
-            if getattr(self, burst) < 1:
-                raise ValueError(f"{burst} must be at least 1")
-        for pattern in self.client_writable:
-            check_channel(pattern, pattern=True)
-
-
-@attrs.define(slots=True)
-class HubStats:
-    """Counters for metrics; they only grow."""
-
-    connections_opened: int = 0
-    frames_in: int = 0
-    publications: int = 0
-    frames_out: int = 0
-    bytes_out: int = 0
-    direct_frames: int = 0
-    """Of `frames_out`, those the Rust fan-out wrote straight to a socket."""
-    evicted: int = 0
-    slow_disconnects: int = 0
-    """Connections closed as slow (4008), `budget_disconnects` included."""
-    budget_disconnects: int = 0
-    """Connections closed as slow because `outbox_total_bytes` was full."""
-    recoveries: int = 0
-    recovery_misses: int = 0
-    mutations: int = 0
-    """Mutations processed (applied, unchanged or rejected; not duplicates)."""
-    conflicts: int = 0
-    """Mutations the conflict policy rejected."""
-    duplicate_mutations: int = 0
-    """Mutations received again (re-sent) and answered without applying them."""
-    errors: int = 0
-    rate_limited: int = 0
-    """Commands refused because their connection was over `command_rate` (430)."""
-    rate_limit_closes: int = 0
-    """Connections closed for going on far over `command_rate` (4029)."""
-    channel_rate_limited: int = 0
-    """Publications and mutations refused because their channel was over
-    `channel_publish_rate` (432, or 429 on the REST API)."""
-    read_only_refused: int = 0
-    """Publications and mutations refused because a source owns the channel (423)."""
-    matches: int = 0
-    match_seconds: float = 0.0
-    """Time spent asking the matcher who receives a publication (a cost, not a clock)."""
-
-
-@attrs.define(slots=True, eq=False)
-class _Join:
-    sub_id: int
-    presence: bool
-    tracked_keys: set[str] = attrs.field(factory=set)
-    """Presence keys this connection tracked in the channel, untracked when it leaves."""
-    row_ids: tuple[int, ...] = ()
-    """A join with `changes`: its row subscriptions' ids (it gets only the row events they
-    match, not the channel's other publications)."""
-
-
-@attrs.define(slots=True, eq=False)
-class Connection:
-    """One client connection as the hub sees it."""
-
-    id: str
-    codec: JsonCodec
-    outbox: Outbox
-    opened: float
-    last_seen: float
-    last_ping: float
-    transport: str = "websocket"
-    """The transport plugin's name (for metrics)."""
-    idle_timeout: float | None = None
-    """Close after this long without a sign of life; None: the transport watches liveness."""
-    pings: bool = True
-    """Whether the hub sends `ping` pushes (transports with their own heartbeats say no)."""
-    joins: dict[str, _Join] = attrs.field(factory=dict)
-    closing: CloseCode | None = None
-    told_to_go: bool = False
-    """A `disconnect` push was queued (at shutdown)."""
-    handle: int = -1
-    """The connection's handle in the hub's Rust fan-out."""
-    direct: bool = False
-    """A socket is attached: the fan-out may write publications to it directly."""
-    rate: CommandRate | None = None
-    """The connection's command rate (None: no limit)."""
-
-
-@attrs.frozen(slots=True)
-class MutationReply:
-    """The hub's answer to a mutation, as the `mutate` command's reply carries it: `ok`, the
-    reply (`applied`, `record`...), or an error `code` and `message` with the current
-    `record` (a conflict)."""
-
-    outcome: Outcome
-    ok: Mapping[str, Any] | None = None
-    code: ErrorCode | None = None
-    message: str = ""
-    record: Mapping[str, Any] | None = None
-
-
-class _Default(enum.Enum):
-    DEFAULT = enum.auto()
-
-
-DEFAULT = _Default.DEFAULT
+if TYPE_CHECKING:
+    from .historylog import HistoryLog
 
 
 def _seconds(wait: float) -> float:
@@ -298,8 +76,7 @@ def _seconds(wait: float) -> float:
     return math.ceil(wait * 1000) / 1000
 
 
-def _is_pattern(channel: str) -> bool:
-    return any(segment in ("*", ">") for segment in channel.split(":"))
+_is_pattern = is_pattern  # the name pyrt.plugin imports
 
 
 class Hub:
@@ -308,6 +85,11 @@ class Hub:
     `resolvers` names the user-supplied conflict resolvers (functions or `ConflictPolicy`
     objects) that `record_policies` may refer to. `wall_clock` gives wall time in seconds for
     the hybrid logical clock (`replica` is the clock's node name).
+
+    `broker` is the storage engine that keeps history, presence and records (default: a
+    `MemoryBroker` with this config, `replica` and `new_epoch`, which makes epochs).
+    `deliverer` makes what carries publications to connections (default: the Rust fan-out,
+    `pyrt.hub.deliverer.fan_out`).
     """
 
     def __init__(
@@ -319,6 +101,8 @@ class Hub:
         timer: Callable[[], float] = time.perf_counter,
         resolvers: Mapping[str, Resolver | ConflictPolicy] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        deliverer: DelivererFactory | None = None,
+        broker: StorageEngine | None = None,
     ) -> None:
         self.config = config or HubConfig()
         self.replica = replica or secrets.token_hex(4)
@@ -327,45 +111,49 @@ class Hub:
         self._wall_clock = wall_clock
         self.clock = HybridClock(self.replica)
         """Stamps every publication and record version (pyrt.conflict.HybridClock)."""
-        self._record_policies = [
-            policy_named(name, resolvers) for name in self.config.record_policies.values()
-        ]
-        self._record_matcher = Matcher()
-        for index, pattern in enumerate(self.config.record_policies):
-            self._record_matcher.add_channel(index, pattern)
-        self._stores: dict[str, RecordStore] = {}
         self._connections: dict[str, Connection] = {}
         self._conn_numbers = itertools.count(1)
         self._sub_ids = itertools.count(1)
         self._matcher = Matcher()
         self._subscribers: dict[int, tuple[Connection, str]] = {}
         self._channel_users: dict[str, int] = {}
-        self._presence = Presence(self.replica)
-        self._presence_members: dict[str, dict[str, Connection]] = {}
-        self._native = JsonCodec()
-        """The codec of the frames the fan-out writes directly (attached connections')."""
-        self._history = History(
-            self.config.history_size,
-            self.config.history_age,
-            new_epoch or (lambda: secrets.token_hex(6)),
-            self.config.history_idle_ttl,
-            max_bytes=self.config.history_max_bytes,
-            measure=lambda publication: len(self._native.publication(publication)),
+        self._broker: StorageEngine = (
+            broker
+            if broker is not None
+            else MemoryBroker(self.config, replica=self.replica, new_epoch=new_epoch)
         )
+        """History, presence and records: reached only through the engine's interfaces."""
         self._policies = list(self.config.channel_policies.values())
         self._policy_matcher = Matcher()
         for index, pattern in enumerate(self.config.channel_policies):
             self._policy_matcher.add_channel(index, pattern)
-        self._ready: dict[str, Connection] = {}
-        self._closing: dict[str, tuple[CloseCode, str]] = {}
-        self._outbox_budget = OutboxBudget(self.config.outbox_total_bytes)
-        self._fanout = FanOut(self._outbox_budget)
-        self._fanout.threads = self.config.write_threads
-        self._rows = RowSubscriptions(self._fanout)
-        self._by_handle: dict[int, Connection] = {}
-        self._corks = 0
         self._native = JsonCodec()
-        """The codec of the frames the fan-out writes directly (attached connections')."""
+        """The codec of the frames a deliverer writes directly (attached connections')."""
+        budget = OutboxBudget(self.config.outbox_total_bytes)
+        self._deliverer = (deliverer or fan_out)(budget, self.config)
+        self._out = Output(self.config, self.stats, budget, self._deliverer, self._native)
+        """Every frame to a connection goes through it (`Output.send`)."""
+        self._rows = RowSubscriptions(self._deliverer)
+        self._records = RecordChannels(
+            self.config,
+            self.stats,
+            self._broker,
+            self.clock,
+            self._physical,
+            self._publish_record,
+            resolvers,
+        )
+        self._presence = PresenceFeed(self._broker, self._out)
+        self._row_events = RowEvents(
+            self._rows,
+            self._broker,
+            self._out,
+            self._matcher,
+            self.stats,
+            timer,
+            self._stamp,
+            self._policy,
+        )
         self._owners: list[str] = []
         self._owned = Matcher()
         """Channel patterns sources declared as theirs (`own_channels`), by index in
@@ -399,9 +187,7 @@ class Hub:
         conn = Connection(
             id=f"{self.replica}.{next(self._conn_numbers)}",
             codec=codec or JsonCodec(),
-            outbox=Outbox(
-                self.config.outbox_messages, self.config.outbox_bytes, self._outbox_budget
-            ),
+            outbox=self._out.new_outbox(),
             opened=now,
             last_seen=now,
             last_ping=now,
@@ -410,11 +196,11 @@ class Hub:
             if isinstance(idle_timeout, _Default)
             else idle_timeout,
             pings=pings,
-            handle=self._fanout.open(),
+            handle=self._deliverer.open(),
             rate=self.new_command_rate(now),
         )
         self._connections[conn.id] = conn
-        self._by_handle[conn.handle] = conn
+        self._out.opened(conn)
         self.stats.connections_opened += 1
         return conn
 
@@ -451,107 +237,95 @@ class Hub:
             return
         for channel in list(conn.joins):
             self._drop_join(conn, channel)
-        for channel, diff in self._presence.untrack_conn(conn.id).items():
-            self._broadcast_presence(channel, diff)
-        self._fanout.close(conn.handle)  # detaches the socket: before the transport closes it
-        conn.outbox.clear()  # what it held no longer counts against the budget
-        del self._by_handle[conn.handle]
-        conn.direct = False
-        self._ready.pop(conn_id, None)
-        self._closing.pop(conn_id, None)
+        self._presence.gone(conn)
+        self._out.forget(conn)  # detaches the socket: before the transport closes it
 
-    # -- the direct write path (Rust fan-out) ------------------------------------------------
+    # -- the direct write path (a SocketDeliverer: the Rust fan-out) ------------------------
 
     def attach_socket(self, conn: Connection, fd: int) -> bool:
         """Lets the fan-out write publications straight to the socket `fd` (a WebSocket
         carrying this hub's native JSON frames). Returns False when it cannot (direct writes
-        are off, or the connection uses another codec): then everything goes through the
-        outbox as before. The transport must then write only what `take_wire` hands it,
-        and call `release` when it has written everything. The fan-out writes to its own
-        duplicate of `fd`, closed by `disconnect`: closing the socket first cannot misdirect
-        a write, but the peer sees no close until the connection is disconnected."""
-        if not self.config.direct_writes or conn.codec.name != self._native.name:
+        are off, the deliverer writes to no socket, or the connection uses another codec):
+        then everything goes through the outbox as before. The transport must then write
+        only what `take_wire` hands it, and call `release` when it has written everything.
+        The fan-out writes to its own duplicate of `fd`, closed by `disconnect`: closing the
+        socket first cannot misdirect a write, but the peer sees no close until the
+        connection is disconnected."""
+        if conn.id not in self._connections:
             return False
-        if conn.id not in self._connections or conn.closing is not None:
-            return False
-        # Up to outbox_bytes wait in the fan-out for a busy writer; more go to the outbox.
-        self._fanout.attach(conn.handle, fd, self.config.outbox_bytes)
-        conn.direct = True
-        return True
+        return self._out.attach(conn, fd)
 
     def take_wire(self, conn: Connection) -> bytes:
         """Bytes the fan-out could write only in part: the transport writes them first."""
-        return self._fanout.take_pending(conn.handle) if conn.direct else b""
+        return self._out.take_wire(conn)
 
     def hold(self, conn: Connection) -> None:
         """The transport is about to write to the socket itself (a control frame): the
         fan-out leaves it alone until `release`."""
-        if conn.direct:
-            self._fanout.hold(conn.handle)
+        self._out.hold(conn)
 
     def release(self, conn: Connection) -> bool:
         """The transport has written everything queued: the fan-out may write directly
         again. Returns whether it may (not if something is queued or closing)."""
-        if not conn.direct or len(conn.outbox) or conn.closing is not None:
-            return False
-        return self._fanout.release(conn.handle)
+        return self._out.release(conn)
 
-    @contextlib.contextmanager
-    def corked(self) -> Iterator[None]:
+    def corked(self) -> AbstractContextManager[None]:
         """Within it, direct writes are gathered per connection and sent when it ends, one
         write per connection (a burst of publications, a batch of row changes). Nests."""
-        self._corks += 1
-        if self._corks == 1:
-            self._fanout.cork()
-        try:
-            yield
-        finally:
-            self._corks -= 1
-            if not self._corks:
-                self._count_direct(0, 0, self._fanout.uncork())
+        return self._out.corked()
 
     def fanout_stats(self) -> dict[str, int]:
-        """The Rust fan-out's counters (direct frames and bytes, partial and refused
-        writes, overflows, backlog bytes, handles, attached sockets, subscriptions)."""
-        return self._fanout.stats()
+        """The deliverer's counters, as the Rust fan-out names them (direct frames and bytes,
+        partial and refused writes, overflows, backlog bytes, handles, attached sockets,
+        subscriptions)."""
+        return self._deliverer.stats()
 
     @property
     def outbox_budget(self) -> OutboxBudget:
         """What all outboxes and fan-out backlogs hold (`held`), against `outbox_total_bytes`."""
-        return self._outbox_budget
+        return self._out.budget
+
+    @property
+    def broker(self) -> StorageEngine:
+        """The storage engine: history, presence and records (`pyrt.hub.broker`)."""
+        return self._broker
+
+    def attach_history_log(self, log: HistoryLog, now: float, wall: float) -> None:
+        """Keeps history in the durable `log` (replayed first: offsets and epochs go on from
+        where they were). `now` is the hub's time and `wall` the wall clock at that moment.
+        TypeError if the storage engine keeps no local log (`DurableHistory`)."""
+        if not isinstance(self._broker, DurableHistory):
+            raise TypeError(f"{type(self._broker).__name__} keeps no local history log")
+        self._broker.attach_log(log, now, wall)
 
     @property
     def history_budget(self) -> HistoryBudget:
         """What every channel's history holds (`bytes`, `retained`) and forgot because it was
         over `history_max_bytes` (`evicted`)."""
-        return self._history.budget
+        return self._broker.budget
 
     def take_ready(self) -> list[Connection]:
         """Connections that got new frames since the last call."""
-        ready = list(self._ready.values())
-        self._ready.clear()
-        return ready
+        return self._out.take_ready()
 
     def take_closing(self) -> list[tuple[str, CloseCode, str]]:
         """Connections the transport must close (after writing what their outbox holds)."""
-        closing = [(conn_id, code, reason) for conn_id, (code, reason) in self._closing.items()]
-        self._closing.clear()
-        return closing
+        return self._out.take_closing()
 
     def push(self, conn_id: str, frame: bytes) -> None:
         """Queues a frame the transport's protocol layer made itself (a reply that sums up
         several hub commands, a notice of its own), in order with the hub's frames."""
         conn = self._connections.get(conn_id)
         if conn is not None:
-            self._send(conn, frame)
+            self._out.send(conn, frame)
 
     def shutdown(self, now: float) -> None:
         """Tells every client to reconnect elsewhere; the transport then closes them all."""
         for conn in list(self._connections.values()):
             reason = "server shutting down, reconnect"
-            self._send(conn, conn.codec.disconnect(CloseCode.GOING_AWAY, reason))
+            self._out.send(conn, conn.codec.disconnect(CloseCode.GOING_AWAY, reason))
             conn.told_to_go = True
-            self._close(conn, CloseCode.GOING_AWAY, reason)
+            self._out.close(conn, CloseCode.GOING_AWAY, reason)
 
     # -- input -----------------------------------------------------------------------------
 
@@ -569,15 +343,15 @@ class Hub:
         if admission is Admission.CLOSE:
             self.stats.rate_limit_closes += 1
             rate = self.config.command_rate
-            self._close(conn, CloseCode.RATE_LIMITED, f"over {rate:g} commands per second")
+            self._out.close(conn, CloseCode.RATE_LIMITED, f"over {rate:g} commands per second")
             return
         try:
             command = conn.codec.decode(frame)
         except ProtocolError as e:
             if e.close is not None:
-                self._close(conn, e.close, e.message)
+                self._out.close(conn, e.close, e.message)
             else:
-                self._error(conn, e.id, e.code, e.message)
+                self._out.error(conn, e.id, e.code, e.message)
             return
         if admission is Admission.REFUSE:
             assert conn.rate is not None
@@ -585,7 +359,7 @@ class Hub:
             rate = self.config.command_rate
             message = f"over {rate:g} commands per second: not carried out"
             retry = {"retry_after": _seconds(conn.rate.retry_after(now))}
-            self._error(conn, command.id, ErrorCode.RATE_LIMITED, message, retry)
+            self._out.error(conn, command.id, ErrorCode.RATE_LIMITED, message, retry)
             return
         self.handle(conn, command, now)
 
@@ -593,21 +367,21 @@ class Hub:
         """Asks the transport to close a connection (after what is queued for it)."""
         conn = self._connections.get(conn_id)
         if conn is not None:
-            self._close(conn, code, reason)
+            self._out.close(conn, code, reason)
 
     def frame_too_big(self, conn_id: str) -> None:
         """Closes a connection that sent a frame over `max_frame_bytes` (1009)."""
         conn = self._connections.get(conn_id)
         if conn is not None:
             limit = self.config.max_frame_bytes
-            self._close(conn, CloseCode.MESSAGE_TOO_BIG, f"frame larger than {limit} bytes")
+            self._out.close(conn, CloseCode.MESSAGE_TOO_BIG, f"frame larger than {limit} bytes")
 
     def handle(self, conn: Connection, command: Command, now: float) -> None:
         """One decoded command from a client."""
         match command:
             case Ping(rid):
                 if rid is not None:
-                    self._reply(conn, rid, {})
+                    self._out.reply(conn, rid, {})
             case Publish():
                 self._client_publish(conn, command, now)
             case Mutate():
@@ -616,22 +390,16 @@ class Hub:
                 self._join(conn, command, now)
             case Leave(rid, channel):
                 if channel not in conn.joins:
-                    self._error(conn, rid, ErrorCode.NOT_JOINED, f"not joined to '{channel}'")
+                    self._out.error(conn, rid, ErrorCode.NOT_JOINED, f"not joined to '{channel}'")
                     return
                 self._drop_join(conn, channel)
-                self._reply(conn, rid, {})
+                self._out.reply(conn, rid, {})
             case Track():
-                self._track(conn, command)
-            case Untrack(rid, channel, key, ref):
-                if self._require_presence_channel(conn, rid, channel):
-                    diff = self._presence.untrack(channel, conn.id, key or conn.id, ref)
-                    self._broadcast_presence(channel, diff)
-                    self._reply(conn, rid, {})
-            case PresenceQuery(rid, channel):
-                if self._require_presence_channel(conn, rid, channel) and rid is not None:
-                    self._send(
-                        conn, conn.codec.presence_reply(rid, channel, self.presence(channel))
-                    )
+                self._presence.track(conn, command)
+            case Untrack():
+                self._presence.untrack(conn, command)
+            case PresenceQuery():
+                self._presence.query(conn, command)
 
     def tick(self, now: float) -> float:
         """Heartbeats, idle timeouts and history expiry. Returns when to call again."""
@@ -643,22 +411,20 @@ class Hub:
             idle = conn.idle_timeout
             if idle is not None:
                 if now - conn.last_seen >= idle:
-                    self._close(conn, CloseCode.IDLE_TIMEOUT, f"nothing received for {idle:g} s")
+                    self._out.close(
+                        conn, CloseCode.IDLE_TIMEOUT, f"nothing received for {idle:g} s"
+                    )
                     continue
                 next_due = min(next_due, conn.last_seen + idle)
             if conn.pings:
                 if now - conn.last_ping >= config.ping_interval:
                     conn.last_ping = now
-                    self._send(conn, conn.codec.ping())
+                    self._out.send(conn, conn.codec.ping())
                 next_due = min(next_due, conn.last_ping + config.ping_interval)
-        self._history.expire(now, lambda channel: self._channel_users.get(channel, 0) > 0)
+        self._broker.expire(now, lambda channel: self._channel_users.get(channel, 0) > 0)
         if self._channel_rates is not None:
             self._channel_rates.prune(now)
-        horizon = self._physical() - config.tombstone_ttl * 1000
-        for store in self._stores.values():
-            store.expire(now, config.mutation_ttl)
-            if store.tombstones:
-                store.compact(horizon)
+        self._records.tick(now)
         return next_due
 
     # -- publishing ------------------------------------------------------------------------
@@ -696,55 +462,58 @@ class Hub:
     ) -> Publication:
         publisher_id = publisher.id if publisher else None
         stamp = hlc or self._stamp()
-        publication = self._history.append(channel, data, now, publisher_id, key, stamp, size=0)
+        publication = self._broker.publish(
+            channel, data, now, publisher=publisher_id, key=key, hlc=stamp, size=0
+        )
         self.stats.publications += 1
         # A record change that is dropped would leave a client's copy stale for good: those
         # are never dropped, whatever the channel's policy (a slow client is disconnected).
         policy = SlowConsumerPolicy.DISCONNECT if record else self._policy(channel)
-        conflation_key = (channel, key) if key is not None else None
-        native = self._native.publication(publication)
-        self._history.charge(publication, len(native))
         skip = None if publisher is None or echo else publisher.handle
-        # The Rust fan-out matches the channel and writes the frame to every recipient that
-        # can take it now; the rest come back here, to their outbox and its policy.
-        slow, woken, direct, seconds = self._fanout.publish(self._matcher, channel, native, skip)
-        self.stats.match_seconds += seconds
-        self.stats.matches += 1
-        self._count_direct(direct, len(native), woken)
-        if slow:
-            self._queue_slow(
-                slow, native, lambda codec: codec.publication(publication), policy, conflation_key
-            )
+        self._fan_out(publication, policy, skip)
         return publication
 
-    def _queue_slow(
-        self,
-        slow: list[int],
-        native: bytes,
-        make: Callable[[JsonCodec], bytes],
-        policy: SlowConsumerPolicy,
-        key: Any = None,
-    ) -> None:
-        """Queues a publication for the recipients the fan-out handed back (`slow`), in
-        their outboxes under `policy`: the native frame, or what `make` makes with their
-        codec (made once per codec)."""
-        frames: dict[str, bytes] = {self._native.name: native}
-        for handle in slow:
-            conn = self._by_handle[handle]
-            frame = frames.get(conn.codec.name)
-            if frame is None:
-                frame = frames[conn.codec.name] = make(conn.codec)
-            self._send(conn, frame, droppable=True, policy=policy, key=key)
+    def deliver(self, publication: Publication, now: float) -> Publication | None:
+        """A publication whose offset and epoch were assigned elsewhere (another node, by a
+        storage engine shared between nodes): taken into the local history (`Broker.accept`)
+        and queued for this hub's subscribers as `publish` does, with its own offset and
+        epoch. Returns it (stamped with `now`), or None if history has it already (a
+        duplicate: nothing is sent). A publication past the local top + 1 or of another
+        epoch starts the local stream there, so a client resuming from before it is told
+        `recovered: false`. Plain publications only: records channels and row events are
+        kept by their own engine parts (ValueError)."""
+        channel = publication.channel
+        check_channel(channel)
+        if publication.change is not None or self.is_records_channel(channel):
+            raise ValueError("deliver takes plain publications, not records or row events")
+        if publication.hlc is not None:
+            self.clock.update(publication.hlc, self._physical())
+        local = self._broker.accept(publication, now, size=0)
+        if local is None:
+            return None
+        self.stats.publications += 1
+        self._fan_out(local, self._policy(channel), None)
+        return local
 
-    def _count_direct(self, frames: int, size: int, woken: list[int]) -> None:
-        """Accounts for frames the fan-out wrote; wakes the writers of partly written ones."""
-        if frames:
-            self.stats.frames_out += frames
-            self.stats.direct_frames += frames
-            self.stats.bytes_out += frames * size
-        for handle in woken:
-            conn = self._by_handle[handle]
-            self._ready[conn.id] = conn
+    def _fan_out(
+        self, publication: Publication, policy: SlowConsumerPolicy, skip: int | None
+    ) -> None:
+        """Encodes a publication once (its size counts against the history budget) and hands
+        it to the deliverer; queues it for the recipients handed back."""
+        channel, key = publication.channel, publication.key
+        native = self._native.publication(publication)
+        self._broker.charge(publication, len(native))
+        # The Rust fan-out matches the channel and writes the frame to every recipient that
+        # can take it now; the rest come back here, to their outbox and its policy.
+        slow, woken, direct, seconds = self._deliverer.publish(self._matcher, channel, native, skip)
+        self.stats.match_seconds += seconds
+        self.stats.matches += 1
+        self._out.count_direct(direct, len(native), woken)
+        if slow:
+            conflation_key = (channel, key) if key is not None else None
+            self._out.queue_slow(
+                slow, native, lambda codec: codec.publication(publication), policy, conflation_key
+            )
 
     # -- row events (database sources) -----------------------------------------------------
 
@@ -757,12 +526,7 @@ class Hub:
 
         The payload is the change's Supabase-shaped JSON, encoded once; over `max_bytes` it
         keeps only small fields and says so in `errors` (PgChange.to_json)."""
-        started = self._timer()
-        ids = self._rows.matcher.match_change(change) if len(self._rows) else []
-        self.stats.match_seconds += self._timer() - started
-        self.stats.matches += 1
-        channel = table_channel(change.schema, change.table)
-        return self._publish_row(channel, change.to_json(max_bytes), change, ids, now)
+        return self._row_events.publish_change(change, now, max_bytes)
 
     def publish_truncate(
         self,
@@ -775,54 +539,7 @@ class Hub:
     ) -> Publication:
         """A TRUNCATE of `schema.table`: an event of type TRUNCATE on its channel, for the
         row subscriptions of every event (`*`) on the table, whatever their filter."""
-        data = {
-            "schema": schema,
-            "table": table,
-            "commit_timestamp": commit_timestamp,
-            "type": "TRUNCATE",
-            "columns": [{"name": n, "type": t} for n, t in columns or ()],
-            "errors": None,
-        }
-        ids = self._rows.truncate_ids(schema, table)
-        channel = table_channel(schema, table)
-        return self._publish_row(channel, orjson.dumps(data), (TRUNCATE, schema, table), ids, now)
-
-    def _publish_row(
-        self, channel: str, payload: bytes, change: Any, ids: list[int], now: float
-    ) -> Publication:
-        publication = self._history.append(
-            channel, orjson.Fragment(payload), now, None, None, self._stamp(), change, size=0
-        )
-        self.stats.publications += 1
-        ids.sort()
-        native = self._native.change(publication, ids)
-        # History counts its `pub` frame, which is this one without `"ids":[...],`.
-        self._history.charge(publication, len(native) - len(orjson.dumps(ids)) - 7)
-        # The Rust fan-out finds who holds the ids (and who joined the table's channel: plain
-        # joins get every row) and writes the frame to every one it can; the rest come back.
-        slow, woken, direct, seconds = self._fanout.publish_rows(
-            ids, native, self._matcher, channel
-        )
-        self.stats.match_seconds += seconds
-        self._count_direct(direct, len(native), woken)
-        if slow:
-            policy = self._policy(channel)
-            self._queue_slow(slow, native, lambda codec: codec.change(publication, ids), policy)
-        return publication
-
-    def _replay_rows(
-        self,
-        conn: Connection,
-        row_ids: tuple[int, ...],
-        missed: tuple[Publication, ...],
-        policy: SlowConsumerPolicy,
-    ) -> None:
-        """Sends a recovering row subscriber the missed row events its filters match."""
-        rows = [p for p in missed if p.change is not None]
-        matched = self._rows.replay(row_ids, [p.change for p in rows])
-        for publication, ids in zip(rows, matched, strict=True):
-            if ids:
-                self._send(conn, conn.codec.change(publication, ids), policy=policy)
+        return self._row_events.publish_truncate(schema, table, now, commit_timestamp, columns)
 
     def reset_channels(self, pattern: str, now: float) -> list[str]:
         """History of the channels matching `pattern` was lost upstream (a database source
@@ -831,19 +548,19 @@ class Hub:
         check_channel(pattern, pattern=True)
         matcher = Matcher()
         matcher.add_channel(0, pattern)
-        names = {c for c in self._history.channels() if not _is_pattern(c)}
+        names = {c for c in self._broker.channels() if not _is_pattern(c)}
         names.update(c for c in self._channel_users if not _is_pattern(c))
         reset = sorted(c for c in names if matcher.match_channel(c))
-        positions = {channel: self._history.reset(channel, now) for channel in reset}
+        positions = {channel: self._broker.reset(channel, now) for channel in reset}
         for conn in list(self._connections.values()):
             for channel in conn.joins:
                 position = positions.get(channel)
                 if position is not None:
-                    self._send(conn, conn.codec.reset(channel, position))
+                    self._out.send(conn, conn.codec.reset(channel, position))
         return reset
 
     def history_position(self, channel: str, now: float) -> StreamPosition:
-        return self._history.stream(channel, now).position
+        return self._broker.position(channel, now)
 
     def history(self, channel: str, now: float, since: StreamPosition | None = None) -> Recovery:
         """The channel's retained publications after `since` (all retained ones without it).
@@ -852,16 +569,10 @@ class Hub:
         without, whether the retained ones reach back to the channel's first publication.
         """
         check_channel(channel)
-        stream = self._history.stream(channel, now)
-        if since is not None:
-            return stream.recover(since, now)
-        stream.trim(now)
-        retained = tuple(stream)
-        complete = stream.top == 0 or (bool(retained) and retained[0].offset == 1)
-        return Recovery(complete, retained, stream.position)
+        return self._broker.history(channel, now, since)
 
     def presence(self, channel: str) -> Mapping[str, tuple[Any, ...]]:
-        return self._presence.state(channel)
+        return self._broker.presence(channel)
 
     def channels(self) -> dict[str, int]:
         """Joined channels and patterns with their subscriber counts."""
@@ -917,7 +628,7 @@ class Hub:
     def _may_write(self, conn: Connection, rid: RequestId, channel: str) -> bool:
         refusal = self.client_write_refusal(channel)
         if refusal is not None:
-            self._error(conn, rid, ErrorCode.READ_ONLY, refusal)
+            self._out.error(conn, rid, ErrorCode.READ_ONLY, refusal)
             return False
         return True
 
@@ -926,7 +637,9 @@ class Hub:
         if wait:
             rate = self.config.channel_publish_rate
             message = f"'{channel}' takes at most {rate:g} publications per second"
-            self._error(conn, rid, ErrorCode.CHANNEL_RATE_LIMITED, message, {"retry_after": wait})
+            self._out.error(
+                conn, rid, ErrorCode.CHANNEL_RATE_LIMITED, message, {"retry_after": wait}
+            )
             return False
         return True
 
@@ -935,21 +648,23 @@ class Hub:
         try:
             check_channel(channel)
         except ChannelNameError as e:
-            self._error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
+            self._out.error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
             return
         if self.config.publish_requires_join and channel not in conn.joins:
-            self._error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before publishing")
+            self._out.error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before publishing")
             return
         if not self._may_write(conn, rid, channel):
             return
-        if self._record_policy(channel) is not None:
+        if self._records.policy(channel) is not None:
             message = f"'{channel}' holds records: change them with mutate"
-            self._error(conn, rid, ErrorCode.NOT_ALLOWED, message)
+            self._out.error(conn, rid, ErrorCode.NOT_ALLOWED, message)
             return
         limit = self.config.max_payload_bytes
         # The frame's size bounds the data's: only encode again when the bound is too big.
         if command.size > limit and len(orjson.dumps(command.data)) > limit:
-            self._error(conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"data larger than {limit} bytes")
+            self._out.error(
+                conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"data larger than {limit} bytes"
+            )
             return
         if not self._channel_admits(conn, rid, channel, now):
             return
@@ -957,7 +672,7 @@ class Hub:
             channel, command.data, now, publisher=conn, echo=command.echo, key=command.key
         )
         if command.ack and rid is not None:
-            self._reply(conn, rid, {"offset": publication.offset, "epoch": publication.epoch})
+            self._out.reply(conn, rid, {"offset": publication.offset, "epoch": publication.epoch})
 
     # -- joining ---------------------------------------------------------------------------
 
@@ -966,19 +681,19 @@ class Hub:
         try:
             check_channel(channel, pattern=True)
         except ChannelNameError as e:
-            self._error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
+            self._out.error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
             return
         pattern = _is_pattern(channel)
         if pattern and (command.since is not None or command.presence):
             message = "'since' and 'presence' need a channel name, not a pattern"
-            self._error(conn, rid, ErrorCode.BAD_REQUEST, message)
+            self._out.error(conn, rid, ErrorCode.BAD_REQUEST, message)
             return
         if channel in conn.joins:
-            self._error(conn, rid, ErrorCode.ALREADY_JOINED, f"already joined to '{channel}'")
+            self._out.error(conn, rid, ErrorCode.ALREADY_JOINED, f"already joined to '{channel}'")
             return
         if len(conn.joins) >= self.config.max_channels_per_connection:
             limit = self.config.max_channels_per_connection
-            self._error(conn, rid, ErrorCode.TOO_MANY_CHANNELS, f"at most {limit} channels")
+            self._out.error(conn, rid, ErrorCode.TOO_MANY_CHANNELS, f"at most {limit} channels")
             return
         row_ids: tuple[int, ...] = ()
         if command.changes:
@@ -987,14 +702,14 @@ class Hub:
             except InvalidRowSubscription as e:
                 details = {"index": e.index, "reason": e.reason, "position": e.position}
                 self.stats.errors += 1
-                self._send(conn, conn.codec.error(rid, ErrorCode.BAD_REQUEST, str(e), details))
+                self._out.send(conn, conn.codec.error(rid, ErrorCode.BAD_REQUEST, str(e), details))
                 return
         sub_id = next(self._sub_ids)
         if not row_ids:
             self._matcher.add_channel(sub_id, channel)
-            self._fanout.subscribe(sub_id, conn.handle)
+            self._deliverer.subscribe(sub_id, conn.handle)
         self._subscribers[sub_id] = (conn, channel)
-        conn.joins[channel] = _Join(sub_id, command.presence, row_ids=row_ids)
+        conn.joins[channel] = ChannelJoin(sub_id, command.presence, row_ids=row_ids)
         self._channel_users[channel] = self._channel_users.get(channel, 0) + 1
         if pattern:
             reply: dict[str, Any] = {"channel": channel}
@@ -1002,15 +717,15 @@ class Hub:
                 reply["changes"] = [
                     c.encode(i) for c, i in zip(command.changes, row_ids, strict=True)
                 ]
-            self._reply(conn, rid, reply)
+            self._out.reply(conn, rid, reply)
             return
         result: dict[str, Any]
         missed: tuple[Publication, ...] = ()
         if command.since is None:
-            position = self._history.stream(channel, now).position
+            position = self._broker.position(channel, now)
             result = {"channel": channel, "offset": position.offset, "epoch": position.epoch}
         else:
-            recovery = self._history.recover(channel, command.since, now)
+            recovery = self._broker.history(channel, now, command.since)
             if recovery.recovered:
                 self.stats.recoveries += 1
             else:
@@ -1023,36 +738,26 @@ class Hub:
                 "epoch": position.epoch,
                 "recovered": recovery.recovered,
             }
-        store = self._record_store(channel)
-        if store is not None:
-            result["policy"] = store.policy.name
-            result["mutation_ttl"] = self.config.mutation_ttl
-            if not result.get("recovered"):
-                # The records as of `offset`: changes after it follow as publications.
-                result["records"] = [encode_record(r) for r in store.records()]
-                if store.forgotten is not None:
-                    # Records not listed are absent at least up to this version.
-                    result["forgotten"] = store.forgotten.encode()
+        self._records.describe(channel, result)
         if row_ids:
             result["changes"] = [c.encode(i) for c, i in zip(command.changes, row_ids, strict=True)]
         # Reply first, then the missed publications, then (later) live ones: all in order,
         # because nothing else can run between these lines.
-        self._reply(conn, rid, result)
+        self._out.reply(conn, rid, result)
         policy = self._policy(channel)
         if row_ids:
-            self._replay_rows(conn, row_ids, missed, policy)
+            self._row_events.replay(conn, row_ids, missed, policy)
             missed = ()
         for publication in missed:
             key = (channel, publication.key) if publication.key is not None else None
-            self._send(conn, conn.codec.publication(publication), policy=policy, key=key)
+            self._out.send(conn, conn.codec.publication(publication), policy=policy, key=key)
         if command.presence:
-            self._presence_members.setdefault(channel, {})[conn.id] = conn
-            self._send(conn, conn.codec.presence_state(channel, self._presence.state(channel)))
+            self._presence.watch(conn, channel)
 
     def _drop_join(self, conn: Connection, channel: str) -> None:
         join = conn.joins.pop(channel)
         self._matcher.remove(join.sub_id)
-        self._fanout.unsubscribe(join.sub_id)
+        self._deliverer.unsubscribe(join.sub_id)
         self._rows.remove(conn.id, join.row_ids)
         del self._subscribers[join.sub_id]
         users = self._channel_users[channel] - 1
@@ -1060,34 +765,22 @@ class Hub:
             self._channel_users[channel] = users
         else:
             del self._channel_users[channel]
-        members = self._presence_members.get(channel)
-        if members is not None:
-            members.pop(conn.id, None)
-            if not members:
-                del self._presence_members[channel]
-        for key in join.tracked_keys:
-            self._broadcast_presence(channel, self._presence.untrack(channel, conn.id, key))
+        self._presence.left(conn, channel, join)
 
     # -- records ---------------------------------------------------------------------------
 
     def records(self, channel: str) -> list[Record]:
         """The records of a records channel (tombstones included), by key."""
-        store = self._record_store(channel)
-        if store is None:
-            raise ValueError(f"'{channel}' is not a records channel (see record_policies)")
-        return store.records()
+        return self._records.existing(channel).records()
 
     @property
-    def record_stores(self) -> Mapping[str, RecordStore]:
+    def record_stores(self) -> Mapping[str, RecordTable]:
         """The record store of every records channel used so far, by channel (for metrics)."""
-        return dict(self._stores)
+        return self._broker.record_tables()
 
     def record(self, channel: str, key: str) -> Record:
         """One record (with `value` None if it does not exist)."""
-        store = self._record_store(channel)
-        if store is None:
-            raise ValueError(f"'{channel}' is not a records channel (see record_policies)")
-        return store.get(key)
+        return self._records.existing(channel).get(key)
 
     def apply_record_change(
         self,
@@ -1106,41 +799,11 @@ class Hub:
         replay and is skipped. Returns the publication, or None if nothing changed.
         """
         check_channel(channel)
-        store = self._record_store(channel)
-        if store is None:
-            raise ValueError(f"'{channel}' is not a records channel (see record_policies)")
-        if value is not None and not isinstance(value, Mapping):
-            raise TypeError(f"a record's value is a mapping or None, not {type(value).__name__}")
-        version = self._stamp()
-        record = store.write(key, value, version, source_version=source_version)
-        if record is None:
-            return None
-        return self._publish(channel, encode_record(record), now, key=key, hlc=version, record=True)
+        return self._records.apply_change(channel, key, value, now, source_version)
 
     def is_records_channel(self, channel: str) -> bool:
         """Whether `channel` (a name) holds records: a pattern of `record_policies` matches."""
-        return self._record_policy(channel) is not None
-
-    def _record_policy(self, channel: str) -> ConflictPolicy | None:
-        if not self._record_policies:
-            return None
-        matches = self._record_matcher.match_channel(channel)
-        return self._record_policies[min(matches)] if matches else None
-
-    def _record_store(self, channel: str) -> RecordStore | None:
-        store = self._stores.get(channel)
-        if store is None:
-            policy = self._record_policy(channel)
-            if policy is None or _is_pattern(channel):
-                return None
-            store = self._stores[channel] = RecordStore(policy)
-        return store
-
-    def _stamp(self) -> Timestamp:
-        return self.clock.now(self._physical())
-
-    def _physical(self) -> int:
-        return int(self._wall_clock() * 1000)
+        return self._records.policy(channel) is not None
 
     def mutate(self, channel: str, mutation: Mutation, now: float) -> MutationReply:
         """Changes a record from server-side code (the REST API) exactly as a client's
@@ -1148,193 +811,54 @@ class Hub:
         (`origin`, `seq`) if it has one, published if it applied. ValueError if `channel`
         holds no records."""
         check_channel(channel)
-        store = self._record_store(channel)
-        if store is None:
-            raise ValueError(f"'{channel}' is not a records channel (see record_policies)")
-        return self._apply_mutation(store, channel, mutation, now, None)
+        table = self._records.existing(channel)
+        return self._records.mutate(table, channel, mutation, now, None)
+
+    def _publish_record(
+        self,
+        channel: str,
+        data: Any,
+        now: float,
+        publisher: Connection | None,
+        key: str,
+        hlc: Timestamp,
+    ) -> Publication:
+        return self._publish(channel, data, now, publisher=publisher, key=key, hlc=hlc, record=True)
+
+    def _stamp(self) -> Timestamp:
+        return self.clock.now(self._physical())
+
+    def _physical(self) -> int:
+        return int(self._wall_clock() * 1000)
 
     def _mutate(self, conn: Connection, command: Mutate, now: float) -> None:
         rid, channel, mutation = command.id, command.channel, command.mutation
         try:
             check_channel(channel)
         except ChannelNameError as e:
-            self._error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
+            self._out.error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
             return
         if self.config.publish_requires_join and channel not in conn.joins:
-            self._error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before mutating")
+            self._out.error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before mutating")
             return
         if not self._may_write(conn, rid, channel):
             return
-        store = self._record_store(channel)
-        if store is None:
+        table = self._records.table(channel)
+        if table is None:
             message = f"'{channel}' holds no records (no record policy matches it)"
-            self._error(conn, rid, ErrorCode.NOT_ALLOWED, message)
+            self._out.error(conn, rid, ErrorCode.NOT_ALLOWED, message)
             return
         limit = self.config.max_payload_bytes
         if command.size > limit and len(orjson.dumps(mutation.value)) > limit:
-            self._error(conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"value larger than {limit} bytes")
+            self._out.error(
+                conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"value larger than {limit} bytes"
+            )
             return
         if not self._channel_admits(conn, rid, channel, now):
             return
-        self._mutation_reply(conn, rid, self._apply_mutation(store, channel, mutation, now, conn))
-
-    def _apply_mutation(
-        self,
-        store: RecordStore,
-        channel: str,
-        mutation: Mutation,
-        now: float,
-        publisher: Connection | None,
-    ) -> MutationReply:
-        origin, seq = mutation.origin, mutation.seq
-        if origin is not None and seq is not None:
-            processed, reply = store.recall(origin, seq, now)
-            if processed:
-                # Sent again (the client did not hear back): answer as the first time, and
-                # apply nothing. Its publication, if any, went out already.
-                self.stats.duplicate_mutations += 1
-                if reply is None:
-                    current = encode_record(store.get(mutation.key))
-                    ok = {"applied": None, "duplicate": True, "record": current}
-                    reply = MutationReply(Outcome.UNKNOWN, ok)
-                assert isinstance(reply, MutationReply)
-                return reply
-        physical = self._physical()
-        stamp = mutation.hlc
-        if stamp is not None:
-            if stamp.wall - physical > self.config.max_clock_drift * 1000:
-                # Too far ahead to trust (it would win every race for that long): the hub
-                # stamps the write itself.
-                mutation = attrs.evolve(mutation, hlc=None)
-            else:
-                self.clock.update(stamp, physical)
-        version = self.clock.now(physical)
-        result = store.apply(mutation, version)
-        self.stats.mutations += 1
-        assert result.record is not None
-        record = encode_record(result.record)
-        if result.outcome is Outcome.APPLIED:
-            data = dict(record)
-            if origin is not None:
-                data.update(writer=origin_tag(origin), seq=seq)
-            publication = self._publish(
-                channel, data, now, publisher=publisher, key=mutation.key, hlc=version, record=True
-            )
-            position = {"offset": publication.offset, "epoch": publication.epoch}
-            reply = MutationReply(result.outcome, {"applied": True, "record": record, **position})
-        elif result.outcome is Outcome.UNCHANGED:
-            reply = MutationReply(result.outcome, {"applied": False, "record": record})
-        else:
-            self.stats.conflicts += 1
-            reply = MutationReply(result.outcome, None, ErrorCode.CONFLICT, result.message, record)
-        if origin is not None and seq is not None:
-            store.remember(origin, seq, reply, now)
-        return reply
-
-    def _mutation_reply(self, conn: Connection, rid: RequestId, reply: MutationReply) -> None:
+        reply = self._records.mutate(table, channel, mutation, now, conn)
         if reply.ok is not None:
-            self._reply(conn, rid, reply.ok)
+            self._out.reply(conn, rid, reply.ok)
         else:
             assert reply.code is not None
-            self.stats.errors += 1
-            details = {"record": reply.record}
-            self._send(conn, conn.codec.error(rid, reply.code, reply.message, details))
-
-    # -- presence --------------------------------------------------------------------------
-
-    def _require_presence_channel(self, conn: Connection, rid: RequestId, channel: str) -> bool:
-        if channel not in conn.joins:
-            self._error(conn, rid, ErrorCode.NOT_JOINED, f"not joined to '{channel}'")
-            return False
-        if _is_pattern(channel):
-            message = "presence needs a channel name, not a pattern"
-            self._error(conn, rid, ErrorCode.BAD_REQUEST, message)
-            return False
-        return True
-
-    def _track(self, conn: Connection, command: Track) -> None:
-        rid, channel = command.id, command.channel
-        if not self._require_presence_channel(conn, rid, channel):
-            return
-        key = command.key or conn.id
-        try:
-            ref, diff = self._presence.track(channel, conn.id, key, command.meta, command.ref)
-        except KeyError:
-            self._error(conn, rid, ErrorCode.BAD_REQUEST, f"no presence entry '{command.ref}'")
-            return
-        conn.joins[channel].tracked_keys.add(key)
-        self._broadcast_presence(channel, diff)
-        self._reply(conn, rid, {"ref": ref})
-
-    def _broadcast_presence(self, channel: str, diff: PresenceDiff) -> None:
-        members = self._presence_members.get(channel)
-        if not members or diff.is_empty():
-            return
-        frames: dict[str, bytes] = {}
-        for conn in members.values():
-            frame = frames.get(conn.codec.name)
-            if frame is None:
-                frame = frames[conn.codec.name] = conn.codec.presence_diff(channel, diff)
-            self._send(conn, frame)
-
-    # -- output ----------------------------------------------------------------------------
-
-    def _send(
-        self,
-        conn: Connection,
-        frame: bytes,
-        *,
-        droppable: bool = False,
-        policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT,
-        key: Any = None,
-    ) -> None:
-        if conn.closing is not None:
-            return
-        if conn.direct:
-            self._fanout.hold(conn.handle)  # what follows goes after this frame, in order
-        result = conn.outbox.push(
-            frame, droppable=droppable, policy=policy, key=key, size=len(frame)
-        )
-        # Frames lost to drop/conflate policies: evicted ones, and a new one refused because
-        # only frames that must not be dropped were queued.
-        self.stats.evicted += result.evicted + (not result.accepted and not result.overflow)
-        if result.overflow:
-            self.stats.slow_disconnects += 1
-            reason = "slow consumer: outbox full, resume from your offsets"
-            if result.over_budget:
-                # The server is short of room, not just this connection: free what it holds
-                # now rather than once its client has read it all (if it ever does).
-                self.stats.budget_disconnects += 1
-                conn.outbox.clear()
-                self._fanout.discard_pending(conn.handle)
-                reason = (
-                    "slow consumer: the server's outbox budget is full, resume from your offsets"
-                )
-            self._close(conn, CloseCode.SLOW, reason)
-            return
-        if result.accepted:
-            self.stats.frames_out += 1
-            self.stats.bytes_out += len(frame)
-            self._ready[conn.id] = conn
-
-    def _reply(self, conn: Connection, rid: RequestId, result: Mapping[str, Any]) -> None:
-        if rid is not None:
-            self._send(conn, conn.codec.reply(rid, result))
-
-    def _error(
-        self,
-        conn: Connection,
-        rid: RequestId,
-        code: int,
-        message: str,
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.stats.errors += 1
-        self._send(conn, conn.codec.error(rid, code, message, details))
-
-    def _close(self, conn: Connection, code: CloseCode, reason: str) -> None:
-        if conn.closing is None:
-            conn.closing = code
-            self._closing[conn.id] = (code, reason)
-            if conn.direct:
-                self._fanout.hold(conn.handle)
+            self._out.error(conn, rid, reply.code, reply.message, {"record": reply.record})

@@ -312,6 +312,11 @@ def _channel_segment(name: str) -> str:
     return segment
 
 
+def is_pattern(channel: str) -> bool:
+    """Whether `channel` is a pattern (a `*` or `>` segment), not a channel name."""
+    return any(segment in ("*", ">") for segment in channel.split(":"))
+
+
 @functools.lru_cache(maxsize=4096)  # once per row event: a database source's hot path
 def table_channel(schema: str, table: str) -> str:
     """The channel of a table's row events: `pg:<schema>:<table>`, each name encoded as

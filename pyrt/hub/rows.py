@@ -1,22 +1,33 @@
-"""Row-change subscriptions of the hub: who wants which changes of which tables.
+"""Row events and row-change subscriptions of the hub: who wants which changes of which
+tables, and publishing the changes a database source reads (`RowEvents`).
 
 A subscription is `(event, schema, table, filter)` (docs/matcher.md). Identical ones are one
 entry, with one id, however many connections hold them: the Rust matcher stores each once,
 and a row event names the ids it matched hub-wide, so one encoded frame serves every
 recipient (a client keeps the ids it was given, as Supabase's clients do). Who holds which
-id is kept in the hub's Rust fan-out (`FanOut.subscribe_rows`), which delivers row events
-without a Python step per recipient. Sans-IO.
+id is kept in the hub's deliverer (`Deliverer.subscribe_rows`); the Rust fan-out delivers row
+events without a Python step per recipient. Sans-IO.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .._core import FanOut, Matcher, PgChange, RowEvent
+import orjson
+
+from .._core import Matcher, PgChange, RowEvent
 from .._errors import FilterError
-from .protocol import RowSubscription
+from ..conflict import Timestamp
+from .broker import Broker
+from .config import HubStats
+from .connection import Connection
+from .deliverer import Deliverer
+from .history import Publication
+from .outbox import SlowConsumerPolicy
+from .output import Output
+from .protocol import RowSubscription, table_channel
 
 TRUNCATE = "TRUNCATE"
 """The `change` kept in history for a truncate (the matcher has no TRUNCATE events)."""
@@ -38,11 +49,11 @@ def _key(spec: RowSubscription) -> tuple[str, str, str, str]:
 
 class RowSubscriptions:
     """The row subscriptions of every connection (the hub's Connections: `id`, `handle`),
-    with their holders registered in `fanout`."""
+    with their holders registered in `deliverer`."""
 
-    def __init__(self, fanout: FanOut) -> None:
+    def __init__(self, deliverer: Deliverer) -> None:
         self.matcher = Matcher()
-        self._fanout = fanout
+        self._deliverer = deliverer
         self._ids = itertools.count(1)
         self._by_key: dict[tuple[str, str, str, str], int] = {}
         self._specs: dict[int, RowSubscription] = {}
@@ -74,7 +85,7 @@ class RowSubscriptions:
             members = self._members[sub_id]
             held = members.get(conn_id)
             if held is None:
-                self._fanout.subscribe_rows(sub_id, conn.handle)
+                self._deliverer.subscribe_rows(sub_id, conn.handle)
             members[conn_id] = (conn, 1 if held is None else held[1] + 1)
             ids.append(sub_id)
         return tuple(ids)
@@ -90,7 +101,7 @@ class RowSubscriptions:
                 members[conn_id] = (conn, count - 1)
                 continue
             del members[conn_id]
-            self._fanout.unsubscribe_rows(sub_id, conn.handle)
+            self._deliverer.unsubscribe_rows(sub_id, conn.handle)
             if not members:
                 del self._members[sub_id]
                 del self._by_key[_key(self._specs.pop(sub_id))]
@@ -131,3 +142,100 @@ class RowSubscriptions:
             else:
                 out.append(sorted(next(matched)))
         return out
+
+
+class RowEvents:
+    """Row events from database sources, published to their table's channel (history and
+    plain joins) and to the row subscriptions they match, as one frame per codec.
+
+    `channels` is the hub's channel matcher, `stamp` its clock, `policy` its slow-consumer
+    policy of a channel; `timer` measures what matching costs (a cost, not a clock)."""
+
+    def __init__(
+        self,
+        subscriptions: RowSubscriptions,
+        broker: Broker,
+        output: Output,
+        channels: Matcher,
+        stats: HubStats,
+        timer: Callable[[], float],
+        stamp: Callable[[], Timestamp],
+        policy: Callable[[str], SlowConsumerPolicy],
+    ) -> None:
+        self.subscriptions = subscriptions
+        self.broker = broker
+        self._out = output
+        self._channels = channels
+        self.stats = stats
+        self._timer = timer
+        self._stamp = stamp
+        self._policy = policy
+
+    def publish_change(self, change: PgChange, now: float, max_bytes: int | None) -> Publication:
+        """See `Hub.publish_change`."""
+        subscriptions = self.subscriptions
+        started = self._timer()
+        ids = subscriptions.matcher.match_change(change) if len(subscriptions) else []
+        self.stats.match_seconds += self._timer() - started
+        self.stats.matches += 1
+        channel = table_channel(change.schema, change.table)
+        return self._publish(channel, change.to_json(max_bytes), change, ids, now)
+
+    def publish_truncate(
+        self,
+        schema: str,
+        table: str,
+        now: float,
+        commit_timestamp: str | None,
+        columns: list[tuple[str, str]] | None,
+    ) -> Publication:
+        """See `Hub.publish_truncate`."""
+        data = {
+            "schema": schema,
+            "table": table,
+            "commit_timestamp": commit_timestamp,
+            "type": "TRUNCATE",
+            "columns": [{"name": n, "type": t} for n, t in columns or ()],
+            "errors": None,
+        }
+        ids = self.subscriptions.truncate_ids(schema, table)
+        channel = table_channel(schema, table)
+        return self._publish(channel, orjson.dumps(data), (TRUNCATE, schema, table), ids, now)
+
+    def _publish(
+        self, channel: str, payload: bytes, change: Any, ids: list[int], now: float
+    ) -> Publication:
+        broker, out = self.broker, self._out
+        publication = broker.publish(
+            channel, orjson.Fragment(payload), now, hlc=self._stamp(), change=change, size=0
+        )
+        self.stats.publications += 1
+        ids.sort()
+        native = out.native.change(publication, ids)
+        # History counts its `pub` frame, which is this one without `"ids":[...],`.
+        broker.charge(publication, len(native) - len(orjson.dumps(ids)) - 7)
+        # The Rust fan-out finds who holds the ids (and who joined the table's channel: plain
+        # joins get every row) and writes the frame to every one it can; the rest come back.
+        slow, woken, direct, seconds = out.deliverer.publish_rows(
+            ids, native, self._channels, channel
+        )
+        self.stats.match_seconds += seconds
+        out.count_direct(direct, len(native), woken)
+        if slow:
+            policy = self._policy(channel)
+            out.queue_slow(slow, native, lambda codec: codec.change(publication, ids), policy)
+        return publication
+
+    def replay(
+        self,
+        conn: Connection,
+        row_ids: tuple[int, ...],
+        missed: tuple[Publication, ...],
+        policy: SlowConsumerPolicy,
+    ) -> None:
+        """Sends a recovering row subscriber the missed row events its filters match."""
+        rows = [p for p in missed if p.change is not None]
+        matched = self.subscriptions.replay(row_ids, [p.change for p in rows])
+        for publication, ids in zip(rows, matched, strict=True):
+            if ids:
+                self._out.send(conn, conn.codec.change(publication, ids), policy=policy)

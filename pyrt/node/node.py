@@ -22,6 +22,7 @@ import h11
 import orjson
 import trio
 
+from ..hub.deliverer import fan_out
 from ..hub.historylog import HistoryLog
 from ..hub.hub import DEFAULT, Hub, _Default
 from ..hub.limits import ConnectionsPerAddress, KeyFailures, address_key
@@ -84,7 +85,9 @@ class Node:
         sources: Sequence[Source] | None = None,
     ) -> None:
         self.config = config or NodeConfig()
-        self.hub = hub if hub is not None else Hub(self.config.hub)  # an empty Hub is falsy
+        # The Rust fan-out writes publications straight to the WebSocket sockets that
+        # transports attach (docs/architecture.md). (An empty Hub is falsy: `is not None`.)
+        self.hub = hub if hub is not None else Hub(self.config.hub, deliverer=fan_out)
         self.transports = (
             list(transports)
             if transports is not None
@@ -141,7 +144,7 @@ class Node:
         log = self.history_log
         if log is not None:
             # Replayed before anything can publish or join: offsets and epochs continue.
-            self.hub._history.attach(log, self.now, time.time())
+            self.hub.attach_history_log(log, self.now, time.time())
         try:
             await self._run(task_status)
         finally:
