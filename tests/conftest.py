@@ -14,6 +14,7 @@ import pytest
 import trio
 from hypothesis import settings
 from pgserver import PostgresServer, start_server
+from trio.testing import MockClock
 
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.node.node import Node, NodeConfig
@@ -46,6 +47,20 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def autojump_io_clock() -> MockClock:
+    """Virtual time for a test whose subject is a timer (a deadline, a ttl, a poll timeout)
+    but which talks over loopback sockets: trio's MockClock, standing still while anything
+    runs and jumping to the next deadline once every task has been blocked for 50 ms of real
+    time. The test's waits take no real time, and its timings are exact, so it asserts
+    "closed at the deadline" rather than a range of wall-clock seconds.
+
+    pytest-trio's `autojump_clock` jumps as soon as every task is blocked, which is right
+    without I/O; here the 50 ms let bytes already sent on loopback land before a jump.
+    """
+    return MockClock(autojump_threshold=0.05)
 
 
 # -- a node per test ---------------------------------------------------------------------------
