@@ -127,13 +127,14 @@ async def start_node(nursery: trio.Nursery) -> StartNode:
 
 
 async def until(
-    condition: Callable[[], object], what: str = "the condition", *, timeout: float = 10.0
+    condition: Callable[[], object], what: str = "the condition", *, timeout: float = 20.0
 ) -> None:
     """Waits until `condition()` is true, polling it; fails naming `what` after `timeout`.
 
     Only for what no event announces: something a server does on its own after the test's
     last await (a connection forgotten after its socket closed, a counter bumped by another
-    task). Where the code sets an event or sends a frame, wait for that instead.
+    task). Where the code sets an event or sends a frame, wait for that instead. The default
+    timeout is generous (a loaded machine, a Postgres round trip): it only delays a failure.
     """
     with trio.move_on_after(timeout):
         while not condition():

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import trio
+from conftest import StartNode
 from pgserver import PostgresServer
 from test_wal import run_sql, wal_db, wal_source  # noqa: F401 (wal_db is a fixture)
 from trio_websocket import WebSocketConnection
@@ -117,14 +118,13 @@ async def request(ws: WebSocketConnection, **command: Any) -> dict[str, Any]:
     return dict(reply)
 
 
-async def test_every_client_path_is_refused_on_a_source_channel(nursery: trio.Nursery) -> None:
-    config = NodeConfig(
-        port=0,
+async def test_every_client_path_is_refused_on_a_source_channel(start_node: StartNode) -> None:
+    node = await start_node(
         api_keys=(KEY,),
         transports=("websocket", "supabase"),
         hub=HubConfig(record_policies={"todos": "lww"}, client_writable=("ticks:open",)),
+        sources=[Ticker()],
     )
-    node: Node = await nursery.start(Node(config, sources=[Ticker()]).run)
     native = f"ws://127.0.0.1:{node.port}/connection/websocket"
     phoenix = f"ws://127.0.0.1:{node.port}/realtime/v1/websocket?apikey={KEY}&vsn=1.0.0"
     async with ws_open(native) as ws, ws_open(phoenix) as sb, api(node) as client:
