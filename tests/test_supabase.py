@@ -31,6 +31,14 @@ from pyrt.hub.hub import HubConfig
 from pyrt.node.node import Node
 from pyrt.plugins.supabase import SupabaseTransport
 from pyrt.plugins.supabase.phoenix import topic_channel
+from pyrt.testing import (
+    KIT_HUB,
+    SUPABASE_CAPABILITIES,
+    ClientFactory,
+    Closed,
+    SupabaseKitClient,
+    check_transport,
+)
 
 KEY = "anon-key"
 T = TypeVar("T")
@@ -456,6 +464,64 @@ async def closed_by_server(ws: WebSocketConnection) -> ConnectionClosed:
             closed = e
     await ws._stream.aclose()
     return closed
+
+
+# -- the conformance kit, in Supabase's dialect ----------------------------------------------
+
+
+class TrioPhoenixSocket:
+    """A trio-websocket connection as the kit's `PhoenixSocket`."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+
+    async def send(self, frame: str) -> None:
+        await self.ws.send_message(frame)
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self.ws.get_message()
+        except ConnectionClosed as e:
+            raise Closed(e.reason.code) from None
+
+
+def supabase_kit_client(vsn: str) -> ClientFactory:
+    @asynccontextmanager
+    async def open_client(node: Node) -> AsyncIterator[SupabaseKitClient]:
+        async with open_websocket_url(socket_url(node, vsn)) as ws:
+            yield SupabaseKitClient(TrioPhoenixSocket(ws), vsn)
+        await ws._stream.aclose()  # see closed_by_server
+
+    return open_client
+
+
+@pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
+async def test_the_supabase_transport_passes_the_conformance_kit_in_its_dialect(vsn: str) -> None:
+    def transport() -> SupabaseTransport:
+        # Each Phoenix channel is a hub connection of its own: the kit's channel limit is
+        # the socket's.
+        return SupabaseTransport(apikeys=[KEY], max_channels=KIT_HUB.max_channels_per_connection)
+
+    skipped = await check_transport(
+        transport, supabase_kit_client(vsn), capabilities=SUPABASE_CAPABILITIES
+    )
+    # What Supabase's protocol cannot say, and nothing else.
+    assert skipped == [
+        "client publications carry their sender (no SENDER)",
+        "a bad channel name is refused (no CHANNEL_NAME_ERRORS)",
+        "an error without an id is pushed (no ERROR_PUSH)",
+        "shutdown pushes 'disconnect' (no DISCONNECT_NOTICE)",
+    ]
+
+
+async def test_the_dialect_kit_fails_a_transport_that_breaks_a_check() -> None:
+    # The socket's channel limit left at 100: the kit's fifth join is not refused.
+    with pytest.raises(AssertionError, match="the channel limit"):
+        await check_transport(
+            lambda: SupabaseTransport(apikeys=[KEY]),
+            supabase_kit_client("1.0.0"),
+            capabilities=SUPABASE_CAPABILITIES,
+        )
 
 
 def v1(topic: str, event: str, payload: Any, ref: str | None = "1") -> dict[str, Any]:
