@@ -96,7 +96,7 @@ async def converse(
             try:
                 for i, piece in enumerate(pieces):
                     if i and pause:
-                        await trio.sleep(pause)
+                        await trio.sleep(pause)  # a slow client: the behaviour under test
                     await stream.send_all(piece)
             except trio.BrokenResourceError:
                 pass  # the server closed while we were still sending

@@ -408,7 +408,7 @@ async def test_a_client_that_never_reads_is_gone_within_the_write_deadline(
     payload = "x" * 60_000
     for _ in range(200):
         node.publish("flood", payload)
-        await trio.sleep(0)
+        await trio.sleep(0)  # a checkpoint: the writer runs between publications
     # 4008 then at most write_timeout for the close frame, then the 2 s close wait.
     await until(lambda: len(node.hub) == 0, "the slow consumer's end")
     metrics = await scrape(node)
@@ -425,7 +425,7 @@ async def test_an_idle_client_that_never_reads_is_gone_too(start_node: StartNode
     await until(lambda: node.hub.channels().get("flood"), "the join")
     for _ in range(100):  # fill its buffers; the outbox keeps less than its limit
         node.publish("flood", "x" * 20_000)
-        await trio.sleep(0)
+        await trio.sleep(0)  # a checkpoint: the writer runs between publications
     await until(lambda: len(node.hub) == 0, "the idle client's end")
     sock.close()
 
