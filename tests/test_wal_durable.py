@@ -39,14 +39,7 @@ def kill_db(postgres: PostgresServer) -> Iterator[str]:
         db,
     )
     yield db
-    postgres.sql(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-        f" WHERE database = '{db}' AND active"
-    )
-    postgres.sql(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-        f" WHERE database = '{db}' AND NOT active"
-    )
+    postgres.drop_replication_slots(db)
 
 
 class Hub:
