@@ -805,15 +805,17 @@ class SupabaseKitClient:
         message["join_ref"] = join_ref
         return orjson.dumps(message).decode()
 
-    def _join(self, channel: str, topic: str, sent: _Sent, since: Any = None) -> str:
+    def _join(self, topic: str, sent: _Sent, since: Any = None) -> str:
         joined = self._topics[topic]
         config: dict[str, Any] = {"broadcast": {"ack": True}, "pyrt": {}}
         if since is not None:
             config["pyrt"]["since"] = since
+        presence: dict[str, Any] = {}
         if joined.presence:
-            presence: dict[str, Any] = {"enabled": True}
-            if joined.presence_key is not None:
-                presence["key"] = joined.presence_key
+            presence["enabled"] = True
+        if joined.presence_key is not None:
+            presence["key"] = joined.presence_key
+        if presence:
             config["presence"] = presence
         return self._message(topic, "phx_join", {"config": config}, sent)
 
@@ -836,9 +838,7 @@ class SupabaseKitClient:
         topic = _TOPIC_PREFIX + channel
         if cmd == "join":
             self._topics[topic] = _Topic("", presence=command.get("presence") is True)
-            return [
-                self._join(channel, topic, _Sent(rid, has_id, join=channel), command.get("since"))
-            ]
+            return [self._join(topic, _Sent(rid, has_id, join=channel), command.get("since"))]
         if cmd == "publish":
             if "self" in command:
                 raise _NoTranslation(
@@ -857,9 +857,7 @@ class SupabaseKitClient:
             key = command.get("key")
             if joined is not None and key is not None and key != joined.presence_key:
                 joined.presence_key = str(key)
-                frames.append(
-                    self._join(channel, topic, _Sent(None, False, join=channel, quiet=True))
-                )
+                frames.append(self._join(topic, _Sent(None, False, join=channel, quiet=True)))
             meta = command.get("meta", {})
             payload = {"type": "presence", "event": "track", "payload": meta}
             frames.append(self._message(topic, "presence", payload, _Sent(rid, has_id)))

@@ -524,6 +524,32 @@ async def test_the_dialect_kit_fails_a_transport_that_breaks_a_check() -> None:
         )
 
 
+async def test_the_dialect_refuses_what_phoenix_cannot_say() -> None:
+    """A native command with no Phoenix counterpart fails loudly, before anything is sent:
+    a test must declare the capability, not get a made-up translation."""
+    sent: list[str] = []
+
+    class Recorder:
+        async def send(self, frame: str) -> None:
+            sent.append(frame)
+
+        async def receive(self) -> str | bytes:
+            raise Closed(1000)
+
+    client = SupabaseKitClient(Recorder())
+    for command, message in [
+        ({"cmd": "mutate", "channel": "c", "key": "k"}, "no 'mutate' command"),
+        ({"cmd": "presence", "channel": "c"}, "no 'presence' command"),
+        ({"cmd": "publish", "channel": "c", "data": 1, "self": True}, "per channel"),
+        ({"cmd": "join", "channel": "a:*"}, "no patterns"),
+        ({"cmd": "join"}, "needs a topic"),
+        ({"channel": "c"}, "without 'cmd'"),
+    ]:
+        with pytest.raises(AssertionError, match=message):
+            await client.send(command)
+    assert sent == []
+
+
 def v1(topic: str, event: str, payload: Any, ref: str | None = "1") -> dict[str, Any]:
     return {"topic": topic, "event": event, "payload": payload, "ref": ref, "join_ref": ref}
 
