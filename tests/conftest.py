@@ -1,15 +1,24 @@
-"""Shared test configuration."""
+"""Shared test configuration, and the two helpers every end-to-end test uses: the
+`start_node` fixture (a Node on a free loopback port, in the test's nursery) and `until`
+(waiting for a condition that no event announces)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import pytest
+import trio
 from hypothesis import settings
 from pgserver import PostgresServer, start_server
+from trio.testing import MockClock
+
+from pyrt.hub.hub import Hub, HubConfig
+from pyrt.node.node import Node, NodeConfig
+from pyrt.plugin import Source, Transport
 
 # "ci" is the default so a plain `pytest` runs the differential tests as CI does: a few
 # thousand examples, no deadline (the first call into the compiled module, shrinking and
@@ -38,3 +47,97 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def autojump_io_clock() -> MockClock:
+    """Virtual time for a test whose subject is a timer (a deadline, a ttl, a poll timeout)
+    but which talks over loopback sockets: trio's MockClock, standing still while anything
+    runs and jumping to the next deadline once every task has been blocked for 50 ms of real
+    time. The test's waits take no real time, and its timings are exact, so it asserts
+    "closed at the deadline" rather than a range of wall-clock seconds.
+
+    pytest-trio's `autojump_clock` jumps as soon as every task is blocked, which is right
+    without I/O; here the 50 ms let bytes already sent on loopback land before a jump.
+    """
+    return MockClock(autojump_threshold=0.05)
+
+
+# -- a node per test ---------------------------------------------------------------------------
+
+
+class StartNode(Protocol):
+    """The `start_node` fixture: starts a Node and returns it once it listens."""
+
+    async def __call__(
+        self,
+        *,
+        hub: HubConfig | Hub | None = None,
+        transports: Sequence[str] | Sequence[Transport] | None = None,
+        sources: Mapping[str, Mapping[str, Any]] | Sequence[Source] | None = None,
+        nursery: trio.Nursery | None = None,
+        **config: Any,
+    ) -> Node: ...
+
+
+@pytest.fixture
+async def start_node(nursery: trio.Nursery) -> StartNode:
+    """Starts a Node on a free loopback port (`port=0`) in the test's nursery (or the one
+    given), and returns it once it listens; the test's end cancels it.
+
+    `config` are `NodeConfig` fields. `hub` is a `HubConfig`, or a `Hub` to run (its config
+    becomes the node's). `transports` and `sources` are either what the config names
+    (transport names; source name -> options), loaded as entry points the way `pyrt serve`
+    loads them, or plugin objects handed to the Node as they are.
+
+    A test module whose nodes share options overrides the fixture with them, e.g.
+    `functools.partial(start_node, api_keys=(KEY,))`; a call's own arguments still win.
+    """
+    test_nursery = nursery
+
+    async def start(
+        *,
+        hub: HubConfig | Hub | None = None,
+        transports: Sequence[str] | Sequence[Transport] | None = None,
+        sources: Mapping[str, Mapping[str, Any]] | Sequence[Source] | None = None,
+        nursery: trio.Nursery | None = None,
+        **config: Any,
+    ) -> Node:
+        config.setdefault("port", 0)
+        plugins: dict[str, Any] = {}
+        if isinstance(hub, Hub):
+            plugins["hub"] = hub
+            config["hub"] = hub.config
+        elif hub is not None:
+            config["hub"] = hub
+        if transports is not None:
+            if all(isinstance(t, str) for t in transports):
+                config["transports"] = tuple(transports)
+            else:
+                plugins["transports"] = list(transports)
+        if isinstance(sources, Mapping):
+            config["sources"] = sources
+        elif sources is not None:
+            plugins["sources"] = list(sources)
+        node = Node(NodeConfig(**config), **plugins)
+        started: Node = await (nursery or test_nursery).start(node.run)
+        return started
+
+    return start
+
+
+async def until(
+    condition: Callable[[], object], what: str = "the condition", *, timeout: float = 20.0
+) -> None:
+    """Waits until `condition()` is true, polling it; fails naming `what` after `timeout`.
+
+    Only for what no event announces: something a server does on its own after the test's
+    last await (a connection forgotten after its socket closed, a counter bumped by another
+    task). Where the code sets an event or sends a frame, wait for that instead. The default
+    timeout is generous (a loaded machine, a Postgres round trip): it only delays a failure.
+    """
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(0.005)
+        return
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -110,7 +110,7 @@ class ServedNode:
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"pyrt serve did not start:\n{self.stderr()}")
-            time.sleep(0.02)
+            time.sleep(0.02)  # another process: its log is only seen by reading it
 
     def ensure_running(self) -> None:
         """Starts the node if it is not running (before each example: the one before may

@@ -181,6 +181,18 @@ class PostgresServer:
             """
         )
 
+    def drop_replication_slots(self, database: str) -> None:
+        """Ends the replication sessions of `database` and drops its slots (slots are per
+        cluster and keep WAL until dropped): a WAL test's teardown."""
+        self.sql(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+            f" WHERE database = '{database}' AND active"
+        )
+        self.sql(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            f" WHERE database = '{database}' AND NOT active"
+        )
+
     def new_database(self, prefix: str = "t") -> str:
         """A fresh database (logical slots and publications are per database)."""
         name = f"{prefix}_{time.monotonic_ns()}"

@@ -5,8 +5,9 @@ its documented answer, counted in /metrics, and leaves other clients alone."""
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,12 @@ import httpx
 import orjson
 import pytest
 import trio
+from conftest import StartNode, until
 from prometheus_client.parser import text_string_to_metric_families
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio.testing import MockClock
+from trio_websocket import WebSocketConnection
 from trio_websocket import open_websocket_url as ws_open
+from wskit import closed, next_frame, request, ws_url
 
 import pyrt.node.config
 from pyrt.hub.hub import HubConfig
@@ -35,11 +39,11 @@ OTHER_ADDRESS = "127.0.0.2"
 """Linux routes all of 127.0.0.0/8 to loopback: a second client address on one machine."""
 
 
-async def start(nursery: trio.Nursery, **config: Any) -> Node:
-    config.setdefault("api_keys", (KEY,))
-    config.setdefault("transports", ("websocket", "longpoll", "supabase"))
-    node: Node = await nursery.start(Node(NodeConfig(port=0, **config)).run)
-    return node
+@pytest.fixture
+def start_node(start_node: StartNode) -> StartNode:
+    return functools.partial(
+        start_node, api_keys=(KEY,), transports=("websocket", "longpoll", "supabase")
+    )
 
 
 @asynccontextmanager
@@ -76,41 +80,6 @@ def nonzero(counts: dict[str, float]) -> dict[str, float]:
     return {name: count for name, count in counts.items() if count}
 
 
-def ws_url(node: Node) -> str:
-    return f"ws://127.0.0.1:{node.port}/connection/websocket"
-
-
-async def request(ws: WebSocketConnection, **command: Any) -> dict[str, Any]:
-    await ws.send_message(orjson.dumps(command).decode())
-    return await frame(ws)
-
-
-async def frame(ws: WebSocketConnection) -> dict[str, Any]:
-    with trio.fail_after(5):
-        message: dict[str, Any] = orjson.loads(await ws.get_message())
-    return message
-
-
-async def closed(ws: WebSocketConnection) -> tuple[int | None, str | None]:
-    """Reads until the server closes; its close code and reason."""
-    with trio.fail_after(5):
-        try:
-            while True:
-                await ws.get_message()
-        except ConnectionClosed as e:
-            reason = e.reason
-    await ws._stream.aclose()  # trio-websocket leaves it open when the server closed first
-    return reason.code, reason.reason
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    with trio.move_on_after(5):
-        while not condition():
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # -- connections per address -----------------------------------------------------------------
 
 
@@ -122,9 +91,9 @@ async def read_to_end(stream: trio.SocketStream) -> bytes:
 
 
 async def test_connections_over_the_per_address_cap_get_503_and_are_closed(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node = await start(nursery, max_connections_per_ip=3)
+    node = await start_node(max_connections_per_ip=3)
     held = [await trio.open_tcp_stream("127.0.0.1", node.port or 0) for _ in range(3)]
     await until(lambda: node.connections_per_address.open.get("127.0.0.1") == 3, "3 open")
 
@@ -163,8 +132,8 @@ async def test_connections_over_the_per_address_cap_get_503_and_are_closed(
     assert nonzero(await refusals(node)) == {"connections_per_ip": 3}
 
 
-async def test_no_per_address_cap_with_zero(nursery: trio.Nursery) -> None:
-    node = await start(nursery, max_connections_per_ip=0)
+async def test_no_per_address_cap_with_zero(start_node: StartNode) -> None:
+    node = await start_node(max_connections_per_ip=0)
     held = [await trio.open_tcp_stream("127.0.0.1", node.port or 0) for _ in range(20)]
     async with http(node) as client:
         assert (await client.get("/healthz")).status_code == 200
@@ -180,9 +149,9 @@ SLOW = HubConfig(command_rate=0.2, command_burst=5)
 
 
 async def test_commands_over_the_rate_are_refused_then_the_connection_is_closed(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node = await start(nursery, hub=SLOW)
+    node = await start_node(hub=SLOW)
     async with ws_open(ws_url(node)) as greedy, ws_open(ws_url(node)) as calm:
         for rid in range(5):
             assert await request(greedy, cmd="ping", id=rid) == {"reply": rid, "ok": {}}
@@ -202,34 +171,43 @@ async def test_commands_over_the_rate_are_refused_then_the_connection_is_closed(
             assert (await request(greedy, cmd="ping", id=rid))["error"]["code"] == 430
         # Out of refusals too: closed.
         await greedy.send_message(orjson.dumps({"cmd": "ping", "id": 10}).decode())
-        assert await closed(greedy) == (4029, "over 0.2 commands per second")
+        reason = await closed(greedy)
+        assert (reason.code, reason.reason) == (4029, "over 0.2 commands per second")
         assert await request(calm, cmd="ping", id=2) == {"reply": 2, "ok": {}}
     assert nonzero(await refusals(node)) == {"command_rate": 5, "rate_limit_disconnects": 1}
     assert node.hub.stats.publications == 0  # the refused publish was not carried out
 
 
-async def test_a_refused_client_that_waits_retry_after_goes_on(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(command_rate=5.0, command_burst=2))
+async def test_a_refused_client_that_waits_retry_after_goes_on(
+    start_node: StartNode, mock_clock: MockClock
+) -> None:
+    # The node's time stands still (the mock clock) unless the test moves it: the waits are
+    # exact, and no command earns a token by the machine being slow.
+    node = await start_node(hub=HubConfig(command_rate=5.0, command_burst=2))
     async with ws_open(ws_url(node)) as ws:
         for rid in range(3):  # sent at once, read after
             await ws.send_message(orjson.dumps({"cmd": "ping", "id": rid}).decode())
-        replies = [await frame(ws) for _ in range(3)]
+        replies = [await next_frame(ws) for _ in range(3)]
         assert [("ok" in r) for r in replies] == [True, True, False]
-        await trio.sleep(replies[2]["error"]["retry_after"])
-        assert await request(ws, cmd="ping", id=3) == {"reply": 3, "ok": {}}
+        retry_after = replies[2]["error"]["retry_after"]
+        assert retry_after == 0.2  # one token of 5 a second
+        mock_clock.jump(retry_after - 0.01)
+        assert (await request(ws, cmd="ping", id=3))["error"]["code"] == 430  # not yet
+        mock_clock.jump(0.01)
+        assert await request(ws, cmd="ping", id=4) == {"reply": 4, "ok": {}}
 
 
-async def test_no_command_rate_with_zero(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(command_rate=0))
+async def test_no_command_rate_with_zero(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(command_rate=0))
     async with ws_open(ws_url(node)) as ws:
         for rid in range(500):
             await ws.send_message(orjson.dumps({"cmd": "ping", "id": rid}).decode())
-        assert [(await frame(ws))["reply"] for _ in range(500)] == list(range(500))
+        assert [(await next_frame(ws))["reply"] for _ in range(500)] == list(range(500))
     assert nonzero(await refusals(node)) == {}
 
 
-async def test_long_poll_sends_count_against_the_command_rate(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=SLOW)
+async def test_long_poll_sends_count_against_the_command_rate(start_node: StartNode) -> None:
+    node = await start_node(hub=SLOW)
     async with http(node, key=None) as client:
         opened = (await client.get("/connection/poll", params={"channel": "c"})).json()
         auth = {"session": opened["session"], "token": opened["token"]}
@@ -257,34 +235,35 @@ def phoenix(topic: str, event: str, payload: Any, ref: str) -> str:
 
 
 async def test_the_supabase_socket_counts_its_messages_over_all_its_channels(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node = await start(nursery, hub=HubConfig(command_rate=0.2, command_burst=3))
+    node = await start_node(hub=HubConfig(command_rate=0.2, command_burst=3))
     url = f"ws://127.0.0.1:{node.port}/realtime/v1/websocket?apikey={KEY}&vsn=1.0.0"
     async with ws_open(url) as ws:
         await ws.send_message(phoenix("realtime:a", "phx_join", {}, "1"))
-        assert (await frame(ws))["payload"]["status"] == "ok"
+        assert (await next_frame(ws))["payload"]["status"] == "ok"
         await ws.send_message(phoenix("realtime:b", "phx_join", {}, "2"))
-        assert (await frame(ws))["payload"]["status"] == "ok"
+        assert (await next_frame(ws))["payload"]["status"] == "ok"
         await ws.send_message(phoenix("phoenix", "heartbeat", {}, "3"))
-        assert (await frame(ws))["payload"]["status"] == "ok"
+        assert (await next_frame(ws))["payload"]["status"] == "ok"
         # Over the rate: refused as Supabase refuses (a join: so its clients wait to rejoin).
         await ws.send_message(phoenix("realtime:c", "phx_join", {}, "4"))
-        reply = await frame(ws)
+        reply = await next_frame(ws)
         assert reply["payload"]["status"] == "error"
         assert reply["payload"]["response"]["reason"].startswith(
             "ClientJoinRateLimitReached: over 0.2 messages per second; retry in "
         )
         await ws.send_message(phoenix("realtime:a", "broadcast", {"event": "e"}, "5"))
-        reply = await frame(ws)
+        reply = await next_frame(ws)
         assert reply["payload"]["response"]["reason"].startswith(
             "MessagePerSecondRateLimitReached: over 0.2 messages per second"
         )
         # Heartbeats are answered all the same (they still count).
         await ws.send_message(phoenix("phoenix", "heartbeat", {}, "6"))
-        assert (await frame(ws))["payload"] == {"status": "ok", "response": {}}
+        assert (await next_frame(ws))["payload"] == {"status": "ok", "response": {}}
         await ws.send_message(phoenix("phoenix", "heartbeat", {}, "7"))
-        assert await closed(ws) == (4029, "over 0.2 messages per second")
+        reason = await closed(ws)
+        assert (reason.code, reason.reason) == (4029, "over 0.2 messages per second")
     assert nonzero(await refusals(node)) == {"command_rate": 2, "rate_limit_disconnects": 1}
     await until(lambda: len(node.hub) == 0, "the socket's channels to end")
 
@@ -293,22 +272,22 @@ async def test_the_supabase_socket_counts_its_messages_over_all_its_channels(
 
 
 async def test_a_channel_takes_publications_at_its_rate_from_everyone_together(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
     hub = HubConfig(channel_publish_rate=0.2, channel_publish_burst=3, command_rate=0)
-    node = await start(nursery, hub=hub)
+    node = await start_node(hub=hub)
     async with ws_open(ws_url(node)) as a, ws_open(ws_url(node)) as b, http(node) as api:
         for ws in (a, b):
             for channel in ("room", "other"):
                 assert "ok" in await request(ws, cmd="join", id=channel, channel=channel)
         sent = {"cmd": "publish", "channel": "room", "data": 1, "ack": True}
         assert "ok" in await request(a, **sent, id=1)
-        await frame(b)  # the publication
+        await next_frame(b)  # the publication
         assert "ok" in await request(b, **sent, id=2)
-        await frame(a)
+        await next_frame(a)
         response = await api.post("/api/publish", json={"channel": "room", "data": 3})
         assert response.status_code == 200
-        await frame(a), await frame(b)
+        await next_frame(a), await next_frame(b)
         # Three publications from three publishers: the channel's burst is spent.
         refused = await request(a, **sent, id=4)
         assert 0 < refused["error"].pop("retry_after") <= 5
@@ -327,27 +306,27 @@ async def test_a_channel_takes_publications_at_its_rate_from_everyone_together(
         assert (await api.get("/api/history/fresh")).json()["publications"] == []
         # Other channels are not affected, nor is server-side publishing (sources).
         assert "ok" in await request(a, cmd="publish", id=8, channel="other", data=8, ack=True)
-        await frame(b)
+        await next_frame(b)
         node.publish("room", "from the server")
-        assert (await frame(a))["data"] == "from the server"
+        assert (await next_frame(a))["data"] == "from the server"
         history = (await api.get("/api/history/room")).json()["publications"]
         assert [p["data"] for p in history] == [1, 1, 3, "from the server"]
     assert nonzero(await refusals(node)) == {"channel_publish_rate": 4}
 
 
-async def test_supabase_broadcasts_share_the_channel_rate(nursery: trio.Nursery) -> None:
+async def test_supabase_broadcasts_share_the_channel_rate(start_node: StartNode) -> None:
     hub = HubConfig(channel_publish_rate=0.2, channel_publish_burst=2, command_rate=0)
-    node = await start(nursery, hub=hub)
+    node = await start_node(hub=hub)
     url = f"ws://127.0.0.1:{node.port}/realtime/v1/websocket?apikey={KEY}&vsn=1.0.0"
     join = {"config": {"broadcast": {"ack": True}}}
     async with ws_open(url) as ws, http(node, key=None) as client:
         await ws.send_message(phoenix("realtime:room", "phx_join", join, "1"))
-        assert (await frame(ws))["payload"]["status"] == "ok"
+        assert (await next_frame(ws))["payload"]["status"] == "ok"
         for ref in ("2", "3"):
             await ws.send_message(phoenix("realtime:room", "broadcast", {"event": "e"}, ref))
-            assert (await frame(ws))["payload"]["status"] == "ok"
+            assert (await next_frame(ws))["payload"]["status"] == "ok"
         await ws.send_message(phoenix("realtime:room", "broadcast", {"event": "e"}, "4"))
-        reason = (await frame(ws))["payload"]["response"]["reason"]
+        reason = (await next_frame(ws))["payload"]["response"]["reason"]
         assert reason == (
             "MessagePerSecondRateLimitReached: 'room' takes at most 0.2 publications per second"
         )
@@ -362,14 +341,14 @@ async def test_supabase_broadcasts_share_the_channel_rate(nursery: trio.Nursery)
     assert nonzero(await refusals(node)) == {"channel_publish_rate": 2}
 
 
-async def test_mutations_count_against_the_channel_rate(nursery: trio.Nursery) -> None:
+async def test_mutations_count_against_the_channel_rate(start_node: StartNode) -> None:
     hub = HubConfig(
         channel_publish_rate=0.2,
         channel_publish_burst=2,
         record_policies={"todos": "lww"},
         command_rate=0,
     )
-    node = await start(nursery, hub=hub)
+    node = await start_node(hub=hub)
     async with ws_open(ws_url(node)) as ws, http(node) as api:
         assert "ok" in await request(ws, cmd="join", id=0, channel="todos")
         mutate = {"cmd": "mutate", "channel": "todos", "key": "t", "op": "set", "value": {}}
@@ -387,7 +366,7 @@ async def test_mutations_count_against_the_channel_rate(nursery: trio.Nursery) -
 
 async def reply_to(ws: WebSocketConnection, rid: int) -> dict[str, Any]:
     """The reply to command `rid`, skipping pushes."""
-    while (message := await frame(ws)).get("reply") != rid:
+    while (message := await next_frame(ws)).get("reply") != rid:
         pass
     return message
 
@@ -396,9 +375,10 @@ async def reply_to(ws: WebSocketConnection, rid: int) -> dict[str, Any]:
 
 
 async def test_wrong_api_keys_pause_the_address_whatever_key_it_sends(
-    nursery: trio.Nursery,
+    start_node: StartNode, mock_clock: MockClock
 ) -> None:
-    node = await start(nursery, api_key_max_failures=3, api_key_pause=2.0)
+    # The node's time stands still (the mock clock) unless the test moves it.
+    node = await start_node(api_key_max_failures=3, api_key_pause=2.0)
     async with http(node, key="wrong") as wrong, http(node) as right:
         for _ in range(3):
             response = await wrong.get("/api/channels")
@@ -416,22 +396,24 @@ async def test_wrong_api_keys_pause_the_address_whatever_key_it_sends(
         body = {"messages": [{"topic": "t", "event": "e", "payload": {}}]}
         response = await right.post(url, json=body, headers={"apikey": KEY})
         assert response.status_code == 429
-        assert response.headers["retry-after"] in ("1", "2")
+        assert response.headers["retry-after"] == "2"
         # Another address is not paused; other routes (no key) are not paused either.
         async with http(node, local=OTHER_ADDRESS) as elsewhere:
             assert (await elsewhere.get("/api/channels")).status_code == 200
         assert (await right.get("/healthz")).status_code == 200
-        await trio.sleep(2.0)
+        mock_clock.jump(1.99)
+        assert (await right.get("/api/channels")).status_code == 429  # not yet
+        mock_clock.jump(0.01)
         assert (await right.get("/api/channels")).status_code == 200
     assert nonzero(await refusals(node)) == {
-        "api_key_pause": 2,
+        "api_key_pause": 3,
         "api_key_failures": 3,
         "api_key_pauses": 1,
     }
 
 
-async def test_wrong_supabase_keys_count_too(nursery: trio.Nursery) -> None:
-    node = await start(nursery, api_key_max_failures=2, api_key_pause=30.0)
+async def test_wrong_supabase_keys_count_too(start_node: StartNode) -> None:
+    node = await start_node(api_key_max_failures=2, api_key_pause=30.0)
     upgrade = UPGRADE
     async with http(node, key=None) as client:
         for _ in range(2):

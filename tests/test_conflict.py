@@ -41,6 +41,7 @@ from pyrt.conflict import (
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.hub.protocol import ErrorCode, decode_record, encode_record
 from pyrt.node.config import ConfigError, hub_config
+from pyrt.testing import Peer
 
 # -- strategies ---------------------------------------------------------------------------------
 
@@ -573,31 +574,6 @@ def test_reset_keeps_pending_writes_on_top_of_the_snapshot() -> None:
 # -- records channels in the hub ----------------------------------------------------------------
 
 
-class Peer:
-    """A client at the frame level."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self.id = hub.open(0.0).id
-        self.ids = itertools.count(1)
-
-    def send(self, **command: Any) -> int:
-        rid = next(self.ids)
-        self.hub.receive(self.id, orjson.dumps({"id": rid, **command}), 0.0)
-        return rid
-
-    def frames(self) -> list[dict[str, Any]]:
-        outbox = self.hub.connection(self.id).outbox
-        return [orjson.loads(f) for f in outbox.pop()] if len(outbox) else []
-
-    def request(self, **command: Any) -> dict[str, Any]:
-        rid = self.send(**command)
-        frames = self.frames()
-        [reply] = [f for f in frames if f.get("reply") == rid]
-        self.pushes = [f for f in frames if f.get("reply") != rid]
-        return reply
-
-
 def make_hub(**config: Any) -> Hub:
     epochs = itertools.count(1)
     config.setdefault("record_policies", {"todo:>": "reject", "doc:>": "merge", "pos:>": "lww"})
@@ -622,7 +598,7 @@ def test_join_replies_with_policy_and_snapshot_and_publications_carry_hlc() -> N
         "records": [],
     }
     reply = a.request(cmd="mutate", channel="todo:1", key="t1", op="set", value={"x": 1})
-    [pub] = a.pushes  # the mutator gets its own change too: its view needs it
+    [pub] = a.pending  # the mutator gets its own change too: its view needs it
     record = reply["ok"]["record"]
     assert reply["ok"] == {"applied": True, "record": record, "offset": 1, "epoch": "e1"}
     assert pub["data"] == record
@@ -646,7 +622,7 @@ def test_resume_replays_record_changes_and_a_miss_gets_a_snapshot() -> None:
     a.frames()
     b = Peer(hub)
     b.request(cmd="join", channel="doc:1", since={"offset": 0, "epoch": "e1"})
-    assert [f["data"]["value"] for f in b.pushes] == [{"a": 1}]  # recovered: replayed
+    assert [f["data"]["value"] for f in b.pending] == [{"a": 1}]  # recovered: replayed
     hub.apply_record_change("doc:1", "d", {"a": 2}, 0.0)
     hub.apply_record_change("doc:1", "d", {"a": 3}, 0.0)
     hub.apply_record_change("doc:1", "e", {"b": 1}, 0.0)
@@ -658,7 +634,7 @@ def test_resume_replays_record_changes_and_a_miss_gets_a_snapshot() -> None:
     ok = d.request(cmd="join", channel="doc:1", since={"offset": 3, "epoch": "e1"})["ok"]
     assert ok["recovered"] is True
     assert "records" not in ok
-    assert [f["data"]["key"] for f in d.pushes] == ["e"]
+    assert [f["data"]["key"] for f in d.pending] == ["e"]
 
 
 def test_mutate_errors() -> None:
@@ -711,7 +687,7 @@ def test_conflict_reply_carries_the_current_record() -> None:
     lost = a.request(cmd="mutate", channel="todo:1", key="t", op="patch", value={"n": 2}, base=base)
     assert lost["error"]["code"] == ErrorCode.CONFLICT == 412
     assert lost["error"]["record"] == won["ok"]["record"]
-    assert [f["data"]["value"] for f in a.pushes] == [{"n": 1}]  # b's change; nothing of ours
+    assert [f["data"]["value"] for f in a.pending] == [{"n": 1}]  # b's change; nothing of ours
     assert hub.stats.conflicts == 1
 
 
@@ -723,13 +699,13 @@ def test_resent_mutations_are_answered_as_before_and_applied_once() -> None:
     first = a.request(**command, value={"x": 1}, origin="o1", seq=1)
     assert first["ok"]["applied"] is True
     a.request(**command, value={"x": 2}, origin="o1", seq=2)
-    [pub] = a.pushes
+    [pub] = a.pending
     # Publications name the writer by a tag: the origin stays between the client and the hub.
     assert (pub["data"]["writer"], pub["data"]["seq"]) == (origin_tag("o1"), 2)
     assert "o1" not in orjson.dumps(pub).decode()
     again = a.request(**command, value={"x": 1}, origin="o1", seq=1)
     assert again["ok"] == first["ok"]  # the first answer, record and offset included
-    assert a.pushes == []  # no new publication
+    assert a.pending == []  # no new publication
     assert hub.record("pos:1", "p").value == {"x": 2}
     # From another connection (after a reconnect) too.
     b = Peer(hub)

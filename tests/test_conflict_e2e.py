@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trio
+from conftest import StartNode, until
+from httpkit import base_url
 
 from pyrt.client import Records, connect
 from pyrt.conflict import CustomResolver, Mutation, Outcome, Record, Rejection
 from pyrt.hub.hub import Connection, Hub, HubConfig
 from pyrt.hub.protocol import CloseCode, Command, Mutate
-from pyrt.node.node import Node, NodeConfig
+from pyrt.node.node import Node
 
 POLICIES = {"todo:>": "reject", "doc:>": "merge", "pos:>": "lww", "count:>": "adder"}
 
@@ -41,17 +42,9 @@ class LossyHub(Hub):
             self._close(conn, CloseCode.GOING_AWAY, "lost on the way")
 
 
-async def start(nursery: trio.Nursery, **hub: Any) -> tuple[Node, str]:
-    config = HubConfig(record_policies=POLICIES, **hub)
-    node = Node(NodeConfig(port=0, hub=config), hub=LossyHub(config, resolvers={"adder": add}))
-    await nursery.start(node.run)
-    return node, f"http://127.0.0.1:{node.port}"
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.005)
+def lossy_hub(**config: Any) -> LossyHub:
+    """The hub of these tests' nodes: POLICIES, the `adder` resolver, answers lost on demand."""
+    return LossyHub(HubConfig(record_policies=POLICIES, **config), resolvers={"adder": add})
 
 
 def server_view(node: Node, channel: str) -> dict[str, Any]:
@@ -59,9 +52,10 @@ def server_view(node: Node, channel: str) -> dict[str, Any]:
 
 
 async def test_two_clients_edit_the_same_record_one_is_rejected_and_rolled_back(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node, url = await start(nursery)
+    node = await start_node(hub=lossy_hub())
+    url = base_url(node)
     async with connect(url) as ann, connect(url) as bob:
         a = await ann.records("todo:1")
         b = await bob.records("todo:1")
@@ -98,8 +92,9 @@ async def test_two_clients_edit_the_same_record_one_is_rejected_and_rolled_back(
         assert server_view(node, "todo:1") == {"t": {"title": "oat milk", "done": True}}
 
 
-async def test_two_clients_edit_different_fields_both_win(nursery: trio.Nursery) -> None:
-    node, url = await start(nursery)
+async def test_two_clients_edit_different_fields_both_win(start_node: StartNode) -> None:
+    node = await start_node(hub=lossy_hub())
+    url = base_url(node)
     async with connect(url) as ann, connect(url) as bob:
         a = await ann.records("doc:1")
         b = await bob.records("doc:1")
@@ -112,8 +107,9 @@ async def test_two_clients_edit_different_fields_both_win(nursery: trio.Nursery)
         assert server_view(node, "doc:1") == expected
 
 
-async def test_last_writer_wins_and_a_resolver(nursery: trio.Nursery) -> None:
-    node, url = await start(nursery)
+async def test_last_writer_wins_and_a_resolver(start_node: StartNode) -> None:
+    node = await start_node(hub=lossy_hub())
+    url = base_url(node)
     async with connect(url) as ann, connect(url) as bob:
         a = await ann.records("pos:1")
         b = await bob.records("pos:1")
@@ -137,13 +133,14 @@ async def test_last_writer_wins_and_a_resolver(nursery: trio.Nursery) -> None:
 
 @pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll"])
 async def test_writes_survive_dropped_connections_and_apply_once(
-    nursery: trio.Nursery, transport: str
+    start_node: StartNode, transport: str
 ) -> None:
     """Writes made while the connection drops again and again (some sent, some not, some
     applied by the hub with the answer lost) are all applied, each once, and every view
     converges. Without history, a resume gets a snapshot, which does not say which writes it
     includes: the unanswered ones are sent again, and the hub answers them from memory."""
-    node, url = await start(nursery, history_size=0)
+    node = await start_node(hub=lossy_hub(history_size=0))
+    url = base_url(node)
     assert isinstance(node.hub, LossyHub)
     node.hub.lose_every = 7
     published: list[tuple[str, int]] = []
@@ -168,7 +165,7 @@ async def test_writes_survive_dropped_connections_and_apply_once(
             writes.append(doc.patch(f"k{n % 5}", {f"f{n}": n}))
             if n % 11 == 0:
                 writer.drop_connection()
-            await trio.sleep(0.002)
+            await trio.sleep(0.002)  # the writer's pace: writes land between the drops
         with trio.fail_after(30):
             await doc.settled()
         assert [w.result.outcome for w in writes if w.result] == [Outcome.APPLIED] * 60
@@ -183,9 +180,10 @@ async def test_writes_survive_dropped_connections_and_apply_once(
 
 
 async def test_late_joiners_get_a_snapshot_and_database_changes_reach_everyone(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node, url = await start(nursery, history_size=2)
+    node = await start_node(hub=lossy_hub(history_size=2))
+    url = base_url(node)
     async with connect(url, min_backoff=0.3) as ann:
         a = await ann.records("todo:9")
         for n in range(5):
@@ -213,5 +211,5 @@ async def test_late_joiners_get_a_snapshot_and_database_changes_reach_everyone(
             for n in range(5, 9):
                 node.hub.apply_record_change("todo:9", f"t{n}", {"n": n}, node.now)
             node.pump()
-            await until(lambda: a.recovered is False and a.view == b.view, timeout=15)
+            await until(lambda: a.recovered is False and a.view == b.view, "a resync", timeout=15)
             assert a.view == server_view(node, "todo:9")

@@ -7,31 +7,31 @@ served normally afterwards.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Any
 
 import attrs
 import httpx
 import orjson
 import pytest
 import trio
+from conftest import StartNode
 from httpkit import base_url, open_sse, stream_get
+from trio.testing import MockClock
 from trio_websocket import open_websocket_url
 
 from pyrt.node.config import ConfigError, node_config
-from pyrt.node.node import Node, NodeConfig
+from pyrt.node.node import Node
 
 KEY = "k"
 TIMEOUT = 0.5
 """`request_timeout` of the nodes here: short, so that deadlines are seen quickly."""
 
 
-async def start(nursery: trio.Nursery, **config: Any) -> Node:
-    config.setdefault("api_keys", (KEY,))
-    config.setdefault("request_timeout", TIMEOUT)
-    node: Node = await nursery.start(Node(NodeConfig(port=0, **config)).run)
-    return node
+@pytest.fixture
+def start_node(start_node: StartNode) -> StartNode:
+    return functools.partial(start_node, api_keys=(KEY,), request_timeout=TIMEOUT)
 
 
 @attrs.frozen
@@ -96,7 +96,7 @@ async def converse(
             try:
                 for i, piece in enumerate(pieces):
                     if i and pause:
-                        await trio.sleep(pause)
+                        await trio.sleep(pause)  # a slow client: the behaviour under test
                     await stream.send_all(piece)
             except trio.BrokenResourceError:
                 pass  # the server closed while we were still sending
@@ -152,19 +152,19 @@ PUBLISH = b'{"channel": "c", "data": 1}'
 
 
 async def test_a_body_that_never_arrives_is_answered_408_at_the_deadline(
-    nursery: trio.Nursery,
+    start_node: StartNode, autojump_io_clock: MockClock
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     conversation = await converse(node, post("/api/publish", ["content-length: 100"]))
     assert_refused(conversation, 408, "the request body did not arrive in time")
-    assert TIMEOUT * 0.9 <= conversation.seconds < TIMEOUT + 2
+    assert conversation.seconds == pytest.approx(TIMEOUT)
     await assert_served(node)
 
 
 async def test_a_body_dripping_one_byte_at_a_time_ends_at_the_deadline(
-    nursery: trio.Nursery,
+    start_node: StartNode, autojump_io_clock: MockClock
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     async with open_sse(node, {"channel": "c"}) as sse:
         target = f"/connection/send?session={sse.session}&token={sse.token}"
         frame = b'{"cmd": "ping", "id": 1}'
@@ -172,12 +172,12 @@ async def test_a_body_dripping_one_byte_at_a_time_ends_at_the_deadline(
         drip = [head, *(frame[i : i + 1] for i in range(len(frame)))]
         conversation = await converse(node, *drip, pause=0.1)
     assert_refused(conversation, 408, "did not arrive in time")
-    assert TIMEOUT * 0.9 <= conversation.seconds < TIMEOUT + 2
+    assert conversation.seconds == pytest.approx(TIMEOUT)
     await assert_served(node)
 
 
-async def test_a_chunked_body_that_never_ends_is_answered_408(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_a_chunked_body_that_never_ends_is_answered_408(start_node: StartNode) -> None:
+    node = await start_node()
     head = post("/api/publish", ["transfer-encoding: chunked"])
     conversation = await converse(node, head + b'5\r\n{"cha\r\n')
     assert_refused(conversation, 408, "did not arrive in time")
@@ -185,22 +185,22 @@ async def test_a_chunked_body_that_never_ends_is_answered_408(nursery: trio.Nurs
 
 
 async def test_a_route_that_reads_no_body_answers_then_closes_at_the_deadline(
-    nursery: trio.Nursery,
+    start_node: StartNode, autojump_io_clock: MockClock
 ) -> None:
     # The body is read and dropped to keep the connection; it never comes, so the route's
     # answer goes out at the deadline and the connection is closed.
-    node = await start(nursery)
+    node = await start_node()
     conversation = await converse(node, post("/healthz", ["content-length: 10"], key=False))
     [reply] = conversation.replies
     assert (reply.status, reply.headers["connection"]) == (404, "close")
-    assert TIMEOUT * 0.9 <= conversation.seconds < TIMEOUT + 2
+    assert conversation.seconds == pytest.approx(TIMEOUT)
     await assert_served(node)
 
 
 async def test_many_heads_without_bodies_are_all_let_go_at_the_deadline(
-    nursery: trio.Nursery,
+    start_node: StartNode, autojump_io_clock: MockClock
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     results: list[Conversation] = []
 
     async def one() -> None:
@@ -212,39 +212,43 @@ async def test_many_heads_without_bodies_are_all_let_go_at_the_deadline(
     assert len(results) == 100
     for conversation in results:
         assert_refused(conversation, 408, "did not arrive in time")
-    assert max(c.seconds for c in results) < TIMEOUT + 3
+    assert [c.seconds for c in results] == [pytest.approx(TIMEOUT)] * 100
     await assert_served(node)
 
 
-async def test_a_head_that_never_ends_is_closed_without_an_answer(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_a_head_that_never_ends_is_closed_without_an_answer(
+    start_node: StartNode, autojump_io_clock: MockClock
+) -> None:
+    node = await start_node()
     conversation = await converse(node, b"GET /healthz HTTP/1.1\r\nhost: pyrt.test\r\n")
     assert (conversation.replies, conversation.rest) == ([], b"")
-    assert TIMEOUT * 0.9 <= conversation.seconds < TIMEOUT + 2
+    assert conversation.seconds == pytest.approx(TIMEOUT)
     # One byte at a time, within the deadline each, does not extend it.
     drip = [bytes([b]) for b in b"GET /healthz HTTP/1.1\r\nhost: pyrt.test\r\nx-slow: yes"]
     conversation = await converse(node, *drip, pause=0.05)
     assert (conversation.replies, conversation.rest) == ([], b"")
-    assert conversation.seconds < TIMEOUT + 2
+    assert conversation.seconds == pytest.approx(TIMEOUT)  # not one pause more
     await assert_served(node)
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_request_timeout(
-    nursery: trio.Nursery,
+    start_node: StartNode, autojump_io_clock: MockClock
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     get = b"GET /healthz HTTP/1.1\r\nhost: pyrt.test\r\n\r\n"
     # Two requests on one connection, the second within the deadline, then silence.
     conversation = await converse(node, get, get, pause=TIMEOUT / 2)
     assert [r.status for r in conversation.replies] == [200, 200]
     assert "connection" not in conversation.replies[0].headers
     assert conversation.rest == b""
-    assert TIMEOUT * 1.4 <= conversation.seconds < TIMEOUT * 1.5 + 2
+    assert conversation.seconds == pytest.approx(TIMEOUT / 2 + TIMEOUT)  # from the second
 
 
-async def test_streams_outlive_the_request_deadline(nursery: trio.Nursery) -> None:
+async def test_streams_outlive_the_request_deadline(
+    start_node: StartNode, autojump_io_clock: MockClock
+) -> None:
     options = {"longpoll": {"poll_timeout": 3 * TIMEOUT, "session_ttl": 10.0}}
-    node = await start(nursery, transport_options=options)
+    node = await start_node(transport_options=options)
     async with (
         open_sse(node, {"channel": "sse"}) as sse,
         open_websocket_url(f"ws://127.0.0.1:{node.port}/connection/websocket") as ws,
@@ -257,8 +261,8 @@ async def test_streams_outlive_the_request_deadline(nursery: trio.Nursery) -> No
         response = await http.get("/connection/poll", params={**params, "cursor": opened["cursor"]})
         assert response.status_code == 200
         assert response.json()["messages"] == []
-        assert trio.current_time() - started >= 3 * TIMEOUT * 0.9
-        await trio.sleep(TIMEOUT)
+        assert trio.current_time() - started == pytest.approx(3 * TIMEOUT)  # poll_timeout
+        await trio.sleep(TIMEOUT)  # virtual time (the autojump clock): one more deadline passes
         # The SSE stream and the WebSocket, open for several deadlines, still carry frames.
         node.publish("sse", "late")
         with trio.fail_after(5):
@@ -294,18 +298,18 @@ async def test_streams_outlive_the_request_deadline(nursery: trio.Nursery) -> No
     ],
 )
 async def test_ambiguous_or_bad_framing_is_a_400(
-    nursery: trio.Nursery, headers: list[str], message: str
+    start_node: StartNode, headers: list[str], message: str
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     conversation = await converse(node, post("/api/publish", headers) + b"0\r\n\r\n")
     assert_refused(conversation, 400, message)
     await assert_served(node)
 
 
-async def test_a_smuggled_request_is_not_served(nursery: trio.Nursery) -> None:
+async def test_a_smuggled_request_is_not_served(start_node: StartNode) -> None:
     # Content-length says the body is the chunked terminator; transfer-encoding would make
     # what follows a second request. Neither is believed: one 400, then the connection ends.
-    node = await start(nursery)
+    node = await start_node()
     smuggled = b"GET /healthz HTTP/1.1\r\nhost: pyrt.test\r\n\r\n"
     head = post("/api/publish", ["content-length: 5", "transfer-encoding: chunked"])
     conversation = await converse(node, head + b"0\r\n\r\n" + smuggled)
@@ -313,25 +317,25 @@ async def test_a_smuggled_request_is_not_served(nursery: trio.Nursery) -> None:
     await assert_served(node)
 
 
-async def test_transfer_encoding_in_http_1_0_is_a_400(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_transfer_encoding_in_http_1_0_is_a_400(start_node: StartNode) -> None:
+    node = await start_node()
     request = b"POST /api/publish HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
     conversation = await converse(node, request)
     assert_refused(conversation, 400, "transfer-encoding is not allowed in an HTTP/1.0 request")
     await assert_served(node)
 
 
-async def test_an_unknown_transfer_coding_is_a_501(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_an_unknown_transfer_coding_is_a_501(start_node: StartNode) -> None:
+    node = await start_node()
     conversation = await converse(node, post("/api/publish", ["transfer-encoding: gzip"]))
     assert_refused(conversation, 501, "Transfer-Encoding: chunked")
     await assert_served(node)
 
 
 async def test_the_same_content_length_twice_is_one_content_length(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     n = len(PUBLISH)
     head = post(
         "/api/publish", [f"content-length: {n}", f"content-length: {n}", "connection: close"]
@@ -353,15 +357,15 @@ async def test_the_same_content_length_twice_is_one_content_length(
         b"5;" + b"x" * 20_000,  # a chunk-size line that does not end within the head limit
     ],
 )
-async def test_a_malformed_chunked_body_is_a_400(nursery: trio.Nursery, body: bytes) -> None:
-    node = await start(nursery)
+async def test_a_malformed_chunked_body_is_a_400(start_node: StartNode, body: bytes) -> None:
+    node = await start_node()
     conversation = await converse(node, post("/api/publish", ["transfer-encoding: chunked"]) + body)
     assert_refused(conversation, 400, "malformed request body")
     await assert_served(node)
 
 
-async def test_a_malformed_chunked_command_is_a_400(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_a_malformed_chunked_command_is_a_400(start_node: StartNode) -> None:
+    node = await start_node()
     async with open_sse(node, {"channel": "c"}) as sse:
         target = f"/connection/send?session={sse.session}&token={sse.token}"
         head = post(target, ["transfer-encoding: chunked"], key=False)
@@ -371,9 +375,9 @@ async def test_a_malformed_chunked_command_is_a_400(nursery: trio.Nursery) -> No
 
 
 async def test_a_malformed_chunked_body_nobody_reads_closes_after_the_answer(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     head = post("/healthz", ["transfer-encoding: chunked"], key=False)
     conversation = await converse(node, head + b"zz\r\n")
     [reply] = conversation.replies
@@ -395,14 +399,14 @@ async def test_a_malformed_chunked_body_nobody_reads_closes_after_the_answer(
         (b"GET / HTTP/1.1\r\nhost: x\r\nx-a: b\x00\r\n\r\n", "illegal header line"),
     ],
 )
-async def test_a_malformed_head_is_a_400(nursery: trio.Nursery, head: bytes, message: str) -> None:
-    node = await start(nursery)
+async def test_a_malformed_head_is_a_400(start_node: StartNode, head: bytes, message: str) -> None:
+    node = await start_node()
     assert_refused(await converse(node, head), 400, message)
     await assert_served(node)
 
 
-async def test_an_oversized_head_is_a_431(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_an_oversized_head_is_a_431(start_node: StartNode) -> None:
+    node = await start_node()
     message = "request head larger than 16384 bytes"
     # Whole, in one write: measured once it is parsed.
     big = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 17_000 + b"\r\n\r\n"
@@ -418,8 +422,8 @@ async def test_an_oversized_head_is_a_431(nursery: trio.Nursery) -> None:
     await assert_served(node)
 
 
-async def test_a_head_just_under_the_limit_is_served(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_a_head_just_under_the_limit_is_served(start_node: StartNode) -> None:
+    node = await start_node()
     start_line = b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-big: "
     filler = 16 * 1024 - len(start_line) - 4
     conversation = await converse(node, start_line + b"a" * filler + b"\r\n\r\n")
@@ -428,15 +432,15 @@ async def test_a_head_just_under_the_limit_is_served(nursery: trio.Nursery) -> N
     assert_refused(conversation, 431, "request head larger than 16384 bytes")
 
 
-async def test_max_head_bytes_is_configurable(nursery: trio.Nursery) -> None:
-    node = await start(nursery, max_head_bytes=2048)
+async def test_max_head_bytes_is_configurable(start_node: StartNode) -> None:
+    node = await start_node(max_head_bytes=2048)
     head = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 3000 + b"\r\n\r\n"
     assert_refused(await converse(node, head), 431, "request head larger than 2048 bytes")
     await assert_served(node)
 
 
-async def test_a_client_that_closes_inside_a_head_gets_no_answer(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_a_client_that_closes_inside_a_head_gets_no_answer(start_node: StartNode) -> None:
+    node = await start_node()
     stream = await trio.open_tcp_stream("127.0.0.1", node.port or 0)
     async with stream:
         await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
@@ -449,8 +453,8 @@ async def test_a_client_that_closes_inside_a_head_gets_no_answer(nursery: trio.N
 # -- status lines --------------------------------------------------------------------------------
 
 
-async def test_every_status_line_has_its_reason_phrase(nursery: trio.Nursery) -> None:
-    node = await start(nursery, cors_origins=("https://app.test",))
+async def test_every_status_line_has_its_reason_phrase(start_node: StartNode) -> None:
+    node = await start_node(cors_origins=("https://app.test",))
     seen = {}
     requests = {
         200: b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
@@ -486,8 +490,8 @@ async def test_every_status_line_has_its_reason_phrase(nursery: trio.Nursery) ->
         assert data.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
 
 
-async def test_a_streamed_status_line_has_its_reason_phrase(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_a_streamed_status_line_has_its_reason_phrase(start_node: StartNode) -> None:
+    node = await start_node()
     async with await trio.open_tcp_stream("127.0.0.1", node.port or 0) as stream:
         await stream.send_all(b"GET /connection/sse?channel=c HTTP/1.1\r\nhost: x\r\n\r\n")
         with trio.fail_after(5):
@@ -498,8 +502,8 @@ async def test_a_streamed_status_line_has_its_reason_phrase(nursery: trio.Nurser
 # -- metrics and configuration ----------------------------------------------------------------
 
 
-async def test_refusals_are_counted_in_metrics(nursery: trio.Nursery) -> None:
-    node = await start(nursery, max_body_bytes=1000)
+async def test_refusals_are_counted_in_metrics(start_node: StartNode) -> None:
+    node = await start_node(max_body_bytes=1000)
     await converse(node, b"HELLO\r\n\r\n")
     await converse(node, b"GET / HTTP/1.1\r\nhost: x\r\nx: " + b"a" * 20_000 + b"\r\n\r\n")
     await converse(node, post("/api/publish", ["content-length: 10"]))

@@ -3,18 +3,21 @@ lost and superseded polls, session expiry, batch bounds, errors and options."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 import trio
+from conftest import StartNode, until
 from httpkit import base_url, longpoll_kit_client, open_sse
+from trio.testing import MockClock, wait_all_tasks_blocked
 from trio_websocket import open_websocket_url
 
 from pyrt.hub.history import StreamPosition
 from pyrt.hub.hub import HubConfig
-from pyrt.node.node import Node, NodeConfig, load_transports
+from pyrt.node.node import load_transports
 from pyrt.plugins.cursor import Cursor, decode_cursor
 from pyrt.plugins.longpoll import CLOSE_GRACE, LongPollTransport
 from pyrt.testing import check_transport
@@ -22,18 +25,15 @@ from pyrt.testing import check_transport
 POLL = "/connection/poll"
 
 
-async def start(
-    nursery: trio.Nursery, longpoll: dict[str, Any] | None = None, **config: Any
-) -> Node:
-    """A node with the long-poll transport loaded as a plugin (by name, with options)."""
-    node_config = NodeConfig(
-        port=0,
-        transports=("longpoll", "sse", "websocket"),
-        transport_options={"longpoll": longpoll or {}},
-        **config,
-    )
-    node: Node = await nursery.start(Node(node_config).run)
-    return node
+@pytest.fixture
+def start_node(start_node: StartNode) -> StartNode:
+    """Nodes with the long-poll transport loaded as a plugin (by name), and two others."""
+    return functools.partial(start_node, transports=("longpoll", "sse", "websocket"))
+
+
+def longpoll(**options: Any) -> dict[str, dict[str, Any]]:
+    """`transport_options` for the long-poll transport."""
+    return {"longpoll": options}
 
 
 class Poller:
@@ -104,8 +104,8 @@ def test_longpoll_is_an_entry_point_plugin_with_checked_options() -> None:
             load_transports(["longpoll"], {"longpoll": given})
 
 
-async def test_open_answers_at_once_then_polls_carry_batches(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_open_answers_at_once_then_polls_carry_batches(start_node: StartNode) -> None:
+    node = await start_node()
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         with trio.fail_after(1):  # far below the poll timeout: the open does not wait
             p = await Poller.open(http, channel=["a", "b:*"], presence="c")
@@ -134,15 +134,15 @@ async def test_open_answers_at_once_then_polls_carry_batches(nursery: trio.Nurse
                 got.append(await p.poll())
 
             inner.start_soon(wait)
-            await trio.sleep(0.2)
+            await wait_all_tasks_blocked(0.05)  # the poll reached the server, which waits
             assert got == []
             await p.send(id=5, cmd="ping")
         assert got[0]["messages"] == [{"reply": 5, "ok": {}}]
         assert seq(p.cursor) == 2
 
 
-async def test_a_lost_response_is_sent_again_identically(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_a_lost_response_is_sent_again_identically(start_node: StartNode) -> None:
+    node = await start_node()
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         p = await Poller.open(http, channel="a")
         node.publish("a", "one")
@@ -168,8 +168,8 @@ async def test_a_lost_response_is_sent_again_identically(nursery: trio.Nursery) 
             }
 
 
-async def test_a_newer_poll_answers_the_waiting_one(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_a_newer_poll_answers_the_waiting_one(start_node: StartNode) -> None:
+    node = await start_node()
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         p = await Poller.open(http, channel="a")
         cursor = p.cursor
@@ -180,39 +180,41 @@ async def test_a_newer_poll_answers_the_waiting_one(nursery: trio.Nursery) -> No
                 older.append(await p.get(cursor))
 
             inner.start_soon(wait)
-            await trio.sleep(0.2)  # the older one is waiting
-            with trio.fail_after(2):
-                newer = trio.Event()
+            await wait_all_tasks_blocked(0.05)  # the older one is waiting
+            newer = trio.Event()
 
-                async def newer_poll() -> None:
-                    response = await p.get(cursor)
-                    assert [m["data"] for m in response.json()["messages"]] == ["for the newer"]
-                    newer.set()
+            async def newer_poll() -> None:
+                response = await p.get(cursor)
+                assert [m["data"] for m in response.json()["messages"]] == ["for the newer"]
+                newer.set()
 
-                inner.start_soon(newer_poll)
-                while not older:
-                    await trio.sleep(0.01)
+            inner.start_soon(newer_poll)
+            await until(lambda: older, "the newer poll to answer the older one", timeout=2)
             assert older[0].json() == {"messages": [], "cursor": cursor}
             node.publish("a", "for the newer")
             with trio.fail_after(2):
                 await newer.wait()
 
 
-async def test_an_idle_poll_times_out_empty_with_the_same_cursor(nursery: trio.Nursery) -> None:
-    node = await start(nursery, longpoll={"poll_timeout": 0.2, "session_ttl": 5})
+async def test_an_idle_poll_times_out_empty_with_the_same_cursor(
+    start_node: StartNode, autojump_io_clock: MockClock
+) -> None:
+    node = await start_node(transport_options=longpoll(poll_timeout=0.2, session_ttl=5))
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         p = await Poller.open(http, channel="a")
         before = p.cursor
         started = trio.current_time()
         batch = await p.poll()
-        assert 0.2 <= trio.current_time() - started < 1.5
+        assert trio.current_time() - started == pytest.approx(0.2)  # the poll_timeout
         assert batch == {"messages": [], "cursor": before}
         node.publish("a", "after")  # the session still works
         assert [m["data"] for m in (await p.poll())["messages"]] == ["after"]
 
 
-async def test_a_session_that_stops_polling_expires_and_leaves(nursery: trio.Nursery) -> None:
-    node = await start(nursery, longpoll={"poll_timeout": 0.1, "session_ttl": 0.5})
+async def test_a_session_that_stops_polling_expires_and_leaves(
+    start_node: StartNode, autojump_io_clock: MockClock
+) -> None:
+    node = await start_node(transport_options=longpoll(poll_timeout=0.1, session_ttl=0.5))
     url = f"ws://127.0.0.1:{node.port}/connection/websocket"
     async with httpx.AsyncClient(base_url=base_url(node)) as http, open_websocket_url(url) as ws:
         await ws.send_message('{"id":1,"cmd":"join","channel":"room","presence":true}')
@@ -230,28 +232,31 @@ async def test_a_session_that_stops_polling_expires_and_leaves(nursery: trio.Nur
         with trio.fail_after(3):
             diff = orjson.loads(await ws.get_message())
         assert list(diff["leaves"]) == ["ann"]
-        assert 0.4 <= trio.current_time() - stopped < 2.0  # the ttl, not the grace
+        # One ttl after the last poll was answered (its last sign of life); no grace after.
+        assert trio.current_time() - stopped == pytest.approx(0.5)
         assert len(node.hub) == 1
         gone = await p.get()
         assert gone.status_code == 404
         assert "open a new one" in gone.json()["error"]["message"]
 
 
-async def test_a_waiting_poll_keeps_its_session_alive(nursery: trio.Nursery) -> None:
+async def test_a_waiting_poll_keeps_its_session_alive(
+    start_node: StartNode, autojump_io_clock: MockClock
+) -> None:
     # The gap before the poll plus its wait exceed the ttl (0.5 + 0.9 > 1.0): only the poll's
     # own sign of life, at its start, keeps the session from expiring while it waits.
-    node = await start(nursery, longpoll={"poll_timeout": 0.9, "session_ttl": 1.0})
+    node = await start_node(transport_options=longpoll(poll_timeout=0.9, session_ttl=1.0))
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         p = await Poller.open(http, channel="a")
-        await trio.sleep(0.5)
+        await trio.sleep(0.5)  # the client's gap between polls (virtual time): the behaviour here
         batch = await p.poll()
         assert batch["messages"] == []
         assert "close" not in batch
         assert len(node.hub) == 1
 
 
-async def test_batches_are_bounded(nursery: trio.Nursery) -> None:
-    node = await start(nursery, longpoll={"max_batch_messages": 3, "max_batch_bytes": 1000})
+async def test_batches_are_bounded(start_node: StartNode) -> None:
+    node = await start_node(transport_options=longpoll(max_batch_messages=3, max_batch_bytes=1000))
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         p = await Poller.open(http, channel="a")
         for n in range(7):
@@ -275,8 +280,8 @@ async def test_batches_are_bounded(nursery: trio.Nursery) -> None:
         assert seq(p.cursor) == 7
 
 
-async def test_the_close_comes_in_a_batch_and_the_session_ends(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_the_close_comes_in_a_batch_and_the_session_ends(start_node: StartNode) -> None:
+    node = await start_node()
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         p = await Poller.open(http, channel="a")
         node.publish("a", "before")
@@ -291,8 +296,8 @@ async def test_the_close_comes_in_a_batch_and_the_session_ends(nursery: trio.Nur
         assert (await p.get()).status_code == 404
 
 
-async def test_resuming_in_a_new_session_with_the_cursor(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_resuming_in_a_new_session_with_the_cursor(start_node: StartNode) -> None:
+    node = await start_node()
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         p = await Poller.open(http, channel="a")
         node.publish("a", 1)
@@ -309,8 +314,8 @@ async def test_resuming_in_a_new_session_with_the_cursor(nursery: trio.Nursery) 
         assert seq(again.cursor) == 0  # a new session counts its own batches
 
 
-async def test_ending_a_session_answers_its_waiting_poll(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_ending_a_session_answers_its_waiting_poll(start_node: StartNode) -> None:
+    node = await start_node()
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         watcher = await Poller.open(http, presence="room")
         p = await Poller.open(http, presence="room")
@@ -324,8 +329,8 @@ async def test_ending_a_session_answers_its_waiting_poll(nursery: trio.Nursery) 
                 answered.append(await p.poll())
 
             inner.start_soon(wait)
-            await trio.sleep(0.1)
-            assert answered == []  # waiting
+            await wait_all_tasks_blocked(0.05)  # the poll reached the server, which waits
+            assert answered == []
             end = await http.post(POLL + "/end", params={"session": p.session, "token": p.token})
             assert (end.status_code, end.json()) == (200, {})
         assert answered[0]["close"] == {"code": 1000, "reason": "session ended"}
@@ -334,8 +339,8 @@ async def test_ending_a_session_answers_its_waiting_poll(nursery: trio.Nursery) 
         assert (await p.get()).status_code == 404
 
 
-async def test_errors(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(max_channels_per_connection=1))
+async def test_errors(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(max_channels_per_connection=1))
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
 
         async def error(response: httpx.Response) -> tuple[int, str]:
@@ -390,8 +395,8 @@ async def test_errors(nursery: trio.Nursery) -> None:
         assert [m["data"] for m in (await p.poll())["messages"]] == ["fine"]
 
 
-async def test_cors_headers_only_for_allowed_origins(nursery: trio.Nursery) -> None:
-    node = await start(nursery, cors_origins=("https://app.example",))
+async def test_cors_headers_only_for_allowed_origins(start_node: StartNode) -> None:
+    node = await start_node(cors_origins=("https://app.example",))
     async with httpx.AsyncClient(base_url=base_url(node)) as http:
         allowed = await http.get(
             POLL, params={"channel": "a"}, headers={"origin": "https://app.example"}
@@ -405,29 +410,33 @@ async def test_cors_headers_only_for_allowed_origins(nursery: trio.Nursery) -> N
         assert "access-control-allow-origin" not in other.headers
 
 
-async def test_shutdown_ends_sessions_nobody_polls_after_the_grace() -> None:
+async def test_shutdown_ends_sessions_nobody_polls_after_the_grace(
+    start_node: StartNode, autojump_io_clock: MockClock
+) -> None:
     async with trio.open_nursery() as nursery:
-        node = await start(nursery, drain_timeout=10.0)
+        node = await start_node(nursery=nursery, drain_timeout=10.0)
         async with httpx.AsyncClient(base_url=base_url(node)) as http:
             await Poller.open(http, channel="a")
         node.stop()
         stopped = trio.current_time()
     # run() returned once the session ended: after the grace, not the drain timeout.
-    assert CLOSE_GRACE - 0.1 <= trio.current_time() - stopped < CLOSE_GRACE + 1
+    assert trio.current_time() - stopped == pytest.approx(CLOSE_GRACE)
     assert len(node.hub) == 0
 
 
-async def test_a_poll_within_the_grace_collects_the_goodbye() -> None:
+async def test_a_poll_within_the_grace_collects_the_goodbye(
+    start_node: StartNode, autojump_io_clock: MockClock
+) -> None:
     async with trio.open_nursery() as nursery:
-        node = await start(nursery, drain_timeout=10.0)
+        node = await start_node(nursery=nursery, drain_timeout=10.0)
         # One keep-alive connection: the node stops accepting new ones at shutdown.
         limits = httpx.Limits(max_connections=1)
         async with httpx.AsyncClient(base_url=base_url(node), limits=limits) as http:
             p = await Poller.open(http, channel="a")
             node.stop()
             stopped = trio.current_time()
-            await trio.sleep(0.2)
+            await trio.sleep(0.2)  # a client that polls late, within the grace (virtual time)
             batch = await p.poll()
             assert [m["push"] for m in batch["messages"]] == ["disconnect"]
             assert batch["close"] == {"code": 1001, "reason": "server shutting down, reconnect"}
-    assert trio.current_time() - stopped < 1.0  # collected: no grace to wait out
+    assert trio.current_time() - stopped == pytest.approx(0.2)  # collected: no grace to wait out

@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 import trio
+from conftest import StartNode, until
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import WebSocketConnection, open_websocket_url
+from wskit import ws_url
 
 from pyrt.hub.history import ENTRY_BYTES
-from pyrt.hub.hub import HubConfig
+from pyrt.hub.hub import Hub, HubConfig
 from pyrt.hub.outbox import SlowConsumerPolicy
-from pyrt.node.node import Node, NodeConfig
+from pyrt.node.node import Node
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-async def start(nursery: trio.Nursery, **config: Any) -> Node:
-    config.setdefault("transports", ("websocket",))
-    node: Node = await nursery.start(Node(NodeConfig(port=0, api_keys=("k",), **config)).run)
-    return node
+@pytest.fixture
+def start_node(start_node: StartNode) -> StartNode:
+    return functools.partial(start_node, api_keys=("k",), transports=("websocket",))
 
 
 @asynccontextmanager
@@ -64,10 +68,6 @@ def diff(before: Samples, after: Samples) -> dict[str, float]:
     return changed
 
 
-def ws_url(node: Node) -> str:
-    return f"ws://127.0.0.1:{node.port}/connection/websocket"
-
-
 async def ws_raw(ws: WebSocketConnection, **command: Any) -> bytes:
     """Sends a command; the next frame from the server, as the bytes the hub encoded."""
     await ws.send_message(orjson.dumps(command).decode())
@@ -81,8 +81,8 @@ async def ws_request(ws: WebSocketConnection, **command: Any) -> dict[str, Any]:
     return frame
 
 
-async def test_a_fresh_node_exposes_every_metric_at_zero(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_a_fresh_node_exposes_every_metric_at_zero(start_node: StartNode) -> None:
+    node = await start_node()
     async with http(node) as client:
         samples = await scrape(client)
     assert samples == {
@@ -127,16 +127,16 @@ async def test_a_fresh_node_exposes_every_metric_at_zero(nursery: trio.Nursery) 
     }
 
 
-async def test_metrics_follow_traffic(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_metrics_follow_traffic(start_node: StartNode) -> None:
+    node = await start_node()
     async with http(node) as client:
         start_samples = await scrape(client)
         async with open_websocket_url(ws_url(node)) as ws:
             await traffic(node, client, ws, start_samples)
-        with trio.fail_after(5):
-            while value(await scrape(client), "pyrt_connections", transport="websocket"):
-                await trio.sleep(0.01)
-        assert value(await scrape(client), "pyrt_channels") == 0
+        await until(lambda: len(node.hub) == 0, "the hub to forget the WebSocket client")
+        samples = await scrape(client)
+        assert value(samples, "pyrt_connections", transport="websocket") == 0
+        assert value(samples, "pyrt_channels") == 0
 
 
 async def traffic(
@@ -167,7 +167,7 @@ async def traffic(
         "pyrt_match_seconds_count": 1,
         "pyrt_history_publications": 1,
     }
-    assert 0 < match_seconds < 1
+    assert match_seconds > 0  # measured (its size is the bench's business, not a test's)
 
     response = await client.post(
         "/api/publish",
@@ -200,7 +200,7 @@ async def traffic(
     assert value(await scrape(client), "pyrt_messages_in_total", source="api") == 1
 
 
-async def test_slow_consumers_and_dropped_publications(nursery: trio.Nursery) -> None:
+async def test_slow_consumers_and_dropped_publications(start_node: StartNode) -> None:
     # Without direct writes, so that the outbox alone decides (the kernel's socket buffers
     # would take these frames otherwise: tests/test_fanout.py covers that path).
     hub = HubConfig(
@@ -208,7 +208,7 @@ async def test_slow_consumers_and_dropped_publications(nursery: trio.Nursery) ->
         channel_policies={"drop:>": SlowConsumerPolicy.DROP_OLDEST},
         direct_writes=False,
     )
-    node = await start(nursery, hub=hub)
+    node = await start_node(hub=hub)
     async with (
         http(node) as client,
         open_websocket_url(ws_url(node)) as slow,
@@ -229,8 +229,8 @@ async def test_slow_consumers_and_dropped_publications(nursery: trio.Nursery) ->
         assert changed["pyrt_publications_total"] == 20
 
 
-async def test_recovery_hits_and_misses(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(history_size=2))
+async def test_recovery_hits_and_misses(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(history_size=2))
     async with http(node) as client, open_websocket_url(ws_url(node)) as ws:
         epoch = node.publish("r", 1).epoch
         node.publish("r", 2)
@@ -256,9 +256,9 @@ async def test_recovery_hits_and_misses(nursery: trio.Nursery) -> None:
         assert changed['pyrt_recoveries_total{result="miss"}'] == 2
 
 
-async def test_metrics_is_get_only_and_per_node(nursery: trio.Nursery) -> None:
-    a = await start(nursery)
-    b = await start(nursery)
+async def test_metrics_is_get_only_and_per_node(start_node: StartNode) -> None:
+    a = await start_node()
+    b = await start_node()
     a.publish("c", 1)
     async with http(a) as client_a, http(b) as client_b:
         response = await client_a.post("/metrics")
@@ -269,9 +269,12 @@ async def test_metrics_is_get_only_and_per_node(nursery: trio.Nursery) -> None:
         assert value(await scrape(client_b), "pyrt_publications_total") == 0
 
 
-async def test_record_mutations_and_stores(nursery: trio.Nursery) -> None:
+async def test_record_mutations_and_stores(start_node: StartNode) -> None:
     policies = {"todos:>": "reject", "cursors:>": "lww", "docs:>": "merge"}
-    node = await start(nursery, hub=HubConfig(record_policies=policies, tombstone_ttl=0.01))
+    # Tombstones are forgotten by the wall clock (the records' hybrid clock): the test moves it.
+    wall = [time.time()]
+    config = HubConfig(record_policies=policies, tombstone_ttl=0.01)
+    node = await start_node(hub=Hub(config, wall_clock=lambda: wall[0]))
     async with http(node) as client, open_websocket_url(ws_url(node)) as ws:
         fresh = await scrape(client)
         for policy in ("lww", "merge", "reject"):
@@ -332,7 +335,7 @@ async def test_record_mutations_and_stores(nursery: trio.Nursery) -> None:
             'pyrt_records{policy="reject"}': 2,  # todos:1/a and todos:2/b
             'pyrt_record_tombstones{policy="reject"}': 1,  # todos:2/c
         }
-        await trio.sleep(0.05)
+        wall[0] += 0.05  # past the tombstone ttl
         node.hub.tick(node.now)  # the node's timer does this every ping_interval
         compacted = diff(after, await scrape(client))
         assert compacted == {

@@ -98,7 +98,7 @@ class Stubborn(Swallower):
                 await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True):
-                    await trio.sleep(9)
+                    await trio.sleep(9)  # the fault under test: holding on past cancellation
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import trio
+from conftest import StartNode
 from pgserver import PostgresServer
 from test_wal import run_sql, wal_db, wal_source  # noqa: F401 (wal_db is a fixture)
 from trio_websocket import WebSocketConnection
@@ -24,36 +25,23 @@ from pyrt.node.node import Node, NodeConfig
 from pyrt.plugin import SourceContext
 from pyrt.plugins.notify import NotifySource
 from pyrt.plugins.wal import WalSource
+from pyrt.testing import Peer
 
 KEY = "k"
-
-
-def frames(hub: Hub, conn_id: str) -> list[dict[str, Any]]:
-    outbox = hub.connection(conn_id).outbox
-    out: list[dict[str, Any]] = []
-    while len(outbox):
-        out.extend(orjson.loads(f) for f in outbox.pop(max_bytes=1 << 20))
-    return out
-
-
-def send(hub: Hub, conn_id: str, **command: Any) -> dict[str, Any]:
-    hub.receive(conn_id, orjson.dumps(command), 0.0)
-    (reply,) = [f for f in frames(hub, conn_id) if f.get("reply") == command["id"]]
-    return reply
 
 
 def test_the_hub_refuses_client_writes_to_owned_channels() -> None:
     config = HubConfig(record_policies={"todos:>": "lww"}, client_writable=("pg:public:chat",))
     hub = Hub(config)
-    conn = hub.open(0.0).id
-    assert send(hub, conn, cmd="publish", id=0, channel="pg:public:items", data=1) == {
+    client = Peer(hub)
+    assert client.request(cmd="publish", id=0, channel="pg:public:items", data=1) == {
         "reply": 0,
         "error": {"code": 403, "message": "join 'pg:public:items' before publishing"},
     }
     hub.own_channels("source wal", ["pg:>", "todos:mine"])
     for channel in ("pg:public:items", "pg:public:chat", "todos:mine", "todos:yours", "room"):
-        assert "ok" in send(hub, conn, cmd="join", id=channel, channel=channel)
-    assert send(hub, conn, cmd="publish", id=1, channel="pg:public:items", data=1) == {
+        assert "ok" in client.request(cmd="join", id=channel, channel=channel)
+    assert client.request(cmd="publish", id=1, channel="pg:public:items", data=1) == {
         "reply": 1,
         "error": {
             "code": 423,
@@ -61,14 +49,14 @@ def test_the_hub_refuses_client_writes_to_owned_channels() -> None:
         },
     }
     mutate = {"cmd": "mutate", "key": "k", "op": "set", "value": {}}
-    reply = send(hub, conn, **mutate, id=2, channel="todos:mine")
+    reply = client.request(**mutate, id=2, channel="todos:mine")
     assert reply["error"]["code"] == 423
     # What is not owned, or opened by client_writable, takes client writes as before.
-    assert "ok" in send(hub, conn, cmd="publish", id=3, channel="pg:public:chat", data=1, ack=True)
-    assert "ok" in send(hub, conn, **mutate, id=4, channel="todos:yours")
-    assert "ok" in send(hub, conn, cmd="publish", id=5, channel="room", data=1, ack=True)
+    assert "ok" in client.request(cmd="publish", id=3, channel="pg:public:chat", data=1, ack=True)
+    assert "ok" in client.request(**mutate, id=4, channel="todos:yours")
+    assert "ok" in client.request(cmd="publish", id=5, channel="room", data=1, ack=True)
     # Records channels take mutations only, as before.
-    assert send(hub, conn, cmd="publish", id=6, channel="todos:yours", data=1)["error"] == {
+    assert client.request(cmd="publish", id=6, channel="todos:yours", data=1)["error"] == {
         "code": 405,
         "message": "'todos:yours' holds records: change them with mutate",
     }
@@ -117,14 +105,13 @@ async def request(ws: WebSocketConnection, **command: Any) -> dict[str, Any]:
     return dict(reply)
 
 
-async def test_every_client_path_is_refused_on_a_source_channel(nursery: trio.Nursery) -> None:
-    config = NodeConfig(
-        port=0,
+async def test_every_client_path_is_refused_on_a_source_channel(start_node: StartNode) -> None:
+    node = await start_node(
         api_keys=(KEY,),
         transports=("websocket", "supabase"),
         hub=HubConfig(record_policies={"todos": "lww"}, client_writable=("ticks:open",)),
+        sources=[Ticker()],
     )
-    node: Node = await nursery.start(Node(config, sources=[Ticker()]).run)
     native = f"ws://127.0.0.1:{node.port}/connection/websocket"
     phoenix = f"ws://127.0.0.1:{node.port}/realtime/v1/websocket?apikey={KEY}&vsn=1.0.0"
     async with ws_open(native) as ws, ws_open(phoenix) as sb, api(node) as client:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,21 +12,20 @@ import attrs
 import httpx
 import orjson
 import pytest
-import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from conftest import StartNode, until
+from trio_websocket import open_websocket_url
+from wskit import next_frame, request, ws_url
 
 from pyrt.conflict import Timestamp
-from pyrt.hub.hub import HubConfig
-from pyrt.node.node import Node, NodeConfig
+from pyrt.hub.hub import Hub, HubConfig
+from pyrt.node.node import Node
 
 KEY = "k"
 
 
-async def start(nursery: trio.Nursery, **config: Any) -> Node:
-    config.setdefault("api_keys", (KEY,))
-    config.setdefault("transports", ("websocket",))
-    node: Node = await nursery.start(Node(NodeConfig(port=0, **config)).run)
-    return node
+@pytest.fixture
+def start_node(start_node: StartNode) -> StartNode:
+    return functools.partial(start_node, api_keys=(KEY,), transports=("websocket",))
 
 
 @asynccontextmanager
@@ -34,22 +35,6 @@ async def api(node: Node, key: str | None = KEY) -> AsyncIterator[httpx.AsyncCli
         base_url=f"http://127.0.0.1:{node.port}", headers=headers, timeout=5
     ) as client:
         yield client
-
-
-def ws_url(node: Node) -> str:
-    return f"ws://127.0.0.1:{node.port}/connection/websocket"
-
-
-async def ws_request(ws: WebSocketConnection, **command: Any) -> dict[str, Any]:
-    await ws.send_message(orjson.dumps(command).decode())
-    return await next_frame(ws)
-
-
-async def next_frame(ws: WebSocketConnection) -> dict[str, Any]:
-    with trio.fail_after(5):
-        message = await ws.get_message()
-    frame: dict[str, Any] = orjson.loads(message)
-    return frame
 
 
 def error(response: httpx.Response) -> tuple[int, int, str]:
@@ -63,8 +48,8 @@ def error(response: httpx.Response) -> tuple[int, int, str]:
 # -- auth ----------------------------------------------------------------------------------
 
 
-async def test_every_api_route_needs_a_key(nursery: trio.Nursery) -> None:
-    node = await start(nursery, api_keys=("first-key", "second-key"))
+async def test_every_api_route_needs_a_key(start_node: StartNode) -> None:
+    node = await start_node(api_keys=("first-key", "second-key"))
     routes = [
         ("POST", "/api/publish"),
         ("GET", "/api/history/a"),
@@ -104,8 +89,8 @@ async def test_every_api_route_needs_a_key(nursery: trio.Nursery) -> None:
     assert node.hub.stats.publications == 0
 
 
-async def test_without_configured_keys_the_api_is_off(nursery: trio.Nursery) -> None:
-    node = await start(nursery, api_keys=())
+async def test_without_configured_keys_the_api_is_off(start_node: StartNode) -> None:
+    node = await start_node(api_keys=())
     async with api(node, key=None) as client:
         for headers in ({}, {"authorization": "Bearer k"}, {"x-api-key": "anything"}):
             response = await client.post(
@@ -122,15 +107,15 @@ async def test_without_configured_keys_the_api_is_off(nursery: trio.Nursery) -> 
 # -- POST /api/publish ---------------------------------------------------------------------
 
 
-async def test_publish_reaches_websocket_subscribers(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_publish_reaches_websocket_subscribers(start_node: StartNode) -> None:
+    node = await start_node()
     async with (
         open_websocket_url(ws_url(node)) as a,
         open_websocket_url(ws_url(node)) as b,
         api(node) as client,
     ):
-        joined = await ws_request(a, cmd="join", id=1, channel="room:1")
-        await ws_request(b, cmd="join", id=1, channel="room:*")
+        joined = await request(a, cmd="join", id=1, channel="room:1")
+        await request(b, cmd="join", id=1, channel="room:*")
         epoch = joined["ok"]["epoch"]
 
         response = await client.post(
@@ -232,10 +217,10 @@ BAD_PUBLISH_BODIES: list[tuple[bytes, int, str]] = [
 ]
 
 
-async def test_a_bad_publish_is_refused_whole(nursery: trio.Nursery) -> None:
-    node = await start(nursery, max_body_bytes=4096, hub=HubConfig(max_payload_bytes=1024))
+async def test_a_bad_publish_is_refused_whole(start_node: StartNode) -> None:
+    node = await start_node(max_body_bytes=4096, hub=HubConfig(max_payload_bytes=1024))
     async with open_websocket_url(ws_url(node)) as ws, api(node) as client:
-        await ws_request(ws, cmd="join", id=1, channel="ok")
+        await request(ws, cmd="join", id=1, channel="ok")
         for body, status, message in BAD_PUBLISH_BODIES:
             response = await client.post(
                 "/api/publish", content=body, headers={"content-type": "application/json"}
@@ -259,9 +244,9 @@ async def test_a_bad_publish_is_refused_whole(nursery: trio.Nursery) -> None:
 
 
 async def test_an_oversized_body_closes_the_connection_and_the_next_one_works(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node = await start(nursery, max_body_bytes=1000)
+    node = await start_node(max_body_bytes=1000)
     async with api(node) as client:
         response = await client.post("/api/publish", content=b"x" * 1500)
         assert error(response) == (413, 413, "request body larger than 1000 bytes")
@@ -274,8 +259,8 @@ async def test_an_oversized_body_closes_the_connection_and_the_next_one_works(
 # -- GET /api/history/<channel> ------------------------------------------------------------
 
 
-async def test_history_since_a_position_with_a_limit(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_history_since_a_position_with_a_limit(start_node: StartNode) -> None:
+    node = await start_node()
     async with (
         open_websocket_url(ws_url(node)) as publisher,
         open_websocket_url(ws_url(node)) as watcher,
@@ -283,9 +268,9 @@ async def test_history_since_a_position_with_a_limit(nursery: trio.Nursery) -> N
     ):
         for n in range(1, 5):
             await client.post("/api/publish", json={"channel": "h:1", "data": n})
-        await ws_request(publisher, cmd="join", id=1, channel="h:1")
-        await ws_request(watcher, cmd="join", id=1, channel="h:1")
-        await ws_request(publisher, cmd="publish", id=2, channel="h:1", data=5, ack=True)
+        await request(publisher, cmd="join", id=1, channel="h:1")
+        await request(watcher, cmd="join", id=1, channel="h:1")
+        await request(publisher, cmd="publish", id=2, channel="h:1", data=5, ack=True)
         client_id = (await next_frame(watcher))["from"]
 
         everything = (await client.get("/api/history/h:1")).json()
@@ -330,8 +315,8 @@ async def test_history_since_a_position_with_a_limit(nursery: trio.Nursery) -> N
         assert (fresh["offset"], fresh["recovered"], fresh["publications"]) == (0, True, [])
 
 
-async def test_history_trimmed_by_size_is_not_recovered(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(history_size=3))
+async def test_history_trimmed_by_size_is_not_recovered(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(history_size=3))
     async with api(node) as client:
         response = await client.post("/api/publish", json={"channels": ["t", "other"], "data": 0})
         epoch = response.json()["publications"][0]["epoch"]
@@ -351,8 +336,8 @@ async def test_history_trimmed_by_size_is_not_recovered(nursery: trio.Nursery) -
         assert (untrimmed["recovered"], len(untrimmed["publications"])) == (True, 1)
 
 
-async def test_history_limit_defaults_to_100_and_stops_at_1000(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(history_size=2000))
+async def test_history_limit_defaults_to_100_and_stops_at_1000(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(history_size=2000))
     for n in range(1200):
         node.publish("busy", n)
     async with api(node) as client:
@@ -381,15 +366,15 @@ async def test_history_limit_defaults_to_100_and_stops_at_1000(nursery: trio.Nur
     ],
 )
 async def test_bad_history_queries(
-    nursery: trio.Nursery, query: str, status: int, message: str
+    start_node: StartNode, query: str, status: int, message: str
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     async with api(node) as client:
         assert error(await client.get(f"/api/history/h?{query}")) == (status, status, message)
 
 
-async def test_history_and_presence_need_channel_names(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_history_and_presence_need_channel_names(start_node: StartNode) -> None:
+    node = await start_node()
     async with api(node) as client:
         for route in ("history", "presence"):
             assert error(await client.get(f"/api/{route}/room:*")) == (
@@ -407,15 +392,15 @@ async def test_history_and_presence_need_channel_names(nursery: trio.Nursery) ->
 # -- GET /api/presence/<channel>, GET /api/channels ----------------------------------------
 
 
-async def test_presence_is_the_native_protocols_presence_map(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_presence_is_the_native_protocols_presence_map(start_node: StartNode) -> None:
+    node = await start_node()
     async with open_websocket_url(ws_url(node)) as ws, api(node) as client:
-        await ws_request(ws, cmd="join", id=1, channel="doc:7", presence=True)
+        await request(ws, cmd="join", id=1, channel="doc:7", presence=True)
         assert (await next_frame(ws))["push"] == "presence_state"
-        diff = await ws_request(ws, cmd="track", id=2, channel="doc:7", key="ann", meta={"c": 1})
+        diff = await request(ws, cmd="track", id=2, channel="doc:7", key="ann", meta={"c": 1})
         assert diff["push"] == "presence_diff"  # the diff goes out before the reply
         ref = (await next_frame(ws))["ok"]["ref"]
-        native = await ws_request(ws, cmd="presence", id=3, channel="doc:7")
+        native = await request(ws, cmd="presence", id=3, channel="doc:7")
 
         response = await client.get("/api/presence/doc:7")
         assert response.status_code == 200
@@ -428,17 +413,13 @@ async def test_presence_is_the_native_protocols_presence_map(nursery: trio.Nurse
         empty = await client.get("/api/presence/doc:8")
         assert empty.json() == {"channel": "doc:8", "state": {}}
     # The WebSocket client left: so did its entry.
-    with trio.fail_after(5):
-        while True:
-            async with api(node) as client:
-                state = (await client.get("/api/presence/doc:7")).json()["state"]
-            if not state:
-                break
-            await trio.sleep(0.01)
+    await until(lambda: len(node.hub) == 0, "the WebSocket client's connection to end")
+    async with api(node) as client:
+        assert (await client.get("/api/presence/doc:7")).json()["state"] == {}
 
 
-async def test_channels_lists_joined_channels_and_patterns(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_channels_lists_joined_channels_and_patterns(start_node: StartNode) -> None:
+    node = await start_node()
     async with (
         open_websocket_url(ws_url(node)) as a,
         open_websocket_url(ws_url(node)) as b,
@@ -446,7 +427,7 @@ async def test_channels_lists_joined_channels_and_patterns(nursery: trio.Nursery
     ):
         assert (await client.get("/api/channels")).json() == {"channels": []}
         for ws, channel in ((a, "room:b"), (a, "room:a"), (b, "room:*"), (b, "room:a")):
-            await ws_request(ws, cmd="join", id=channel, channel=channel)
+            await request(ws, cmd="join", id=channel, channel=channel)
         # Publishing creates no subscription: it does not make a channel listed.
         await client.post("/api/publish", json={"channel": "quiet", "data": 1})
         assert (await client.get("/api/channels")).json() == {
@@ -456,7 +437,7 @@ async def test_channels_lists_joined_channels_and_patterns(nursery: trio.Nursery
                 {"channel": "room:b", "subscribers": 1},
             ]
         }
-        await ws_request(a, cmd="leave", id=9, channel="room:a")
+        await request(a, cmd="leave", id=9, channel="room:a")
         listed = (await client.get("/api/channels")).json()["channels"]
         assert {"channel": "room:a", "subscribers": 1} in listed
 
@@ -464,8 +445,8 @@ async def test_channels_lists_joined_channels_and_patterns(nursery: trio.Nursery
 # -- wrong methods, unknown paths, CORS ----------------------------------------------------
 
 
-async def test_wrong_methods_and_unknown_paths(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_wrong_methods_and_unknown_paths(start_node: StartNode) -> None:
+    node = await start_node()
     async with api(node) as client:
         for method, path, allow in [
             ("GET", "/api/publish", "POST"),
@@ -486,9 +467,9 @@ async def test_wrong_methods_and_unknown_paths(nursery: trio.Nursery) -> None:
     assert node.hub.stats.publications == 0
 
 
-async def test_cors_for_allowed_origins(nursery: trio.Nursery) -> None:
+async def test_cors_for_allowed_origins(start_node: StartNode) -> None:
     origin = "https://app.example.com"
-    node = await start(nursery, cors_origins=(origin,))
+    node = await start_node(cors_origins=(origin,))
     async with api(node) as client:
         response = await client.get("/api/channels", headers={"origin": origin})
         assert response.headers["access-control-allow-origin"] == origin
@@ -522,10 +503,10 @@ async def test_cors_for_allowed_origins(nursery: trio.Nursery) -> None:
 RECORDS = HubConfig(record_policies={"todos:>": "reject", "docs:>": "merge"})
 
 
-async def test_records_read_and_mutate_like_the_mutate_command(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=RECORDS)
+async def test_records_read_and_mutate_like_the_mutate_command(start_node: StartNode) -> None:
+    node = await start_node(hub=RECORDS)
     async with api(node) as client, open_websocket_url(ws_url(node)) as ws:
-        joined = await ws_request(ws, cmd="join", id=1, channel="todos:1")
+        joined = await request(ws, cmd="join", id=1, channel="todos:1")
         assert joined["ok"]["records"] == []
         empty = await client.get("/api/records/todos:1")
         assert empty.status_code == 200
@@ -590,8 +571,8 @@ async def test_records_read_and_mutate_like_the_mutate_command(nursery: trio.Nur
         assert slash.json()["record"]["key"] == "a/b c"
 
 
-async def test_records_under_field_merge(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=RECORDS)
+async def test_records_under_field_merge(start_node: StartNode) -> None:
+    node = await start_node(hub=RECORDS)
     async with api(node) as client:
         first = await client.post("/api/records/docs:1/d", json={"op": "set", "value": {"a": 1}})
         base = first.json()["record"]["version"]
@@ -605,14 +586,17 @@ async def test_records_under_field_merge(nursery: trio.Nursery) -> None:
         assert set(record["fields"]) == {"a", "b", "c"}
 
 
-async def test_forgotten_tombstones_over_rest(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=attrs.evolve(RECORDS, tombstone_ttl=0.01))
+async def test_forgotten_tombstones_over_rest(start_node: StartNode) -> None:
+    # Tombstones are forgotten by the wall clock (the records' hybrid clock): the test moves it.
+    wall = [time.time()]
+    hub = Hub(attrs.evolve(RECORDS, tombstone_ttl=0.01), wall_clock=lambda: wall[0])
+    node = await start_node(hub=hub)
     async with api(node) as client:
         url = "/api/records/todos:2/t"
         v1 = (await client.post(url, json={"op": "set", "value": {}})).json()["record"]["version"]
         deleted = await client.post(url, json={"op": "delete", "base": v1})
         tombstone = deleted.json()["record"]["version"]
-        await trio.sleep(0.05)
+        wall[0] += 0.05  # past the tombstone ttl
         node.hub.tick(node.now)  # the node's timer does this every ping_interval
         listed = (await client.get("/api/records/todos:2")).json()
         assert listed["records"] == []
@@ -634,8 +618,8 @@ async def test_forgotten_tombstones_over_rest(nursery: trio.Nursery) -> None:
         assert retry.json()["applied"] is True
 
 
-async def test_bad_record_requests(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=RECORDS)
+async def test_bad_record_requests(start_node: StartNode) -> None:
+    node = await start_node(hub=RECORDS)
     node.publish("room:1", "not records")
     publications = node.hub.stats.publications
     version = "1718000000000.00003.n1"

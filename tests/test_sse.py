@@ -3,29 +3,34 @@ with Last-Event-ID, heartbeats, CORS and the errors it answers before any stream
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 import trio
+from conftest import StartNode, until
 from httpkit import SseParser, base_url, open_sse, sse_kit_client, sse_target, stream_get
+from trio.testing import MockClock
 
 from pyrt.hub.history import StreamPosition
 from pyrt.hub.hub import HubConfig
-from pyrt.node.node import Node, NodeConfig, load_transports
+from pyrt.node.node import load_transports
 from pyrt.plugins.cursor import Cursor, decode_cursor
 from pyrt.plugins.sse import SseTransport
 from pyrt.testing import Closed, check_transport
 
 
-async def start(nursery: trio.Nursery, sse: dict[str, Any] | None = None, **config: Any) -> Node:
-    """A node with the SSE transport loaded as a plugin (by entry point name, with options)."""
-    node_config = NodeConfig(
-        port=0, transports=("sse",), transport_options={"sse": sse or {}}, **config
-    )
-    node: Node = await nursery.start(Node(node_config).run)
-    return node
+@pytest.fixture
+def start_node(start_node: StartNode) -> StartNode:
+    """Nodes with the SSE transport loaded as a plugin (by entry point name)."""
+    return functools.partial(start_node, transports=("sse",))
+
+
+def sse(**options: Any) -> dict[str, dict[str, Any]]:
+    """`transport_options` for the SSE transport."""
+    return {"sse": options}
 
 
 async def frame_of(client: Any, push: str) -> dict[str, Any]:
@@ -58,8 +63,8 @@ def test_sse_is_an_entry_point_plugin_with_checked_options() -> None:
             load_transports(["sse"], {"sse": options})
 
 
-async def test_the_stream_format(nursery: trio.Nursery) -> None:
-    node = await start(nursery, sse={"retry_ms": 1234})
+async def test_the_stream_format(start_node: StartNode) -> None:
+    node = await start_node(transport_options=sse(retry_ms=1234))
     target = sse_target([("channel", "room:1"), ("presence", "room:2"), ("channel", "feed:*")])
     async with stream_get(node, target) as response:
         assert response.status == 200
@@ -109,8 +114,8 @@ async def test_the_stream_format(nursery: trio.Nursery) -> None:
     assert (pattern_pub["channel"], id6) == ("feed:a", None)
 
 
-async def test_commands_go_through_connection_send(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_commands_go_through_connection_send(start_node: StartNode) -> None:
+    node = await start_node()
     async with open_sse(node, {"channel": "room:1"}) as a, open_sse(node, {"channel": "x"}) as b:
         await b.send({"id": "j", "cmd": "join", "channel": "room:1"})
         joined = await b.receive()
@@ -130,8 +135,8 @@ async def test_commands_go_through_connection_send(nursery: trio.Nursery) -> Non
             assert gone.status_code == 404
 
 
-async def test_last_event_id_resumes_every_channel(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(history_size=10))
+async def test_last_event_id_resumes_every_channel(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(history_size=10))
     params = [("channel", "a"), ("channel", "b")]
     async with open_sse(node, params) as first:
         node.publish("a", "a1")
@@ -167,8 +172,8 @@ async def test_last_event_id_resumes_every_channel(nursery: trio.Nursery) -> Non
         assert (positions["a"].offset, positions["b"].offset) == (3, 3)
 
 
-async def test_resume_beyond_history_says_so(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(history_size=2))
+async def test_resume_beyond_history_says_so(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(history_size=2))
     async with open_sse(node, {"channel": "a"}) as first:
         node.publish("a", 0)
         await frame_of(first, "pub")
@@ -187,8 +192,10 @@ async def test_resume_beyond_history_says_so(nursery: trio.Nursery) -> None:
         assert (pub["offset"], pub["data"]) == (7, "live")  # nothing replayed before it
 
 
-async def test_heartbeat_comments_while_idle(nursery: trio.Nursery) -> None:
-    node = await start(nursery, sse={"heartbeat": 0.05})
+async def test_heartbeat_comments_while_idle(
+    start_node: StartNode, autojump_io_clock: MockClock
+) -> None:
+    node = await start_node(transport_options=sse(heartbeat=0.05))
     async with open_sse(node, {"channel": "quiet"}) as client:
         await client.receive()  # the join reply
         with trio.move_on_after(3):
@@ -198,19 +205,21 @@ async def test_heartbeat_comments_while_idle(nursery: trio.Nursery) -> None:
         assert client.retry == 2000
 
 
-async def test_no_heartbeat_while_frames_flow(nursery: trio.Nursery) -> None:
-    node = await start(nursery, sse={"heartbeat": 1.0})
+async def test_no_heartbeat_while_frames_flow(
+    start_node: StartNode, autojump_io_clock: MockClock
+) -> None:
+    node = await start_node(transport_options=sse(heartbeat=1.0))
     async with open_sse(node, {"channel": "busy"}) as client:
         await client.receive()
         for n in range(8):
             node.publish("busy", n)
-            await trio.sleep(0.1)  # never a second of silence
+            await trio.sleep(0.1)  # the publisher's pace, never a second of silence (virtual)
             assert (await frame_of(client, "pub"))["data"] == n
         assert client.comments == []
 
 
-async def test_cors_headers_only_for_allowed_origins(nursery: trio.Nursery) -> None:
-    node = await start(nursery, cors_origins=("https://app.example",))
+async def test_cors_headers_only_for_allowed_origins(start_node: StartNode) -> None:
+    node = await start_node(cors_origins=("https://app.example",))
     target = sse_target({"channel": "c"})
     async with stream_get(node, target, {"origin": "https://app.example"}) as response:
         assert response.status == 200
@@ -233,8 +242,8 @@ async def test_cors_headers_only_for_allowed_origins(nursery: trio.Nursery) -> N
         assert "last-event-id" in preflight.headers["access-control-allow-headers"]
 
 
-async def test_errors_before_any_stream(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(max_channels_per_connection=2))
+async def test_errors_before_any_stream(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(max_channels_per_connection=2))
     cases: list[tuple[Any, dict[str, str], int, str]] = [
         ({}, {}, 400, "give at least one channel: ?channel=<name or pattern>"),
         ({"channel": "a b"}, {}, 422, "channel 'a b': invalid character U+0020 (at position 1)"),
@@ -266,9 +275,9 @@ async def test_errors_before_any_stream(nursery: trio.Nursery) -> None:
 
 
 async def test_duplicate_channels_join_once_and_presence_implies_the_join(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     params = [("channel", "a"), ("channel", "a"), ("presence", "a"), ("presence", "p")]
     async with open_sse(node, params) as client:
         frames = [await client.receive() for _ in range(4)]
@@ -282,9 +291,9 @@ async def test_duplicate_channels_join_once_and_presence_implies_the_join(
         assert node.hub.channels() == {"a": 1, "p": 1}
 
 
-async def test_a_client_that_hangs_up_leaves_at_once(nursery: trio.Nursery) -> None:
+async def test_a_client_that_hangs_up_leaves_at_once(start_node: StartNode) -> None:
     # The heartbeat is far away: only the hangup watcher can notice.
-    node = await start(nursery, sse={"heartbeat": 60})
+    node = await start_node(transport_options=sse(heartbeat=60))
     async with open_sse(node, {"presence": "room"}) as watcher:
         await frame_of(watcher, "presence_state")
         async with open_sse(node, {"presence": "room"}) as leaver:
@@ -298,9 +307,9 @@ async def test_a_client_that_hangs_up_leaves_at_once(nursery: trio.Nursery) -> N
 
 
 async def test_the_hub_closing_the_session_ends_the_stream_with_a_close_event(
-    nursery: trio.Nursery,
+    start_node: StartNode,
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     async with open_sse(node, {"channel": "a"}) as client:
         await client.receive()
         await client.send_raw(b"[1]")  # not an object: closes with 4000
@@ -309,9 +318,7 @@ async def test_the_hub_closing_the_session_ends_the_stream_with_a_close_event(
         with pytest.raises(Closed):
             await client.event()
     # The server ends the session right after the stream's last bytes went out.
-    with trio.fail_after(2):
-        while len(node.hub):
-            await trio.sleep(0.01)
+    await until(lambda: len(node.hub) == 0, "the session to end", timeout=2)
 
 
 def test_the_test_parser_follows_the_spec_line_endings() -> None:

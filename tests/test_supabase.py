@@ -8,9 +8,10 @@ docs/supabase.md is the contract these tests hold pyrt to.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import tomllib
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ import httpx
 import orjson
 import pytest
 import trio
+from conftest import StartNode, until
 from pgserver import PostgresServer
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 from realtime.types import RealtimeAcknowledgementStatus
@@ -26,9 +28,17 @@ from test_wal import run_sql, wal_db, wal_source  # noqa: F401 (wal_db is a fixt
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from pyrt.hub.hub import HubConfig
-from pyrt.node.node import Node, NodeConfig
+from pyrt.node.node import Node
 from pyrt.plugins.supabase import SupabaseTransport
 from pyrt.plugins.supabase.phoenix import topic_channel
+from pyrt.testing import (
+    KIT_HUB,
+    SUPABASE_CAPABILITIES,
+    ClientFactory,
+    Closed,
+    SupabaseKitClient,
+    check_transport,
+)
 
 KEY = "anon-key"
 T = TypeVar("T")
@@ -82,25 +92,19 @@ def aio() -> Iterator[AsyncioThread]:
 # -- the trio side -----------------------------------------------------------------------------
 
 
-async def start(nursery: trio.Nursery, **config: Any) -> Node:
-    config.setdefault("api_keys", (KEY,))
-    transport = SupabaseTransport(**config.pop("supabase", {}))
-    config.setdefault("port", 0)
-    node = Node(NodeConfig(**config), transports=[transport])
-    started: Node = await nursery.start(node.run)
-    return started
+@pytest.fixture
+def start_node(start_node: StartNode) -> StartNode:
+    """Nodes with the Supabase transport (by entry point name) and its key."""
+    return functools.partial(start_node, api_keys=(KEY,), transports=("supabase",))
+
+
+def supabase(**options: Any) -> dict[str, dict[str, Any]]:
+    """`transport_options` for the Supabase transport."""
+    return {"supabase": options}
 
 
 def base_url(node: Node, scheme: str = "ws") -> str:
     return f"{scheme}://127.0.0.1:{node.port}/realtime/v1"
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    with trio.move_on_after(timeout):
-        while not condition():
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @asynccontextmanager
@@ -215,9 +219,9 @@ def test_topics_map_to_channels_native_clients_share() -> None:
 
 
 async def test_join_and_broadcast_with_self_and_ack(
-    nursery: trio.Nursery, aio: AsyncioThread
+    start_node: StartNode, aio: AsyncioThread
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     async with realtime(aio, node) as a, realtime(aio, node) as b:
         sender = await Subscription(a, "room:1", config(ack=True, echo=True)).subscribe(aio)
         quiet = await Subscription(a, "room:2", config()).subscribe(aio)
@@ -255,9 +259,9 @@ async def test_join_and_broadcast_with_self_and_ack(
 
 
 async def test_presence_track_and_untrack_seen_by_another_client(
-    nursery: trio.Nursery, aio: AsyncioThread
+    start_node: StartNode, aio: AsyncioThread
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     async with realtime(aio, node) as a, realtime(aio, node) as b:
         watcher = Subscription(a, "lobby", config(key="ann")).watch_presence()
         await watcher.subscribe(aio)
@@ -292,34 +296,37 @@ async def test_presence_track_and_untrack_seen_by_another_client(
         assert node.hub.presence(topic_channel("realtime:lobby")).keys() == {"ann"}
 
 
-async def test_two_channels_on_one_socket(nursery: trio.Nursery, aio: AsyncioThread) -> None:
-    node = await start(nursery)
+async def test_two_channels_on_one_socket(start_node: StartNode, aio: AsyncioThread) -> None:
+    node = await start_node()
     async with realtime(aio, node) as client:
         first = await Subscription(client, "a").subscribe(aio)
         second = await Subscription(client, "b").subscribe(aio)
         await rest_publish(node, "a", {"event": "x", "payload": {"to": "a"}})
         await rest_publish(node, "b", {"event": "x", "payload": {"to": "b"}})
-        await until(lambda: first.broadcasts and second.broadcasts, "both broadcasts")
-        await trio.sleep(0.1)
-        assert [b["payload"] for b in first.broadcasts] == [{"to": "a"}]
-        assert [b["payload"] for b in second.broadcasts] == [{"to": "b"}]
+        # A fence on each: the socket carries frames in order, so a broadcast that went to
+        # the wrong channel would arrive before it.
+        await rest_publish(node, "a", {"event": "fence", "payload": {}})
+        await rest_publish(node, "b", {"event": "fence", "payload": {}})
+        await until(lambda: len(first.broadcasts) == len(second.broadcasts) == 2, "the fences")
+        assert [b["payload"] for b in first.broadcasts] == [{"to": "a"}, {}]
+        assert [b["payload"] for b in second.broadcasts] == [{"to": "b"}, {}]
         # Leaving one keeps the other.
         await aio.run(first.channel.unsubscribe())
         await until(lambda: RealtimeSubscribeStates.CLOSED in first.states, "the leave")
         await rest_publish(node, "a", {"event": "x", "payload": {"to": "a"}})
         await rest_publish(node, "b", {"event": "x", "payload": {"to": "b", "n": 2}})
-        await until(lambda: len(second.broadcasts) == 2, "the second broadcast on b")
-        assert len(first.broadcasts) == 1
+        await until(lambda: len(second.broadcasts) == 3, "the second broadcast on b")
+        assert len(first.broadcasts) == 2
         assert node.hub.channels() == {"b": 1}
 
 
 async def test_the_client_reconnects_and_rejoins_after_the_server_drops_it(
-    nursery: trio.Nursery, aio: AsyncioThread
+    start_node: StartNode, aio: AsyncioThread
 ) -> None:
     # The python client sends a heartbeat every 15 s at most: with a 1.5 s idle timeout the
     # server drops its socket (4009) soon after each connect.
     hub = HubConfig(idle_timeout=1.5, ping_interval=1.0)
-    node = await start(nursery, hub=hub)
+    node = await start_node(hub=hub)
     async with realtime(aio, node, initial_backoff=0.1) as client:
         sub = await Subscription(client, "room:r").subscribe(aio)
         await until(
@@ -332,15 +339,17 @@ async def test_the_client_reconnects_and_rejoins_after_the_server_drops_it(
         assert sub.broadcasts[0]["event"] == "after"
 
 
-async def test_the_client_reconnects_to_a_restarted_server(aio: AsyncioThread) -> None:
+async def test_the_client_reconnects_to_a_restarted_server(
+    aio: AsyncioThread, start_node: StartNode
+) -> None:
     async with trio.open_nursery() as nursery:
-        first = await start(nursery)
+        first = await start_node(nursery=nursery)
         port = first.port
         async with realtime(aio, first, initial_backoff=0.2, max_retries=8) as client:
             sub = await Subscription(client, "room:x").subscribe(aio)
             first.stop()
             await until(lambda: RealtimeSubscribeStates.CHANNEL_ERROR in sub.states, "an error")
-            second = await start(nursery, port=port)
+            second = await start_node(nursery=nursery, port=port)
             await until(
                 lambda: sub.states.count(RealtimeSubscribeStates.SUBSCRIBED) >= 2, "the rejoin"
             )
@@ -356,12 +365,10 @@ async def test_postgres_changes_with_a_filter(
     postgres: PostgresServer,
     wal_db: str,  # noqa: F811
     aio: AsyncioThread,
+    start_node: StartNode,
 ) -> None:
-    source = wal_source(postgres, wal_db)
-    transport = SupabaseTransport()
-    node = Node(NodeConfig(port=0, api_keys=(KEY,)), transports=[transport], sources=[source])
     async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
+        node = await start_node(nursery=nursery, sources=[wal_source(postgres, wal_db)])
         async with realtime(aio, node) as client:
             sub = Subscription(client, "db")
             sub.watch_changes("INSERT", table="items", filter="n=gt.5")
@@ -384,8 +391,9 @@ async def test_postgres_changes_with_a_filter(
                 "DELETE FROM items WHERE id = 1;"
                 "INSERT INTO other VALUES (7, 'o');",
             )
-            await until(lambda: len(sub.changes) >= 4, "four changes", timeout=20)
-            await trio.sleep(0.2)
+            # A fence: changes arrive in commit order, so one too many would come before it.
+            await run_sql(postgres, wal_db, "INSERT INTO other VALUES (8, 'fence');")
+            await until(lambda: len(sub.changes) >= 5, "four changes and the fence", timeout=20)
         node.stop()
     seen = [(c["event"], c["data"]["type"], c["data"]["table"]) for c in sub.changes]
     assert seen == [
@@ -393,8 +401,10 @@ async def test_postgres_changes_with_a_filter(
         ("UPDATE", "UPDATE", "items"),
         ("DELETE", "DELETE", "items"),
         ("*", "INSERT", "other"),
+        ("*", "INSERT", "other"),
     ]
-    insert, update, delete, other = (c["data"] for c in sub.changes)
+    assert sub.changes[4]["data"]["record"] == {"id": 8, "body": "fence"}
+    insert, update, delete, other = (c["data"] for c in sub.changes[:4])
     assert insert["record"] == {"id": 2, "body": "big", "n": 10}
     assert insert["schema"] == "public"
     assert insert["errors"] is None
@@ -408,9 +418,9 @@ async def test_postgres_changes_with_a_filter(
 
 
 async def test_mismatched_filters_are_refused_at_join(
-    nursery: trio.Nursery, aio: AsyncioThread
+    start_node: StartNode, aio: AsyncioThread
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     async with realtime(aio, node) as client:
         sub = Subscription(client, "bad")
         sub.watch_changes("INSERT", table="items", filter="n=between.1")
@@ -456,12 +466,96 @@ async def closed_by_server(ws: WebSocketConnection) -> ConnectionClosed:
     return closed
 
 
+# -- the conformance kit, in Supabase's dialect ----------------------------------------------
+
+
+class TrioPhoenixSocket:
+    """A trio-websocket connection as the kit's `PhoenixSocket`."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+
+    async def send(self, frame: str) -> None:
+        await self.ws.send_message(frame)
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self.ws.get_message()
+        except ConnectionClosed as e:
+            raise Closed(e.reason.code) from None
+
+
+def supabase_kit_client(vsn: str) -> ClientFactory:
+    @asynccontextmanager
+    async def open_client(node: Node) -> AsyncIterator[SupabaseKitClient]:
+        async with open_websocket_url(socket_url(node, vsn)) as ws:
+            yield SupabaseKitClient(TrioPhoenixSocket(ws), vsn)
+        await ws._stream.aclose()  # see closed_by_server
+
+    return open_client
+
+
+@pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
+async def test_the_supabase_transport_passes_the_conformance_kit_in_its_dialect(vsn: str) -> None:
+    def transport() -> SupabaseTransport:
+        # Each Phoenix channel is a hub connection of its own: the kit's channel limit is
+        # the socket's.
+        return SupabaseTransport(apikeys=[KEY], max_channels=KIT_HUB.max_channels_per_connection)
+
+    skipped = await check_transport(
+        transport, supabase_kit_client(vsn), capabilities=SUPABASE_CAPABILITIES
+    )
+    # What Supabase's protocol cannot say, and nothing else.
+    assert skipped == [
+        "client publications carry their sender (no SENDER)",
+        "a bad channel name is refused (no CHANNEL_NAME_ERRORS)",
+        "an error without an id is pushed (no ERROR_PUSH)",
+        "shutdown pushes 'disconnect' (no DISCONNECT_NOTICE)",
+    ]
+
+
+async def test_the_dialect_kit_fails_a_transport_that_breaks_a_check() -> None:
+    # The socket's channel limit left at 100: the kit's fifth join is not refused.
+    with pytest.raises(AssertionError, match="the channel limit"):
+        await check_transport(
+            lambda: SupabaseTransport(apikeys=[KEY]),
+            supabase_kit_client("1.0.0"),
+            capabilities=SUPABASE_CAPABILITIES,
+        )
+
+
+async def test_the_dialect_refuses_what_phoenix_cannot_say() -> None:
+    """A native command with no Phoenix counterpart fails loudly, before anything is sent:
+    a test must declare the capability, not get a made-up translation."""
+    sent: list[str] = []
+
+    class Recorder:
+        async def send(self, frame: str) -> None:
+            sent.append(frame)
+
+        async def receive(self) -> str | bytes:
+            raise Closed(1000)
+
+    client = SupabaseKitClient(Recorder())
+    for command, message in [
+        ({"cmd": "mutate", "channel": "c", "key": "k"}, "no 'mutate' command"),
+        ({"cmd": "presence", "channel": "c"}, "no 'presence' command"),
+        ({"cmd": "publish", "channel": "c", "data": 1, "self": True}, "per channel"),
+        ({"cmd": "join", "channel": "a:*"}, "no patterns"),
+        ({"cmd": "join"}, "needs a topic"),
+        ({"channel": "c"}, "without 'cmd'"),
+    ]:
+        with pytest.raises(AssertionError, match=message):
+            await client.send(command)
+    assert sent == []
+
+
 def v1(topic: str, event: str, payload: Any, ref: str | None = "1") -> dict[str, Any]:
     return {"topic": topic, "event": event, "payload": payload, "ref": ref, "join_ref": ref}
 
 
-async def test_heartbeat_and_join_over_raw_v1_frames(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_heartbeat_and_join_over_raw_v1_frames(start_node: StartNode) -> None:
+    node = await start_node()
     async with open_websocket_url(socket_url(node, path="/socket/websocket")) as ws:
         await send(ws, v1("phoenix", "heartbeat", {}, ref="7"))
         assert await receive(ws) == {
@@ -501,8 +595,8 @@ async def test_heartbeat_and_join_over_raw_v1_frames(nursery: trio.Nursery) -> N
         assert node.hub.channels() == {}
 
 
-async def test_v2_arrays_and_binary_user_broadcasts(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_v2_arrays_and_binary_user_broadcasts(start_node: StartNode) -> None:
+    node = await start_node()
     async with (
         open_websocket_url(socket_url(node, vsn="2.0.0")) as sender,
         open_websocket_url(socket_url(node, vsn="2.0.0")) as v2_reader,
@@ -569,9 +663,9 @@ async def test_v2_arrays_and_binary_user_broadcasts(nursery: trio.Nursery) -> No
     ],
 )
 async def test_malformed_frames_close_the_socket_with_4000(
-    nursery: trio.Nursery, frame: str | bytes, reason: str
+    start_node: StartNode, frame: str | bytes, reason: str
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     async with open_websocket_url(socket_url(node)) as ws:
         await ws.send_message(frame)
         closed = await closed_by_server(ws)
@@ -580,8 +674,8 @@ async def test_malformed_frames_close_the_socket_with_4000(
     assert closed.reason.reason.startswith(reason)
 
 
-async def test_malformed_v2_frames_close_the_socket(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_malformed_v2_frames_close_the_socket(start_node: StartNode) -> None:
+    node = await start_node()
     for frame, reason in [
         ('{"topic": "t"}', "frame must be a JSON array"),
         (b"\x07abc", "binary frame of unknown kind 7"),
@@ -596,8 +690,8 @@ async def test_malformed_v2_frames_close_the_socket(nursery: trio.Nursery) -> No
         assert closed.reason.reason.startswith(reason)
 
 
-async def test_unknown_topics_and_events_get_error_replies(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_unknown_topics_and_events_get_error_replies(start_node: StartNode) -> None:
+    node = await start_node()
     async with open_websocket_url(socket_url(node)) as ws:
         await send(ws, v1("realtime:nowhere", "broadcast", {"event": "x"}, ref="1"))
         reply = await receive(ws)
@@ -637,9 +731,9 @@ async def test_unknown_topics_and_events_get_error_replies(nursery: trio.Nursery
     ],
 )
 async def test_bad_joins_are_refused_with_a_reason(
-    nursery: trio.Nursery, payload: Any, reason: str
+    start_node: StartNode, payload: Any, reason: str
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     async with open_websocket_url(socket_url(node)) as ws:
         await send(ws, v1("realtime:j", "phx_join", payload, ref="1"))
         reply = await receive(ws)
@@ -649,8 +743,8 @@ async def test_bad_joins_are_refused_with_a_reason(
     assert len(node.hub) == 0
 
 
-async def test_a_socket_joins_at_most_max_channels(nursery: trio.Nursery) -> None:
-    node = await start(nursery, supabase={"max_channels": 2})
+async def test_a_socket_joins_at_most_max_channels(start_node: StartNode) -> None:
+    node = await start_node(transport_options=supabase(max_channels=2))
     async with open_websocket_url(socket_url(node)) as ws:
         for n in range(3):
             await send(ws, v1(f"realtime:c{n}", "phx_join", {}, ref=str(n)))
@@ -673,9 +767,9 @@ async def test_a_socket_joins_at_most_max_channels(nursery: trio.Nursery) -> Non
     ],
 )
 async def test_a_bad_apikey_is_refused_before_the_upgrade(
-    nursery: trio.Nursery, key: str | None, headers: dict[str, str], status: int, error: str
+    start_node: StartNode, key: str | None, headers: dict[str, str], status: int, error: str
 ) -> None:
-    node = await start(nursery)
+    node = await start_node()
     async with httpx.AsyncClient() as client:
         response = await client.get(
             socket_url(node, key=key).replace("ws://", "http://"),
@@ -691,8 +785,8 @@ async def test_a_bad_apikey_is_refused_before_the_upgrade(
     assert response.json() == {"error": error}
 
 
-async def test_the_key_may_come_in_a_header_and_vsn_is_checked(nursery: trio.Nursery) -> None:
-    node = await start(nursery, supabase={"apikeys": ["browser-key"]})
+async def test_the_key_may_come_in_a_header_and_vsn_is_checked(start_node: StartNode) -> None:
+    node = await start_node(transport_options=supabase(apikeys=["browser-key"]))
     url = socket_url(node, key=None)
     async with open_websocket_url(url, extra_headers=[("x-api-key", "browser-key")]) as ws:
         await send(ws, v1("phoenix", "heartbeat", {}))
@@ -706,8 +800,8 @@ async def test_the_key_may_come_in_a_header_and_vsn_is_checked(nursery: trio.Nur
     assert response.json() == {"error": "unsupported vsn '3.0.0': use 1.0.0 or 2.0.0"}
 
 
-async def test_an_oversized_frame_closes_with_1009(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(max_frame_bytes=1000))
+async def test_an_oversized_frame_closes_with_1009(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(max_frame_bytes=1000))
     async with open_websocket_url(socket_url(node)) as ws:
         await send(ws, v1("phoenix", "heartbeat", {"pad": "x" * 2000}))
         closed = await closed_by_server(ws)
@@ -715,8 +809,8 @@ async def test_an_oversized_frame_closes_with_1009(nursery: trio.Nursery) -> Non
     assert closed.reason.reason == "frame larger than 1000 bytes"
 
 
-async def test_a_broadcast_over_the_payload_limit_is_refused(nursery: trio.Nursery) -> None:
-    node = await start(nursery, hub=HubConfig(max_payload_bytes=100))
+async def test_a_broadcast_over_the_payload_limit_is_refused(start_node: StartNode) -> None:
+    node = await start_node(hub=HubConfig(max_payload_bytes=100))
     async with open_websocket_url(socket_url(node)) as ws:
         await send(ws, v1("realtime:p", "phx_join", {}))
         await receive(ws)
@@ -729,8 +823,8 @@ async def test_a_broadcast_over_the_payload_limit_is_refused(nursery: trio.Nurse
 # -- pyrt's extras ----------------------------------------------------------------------------
 
 
-async def test_offsets_and_resume_for_clients_that_ask(nursery: trio.Nursery) -> None:
-    node = await start(nursery)
+async def test_offsets_and_resume_for_clients_that_ask(start_node: StartNode) -> None:
+    node = await start_node()
     async with open_websocket_url(socket_url(node)) as ws:
         await send(ws, v1("realtime:h", "phx_join", {"config": {"pyrt": {}}}, ref="1"))
         extras = (await receive(ws))["payload"]["response"]["pyrt"]
@@ -767,8 +861,8 @@ async def test_offsets_and_resume_for_clients_that_ask(nursery: trio.Nursery) ->
 # -- REST --------------------------------------------------------------------------------------
 
 
-async def test_the_broadcast_rest_api(nursery: trio.Nursery, aio: AsyncioThread) -> None:
-    node = await start(nursery)
+async def test_the_broadcast_rest_api(start_node: StartNode, aio: AsyncioThread) -> None:
+    node = await start_node()
     async with realtime(aio, node) as client:
         sub = await Subscription(client, "news").subscribe(aio)
         # The client's own http_send: POST /realtime/v1/api/broadcast/news/events/flash.

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
 import pytest
 import trio
+from conftest import until
 from pgserver import PostgresServer, free_port
 
 from pyrt.client import connect
@@ -41,14 +42,7 @@ def wal_db(postgres: PostgresServer) -> Iterator[str]:
     db = postgres.new_database("wal")
     postgres.sql(TABLES, db)
     yield db
-    postgres.sql(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-        f" WHERE database = '{db}' AND active"
-    )
-    postgres.sql(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-        f" WHERE database = '{db}' AND NOT active"
-    )
+    postgres.drop_replication_slots(db)
 
 
 def wal_source(postgres: PostgresServer, db: str, **extra: Any) -> WalSource:
@@ -84,14 +78,6 @@ async def running(
         node.stop()
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    with trio.move_on_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class Subscriber:
     """A hub session driven directly (as a transport would), collecting what it is sent."""
 
@@ -124,7 +110,10 @@ class Subscriber:
         return [f for f in self.collect() if f.get("push") == "pub"]
 
     async def wait_events(self, n: int, timeout: float = 20) -> list[dict[str, Any]]:
-        await until(lambda: len(self.events()) >= n, f"{n} events", timeout)
+        """Every publication so far, once there are `n`: woken by the hub's nudges."""
+        with trio.fail_after(timeout):
+            while len(self.events()) < n:
+                await self.session.wait_changed()
         return self.events()
 
 
@@ -437,10 +426,12 @@ async def test_postgres_restart_mid_stream_loses_nothing(
         # Committed while the source is (probably) still reconnecting: the slot keeps it.
         for n in range(6, 11):
             await run_sql(postgres, wal_db, f"INSERT INTO items VALUES ({n}, 'after', {n})")
-        events = await sub.wait_events(10, timeout=30)
-        await trio.sleep(0.5)
-        assert [id_ for _, id_ in rows(sub.events())] == list(range(1, 11))
-        assert [e["offset"] for e in events] == list(range(1, 11))
+        await sub.wait_events(10, timeout=30)
+        # A fence: rows arrive in commit order, so a duplicate would come before it.
+        await run_sql(postgres, wal_db, "INSERT INTO items VALUES (11, 'fence', 11)")
+        events = await sub.wait_events(11)
+        assert [id_ for _, id_ in rows(events)] == list(range(1, 12))
+        assert [e["offset"] for e in events] == list(range(1, 12))
         assert source.connects >= 2
     # The restart is logged as what it is, not as a protocol error.
     logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "pyrt.sources.wal"]
@@ -472,10 +463,11 @@ async def test_commits_sent_again_by_the_slot_are_skipped(
         )
         await until(lambda: source.connects >= 2, "a reconnect")
         await until(lambda: source.skipped >= 3, "the commits sent again")
+        # Row 4, committed after the link came back, is the fence: a commit sent again and
+        # published twice would come before it.
         await run_sql(postgres, wal_db, "INSERT INTO items VALUES (4, 'y', 4)")
         events = await sub.wait_events(4)
-        await trio.sleep(0.3)
-        assert [id_ for _, id_ in rows(sub.events())] == [1, 2, 3, 4]
+        assert [id_ for _, id_ in rows(events)] == [1, 2, 3, 4]
         assert [e["offset"] for e in events] == [1, 2, 3, 4]
         assert source.skipped == 3
 

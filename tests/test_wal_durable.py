@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from conftest import until
 from pgserver import PostgresServer, free_port
 
 from pyrt.client import Message, connect
@@ -25,6 +26,8 @@ from pyrt.hub.historylog import HistoryLog
 
 ROWS = 10_000
 BATCH = 500  # rows per transaction: the kill lands inside one (after 2,750 rows)
+FENCE = ROWS + 1
+FENCE_SQL = f"INSERT INTO items VALUES ({FENCE}, 'fence')"
 
 
 @pytest.fixture
@@ -36,14 +39,7 @@ def kill_db(postgres: PostgresServer) -> Iterator[str]:
         db,
     )
     yield db
-    postgres.sql(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-        f" WHERE database = '{db}' AND active"
-    )
-    postgres.sql(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-        f" WHERE database = '{db}' AND NOT active"
-    )
+    postgres.drop_replication_slots(db)
 
 
 class Hub:
@@ -77,7 +73,7 @@ class Hub:
                     pass
                 if trio.current_time() > deadline:
                     raise AssertionError(f"pyrt serve did not start:\n{self.log.read_text()}")
-                await trio.sleep(0.05)
+                await trio.sleep(0.05)  # another process: its readiness is only seen by asking
 
     def kill(self) -> None:
         assert self.process is not None
@@ -131,6 +127,7 @@ async def test_hub_killed_mid_load_delivers_every_row_once(
     hub = Hub(write_config(tmp_path, postgres, kill_db, port), port, tmp_path / "serve.log")
     await hub.start()
     got: list[Message] = []
+    seen: set[int] = set()
     loaded = 0
     killed_at: dict[str, int] = {}
 
@@ -150,24 +147,26 @@ async def test_hub_killed_mid_load_delivers_every_row_once(
         ) as client:
             channel = await client.changes([{"table": "items"}], iterate=False)
             channel.on_message.append(got.append)
+            channel.on_message.append(lambda m: seen.add(m.data["record"]["id"]))
             started = time.monotonic()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.to_thread.run_sync, load)
-                with trio.fail_after(30):
-                    while len(got) < ROWS // 4 + BATCH // 2:
-                        await trio.sleep(0.005)
+                await until(lambda: len(got) >= ROWS // 4 + BATCH // 2, "a quarter", timeout=30)
                 hub.kill()
                 killed_at.update(delivered=len(got), loaded=loaded)
-                await trio.sleep(0.3)  # rows keep committing while the hub is down
+                # Rows keep committing while the hub is down.
+                await until(lambda: loaded > killed_at["loaded"], "a commit while it is down")
                 await hub.start()
-                with trio.fail_after(45):
-                    while len({m.data["record"]["id"] for m in got}) < ROWS:
-                        await trio.sleep(0.05)
-            await trio.sleep(0.5)  # anything doubled would arrive by now
+                await until(lambda: len(seen) == ROWS, "every row", timeout=45)
+            # A fence, committed after the load: a row delivered twice would come before it.
+            await trio.to_thread.run_sync(postgres.sql, FENCE_SQL, kill_db)
+            await until(lambda: FENCE in seen, "the fence")
             elapsed = time.monotonic() - started
     finally:
         hub.stop()
 
+    assert got[-1].data["record"]["id"] == FENCE
+    del got[-1]
     assert killed_at["delivered"] < ROWS
     assert killed_at["loaded"] < ROWS, "the load was over before the kill"
     ids = collections.Counter(m.data["record"]["id"] for m in got)
@@ -188,8 +187,8 @@ async def test_hub_killed_mid_load_delivers_every_row_once(
     history = History(20000, 3600.0, lambda: "new", 3600.0)
     history.attach(HistoryLog(tmp_path / "history"), 0.0, time.time())
     publications: list[Any] = list(history.stream("pg:public:items", 0.0))
-    assert [p.offset for p in publications] == list(range(1, ROWS + 1))
-    assert sorted(_row_id(p.data) for p in publications) == list(range(1, ROWS + 1))
+    assert [p.offset for p in publications] == list(range(1, FENCE + 1))
+    assert sorted(_row_id(p.data) for p in publications) == list(range(1, FENCE + 1))
     assert os.path.isdir(tmp_path / "history")
 
 

@@ -17,6 +17,7 @@ from pyrt.node.context import SourceContext
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.wal import WalSource
 from pyrt.postgres.replication import XLogData
+from pyrt.testing import Peer
 
 INT4, TEXT = 23, 25
 RELATION = enc_relation(
@@ -37,16 +38,12 @@ def changes(*rows: tuple[int, str, int]) -> list[PgChange]:
 
 
 def frames(conn: Connection) -> list[dict[str, Any]]:
+    """What the hub queued for `conn` (test_history_log drives connections itself)."""
     return [orjson.loads(f) for f in conn.outbox.pop(max_bytes=1 << 30)]
 
 
-def join(hub: Hub, conn: Connection, rid: int = 1, **command: Any) -> dict[str, Any]:
-    (reply,) = join_all(hub, conn, rid, **command)
-    return reply
-
-
 def join_all(hub: Hub, conn: Connection, rid: int = 1, **command: Any) -> list[dict[str, Any]]:
-    """The join's reply and what follows it (a replay)."""
+    """A join's reply and what follows it (a replay), for test_history_log."""
     hub.receive(conn.id, orjson.dumps({"cmd": "join", "id": rid, **command}), 0.0)
     return frames(conn)
 
@@ -98,8 +95,8 @@ def test_bad_changes_are_refused_and_register_nothing(
     command: dict[str, Any], message: str
 ) -> None:
     hub = Hub()
-    conn = hub.open(0.0)
-    reply = join(hub, conn, **command)
+    conn = Peer(hub, 0.0)
+    reply = conn.request(cmd="join", **command)
     assert reply["error"]["code"] == 400
     assert message in reply["error"]["message"]
     assert hub.channels() == {}
@@ -108,9 +105,9 @@ def test_bad_changes_are_refused_and_register_nothing(
 
 def test_identical_subscriptions_share_one_id_until_the_last_leaves() -> None:
     hub = Hub()
-    a, b = hub.open(0.0), hub.open(0.0)
+    a, b = Peer(hub, 0.0), Peer(hub, 0.0)
     spec = {"event": "insert", "table": "items", "filter": "n=gt.1"}
-    first = join(hub, a, changes=[spec, spec])["ok"]
+    first = a.request(cmd="join", changes=[spec, spec])["ok"]
     assert [c["id"] for c in first["changes"]] == [1, 1]
     assert first["changes"][0] == {
         "event": "INSERT",
@@ -119,8 +116,8 @@ def test_identical_subscriptions_share_one_id_until_the_last_leaves() -> None:
         "filter": "n=gt.1",
         "id": 1,
     }
-    assert join(hub, b, changes=[spec])["ok"]["changes"][0]["id"] == 1
-    hub.receive(a.id, b'{"cmd":"leave","id":2,"channel":"pg:public:items"}', 0.0)
+    assert b.request(cmd="join", changes=[spec])["ok"]["changes"][0]["id"] == 1
+    a.request(cmd="leave", channel="pg:public:items")
     assert len(hub._rows) == 1
     hub.disconnect(b.id, 0.0)
     assert len(hub._rows) == 0
@@ -129,15 +126,15 @@ def test_identical_subscriptions_share_one_id_until_the_last_leaves() -> None:
 
 def test_one_frame_for_every_recipient_and_plain_joins_get_every_row() -> None:
     hub = Hub()
-    conns = [hub.open(0.0) for _ in range(4)]
-    join(hub, conns[0], changes=[{"table": "items", "filter": "n=gt.5"}])
-    join(hub, conns[1], changes=[{"table": "items", "filter": "n=lt.100"}])
-    join(hub, conns[2], channel="pg:public:items")  # no filter
-    join(hub, conns[3], changes=[{"table": "items", "filter": "n=lt.0"}])
+    conns = [Peer(hub, 0.0) for _ in range(4)]
+    conns[0].request(cmd="join", changes=[{"table": "items", "filter": "n=gt.5"}])
+    conns[1].request(cmd="join", changes=[{"table": "items", "filter": "n=lt.100"}])
+    conns[2].request(cmd="join", channel="pg:public:items")  # no filter
+    conns[3].request(cmd="join", changes=[{"table": "items", "filter": "n=lt.0"}])
     small, big = changes((1, "a", 1), (2, "b", 50))
     hub.publish_change(small, 1.0)
     hub.publish_change(big, 2.0)
-    out = [c.outbox.pop(max_bytes=1 << 30) for c in conns]
+    out = [hub.connection(c.id).outbox.pop() for c in conns]
     assert [len(frames_) for frames_ in out] == [1, 2, 2, 0]
     # The same bytes object was queued for every recipient of `big`.
     assert out[0][0] is out[1][1] is out[2][1]
@@ -148,45 +145,45 @@ def test_one_frame_for_every_recipient_and_plain_joins_get_every_row() -> None:
 
 def test_since_replays_matching_rows_and_truncates() -> None:
     hub = Hub()
-    conn = hub.open(0.0)
-    reply = join(hub, conn, changes=[{"table": "items", "filter": "n=gt.5"}])["ok"]
+    conn = Peer(hub, 0.0)
+    reply = conn.request(cmd="join", changes=[{"table": "items", "filter": "n=gt.5"}])["ok"]
     since = {"offset": reply["offset"], "epoch": reply["epoch"]}
     hub.disconnect(conn.id, 0.0)
     for change in changes((1, "a", 1), (2, "b", 10), (3, "c", 2)):
         hub.publish_change(change, 1.0)
     hub.publish_truncate("public", "items", 1.0)
-    back = hub.open(1.0)
-    reply, *replay = join_all(
-        hub, back, changes=[{"table": "items", "filter": "n=gt.5"}], since=since
-    )
+    back = Peer(hub, 1.0)
+    reply = back.request(cmd="join", changes=[{"table": "items", "filter": "n=gt.5"}], since=since)
+    replay = back.pending
     assert reply["ok"]["recovered"] is True
     assert [(f["offset"], f["data"]["type"]) for f in replay] == [(2, "INSERT"), (4, "TRUNCATE")]
     # Only subscriptions for every event get truncates.
-    only_inserts = hub.open(1.0)
-    _, *replay = join_all(
-        hub, only_inserts, changes=[{"event": "INSERT", "table": "items"}], since=since
-    )
+    only_inserts = Peer(hub, 1.0)
+    only_inserts.request(cmd="join", changes=[{"event": "INSERT", "table": "items"}], since=since)
+    replay = only_inserts.pending
     assert [f["offset"] for f in replay] == [1, 2, 3]
 
 
 def test_reset_channels_gives_new_epochs_and_tells_joined_clients() -> None:
     hub = Hub()
-    named, pattern, elsewhere = hub.open(0.0), hub.open(0.0), hub.open(0.0)
-    old = join(hub, named, changes=[{"table": "items"}])["ok"]["epoch"]
-    join(hub, pattern, changes=[{"table": "*"}])
-    join(hub, elsewhere, channel="room:1")
+    named, pattern, elsewhere = Peer(hub, 0.0), Peer(hub, 0.0), Peer(hub, 0.0)
+    old = named.request(cmd="join", changes=[{"table": "items"}])["ok"]["epoch"]
+    pattern.request(cmd="join", changes=[{"table": "*"}])
+    elsewhere.request(cmd="join", channel="room:1")
     hub.publish_change(changes((1, "a", 1))[0], 1.0)
-    frames(named), frames(pattern)
+    named.frames(), pattern.frames()
     assert hub.reset_channels("pg:>", 2.0) == ["pg:public:items"]
-    (reset,) = frames(named)
+    (reset,) = named.frames()
     assert reset["push"] == "reset"
     assert reset["recovered"] is False
     assert (reset["channel"], reset["offset"]) == ("pg:public:items", 1)
     assert reset["epoch"] != old
-    assert frames(pattern) == []
-    assert frames(elsewhere) == []
-    again = hub.open(2.0)
-    reply = join(hub, again, changes=[{"table": "items"}], since={"offset": 0, "epoch": old})
+    assert pattern.frames() == []
+    assert elsewhere.frames() == []
+    again = Peer(hub, 2.0)
+    reply = again.request(
+        cmd="join", changes=[{"table": "items"}], since={"offset": 0, "epoch": old}
+    )
     assert reply["ok"]["recovered"] is False
 
 
@@ -219,8 +216,8 @@ def transaction(commit_lsn: int, *ids: int, commit: bool = True) -> list[bytes]:
 async def test_pump_skips_what_the_slot_sends_again() -> None:
     source = WalSource(slot="fake")
     node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[])
-    conn = node.hub.open(0.0)
-    join(node.hub, conn, channel="pg:public:items")
+    conn = Peer(node.hub, 0.0)
+    conn.request(cmd="join", channel="pg:public:items")
     # A session cut off in the middle of the second transaction...
     first = FakeStream([RELATION, *transaction(100, 1, 2), *transaction(200, 3, 4, commit=False)])
     await source.pump(SourceContext(node, source.name), first)
@@ -231,7 +228,7 @@ async def test_pump_skips_what_the_slot_sends_again() -> None:
     )
     await source.pump(SourceContext(node, source.name), second)
     assert second.acks == [108, 208, 308]
-    ids = [f["data"]["record"]["id"] for f in frames(conn)]
+    ids = [f["data"]["record"]["id"] for f in conn.frames()]
     assert ids == [1, 2, 3, 4, 5, 6]
     assert source.skipped == 4
     assert source.committed_lsn == 308
@@ -240,8 +237,8 @@ async def test_pump_skips_what_the_slot_sends_again() -> None:
 async def test_pump_publishes_truncates_per_table() -> None:
     source = WalSource(slot="fake")
     node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[])
-    conn = node.hub.open(0.0)
-    join(node.hub, conn, changes=[{"table": "*"}])
+    conn = Peer(node.hub, 0.0)
+    conn.request(cmd="join", changes=[{"table": "*"}])
     other = enc_relation(16385, "public", "other", "d", [(1, "id", INT4, -1)])
     stream = FakeStream(
         [
@@ -253,7 +250,7 @@ async def test_pump_publishes_truncates_per_table() -> None:
         ]
     )
     await source.pump(SourceContext(node, source.name), stream)
-    got = [(f["channel"], f["data"]["type"], f["data"]["columns"]) for f in frames(conn)]
+    got = [(f["channel"], f["data"]["type"], f["data"]["columns"]) for f in conn.frames()]
     assert got == [
         (
             "pg:public:items",
@@ -274,8 +271,8 @@ async def test_pump_skips_a_message_it_cannot_decode_and_goes_on(
 ) -> None:
     source = WalSource(slot="fake")
     node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[source])
-    conn = node.hub.open(0.0)
-    join(node.hub, conn, channel="pg:public:items")
+    conn = Peer(node.hub, 0.0)
+    conn.request(cmd="join", channel="pg:public:items")
     garbage = enc_insert(16384, ["1", "x"])  # a column short: the decoder refuses it
     stream = FakeStream(
         [
@@ -290,7 +287,7 @@ async def test_pump_skips_a_message_it_cannot_decode_and_goes_on(
         ]
     )
     await source.pump(SourceContext(node, source.name), stream)
-    assert [f["data"]["record"]["id"] for f in frames(conn)] == [1, 2, 3]
+    assert [f["data"]["record"]["id"] for f in conn.frames()] == [1, 2, 3]
     assert stream.acks == [108, 208, 308]  # the slot moves past the bad message
     assert node.metrics.source_events_skipped["wal"] == 1
     (record,) = [r for r in caplog.records if "skipped" in r.message]
@@ -306,8 +303,8 @@ async def test_a_row_too_deep_to_keep_as_a_record_is_skipped_as_a_record_only() 
     config = NodeConfig(port=0, transports=(), hub=HubConfig(record_policies={"docs": "lww"}))
     node = Node(config, transports=[], sources=[source])
     source._records_loaded = True  # (no database to load them from)
-    conn = node.hub.open(0.0)
-    join(node.hub, conn, channel="pg:public:docs")
+    conn = Peer(node.hub, 0.0)
+    conn.request(cmd="join", channel="pg:public:docs")
     deep = "[" * 100 + "]" * 100
     stream = FakeStream(
         [
@@ -320,7 +317,7 @@ async def test_a_row_too_deep_to_keep_as_a_record_is_skipped_as_a_record_only() 
     )
     await source.pump(SourceContext(node, source.name), stream)
     # Both row events go out (as the database sent them); only the shallow row is a record.
-    assert [f["data"]["record"]["id"] for f in frames(conn)] == [1, 2]
+    assert [f["data"]["record"]["id"] for f in conn.frames()] == [1, 2]
     assert [r.key for r in node.hub.records("docs")] == ["2"]
     assert node.metrics.source_events_skipped["wal"] == 1
     assert stream.acks == [108]

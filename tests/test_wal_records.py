@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import until
 from pgserver import PostgresServer
-from test_wal import run_sql, running, until, wal_source
+from test_wal import run_sql, running, wal_source
 
 from pyrt.client import connect
 from pyrt.hub.hub import Hub, HubConfig
@@ -30,14 +31,7 @@ def records_db(postgres: PostgresServer) -> Iterator[str]:
     db = postgres.new_database("rec")
     postgres.sql(TABLES, db)
     yield db
-    postgres.sql(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-        f" WHERE database = '{db}' AND active"
-    )
-    postgres.sql(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-        f" WHERE database = '{db}' AND NOT active"
-    )
+    postgres.drop_replication_slots(db)
 
 
 def view(records: Any) -> dict[str, dict[str, Any]]:
