@@ -126,6 +126,14 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
+def _retried(error: BaseException) -> bool:
+    """Whether retrying may fix `error`: connection trouble, except a server certificate
+    that does not verify."""
+    return isinstance(error, RETRIED) and not isinstance(
+        error.__cause__, ssl.SSLCertVerificationError
+    )
+
+
 class RedisSource:
     """Subscribes to Redis channels and patterns and reads Redis streams, publishing each
     message and entry on its pyrt channel; see the module."""
@@ -332,21 +340,30 @@ class RedisSource:
         """The delay before reconnect attempt `attempt`; before the first connection, a
         SourceError instead for an error retrying cannot fix, or past startup_timeout."""
         leaves = _leaves(error)
-        fatal = [e for e in leaves if not isinstance(e, RETRIED)]
+        fatal = [e for e in leaves if not _retried(e)]
         cause = (fatal or leaves)[0]
         self.last_error = cause
         ceiling = min(self.reconnect_max, self.reconnect_min * 2 ** min(attempt, 30))
         delay = self.random.uniform(ceiling / 2, ceiling)
         if not started:
+            why = self._describe(cause)
             if fatal:
-                raise SourceError(f"sources.{self.name}: {cause} ({self.where()})") from cause
+                raise SourceError(f"sources.{self.name}: {why} ({self.where()})") from cause
             if trio.current_time() + delay > deadline:
                 raise SourceError(
                     f"sources.{self.name}: no connection to Redis within startup_timeout"
-                    f" ({self.startup_timeout:g} s): {cause} ({self.where()})"
+                    f" ({self.startup_timeout:g} s): {why} ({self.where()})"
                 ) from cause
-        log.warning("%s: %s; retrying in %.1f s", self.name, cause or type(cause), delay)
+        log.warning("%s: %s; retrying in %.1f s", self.name, self._describe(cause), delay)
         return delay
+
+    def _describe(self, error: BaseException) -> str:
+        if isinstance(error, trio.TooSlowError):
+            return f"no answer from Redis in time (ping_timeout {self.ping_timeout:g} s)"
+        text = str(error) or type(error).__name__
+        if isinstance(error, coredis.exceptions.ConnectionError) and error.__cause__:
+            text += f": {error.__cause__}"  # why (refused, the certificate, ...)
+        return text
 
     async def _ping(self, client: coredis.Redis[bytes]) -> None:
         """Checks the server every ping_interval: a link that died silently is noticed."""

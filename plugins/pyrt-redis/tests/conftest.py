@@ -25,8 +25,8 @@ def new_redis_server() -> Iterator[Callable[..., RedisServer]]:
     """Makes servers of the test's own (to restart, kill or give a password), started."""
     made: list[RedisServer] = []
 
-    def make(password: str | None = None) -> RedisServer:
-        server = RedisServer(password=password)
+    def make(password: str | None = None, tls: bool = False) -> RedisServer:
+        server = RedisServer(password=password, tls=tls)
         made.append(server)
         server.start()
         return server
@@ -36,12 +36,3 @@ def new_redis_server() -> Iterator[Callable[..., RedisServer]]:
     finally:
         for server in made:
             server.cleanup()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # coredis 6.9 leaves the anyio memory streams of a connection that never connected
-    # (refused while a server is down, a wrong password) unclosed; anyio warns when they are
-    # garbage-collected, which may be during any later test.
-    config.addinivalue_line(
-        "filterwarnings", "ignore:Unclosed <MemoryObject:ResourceWarning:anyio.streams.memory"
-    )

@@ -3,7 +3,8 @@ scripts/bootstrap installs it) on a free port of 127.0.0.1, its data in a temp d
 
 Every write is appended and fsynced (`appendfsync always`), so a server killed with SIGKILL
 and started again on the same port has every entry it acknowledged: what the reconnect
-tests need. `password` turns on `requirepass`.
+tests need. `password` turns on `requirepass`; `tls` serves TLS only, with a self-signed
+certificate for 127.0.0.1 made by the `openssl` command (`ca_file`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def free_port() -> int:
 class RedisServer:
     """One server in a temp dir: `start()`, `kill()`, `restart()`, `cli(*args)`, `cleanup()`."""
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, tls: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (scripts/bootstrap installs it)")
@@ -37,6 +38,18 @@ class RedisServer:
         self.port = free_port()
         self.password = password
         self.process: subprocess.Popen[bytes] | None = None
+        self.ca_file: Path | None = None
+        if tls:
+            self.ca_file = self.dir / "cert.pem"
+            subprocess.run(
+                [
+                    "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(self.dir / "key.pem"), "-out", str(self.ca_file),
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                ],
+                check=True,
+                capture_output=True,
+            )  # fmt: skip
 
     def command(self) -> list[str]:
         command = [
@@ -52,6 +65,15 @@ class RedisServer:
         ]  # fmt: skip
         if self.password is not None:
             command += ["--requirepass", self.password]
+        if self.ca_file is not None:
+            command += [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.ca_file),
+                "--tls-key-file", str(self.dir / "key.pem"),
+                "--tls-ca-cert-file", str(self.ca_file),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         return command
 
     def start(self, timeout: float = 10.0) -> None:
@@ -97,6 +119,8 @@ class RedisServer:
         command = ["redis-cli", "-h", self.host, "-p", str(self.port), "--no-auth-warning"]
         if self.password is not None:
             command += ["-a", self.password]
+        if self.ca_file is not None:
+            command += ["--tls", "--cacert", str(self.ca_file)]
         done = subprocess.run(
             [*command, *args], capture_output=True, text=True, timeout=10, check=check
         )

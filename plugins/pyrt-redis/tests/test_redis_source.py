@@ -289,19 +289,24 @@ async def test_pubsub_resubscribes_after_a_restart(
         await trio.to_thread.run_sync(server.restart)
         await until(lambda: source.connects == 2, "the source reconnects")
         async with producer(server) as redis:
-            await until_subscribed(redis, "c", "p.*")
+            await until_subscribed(redis, "c", patterns=1)
             await redis.publish("p.1", "one")
             await redis.publish("c", "two")
         got = await pubs(ws, 2)
     assert [p["data"]["payload"] for p in got] == ["one", "two"]
 
 
-async def until_subscribed(redis: coredis.Redis[bytes], channel: str, pattern: str) -> None:
-    """Waits until the server counts a subscriber of `channel` and of `pattern`."""
+async def until_subscribed(
+    redis: coredis.Redis[bytes], channel: str, subscribers: int = 1, patterns: int = 0
+) -> None:
+    """Waits until the server counts `subscribers` of `channel`, and `patterns` patterns."""
     with trio.fail_after(10):
         while True:
             counts = await redis.pubsub_numsub(channel)
-            if counts.get(channel.encode()) == 1 and await redis.pubsub_numpat() >= 1:
+            if (
+                counts.get(channel.encode()) == subscribers
+                and await redis.pubsub_numpat() == patterns
+            ):
                 return
             await trio.sleep(0.01)
 
@@ -381,6 +386,84 @@ async def test_a_stream_trimmed_past_the_position_is_a_gap(
         assert made.gaps == 1
 
 
+class Proxy:
+    """A TCP proxy to the server whose existing connections can be frozen (no bytes pass,
+    nothing is closed), like a network path that died silently."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen = trio.Event()
+        self.port = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self.handle, listeners)
+            task_status.started()
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        frozen = self.frozen
+        async with client, await trio.open_tcp_stream("127.0.0.1", self.upstream_port) as up:
+
+            async def pump(a: trio.SocketStream, b: trio.SocketStream) -> None:
+                while data := await a.receive_some(65536):
+                    if frozen.is_set():
+                        await trio.sleep_forever()
+                    await b.send_all(data)
+
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump, client, up)
+                    nursery.start_soon(pump, up, client)
+                    await frozen.wait()
+                    await trio.sleep(60)  # frozen: hold the sockets open, pass nothing
+                    scope.cancel()
+
+    def freeze(self) -> None:
+        """Freezes the current connections; new ones work."""
+        self.frozen.set()
+        self.frozen = trio.Event()
+
+
+async def test_a_frozen_link_is_noticed_and_left(
+    new_redis_server: Callable[..., RedisServer],
+) -> None:
+    """Nothing closes the connections, nothing passes: the PING and the bounded XREAD notice,
+    and the source reconnects, reads the stream on and subscribes again."""
+    server = new_redis_server()
+    proxy = Proxy(server.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        source = RedisSource(
+            **options(
+                server,
+                port=proxy.port,
+                streams={"frozen": "redis:frozen"},
+                channels={"frozen-live": "redis:frozen-live"},
+                ping_interval=0.2,
+                ping_timeout=0.3,
+            )
+        )
+        joins = [{"channel": "redis:frozen"}, {"channel": "redis:frozen-live"}]
+        async with node_with(source) as node, client(node, *joins) as ws:
+            async with producer(server) as redis:
+                await redis.xadd("frozen", {"n": "0"})
+                await pubs(ws, 1)
+                proxy.freeze()
+                await redis.xadd("frozen", {"n": "1"})  # behind the frozen link
+                await until(lambda: source.connects == 2, "the source reconnects")
+                assert isinstance(source.last_error, trio.TooSlowError)
+                await redis.xadd("frozen", {"n": "2"})
+                # The frozen connection is still subscribed as far as the server knows.
+                await until_subscribed(redis, "frozen-live", subscribers=2)
+                await redis.publish("frozen-live", "through the new link")
+            got = await pubs(ws, 3)
+        nursery.cancel_scope.cancel()
+    assert [p["data"].get("fields") for p in got[:2]] == [{"n": 1}, {"n": 2}]
+    assert got[2]["data"]["payload"] == "through the new link"
+
+
 # -- starting --------------------------------------------------------------------------------
 
 
@@ -456,6 +539,35 @@ async def test_a_key_of_another_type_stops_the_node_at_start(redis_server: Redis
         trio.fail_after(5),
         pytest.RaisesGroup(
             pytest.RaisesExc(SourceError, match=r"^sources\.redis: .*wrong kind of value"),
+            flatten_subgroups=True,
+        ),
+    ):
+        await Node(NodeConfig(port=0), sources=[source]).run()
+
+
+async def test_tls_verified_against_a_given_ca(
+    new_redis_server: Callable[..., RedisServer],
+) -> None:
+    server = new_redis_server(tls=True)
+    source = RedisSource(
+        **options(server, channels={"tls": "redis:tls"}, ssl_root_cert=str(server.ca_file))
+    )
+    assert source.ssl
+    async with node_with(source) as node, client(node, {"channel": "redis:tls"}) as ws:
+        await trio.to_thread.run_sync(server.cli, "PUBLISH", "tls", "over TLS")
+        (got,) = await pubs(ws, 1)
+    assert got["data"]["payload"] == "over TLS"
+
+
+async def test_tls_refuses_a_server_it_cannot_verify(
+    new_redis_server: Callable[..., RedisServer],
+) -> None:
+    server = new_redis_server(tls=True)
+    source = RedisSource(**options(server, channels={"tls": "redis:tls"}, ssl=True))
+    with (
+        trio.fail_after(5),
+        pytest.RaisesGroup(
+            pytest.RaisesExc(SourceError, match=r"^sources\.redis: .*certificate verify failed"),
             flatten_subgroups=True,
         ),
     ):
