@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import coredis
+import httpx
 import orjson
 import pytest
 import trio
@@ -186,6 +187,13 @@ async def test_payloads_json_or_text_and_the_shapes(redis_server: RedisServer) -
         await r.publish("shape.eu", '{"n": 1}')
         entry = await xadd(r, "shape-stream", {"kind": "paid", "id": "42", "note": "x y"})
         got = await pubs(ws, 7)
+        # The stream's lag, on /metrics (ReportsLag): an entry just added, nothing pending.
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"http://127.0.0.1:{node.port}/metrics")).text
+        lag = re.search(r'^pyrt_source_lag_seconds\{source="redis"\} (\S+)$', metrics, re.M)
+        assert lag is not None, metrics
+        assert 0 <= float(lag[1]) < 5
+        assert 'pyrt_source_lag_bytes{source="redis"} 0.0' in metrics
     assert [(p["channel"], p["data"]) for p in got[:6]] == [
         ("redis:shape", {"event": "shape", "payload": {"id": 42}}),
         ("redis:shape", {"event": "shape", "payload": 42}),
