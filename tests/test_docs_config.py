@@ -33,10 +33,14 @@ from pyrt.postgres import PgOptions
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 GROUPS = {"transports": "pyrt.transports", "sources": "pyrt.sources"}
-BUILT_IN = "pyrt.plugins."
-"""Entry points of plugins shipped in pyrt's wheel; other installed plugins document
+BUILT_IN = ("pyrt.plugins.", "pyrt_redis:")
+"""Entry points of the plugins documented there: those shipped in pyrt's wheel and the
+distributions of plugins/ (scripts/bootstrap installs them); other installed plugins document
 themselves."""
-REQUIRED_OPTIONS: dict[str, dict[str, Any]] = {"notify": {"channels": {"orders": "db:orders"}}}
+REQUIRED_OPTIONS: dict[str, dict[str, Any]] = {
+    "notify": {"channels": {"orders": "db:orders"}},
+    "redis": {"channels": {"orders": "redis:orders"}},
+}
 """Values for the options a factory cannot do without, to build it with every default."""
 NODE_ONLY = {"hub", "transport_options", "sources"}
 """NodeConfig fields that are tables of their own, not keys of `[server]`."""
@@ -165,6 +169,13 @@ def attrs_keys(cls: type, only: Callable[[str], bool] = lambda name: True) -> di
 def built_in_plugins(kind: str) -> dict[str, Callable[..., Any]]:
     points = importlib.metadata.entry_points(group=GROUPS[kind])
     return {ep.name: ep.load() for ep in points if ep.value.startswith(BUILT_IN)}
+
+
+def test_the_plugins_of_the_plugins_folder_are_installed() -> None:
+    """docs/configuration.md documents them: without them the comparison below would fail
+    for a reason this says (`pip install -e plugins/<name>`, as scripts/bootstrap does)."""
+    names = {ep.value for ep in importlib.metadata.entry_points(group=GROUPS["sources"])}
+    assert "pyrt_redis:RedisSource" in names, "pip install -e plugins/pyrt-redis"
 
 
 def factory_keys(name: str, factory: Callable[..., Any]) -> dict[str, Key]:
