@@ -236,7 +236,8 @@ class _HubCollector(Collector):
         )
         lag_bytes = GaugeMetricFamily(
             "pyrt_source_lag_bytes",
-            "WAL a replication source has not put in history yet (server WAL end - acked).",
+            "What a source has read upstream and not yet put in history, in bytes (the WAL"
+            " source: server WAL end - acked); sources that report lag only.",
             labels=["source"],
         )
         lag_seconds = GaugeMetricFamily(
