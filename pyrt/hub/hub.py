@@ -632,6 +632,19 @@ class Hub:
             return False
         return True
 
+    def _payload_fits(
+        self, conn: Connection, rid: RequestId, size: int, value: Any, what: str
+    ) -> bool:
+        """Whether `value` (from a frame of `size` bytes) is within `max_payload_bytes`; else
+        error 413. The frame's size bounds the value's: only encode again when it is over."""
+        limit = self.config.max_payload_bytes
+        if size > limit and len(orjson.dumps(value)) > limit:
+            self._out.error(
+                conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"{what} larger than {limit} bytes"
+            )
+            return False
+        return True
+
     def _channel_admits(self, conn: Connection, rid: RequestId, channel: str, now: float) -> bool:
         wait = self.take_publish_rate((channel,), now)
         if wait:
@@ -659,12 +672,7 @@ class Hub:
             message = f"'{channel}' holds records: change them with mutate"
             self._out.error(conn, rid, ErrorCode.NOT_ALLOWED, message)
             return
-        limit = self.config.max_payload_bytes
-        # The frame's size bounds the data's: only encode again when the bound is too big.
-        if command.size > limit and len(orjson.dumps(command.data)) > limit:
-            self._out.error(
-                conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"data larger than {limit} bytes"
-            )
+        if not self._payload_fits(conn, rid, command.size, command.data, "data"):
             return
         if not self._channel_admits(conn, rid, channel, now):
             return
@@ -848,11 +856,7 @@ class Hub:
             message = f"'{channel}' holds no records (no record policy matches it)"
             self._out.error(conn, rid, ErrorCode.NOT_ALLOWED, message)
             return
-        limit = self.config.max_payload_bytes
-        if command.size > limit and len(orjson.dumps(mutation.value)) > limit:
-            self._out.error(
-                conn, rid, ErrorCode.PAYLOAD_TOO_LARGE, f"value larger than {limit} bytes"
-            )
+        if not self._payload_fits(conn, rid, command.size, mutation.value, "value"):
             return
         if not self._channel_admits(conn, rid, channel, now):
             return
