@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 import trio
-from conftest import StartNode, until
+from nodekit import StartNode, until
 from prometheus_client.parser import text_string_to_metric_families
 from trio.testing import MockClock
 from trio_websocket import WebSocketConnection

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import StartNode, until
 from httpkit import base_url
+from nodekit import StartNode, until
 
 from pyrt.client import Records, connect
 from pyrt.conflict import CustomResolver, Mutation, Outcome, Record, Rejection

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from test_wal_hub import changes
+from pgoutputkit import row_changes
 
 from pyrt._core import FanOut, Matcher, OutboxBudget
 from pyrt.hub.deliverer import Deliverer, MemoryDeliverer, SocketDeliverer, fan_out
@@ -235,7 +235,7 @@ class Driver:
                 for _ in range(count):
                     hub.publish(channel, {"n": next(self.counter)}, self.now, key="k")
             case ("change", row_id, n):
-                (change,) = changes((row_id, "body", n))
+                (change,) = row_changes((row_id, "body", n))
                 hub.publish_change(change, self.now)
             case ("read", index, count):
                 conn_id = self.conn(index)

@@ -16,8 +16,8 @@ import httpx
 import orjson
 import pytest
 import trio
-from conftest import StartNode
 from httpkit import base_url, open_sse, stream_get
+from nodekit import StartNode
 from trio.testing import MockClock
 from trio_websocket import open_websocket_url
 

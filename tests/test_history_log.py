@@ -11,17 +11,27 @@ from typing import Any
 
 import orjson
 import pytest
-from test_wal_hub import changes as row_changes
-from test_wal_hub import frames, join_all
+from pgoutputkit import row_changes
 
 from pyrt._core import RowEvent
 from pyrt.conflict import Timestamp
 from pyrt.hub import historylog as _historylog
 from pyrt.hub.history import History, StreamPosition
 from pyrt.hub.historylog import HEADER, MAGIC, HistoryLog
-from pyrt.hub.hub import Hub, HubConfig
+from pyrt.hub.hub import Connection, Hub, HubConfig
 
 WALL = 1_700_000_000.0
+
+
+def frames(conn: Connection) -> list[dict[str, Any]]:
+    """What the hub queued for `conn` (these tests drive connections themselves)."""
+    return [orjson.loads(f) for f in conn.outbox.pop(max_bytes=1 << 30)]
+
+
+def join_all(hub: Hub, conn: Connection, rid: int = 1, **command: Any) -> list[dict[str, Any]]:
+    """A join's reply and what follows it (a replay)."""
+    hub.receive(conn.id, orjson.dumps({"cmd": "join", "id": rid, **command}), 0.0)
+    return frames(conn)
 
 
 def make(max_size: int = 100, max_age: float = 1000.0) -> History:

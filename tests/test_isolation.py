@@ -20,8 +20,8 @@ import httpx
 import orjson
 import pytest
 import trio
-from conftest import StartNode, until
 from httpkit import open_sse
+from nodekit import StartNode, until
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 from wskit import next_frame, ws_url
 

@@ -10,8 +10,8 @@ import httpx
 import orjson
 import pytest
 import trio
-from conftest import StartNode, until
 from httpkit import base_url, longpoll_kit_client, open_sse
+from nodekit import StartNode, until
 from trio.testing import MockClock, wait_all_tasks_blocked
 from trio_websocket import open_websocket_url
 

@@ -20,10 +20,10 @@ import httpx
 import orjson
 import pytest
 import trio
+from fanoutkit import drain, pair, subscriber
+from httpkit import scrape, value
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fanout import drain, pair, subscriber
-from test_metrics import scrape, value
 from trio_websocket import open_websocket_url
 
 from pyrt._core import FanOut, OutboxBudget

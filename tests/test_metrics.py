@@ -12,8 +12,8 @@ import httpx
 import orjson
 import pytest
 import trio
-from conftest import StartNode, until
-from prometheus_client.parser import text_string_to_metric_families
+from httpkit import Samples, scrape, value
+from nodekit import StartNode, until
 from trio_websocket import WebSocketConnection, open_websocket_url
 from wskit import ws_url
 
@@ -21,8 +21,6 @@ from pyrt.hub.history import ENTRY_BYTES
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.hub.outbox import SlowConsumerPolicy
 from pyrt.node.node import Node
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture
@@ -34,26 +32,6 @@ def start_node(start_node: StartNode) -> StartNode:
 async def http(node: Node) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.port}", timeout=5) as client:
         yield client
-
-
-async def scrape(client: httpx.AsyncClient) -> Samples:
-    """Every sample of `/metrics` by (name, sorted labels); checks the response on the way."""
-    response = await client.get("/metrics")  # no API key: metrics need none
-    assert response.status_code == 200
-    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
-    samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
-        assert family.name.startswith("pyrt_")
-        assert family.documentation
-        for sample in family.samples:
-            key = (sample.name, tuple(sorted(sample.labels.items())))
-            assert key not in samples
-            samples[key] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
 
 
 def diff(before: Samples, after: Samples) -> dict[str, float]:

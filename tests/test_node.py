@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 import trio
-from conftest import StartNode
+from nodekit import StartNode
 from trio_websocket import open_websocket_url
 from wskit import closed, next_frame, request, websocket_kit_client, ws_url
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from test_pgoutput import (
+from pgoutputkit import (
     UNCHANGED,
     both,
     enc_begin,

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pgoutputkit import EXPECTED_RECORD, TEXT, assert_same_message, message_kind
 from pgserver import PostgresServer
-from test_pgoutput import EXPECTED_RECORD, TEXT, assert_same_message, message_kind
 
 from pyrt.reference import pgoutput as reference
 
@@ -274,7 +274,7 @@ def test_builtin_type_names_are_postgres_own(postgres: PostgresServer) -> None:
 
 def test_capture_fixtures_are_current(captured: dict[str, list[bytes]]) -> None:
     """test_pgoutput.py's fixture bytes came from this script: the server still sends them."""
-    from test_pgoutput import CAPTURED
+    from pgoutputkit import CAPTURED
 
     # Relation ids and LSNs differ between servers; a change's tuples after the relid do not.
     live = {p[5:] for p in captured["UTC"] if p[:1] in b"IUD"}

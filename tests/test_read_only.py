@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import orjson
 import trio
-from conftest import StartNode
+from nodekit import StartNode
 from pgserver import PostgresServer
-from test_wal import run_sql, wal_db, wal_source  # noqa: F401 (wal_db is a fixture)
 from trio_websocket import WebSocketConnection
 from trio_websocket import open_websocket_url as ws_open
+from walkit import run_sql, wal_source
 
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.node.node import Node, NodeConfig
@@ -174,7 +174,7 @@ async def phoenix_reply(ws: WebSocketConnection) -> dict[str, Any]:
 
 async def test_a_fake_row_event_is_refused_and_history_holds_only_real_rows(
     postgres: PostgresServer,
-    wal_db: str,  # noqa: F811
+    wal_db: str,
 ) -> None:
     config = NodeConfig(port=0, api_keys=(KEY,), transports=("websocket",), drain_timeout=1.0)
     node = Node(config, sources=[wal_source(postgres, wal_db)])

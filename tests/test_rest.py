@@ -12,7 +12,7 @@ import attrs
 import httpx
 import orjson
 import pytest
-from conftest import StartNode, until
+from nodekit import StartNode, until
 from trio_websocket import open_websocket_url
 from wskit import next_frame, request, ws_url
 

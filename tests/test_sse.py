@@ -10,8 +10,8 @@ import httpx
 import orjson
 import pytest
 import trio
-from conftest import StartNode, until
 from httpkit import SseParser, base_url, open_sse, sse_kit_client, sse_target, stream_get
+from nodekit import StartNode, until
 from trio.testing import MockClock
 
 from pyrt.hub.history import StreamPosition

@@ -20,12 +20,12 @@ import httpx
 import orjson
 import pytest
 import trio
-from conftest import StartNode, until
+from nodekit import StartNode, until
 from pgserver import PostgresServer
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 from realtime.types import RealtimeAcknowledgementStatus
-from test_wal import run_sql, wal_db, wal_source  # noqa: F401 (wal_db is a fixture)
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from walkit import run_sql, wal_source
 
 from pyrt.hub.hub import HubConfig
 from pyrt.node.node import Node
@@ -363,7 +363,7 @@ async def test_the_client_reconnects_to_a_restarted_server(
 
 async def test_postgres_changes_with_a_filter(
     postgres: PostgresServer,
-    wal_db: str,  # noqa: F811
+    wal_db: str,
     aio: AsyncioThread,
     start_node: StartNode,
 ) -> None:

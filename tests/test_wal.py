@@ -6,76 +6,22 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
 import pytest
 import trio
-from conftest import until
+from nodekit import until
 from pgserver import PostgresServer, free_port
+from walkit import run_sql, running, wal_source
 
 from pyrt.client import connect
-from pyrt.hub.hub import Hub
 from pyrt.node.node import Node, NodeConfig, Session
 from pyrt.node.sources import SourceError, load_sources
 from pyrt.plugins.wal import WalSource
 from pyrt.postgres.replication import ReplicationStream
 from pyrt.testing import check_source
-
-TABLES = """
-CREATE TABLE items (id int PRIMARY KEY, body text, n int);
-CREATE TABLE other (id int PRIMARY KEY, body text);
-CREATE TABLE ops (id int PRIMARY KEY, n int, t text, b bool, nul text);
-CREATE TABLE rd (id int PRIMARY KEY, status text);
-CREATE TABLE rf (id int PRIMARY KEY, status text);
-ALTER TABLE rf REPLICA IDENTITY FULL;
-CREATE TABLE kit (id serial PRIMARY KEY, body text);
-CREATE TABLE unpublished (body text);
-CREATE PUBLICATION pyrt FOR TABLE items, other, ops, rd, rf, kit;
-"""
-
-
-@pytest.fixture
-def wal_db(postgres: PostgresServer) -> Iterator[str]:
-    db = postgres.new_database("wal")
-    postgres.sql(TABLES, db)
-    yield db
-    postgres.drop_replication_slots(db)
-
-
-def wal_source(postgres: PostgresServer, db: str, **extra: Any) -> WalSource:
-    options: dict[str, Any] = {
-        "host": postgres.host,
-        "port": postgres.port,
-        "user": "pyrt_scram",
-        "password": "secret",
-        "database": db,
-        "slot": db,  # slot names are per cluster
-        "reconnect_min": 0.1,
-        "reconnect_max": 0.5,
-        "startup_timeout": 20.0,
-        "status_interval": 1.0,
-    }
-    options.update(extra)
-    return WalSource(**options)
-
-
-async def run_sql(postgres: PostgresServer, db: str, query: str) -> str:
-    return await trio.to_thread.run_sync(postgres.sql, query, db)
-
-
-@asynccontextmanager
-async def running(
-    source: WalSource, hub: Hub | None = None, transports: Sequence[str] = ()
-) -> AsyncIterator[Node]:
-    config = NodeConfig(port=0, transports=tuple(transports), drain_timeout=1.0)
-    node = Node(config, hub=hub, transports=None if transports else [], sources=[source])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
-        yield node
-        node.stop()
 
 
 class Subscriber:

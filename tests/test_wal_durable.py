@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from conftest import until
+from nodekit import until
 from pgserver import PostgresServer, free_port
 
 from pyrt.client import Message, connect

@@ -1,5 +1,5 @@
 """Row-change subscriptions in the sans-IO hub and the WAL source's pump, without a server:
-pgoutput messages are encoded by the test (as test_pgoutput does)."""
+pgoutput messages are encoded by the test (pgoutputkit.py)."""
 
 from __future__ import annotations
 
@@ -8,45 +8,25 @@ from typing import Any
 
 import orjson
 import pytest
-from test_pgoutput import enc_begin, enc_commit, enc_insert, enc_relation, enc_truncate
+from pgoutputkit import (
+    INT4_OID,
+    ITEMS_RELATION,
+    enc_begin,
+    enc_commit,
+    enc_insert,
+    enc_relation,
+    enc_truncate,
+    row_changes,
+)
 
-from pyrt._core import PgChange, PgOutputDecoder, check_channel
-from pyrt.hub.hub import Connection, Hub, HubConfig
+from pyrt._core import check_channel
+from pyrt.hub.hub import Hub, HubConfig
 from pyrt.hub.protocol import table_channel
 from pyrt.node.context import SourceContext
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.wal import WalSource
 from pyrt.postgres.replication import XLogData
 from pyrt.testing import Peer
-
-INT4, TEXT = 23, 25
-RELATION = enc_relation(
-    16384, "public", "items", "d", [(1, "id", INT4, -1), (0, "body", TEXT, -1), (0, "n", INT4, -1)]
-)
-
-
-def changes(*rows: tuple[int, str, int]) -> list[PgChange]:
-    decoder = PgOutputDecoder()
-    decoder.decode(RELATION)
-    decoder.decode(enc_begin(100, 0, 7))
-    out = []
-    for row in rows:
-        change = decoder.decode(enc_insert(16384, [str(row[0]), row[1], str(row[2])]))
-        assert isinstance(change, PgChange)
-        out.append(change)
-    return out
-
-
-def frames(conn: Connection) -> list[dict[str, Any]]:
-    """What the hub queued for `conn` (test_history_log drives connections itself)."""
-    return [orjson.loads(f) for f in conn.outbox.pop(max_bytes=1 << 30)]
-
-
-def join_all(hub: Hub, conn: Connection, rid: int = 1, **command: Any) -> list[dict[str, Any]]:
-    """A join's reply and what follows it (a replay), for test_history_log."""
-    hub.receive(conn.id, orjson.dumps({"cmd": "join", "id": rid, **command}), 0.0)
-    return frames(conn)
-
 
 # -- channel names ---------------------------------------------------------------------------
 
@@ -131,7 +111,7 @@ def test_one_frame_for_every_recipient_and_plain_joins_get_every_row() -> None:
     conns[1].request(cmd="join", changes=[{"table": "items", "filter": "n=lt.100"}])
     conns[2].request(cmd="join", channel="pg:public:items")  # no filter
     conns[3].request(cmd="join", changes=[{"table": "items", "filter": "n=lt.0"}])
-    small, big = changes((1, "a", 1), (2, "b", 50))
+    small, big = row_changes((1, "a", 1), (2, "b", 50))
     hub.publish_change(small, 1.0)
     hub.publish_change(big, 2.0)
     out = [hub.connection(c.id).outbox.pop() for c in conns]
@@ -149,7 +129,7 @@ def test_since_replays_matching_rows_and_truncates() -> None:
     reply = conn.request(cmd="join", changes=[{"table": "items", "filter": "n=gt.5"}])["ok"]
     since = {"offset": reply["offset"], "epoch": reply["epoch"]}
     hub.disconnect(conn.id, 0.0)
-    for change in changes((1, "a", 1), (2, "b", 10), (3, "c", 2)):
+    for change in row_changes((1, "a", 1), (2, "b", 10), (3, "c", 2)):
         hub.publish_change(change, 1.0)
     hub.publish_truncate("public", "items", 1.0)
     back = Peer(hub, 1.0)
@@ -170,7 +150,7 @@ def test_reset_channels_gives_new_epochs_and_tells_joined_clients() -> None:
     old = named.request(cmd="join", changes=[{"table": "items"}])["ok"]["epoch"]
     pattern.request(cmd="join", changes=[{"table": "*"}])
     elsewhere.request(cmd="join", channel="room:1")
-    hub.publish_change(changes((1, "a", 1))[0], 1.0)
+    hub.publish_change(row_changes((1, "a", 1))[0], 1.0)
     named.frames(), pattern.frames()
     assert hub.reset_channels("pg:>", 2.0) == ["pg:public:items"]
     (reset,) = named.frames()
@@ -219,12 +199,14 @@ async def test_pump_skips_what_the_slot_sends_again() -> None:
     conn = Peer(node.hub, 0.0)
     conn.request(cmd="join", channel="pg:public:items")
     # A session cut off in the middle of the second transaction...
-    first = FakeStream([RELATION, *transaction(100, 1, 2), *transaction(200, 3, 4, commit=False)])
+    first = FakeStream(
+        [ITEMS_RELATION, *transaction(100, 1, 2), *transaction(200, 3, 4, commit=False)]
+    )
     await source.pump(SourceContext(node, source.name), first)
     assert first.acks == [108]
     # ...then the slot sends both again (the first's ack was lost), and a third.
     second = FakeStream(
-        [RELATION, *transaction(100, 1, 2), *transaction(200, 3, 4, 5), *transaction(300, 6)]
+        [ITEMS_RELATION, *transaction(100, 1, 2), *transaction(200, 3, 4, 5), *transaction(300, 6)]
     )
     await source.pump(SourceContext(node, source.name), second)
     assert second.acks == [108, 208, 308]
@@ -239,10 +221,10 @@ async def test_pump_publishes_truncates_per_table() -> None:
     node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[])
     conn = Peer(node.hub, 0.0)
     conn.request(cmd="join", changes=[{"table": "*"}])
-    other = enc_relation(16385, "public", "other", "d", [(1, "id", INT4, -1)])
+    other = enc_relation(16385, "public", "other", "d", [(1, "id", INT4_OID, -1)])
     stream = FakeStream(
         [
-            RELATION,
+            ITEMS_RELATION,
             other,
             enc_begin(100, 0, 1),
             enc_truncate(0, [16384, 16385]),
@@ -276,7 +258,7 @@ async def test_pump_skips_a_message_it_cannot_decode_and_goes_on(
     garbage = enc_insert(16384, ["1", "x"])  # a column short: the decoder refuses it
     stream = FakeStream(
         [
-            RELATION,
+            ITEMS_RELATION,
             *transaction(100, 1),
             enc_begin(200, 0, 200),
             garbage,
@@ -297,7 +279,7 @@ async def test_pump_skips_a_message_it_cannot_decode_and_goes_on(
 async def test_a_row_too_deep_to_keep_as_a_record_is_skipped_as_a_record_only() -> None:
     jsonb = 3802
     relation = enc_relation(
-        16390, "public", "docs", "d", [(1, "id", INT4, -1), (0, "doc", jsonb, -1)]
+        16390, "public", "docs", "d", [(1, "id", INT4_OID, -1), (0, "doc", jsonb, -1)]
     )
     source = WalSource(slot="fake", records={"public.docs": "docs"})
     config = NodeConfig(port=0, transports=(), hub=HubConfig(record_policies={"docs": "lww"}))

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import until
+from nodekit import until
 from pgserver import PostgresServer
-from test_wal import run_sql, running, wal_source
+from walkit import run_sql, running, wal_source
 
 from pyrt.client import connect
 from pyrt.hub.hub import Hub, HubConfig
