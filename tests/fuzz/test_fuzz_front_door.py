@@ -13,7 +13,7 @@ WebSocket, over `POST /connection/send` of SSE and long-poll sessions, and the R
 
 A bounded run is part of the test suite. The long run is one command (docs/fuzzing.md):
 
-    PYRT_FUZZ_EXAMPLES=10000 python3 -m pytest tests/test_fuzz_front_door.py -q
+    PYRT_FUZZ_EXAMPLES=10000 python3 -m pytest tests/fuzz/test_fuzz_front_door.py -q
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ async def rest_publish(node: Node, channel: str, data: Any) -> None:
 
 
 def test_the_transport_is_registered_as_an_entry_point() -> None:
-    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     target = pyproject["project"]["entry-points"]["pyrt.transports"]["supabase"]
     module, _, name = target.partition(":")
     assert (module, name) == ("pyrt.plugins.supabase", "SupabaseTransport")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benches" / "wal_latency.py"
+BENCH = Path(__file__).resolve().parents[2] / "benches" / "wal_latency.py"
 
 
 @pytest.mark.slow

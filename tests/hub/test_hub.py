@@ -26,7 +26,7 @@ from pyrt.hub.protocol import CloseCode, ErrorCode
 
 def make_hub(**config: Any) -> Hub:
     """A hub on the pure-Python deliverer: no socket, every frame through an outbox (as with
-    the Rust fan-out when no socket is attached: tests/test_delivery.py)."""
+    the Rust fan-out when no socket is attached: tests/hub/test_delivery.py)."""
     epochs = itertools.count(1)
     return Hub(
         HubConfig(**config),

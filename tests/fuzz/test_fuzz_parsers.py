@@ -9,7 +9,7 @@ duplicate keys, escapes), and valid messages with fields mutated. The checks are
 shared with the atheris harnesses in fuzz/ (docs/fuzzing.md).
 
 Each test runs PYRT_FUZZ_EXAMPLES examples (default 100: about 20 s for the file). A long run:
-`PYRT_FUZZ_EXAMPLES=20000 python -m pytest tests/test_fuzz_parsers.py -q`.
+`PYRT_FUZZ_EXAMPLES=20000 python -m pytest tests/fuzz/test_fuzz_parsers.py -q`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from pyrt.node.node import load_transports
 from pyrt.node.sources import load_sources
 from pyrt.postgres import PgOptions
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 GROUPS = {"transports": "pyrt.transports", "sources": "pyrt.sources"}
 BUILT_IN = ("pyrt.plugins.", "pyrt_redis:")
 """Entry points of the plugins documented there: those shipped in pyrt's wheel and the

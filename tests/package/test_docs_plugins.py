@@ -7,7 +7,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-DOC = Path(__file__).parent.parent / "docs" / "plugins.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 BLOCK = re.compile(r"```python\n# (example|test): (\w+)\n(.*?)```", re.S)
 
 

@@ -180,7 +180,7 @@ async def traffic(
 
 async def test_slow_consumers_and_dropped_publications(start_node: StartNode) -> None:
     # Without direct writes, so that the outbox alone decides (the kernel's socket buffers
-    # would take these frames otherwise: tests/test_fanout.py covers that path).
+    # would take these frames otherwise: tests/core/test_fanout.py covers that path).
     hub = HubConfig(
         outbox_messages=4,
         channel_policies={"drop:>": SlowConsumerPolicy.DROP_OLDEST},

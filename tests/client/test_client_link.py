@@ -186,7 +186,7 @@ async def test_wss_with_the_default_tls_context(
 
 
 def test_the_link_benchmark_prints_its_table() -> None:
-    bench = Path(__file__).resolve().parent.parent / "benches" / "client_link.py"
+    bench = Path(__file__).resolve().parents[2] / "benches" / "client_link.py"
     out = subprocess.run(
         [sys.executable, str(bench), "--quick"],
         capture_output=True,

@@ -806,7 +806,9 @@ def test_config_record_policies() -> None:
 
 
 def test_every_error_code_is_in_the_protocol_docs() -> None:
-    docs = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text(encoding="utf-8")
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(
+        encoding="utf-8"
+    )
     table = dict(re.findall(r"^\| (\d{3}) \| (\w+) \|", docs, re.MULTILINE))
     for code in ErrorCode:
         assert table.get(str(code.value)) == code.name.lower(), code
