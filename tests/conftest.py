@@ -1,20 +1,26 @@
-"""Shared test configuration, and the two helpers every end-to-end test uses: the
-`start_node` fixture (a Node on a free loopback port, in the test's nursery) and `until`
-(waiting for a condition that no event announces)."""
+"""Shared test configuration and fixtures, for every folder of tests/: hypothesis profiles,
+`postgres` (a real server), `autojump_io_clock`, `start_node` (a Node on a free loopback port,
+in the test's nursery; its type and `until` are in nodekit.py) and `wal_db`.
+
+Tests import helpers from the kit modules next to this file, never from conftest: pytest
+imports every conftest.py of the run as the module `conftest`, so `from conftest import`
+finds whichever was loaded last (plugins/*/tests have their own)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 import trio
 from hypothesis import settings
+from nodekit import StartNode
 from pgserver import PostgresServer, start_server
 from trio.testing import MockClock
+from walkit import TABLES
 
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.node.node import Node, NodeConfig
@@ -50,6 +56,16 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+def wal_db(postgres: PostgresServer) -> Iterator[str]:
+    """A new database with the tables of walkit.TABLES and a publication of them; its
+    replication slots are dropped at the end."""
+    db = postgres.new_database("wal")
+    postgres.sql(TABLES, db)
+    yield db
+    postgres.drop_replication_slots(db)
+
+
+@pytest.fixture
 def autojump_io_clock() -> MockClock:
     """Virtual time for a test whose subject is a timer (a deadline, a ttl, a poll timeout)
     but which talks over loopback sockets: trio's MockClock, standing still while anything
@@ -64,20 +80,6 @@ def autojump_io_clock() -> MockClock:
 
 
 # -- a node per test ---------------------------------------------------------------------------
-
-
-class StartNode(Protocol):
-    """The `start_node` fixture: starts a Node and returns it once it listens."""
-
-    async def __call__(
-        self,
-        *,
-        hub: HubConfig | Hub | None = None,
-        transports: Sequence[str] | Sequence[Transport] | None = None,
-        sources: Mapping[str, Mapping[str, Any]] | Sequence[Source] | None = None,
-        nursery: trio.Nursery | None = None,
-        **config: Any,
-    ) -> Node: ...
 
 
 @pytest.fixture
@@ -124,20 +126,3 @@ async def start_node(nursery: trio.Nursery) -> StartNode:
         return started
 
     return start
-
-
-async def until(
-    condition: Callable[[], object], what: str = "the condition", *, timeout: float = 20.0
-) -> None:
-    """Waits until `condition()` is true, polling it; fails naming `what` after `timeout`.
-
-    Only for what no event announces: something a server does on its own after the test's
-    last await (a connection forgotten after its socket closed, a counter bumped by another
-    task). Where the code sets an event or sends a frame, wait for that instead. The default
-    timeout is generous (a loaded machine, a Postgres round trip): it only delays a failure.
-    """
-    with trio.move_on_after(timeout):
-        while not condition():
-            await trio.sleep(0.005)
-        return
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

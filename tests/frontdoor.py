@@ -1,5 +1,5 @@
 """`pyrt serve` in a subprocess, and plain blocking sockets to attack and probe it: the
-front-door fuzzer's machinery (tests/test_fuzz_front_door.py, docs/fuzzing.md).
+front-door fuzzer's machinery (tests/fuzz/test_fuzz_front_door.py, docs/fuzzing.md).
 
 The node is the real command with a config file, so "the process ended" is observable and
 what is attacked is what users run. `ServedNode.check` is the fuzzer's invariant: the process
@@ -53,7 +53,7 @@ api_key_max_failures = 0
 """What the fuzzed node runs with: the defaults, plus an API key (the REST API and the
 Supabase socket need one) and a records channel pattern (so `mutate` reaches the records).
 The fuzzer sends wrong keys on purpose, all from 127.0.0.1: the pause after wrong keys
-(tests/test_abuse.py) would refuse its right ones too, so it is off."""
+(tests/node/test_abuse.py) would refuse its right ones too, so it is off."""
 
 PROBE_TIMEOUT = 10.0
 """Seconds the well-behaved clients wait for each answer before the node counts as hung."""

@@ -2,7 +2,8 @@
 
 `sse_kit_client` and `longpoll_kit_client` are the conformance kit's view of one connection
 (`pyrt.testing.TransportClient`); `SseParser` reads an event stream the way the SSE spec
-says (lines end at CR, LF or CRLF, and nowhere else).
+says (lines end at CR, LF or CRLF, and nowhere else). `scrape` reads `/metrics` with
+prometheus-client's own parser.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import h11
 import httpx
 import orjson
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from pyrt.node.node import Node
 from pyrt.testing import Closed
@@ -326,3 +328,29 @@ async def longpoll_kit_client(node: Node) -> AsyncIterator[LongPollKitClient]:
             nursery.cancel_scope.cancel()
         if not client.ended:
             await client.end()
+
+
+# -- /metrics -------------------------------------------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""Every sample of `/metrics`, by (name, sorted labels)."""
+
+
+async def scrape(client: httpx.AsyncClient) -> Samples:
+    """Every sample of `/metrics` by (name, sorted labels); checks the response on the way."""
+    response = await client.get("/metrics")  # no API key: metrics need none
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        assert family.name.startswith("pyrt_")
+        assert family.documentation
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples
+            samples[key] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]

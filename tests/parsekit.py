@@ -5,7 +5,7 @@ the parser raised its documented error (the error is checked too: what the calle
 it must work). Any other exception propagates: that is the bug a fuzzer looks for. The
 `check_*` functions assert that a value has the shape the rest of the code assumes.
 
-Used by tests/test_fuzz_parsers.py (hypothesis) and by the atheris harnesses in fuzz/.
+Used by tests/fuzz/test_fuzz_parsers.py (hypothesis) and by the atheris harnesses in fuzz/.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ connection's outbox, which its transport's writer empties. Two deliverers:
   A connection without a socket attached is always handed back.
 - `MemoryDeliverer`: pure Python, no sockets: every recipient is handed back, so every frame
   goes through an outbox. It is what the Rust fan-out does when no socket is attached
-  (tests/test_delivery.py checks it against the Rust one), in code the state machines can
-  read, and it is the test double of the sans-IO hub (tests/test_hub.py).
+  (tests/hub/test_delivery.py checks it against the Rust one), in code the state machines can
+  read, and it is the test double of the sans-IO hub (tests/hub/test_hub.py).
 
 A `Hub` is made with a factory (`Hub(config, deliverer=...)`), because the deliverer shares
 the hub's `OutboxBudget` with the outboxes. `Hub()` gets the Rust fan-out

@@ -86,7 +86,7 @@ class Recovery:
 ENTRY_BYTES = 400
 """What a retained publication counts against the history budget on top of its size: the
 objects that hold it (the `Publication`, its clock reading, its place in the stream).
-Measured with tracemalloc (tests/test_memory_budget.py): a client's publication of
+Measured with tracemalloc (tests/hub/test_memory_budget.py): a client's publication of
 `{"text": "hi"}` holds about 580 bytes and its frame is about 150; one of `null` about 340
 and 140; one of a 60 KB string its frame plus about 260. Data made of many small JSON values
 holds more than its JSON (as Python objects): up to about 1.5 times what it counts."""

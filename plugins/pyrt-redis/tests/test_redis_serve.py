@@ -112,7 +112,7 @@ streams = {{ "serve-events" = "redis:events" }}
         with trio.fail_after(10):
             notice = await frame(ws)
         assert notice["push"] == "disconnect", notice
-        # trio-websocket leaves its stream open when the server closes (see tests/test_node).
+        # trio-websocket leaves its stream open when the server closes (see tests/node/test_node).
         await ws._stream.aclose()
         with trio.fail_after(15):
             assert await proc.wait() == 0
