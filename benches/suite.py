@@ -716,10 +716,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     all_results: dict[Scenario, dict[str, Result]] = {}
     for s in scenarios:
-        # pyrt holds two descriptors per WebSocket (its own and the fan-out's duplicate:
-        # docs/architecture.md, "The descriptor rule"), the load generator one.
-        if 2 * s.subscribers + 200 > nofile:
-            print(f"## {s.name}\n\nskipped: needs {2 * s.subscribers + 200:,} open files per "
+        # The server and the load generator each hold one descriptor per connection.
+        if s.subscribers + 200 > nofile:
+            print(f"## {s.name}\n\nskipped: needs {s.subscribers + 200:,} open files per "
                   f"process, the limit here is {nofile:,} (and cannot be raised)\n")  # fmt: skip
             continue
         results: dict[str, Result] = {}

@@ -248,9 +248,8 @@ class Hub:
         are off, the deliverer writes to no socket, or the connection uses another codec):
         then everything goes through the outbox as before. The transport must then write
         only what `take_wire` hands it, and call `release` when it has written everything.
-        The fan-out writes to its own duplicate of `fd`, closed by `disconnect`: closing the
-        socket first cannot misdirect a write, but the peer sees no close until the
-        connection is disconnected."""
+        The fan-out borrows `fd`: `disconnect` the connection before the socket closes
+        (docs/architecture.md, "The descriptor rule")."""
         if conn.id not in self._connections:
             return False
         return self._out.attach(conn, fd)

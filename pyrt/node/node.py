@@ -127,6 +127,8 @@ class Node:
         """Whether `config.api_keys` was made up at startup (`pyrt serve` prints it)."""
         self._sessions: dict[str, Session] = {}
         self._close_requests: dict[str, tuple[CloseCode, str]] = {}
+        self._attached: dict[trio.abc.Stream, list[Session]] = {}
+        """Sessions whose socket the fan-out borrowed, by the stream that owns the socket."""
         self._stop = trio.Event()
         self._sessions_gone = trio.Event()
         self._clock_kick = trio.Event()
@@ -247,6 +249,11 @@ class Node:
         """The close the hub asked for `session_id`, once it has (`Session.close_request`)."""
         return self._close_requests.get(session_id)
 
+    def attached(self, session: Session, stream: trio.abc.Stream) -> None:
+        """`Session.attach`: the fan-out borrows `stream`'s descriptor, so `session` ends
+        before the front door closes `stream` (`_serve_connection`)."""
+        self._attached.setdefault(stream, []).append(session)
+
     def end_session(self, session: Session) -> None:
         """`Session.end`: the hub forgets the connection."""
         self._sessions.pop(session.id, None)
@@ -362,7 +369,13 @@ class Node:
         # other connections and the node go on (docs/architecture.md, "Failure isolation").
         try:
             async with stream:
-                await self._serve_http(stream)
+                try:
+                    await self._serve_http(stream)
+                finally:
+                    # The descriptor rule: sessions whose socket the fan-out borrowed end
+                    # before the socket closes, even if their transport forgot to end them.
+                    for session in self._attached.pop(stream, ()):
+                        session.end()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to tell anyone
         except* Exception as group:

@@ -34,6 +34,8 @@ class SessionHost(Protocol):
 
     def end_session(self, session: Session) -> None: ...
 
+    def attached(self, session: Session, stream: trio.abc.Stream) -> None: ...
+
 
 class Session:
     """One client connection's link to the hub, used by its transport: frames in
@@ -186,13 +188,24 @@ class Session:
             await self._wake.wait()
             self._wake = trio.Event()
 
-    def attach(self, fd: int) -> bool:
-        """Offers the connection's socket to the Rust fan-out, which then writes
-        publications to it directly while nothing is queued. A transport that attaches must
-        write only what `outgoing_wire` returns, and call `hold` before writing anything
-        else (a control frame) itself. The session detaches the socket when it ends: end
-        the session before closing the socket."""
-        return not self.closed and self._node.hub.attach_socket(self._connection, fd)
+    def attach(self, stream: trio.abc.Stream) -> bool:
+        """Offers the connection's socket (`stream` is the exchange's stream: a trio
+        SocketStream) to the Rust fan-out, which then writes publications to it directly
+        while nothing is queued. Returns False when it cannot (not a socket, direct writes
+        off, another codec). A transport that attaches must write only what `outgoing_wire`
+        returns, and call `hold` before writing anything else (a control frame) itself.
+
+        The fan-out borrows the socket's descriptor: the session detaches it when it ends,
+        and the node ends every session still attached to a connection before it closes
+        that connection. Never close the stream yourself while the session lives
+        (docs/architecture.md, "The descriptor rule")."""
+        socket = getattr(stream, "socket", None)
+        if self.closed or socket is None:
+            return False
+        if not self._node.hub.attach_socket(self._connection, socket.fileno()):
+            return False
+        self._node.attached(self, stream)
+        return True
 
     def take_wire(self) -> bytes:
         """For transports that `attach`: the rest of a frame the fan-out wrote only in part

@@ -85,9 +85,7 @@ class _Connection:
         """Made when we wait for the client's close (not for every idle connection)."""
         self.replying = 0
         """Control replies being written by the reader (the fan-out must stay off)."""
-        socket = getattr(stream, "socket", None)
-        if socket is not None:
-            self.session.attach(socket.fileno())
+        self.session.attach(stream)
 
     async def run(self, trailing: bytes = b"") -> None:
         """Serves the connection; `trailing`: what the client sent after its upgrade request

@@ -276,36 +276,6 @@ def test_detach_stops_direct_writes_and_leaves_the_socket_alone(
     fanout.attach(handle, ours.fileno())  # attachable again
 
 
-def test_a_socket_closed_without_detaching_is_never_confused_with_one_reusing_its_number(
-    pairs: list[tuple[socket.socket, socket.socket]],
-) -> None:
-    """The descriptor rule: the fan-out writes to its own duplicate of an attached socket.
-    A transport that closes its socket without detaching first cannot make it write to the
-    socket that the kernel then gives the same number: frames still go to the attached
-    socket, whose peer sees the end of the stream once the fan-out closes the handle."""
-    fanout = FanOut()
-    ours, theirs = pair(pairs)
-    handle = free_handle(fanout, ours)
-    number = ours.fileno()
-    ours.close()  # no detach
-    for _ in range(64):
-        new, new_peer = pair(pairs)
-        if number in (new.fileno(), new_peer.fileno()):
-            break
-    else:
-        raise AssertionError(f"descriptor {number} was not reused")
-    reuser, reuser_peer = (new, new_peer) if new.fileno() == number else (new_peer, new)
-    assert fanout.send([handle], b"for the attached socket") == ([], [], 1)
-    assert read_frames(theirs) == [b"for the attached socket"]
-    assert read_frames(reuser_peer) == []
-    reuser.sendall(b"\x81\x03new")  # the new socket works as its owner expects
-    assert read_frames(reuser_peer) == [b"new"]
-    theirs.setblocking(True)
-    theirs.settimeout(5)
-    fanout.close(handle)  # the last descriptor of the attached socket: its peer sees the end
-    assert theirs.recv(100) == b""
-
-
 def test_a_closed_peer_is_handed_back_not_raised(
     pairs: list[tuple[socket.socket, socket.socket]],
 ) -> None:
@@ -656,3 +626,56 @@ async def test_a_pong_never_lands_inside_a_frame_the_fan_out_wrote_in_part(
         # The echo (no reply: no ack asked), whose first part was out before the ping was
         # read, then the pong.
         assert got == ["TextMessage", "Pong"]
+
+
+class _Forgetful:
+    """A transport that attaches its socket to the fan-out, joins, and returns without ending
+    its session (a bug the descriptor rule must survive)."""
+
+    name = "forgetful"
+
+    def __init__(self) -> None:
+        self.sessions: list[Any] = []
+
+    def claims(self, request: Any) -> bool:
+        return bool(request.path == "/forgetful")
+
+    async def serve(self, ctx: Any, exchange: Any) -> None:
+        exchange.detach()
+        session = ctx.open_session(idle_timeout=None, pings=False)
+        self.sessions.append(session)
+        assert session.attach(exchange.stream)
+        await session.receive(orjson.dumps({"cmd": "join", "id": 1, "channel": "f"}))
+
+
+async def test_the_node_ends_sessions_left_attached_before_it_closes_their_socket(
+    nursery: trio.Nursery,
+) -> None:
+    """The descriptor rule, kept by the node: the fan-out borrows an attached socket's
+    descriptor, so whatever session a transport leaves attached is ended (and detached)
+    before the front door closes the socket; nothing is written to a number the kernel
+    reuses afterwards."""
+    forgetful = _Forgetful()
+    config = NodeConfig(port=0, transports=())
+    node: Node = await nursery.start(Node(config, transports=[forgetful]).run)
+    with socket.create_connection(("127.0.0.1", node.port)) as client:
+        client.sendall(b"GET /forgetful HTTP/1.1\r\nhost: x\r\n\r\n")
+        client.settimeout(5)
+        with trio.fail_after(5):
+            while not forgetful.sessions or len(node.hub):
+                await trio.sleep(0.01)  # the front door ends the session, then closes
+        (session,) = forgetful.sessions
+        assert session.closed
+        assert node.hub.fanout_stats()["attached"] == 0
+        # New sockets may take the closed number now: publishing writes to none of them.
+        pairs = [socket.socketpair() for _ in range(8)]
+        try:
+            node.publish("f", "after")
+            for end in (end for both in pairs for end in both):
+                end.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    end.recv(1)
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()

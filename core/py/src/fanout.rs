@@ -2,7 +2,7 @@
 //! the fan-out's state machine lives (and its documentation). Here: matching with the
 //! binding's `Matcher`, descriptors from Python, conversions and errors.
 
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -125,9 +125,8 @@ impl FanOut {
 
     /// Lets the fan-out write to the stream socket `fd` for `handle` (which starts held:
     /// its writer releases it), keeping at most `limit` bytes pending for it (more go to the
-    /// hub's outbox). The fan-out writes to its own duplicate of `fd`, closed by `detach`
-    /// or `close`: closing `fd` first cannot make it write to whatever reuses the number,
-    /// but the peer sees the close only once both are closed.
+    /// hub's outbox). The fan-out borrows `fd`: it must stay open until `detach` or `close`
+    /// (docs/architecture.md, "The descriptor rule").
     #[pyo3(signature = (handle, fd, limit = 1 << 22))]
     fn attach(&mut self, handle: u32, fd: RawFd, limit: usize) -> PyResult<()> {
         if self.inner.attached(handle).map_err(error)? {
@@ -136,11 +135,10 @@ impl FanOut {
         let sink = if fd < 0 {
             Err(std::io::Error::from_raw_os_error(libc::EBADF))
         } else {
-            // SAFETY: `fd` is the caller's open socket for the length of this call (the
-            // transport hands in its socket's `fileno()`); a number that is not open makes
-            // the duplication fail with EBADF. Nothing keeps the borrow: the sink owns a
-            // duplicate.
-            FdSink::duplicate(unsafe { BorrowedFd::borrow_raw(fd) })
+            // SAFETY: the hub attaches a transport's open socket and detaches it (`close`,
+            // `detach`) before the socket is closed: Session.end, and the node for whatever
+            // a transport left attached (docs/architecture.md, "The descriptor rule").
+            unsafe { FdSink::borrow(fd) }
         };
         let sink = sink.map_err(|e| PyOSError::new_err(format!("cannot attach {fd}: {e}")))?;
         self.inner.attach(handle, sink, limit).map_err(error)

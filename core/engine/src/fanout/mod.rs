@@ -38,13 +38,10 @@
 //! the connection's slow-consumer policy against the same budget.
 //!
 //! Sockets are behind the [`Sink`] trait: [`FdSink`] writes to a descriptor, the tests use a
-//! fake socket. **The descriptor rule**: the fan-out owns every sink it writes to
-//! (`attach` takes it by value, `detach` and `close` drop it), and an `FdSink` holds the
-//! fan-out's own duplicate of the transport's descriptor. So no plugin can close a socket
-//! the fan-out still writes to: closing its descriptor leaves the fan-out's open, and a
-//! number the kernel then reuses is never written to by mistake. The hub still detaches a
-//! connection (`close`) when its transport ends it, before the transport closes the
-//! socket, so that the peer sees the close at once (see [`FdSink`]).
+//! fake socket. **The descriptor rule**: `attach` takes a sink by value and `detach` and
+//! `close` drop it; an `FdSink` borrows the transport's descriptor number, which must stay
+//! open until then (see [`FdSink`] for who keeps the rule, and why the fan-out does not
+//! take a duplicate).
 
 mod budget;
 mod sink;

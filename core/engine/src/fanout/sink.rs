@@ -28,40 +28,45 @@ pub use fd::FdSink;
 #[cfg(unix)]
 mod fd {
     use std::io::{self, IoSlice};
-    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+    use std::os::fd::{AsRawFd, RawFd};
 
     use super::{Sink, MAX_SLICES};
 
-    /// A stream socket the fan-out owns a descriptor of: its own duplicate, taken when the
-    /// socket is attached and closed when it is detached (the fan-out drops the sink).
+    /// A stream socket the fan-out writes to, by the transport's descriptor number.
     ///
-    /// **The descriptor rule.** The fan-out writes only to descriptors it owns. A transport
-    /// hands the fan-out its socket's number; `duplicate` makes the fan-out's own
-    /// descriptor for the same socket at that moment. From then on the transport may close
-    /// its socket whenever it likes: the number it closed may be reused by the kernel for
-    /// another connection, a file, anything, and the fan-out still writes to the socket it
-    /// was given, never to the new owner of the number. The cost: the socket stays open
-    /// (the peer sees no close) until both are closed, the transport's descriptor and the
-    /// fan-out's, so the hub detaches a connection when its transport ends it, before the
-    /// transport closes the socket; and an attached socket takes two descriptors.
+    /// **The descriptor rule.** The fan-out borrows the number: it must stay open, naming
+    /// this socket, until the sink is dropped (the hub detaches a connection, `FanOut.close`
+    /// or `detach`, before its socket is closed). Were the socket closed first, the kernel
+    /// could give the number to another connection and the fan-out would write one client's
+    /// frames to another. Python keeps the rule: `Session.end` detaches, every built-in
+    /// transport ends its session before the socket closes, and the node detaches whatever a
+    /// transport left attached before it closes a connection (docs/architecture.md).
+    ///
+    /// Why not the fan-out's own duplicate of the descriptor, which would make the rule hold
+    /// by construction: it costs a second descriptor per attached WebSocket, which halves the
+    /// connections an open-files limit allows (10,000 subscribers need 20,200 descriptors on
+    /// a machine whose hard limit is 20,000, and cannot be raised there).
     #[derive(Debug)]
     pub struct FdSink {
-        fd: OwnedFd,
+        fd: RawFd,
     }
 
     impl FdSink {
-        /// The fan-out's own descriptor of the stream socket `fd` (close-on-exec). Errors:
-        /// the descriptor's (EBADF, ENOTSOCK), or InvalidInput when the socket is not a
-        /// stream socket (a datagram socket would lose or split frames).
-        pub fn duplicate(fd: BorrowedFd<'_>) -> io::Result<FdSink> {
-            let fd = fd.try_clone_to_owned()?;
+        /// A sink writing to the stream socket `fd`. Errors: the descriptor's (EBADF,
+        /// ENOTSOCK), or InvalidInput when the socket is not a stream socket (a datagram
+        /// socket would lose or split frames).
+        ///
+        /// # Safety
+        ///
+        /// `fd` must stay open, naming this socket, until the sink is dropped.
+        pub unsafe fn borrow(fd: RawFd) -> io::Result<FdSink> {
             let mut kind: libc::c_int = 0;
             let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: getsockopt writes at most `size` bytes into `kind`, a c_int we own;
-            // `fd` is open (owned).
+            // SAFETY: getsockopt writes at most `size` bytes into `kind`, a c_int we own; a
+            // number that is not open fails with EBADF.
             let got = unsafe {
                 libc::getsockopt(
-                    fd.as_raw_fd(),
+                    fd,
                     libc::SOL_SOCKET,
                     libc::SO_TYPE,
                     (&mut kind as *mut libc::c_int).cast(),
@@ -81,9 +86,9 @@ mod fd {
         }
     }
 
-    impl AsFd for FdSink {
-        fn as_fd(&self) -> BorrowedFd<'_> {
-            self.fd.as_fd()
+    impl AsRawFd for FdSink {
+        fn as_raw_fd(&self) -> RawFd {
+            self.fd
         }
     }
 
@@ -93,18 +98,18 @@ mod fd {
             let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
             let n = if let [buf] = bufs {
                 // One frame (the common case, a publication to a free connection): send().
-                // SAFETY: `buf` is a live slice that send() only reads; `self.fd` is open:
-                // the sink owns it.
-                unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) }
+                // SAFETY: `buf` is a live slice that send() only reads; `self.fd` is open
+                // (`borrow`'s contract).
+                unsafe { libc::send(self.fd, buf.as_ptr().cast(), buf.len(), flags) }
             } else {
                 // SAFETY: a zeroed msghdr is valid; its iov points at `bufs`, whose IoSlices
                 // have the layout of iovec on unix, and whose bytes sendmsg only reads;
-                // `self.fd` is open: the sink owns it.
+                // `self.fd` is open (`borrow`'s contract).
                 unsafe {
                     let mut msg: libc::msghdr = std::mem::zeroed();
                     msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
                     msg.msg_iovlen = bufs.len() as _;
-                    libc::sendmsg(self.fd.as_raw_fd(), &msg, flags)
+                    libc::sendmsg(self.fd, &msg, flags)
                 }
             };
             if n < 0 {
@@ -116,8 +121,8 @@ mod fd {
 
     #[cfg(test)]
     mod tests {
-        use std::io::{ErrorKind, IoSlice, Read, Write};
-        use std::os::fd::{AsFd, AsRawFd};
+        use std::io::{ErrorKind, IoSlice, Read};
+        use std::os::fd::AsRawFd;
         use std::os::unix::net::{UnixDatagram, UnixStream};
 
         use super::*;
@@ -145,8 +150,9 @@ mod fd {
         #[test]
         fn writes_one_or_several_slices_to_the_socket() {
             let (ours, mut peer) = UnixStream::pair().unwrap();
-            let mut sink = FdSink::duplicate(ours.as_fd()).unwrap();
-            assert_ne!(sink.as_fd().as_raw_fd(), ours.as_raw_fd());
+            // SAFETY: `ours` outlives the sink.
+            let mut sink = unsafe { FdSink::borrow(ours.as_raw_fd()) }.unwrap();
+            assert_eq!(sink.as_raw_fd(), ours.as_raw_fd());
             assert_eq!(write(&mut sink, &[b"one"]).unwrap(), 3);
             assert_eq!(write(&mut sink, &[b"two", b"", b"three"]).unwrap(), 8);
             assert_eq!(read_now(&mut peer), b"onetwothree");
@@ -155,7 +161,8 @@ mod fd {
         #[test]
         fn a_full_socket_takes_part_then_would_block() {
             let (ours, _peer) = UnixStream::pair().unwrap();
-            let mut sink = FdSink::duplicate(ours.as_fd()).unwrap();
+            // SAFETY: `ours` outlives the sink.
+            let mut sink = unsafe { FdSink::borrow(ours.as_raw_fd()) }.unwrap();
             let big = vec![7u8; 1 << 20];
             let mut took = 0;
             let error = loop {
@@ -174,7 +181,8 @@ mod fd {
         #[test]
         fn a_closed_peer_is_an_error_not_a_signal() {
             let (ours, peer) = UnixStream::pair().unwrap();
-            let mut sink = FdSink::duplicate(ours.as_fd()).unwrap();
+            // SAFETY: `ours` outlives the sink.
+            let mut sink = unsafe { FdSink::borrow(ours.as_raw_fd()) }.unwrap();
             drop(peer);
             // MSG_NOSIGNAL: EPIPE, no SIGPIPE (which would end the test process).
             assert_eq!(
@@ -186,48 +194,23 @@ mod fd {
         #[test]
         fn only_stream_sockets_are_taken() {
             let (datagram, _) = UnixDatagram::pair().unwrap();
-            let e = FdSink::duplicate(datagram.as_fd()).unwrap_err();
+            // SAFETY: the descriptors outlive the calls (no sink is made).
+            let e = unsafe { FdSink::borrow(datagram.as_raw_fd()) }.unwrap_err();
             assert_eq!(e.to_string(), "not a stream socket");
             let file =
                 std::fs::File::open(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
-            let e = FdSink::duplicate(file.as_fd()).unwrap_err();
+            let e = unsafe { FdSink::borrow(file.as_raw_fd()) }.unwrap_err();
             assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK));
         }
 
-        /// The descriptor rule: once the transport closed its descriptor, the number may be
-        /// reused; the sink still writes to the socket it was given, which stays open (its
-        /// peer sees no end of stream) until the sink is dropped.
         #[test]
-        fn the_sink_writes_to_its_own_socket_whatever_the_number_now_names() {
-            let (ours, mut peer) = UnixStream::pair().unwrap();
+        fn a_closed_number_is_refused() {
+            let (ours, _peer) = UnixStream::pair().unwrap();
             let number = ours.as_raw_fd();
-            let mut sink = FdSink::duplicate(ours.as_fd()).unwrap();
-            drop(ours); // the transport closes its socket without detaching
-            let (mut reuser, mut reuser_peer) = (None, None);
-            let mut made = Vec::new();
-            for _ in 0..64 {
-                let (a, b) = UnixStream::pair().unwrap();
-                if a.as_raw_fd() == number {
-                    (reuser, reuser_peer) = (Some(a), Some(b));
-                    break;
-                }
-                made.push((a, b)); // keep the numbers taken, so the next pair gets others
-            }
-            let (mut reuser, mut reuser_peer) = (reuser.unwrap(), reuser_peer.unwrap());
-            assert_eq!(write(&mut sink, &[b"for the peer"]).unwrap(), 12);
-            assert_eq!(read_now(&mut peer), b"for the peer");
-            assert_eq!(read_now(&mut reuser_peer), b"");
-            reuser.write_all(b"the reuser's own").unwrap();
-            assert_eq!(read_now(&mut reuser_peer), b"the reuser's own");
-            // The socket is still open: the peer sees its end only when the sink goes.
-            peer.set_nonblocking(true).unwrap();
-            let mut buf = [0; 16];
-            assert_eq!(
-                peer.read(&mut buf).unwrap_err().kind(),
-                ErrorKind::WouldBlock
-            );
-            drop(sink);
-            assert_eq!(peer.read(&mut buf).unwrap(), 0);
+            drop(ours);
+            // SAFETY: nothing is made from a closed number.
+            let e = unsafe { FdSink::borrow(number) }.unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EBADF));
         }
     }
 }

@@ -59,7 +59,7 @@ impl Pending {
 }
 
 pub(super) struct Slot<S> {
-    /// The socket, owned (see `FdSink` for the descriptor rule), or None when not attached.
+    /// The socket (see `FdSink` for the descriptor rule), or None when not attached.
     pub sink: Option<S>,
     /// Writes go through the hub's outbox (and the transport's writer) until released.
     pub held: bool,
