@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+from nodekit import until
 
 from pyrt.client import Channel, ClientError, ConnectionLost, Message, connect
 from pyrt.hub.hub import HubConfig
@@ -97,19 +98,13 @@ async def test_out_of_window_resume_resets(nursery: trio.Nursery) -> None:
         resets: list[int | None] = []
         room.on_reset.append(lambda ch: resets.append(ch.offset))
         client.drop_connection()
-        with trio.fail_after(5):
-            while client.connected:
-                await trio.sleep(0.01)
+        await until(lambda: not client.connected, "the client to notice the drop")
         for i in range(5):
             node.publish("c", i)
-        with trio.fail_after(10):
-            while room.recovered is not False:
-                await trio.sleep(0.01)
+        await until(lambda: room.recovered is False, "the resume to fail")
         assert resets == [5]  # continue from the top; the app reloads its state
         node.publish("c", "after")
-        with trio.fail_after(5):
-            while room.offset != 6:
-                await trio.sleep(0.01)
+        await until(lambda: room.offset == 6, "the publication after the reset")
 
 
 async def test_presence_view_and_retrack_after_reconnect(nursery: trio.Nursery) -> None:
@@ -118,16 +113,15 @@ async def test_presence_view_and_retrack_after_reconnect(nursery: trio.Nursery) 
         doc_a = await a.join("doc", presence=True, iterate=False)
         doc_b = await b.join("doc", presence=True, iterate=False)
         await doc_a.track({"name": "ann"}, key="ann")
-        with trio.fail_after(5):
-            while "ann" not in doc_b.presence:
-                await trio.sleep(0.01)
+        await until(lambda: "ann" in doc_b.presence, "b to see ann")
         assert doc_b.presence["ann"][0]["meta"] == {"name": "ann"}
         first_ref = doc_b.presence["ann"][0]["ref"]
         a.drop_connection()
         # b sees ann leave with the old connection and come back with the new one.
-        with trio.fail_after(10):
-            while not doc_b.presence.get("ann") or doc_b.presence["ann"][0]["ref"] == first_ref:
-                await trio.sleep(0.01)
+        await until(
+            lambda: doc_b.presence.get("ann") and doc_b.presence["ann"][0]["ref"] != first_ref,
+            "ann back on a new connection",
+        )
         assert len(doc_b.presence["ann"]) == 1
         assert doc_a.presence == doc_b.presence
 
@@ -163,11 +157,11 @@ async def test_kill_connections_under_load_every_message_exactly_once(
                     await channel.publish(data)
                     acked.append(data)
                     if n % 10 == 0:
-                        await trio.sleep(0.001)
+                        await trio.sleep(0.001)  # the publishers' pace: cuts land between
 
         async def cutter() -> None:
             for _ in range(12):
-                await trio.sleep(rng.uniform(0.005, 0.04))
+                await trio.sleep(rng.uniform(0.005, 0.04))  # cuts at random points in the load
                 rng.choice((s1, s2)).drop_connection()
 
         async with trio.open_nursery() as load:
@@ -175,9 +169,7 @@ async def test_kill_connections_under_load_every_message_exactly_once(
                 load.start_soon(publisher, name)
             load.start_soon(cutter)
         total = 3 * per_publisher
-        with trio.fail_after(20):
-            while any(len(v) < total for v in seen.values()):
-                await trio.sleep(0.02)
+        await until(lambda: all(len(v) >= total for v in seen.values()), "every message")
         assert len(acked) == total
         truth = seen["observer"]
         assert [o for o, _ in truth] == list(range(1, total + 1))
@@ -196,9 +188,7 @@ async def test_a_message_in_hand_when_the_link_drops_is_not_lost(nursery: trio.N
         for i in range(1, 4):
             node.publish("c", i)
         # 1 fills the queue; the reader holds 2 and waits for room.
-        with trio.fail_after(5):
-            while room.offset != 2:
-                await trio.sleep(0.01)
+        await until(lambda: room.offset == 2, "the reader to hold 2")
         client.drop_connection()
         for i in range(4, 7):
             node.publish("c", i)

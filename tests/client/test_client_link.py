@@ -15,6 +15,8 @@ import attrs
 import pytest
 import trio
 import trustme
+from nodekit import until
+from trio.testing import MockClock
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Ping, Pong, Request
 
@@ -78,32 +80,45 @@ class PingingServer:
     async def ping(self, stream: trio.SocketStream, ws: WSConnection) -> None:
         n = 0
         while True:
-            await trio.sleep(self.every)
+            await trio.sleep(self.every)  # the server's pace: its pings are the behaviour here
             if self.pinging and self.requests:
                 n += 1
                 await stream.send_all(ws.send(Ping(f"p{n}".encode())))
 
 
-async def test_pings_are_answered_and_keep_a_quiet_link_up(nursery: trio.Nursery) -> None:
+async def test_pings_are_answered_and_keep_a_quiet_link_up(
+    nursery: trio.Nursery, autojump_io_clock: MockClock
+) -> None:
+    """In virtual time (only the timers matter here): exact, and no real seconds spent."""
     server: PingingServer = await nursery.start(PingingServer(every=0.1).run)
     url = f"http://127.0.0.1:{server.port}/prefix"
     options = {**FAST, "ping_interval": 0.2, "stall_timeout": 0.6}
     async with connect(url, transports=("websocket",), **options) as client:
+        lost, back = trio.Event(), trio.Event()
+        client.on_transport.append(
+            lambda t: lost.set() if t is None else lost.is_set() and back.set()
+        )
         [request] = server.requests
         assert (request.host, request.target) == (
             f"127.0.0.1:{server.port}",
             "/prefix/connection/websocket",
         )
         # Three stall timeouts without a frame, only pings: the link stays.
-        await trio.sleep(1.8)
+        await trio.sleep(1.8)  # virtual time: the span under test
         assert (client.connects, client.transport) == (1, "websocket")
-        assert len(server.pongs) >= 10
+        assert not lost.is_set()
+        assert len(server.pongs) >= 17  # one a tenth of a second
         assert server.pongs == [f"p{n}".encode() for n in range(1, len(server.pongs) + 1)]
         # Silence: the client gives the link up as stalled and opens a new one.
         server.pinging = False
-        with trio.fail_after(3):
-            while client.connects < 2:
-                await trio.sleep(0.02)
+        silent_since = trio.current_time()
+        await lost.wait()
+        # Given up one stall timeout after the last ping it was sent (at most a ping period
+        # before the silence began), neither sooner nor later.
+        last_ping = trio.current_time() - options["stall_timeout"]
+        assert silent_since - 0.1 - 1e-9 <= last_ping <= silent_since + 1e-9
+        await back.wait()
+        assert client.connects == 2
         assert len(server.requests) >= 2
 
 
@@ -117,9 +132,7 @@ async def test_a_close_from_the_server_reconnects_and_resumes(nursery: trio.Nurs
         room = await client.join("c")
         node.publish("c", 1)
         assert [m.data for m in await take(room, 1)] == [1]
-        with trio.fail_after(5):
-            while client.connects < 2:
-                await trio.sleep(0.01)
+        await until(lambda: client.connects == 2, "the client to reconnect")
         node.publish("c", 2)
         got = await take(room, 1)
         assert [(m.offset, m.data) for m in got] == [(2, 2)]

@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 from fanoutkit import drain, pair, subscriber
+from nodekit import until
 from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -477,12 +478,12 @@ async def test_direct_and_queued_frames_keep_their_order(nursery: trio.Nursery) 
             for n in range(total):
                 node.publish("c", n)
                 if n % 50 == 0:
-                    await trio.sleep(0)
+                    await trio.sleep(0)  # a checkpoint: the requests interleave
 
         async def ask() -> None:
             for n in range(1, 200):
                 await ws.send_message(orjson.dumps({"cmd": "ping", "id": n}))
-                await trio.sleep(0)
+                await trio.sleep(0)  # a checkpoint: the publications interleave
 
         async with trio.open_nursery() as inner:
             inner.start_soon(publish)
@@ -550,7 +551,9 @@ async def test_drop_oldest_on_a_full_socket_leaves_gaps_not_disorder(
     async with subscriber(node.port, "lossy") as stalled:
         for _ in range(300):
             node.publish("lossy", "z" * 32 * 1024)
-        await trio.sleep(0.2)
+        # Everything the node does about those publications is done once every task waits
+        # (the writers on a full socket): had it disconnected the client, it would have.
+        await trio.testing.wait_all_tasks_blocked()
         assert node.hub.stats.slow_disconnects == 0
         assert node.hub.stats.evicted > 0
         with trio.fail_after(30):
@@ -613,9 +616,7 @@ async def test_a_pong_never_lands_inside_a_frame_the_fan_out_wrote_in_part(
         await stream.send_all(
             ws.send(TextMessage(orjson.dumps(publish).decode())) + ws.send(Ping(b"p"))
         )
-        with trio.fail_after(10):
-            while not node.hub.fanout_stats()["partial_writes"]:
-                await trio.sleep(0.01)
+        await until(lambda: node.hub.fanout_stats()["partial_writes"], "a frame written in part")
         got = []
         with trio.fail_after(20):
             while len(got) < 2:
@@ -661,9 +662,8 @@ async def test_the_node_ends_sessions_left_attached_before_it_closes_their_socke
     with socket.create_connection(("127.0.0.1", node.port)) as client:
         client.sendall(b"GET /forgetful HTTP/1.1\r\nhost: x\r\n\r\n")
         client.settimeout(5)
-        with trio.fail_after(5):
-            while not forgetful.sessions or len(node.hub):
-                await trio.sleep(0.01)  # the front door ends the session, then closes
+        # The front door ends the session, then closes the socket.
+        await until(lambda: forgetful.sessions and not len(node.hub), "the session to end")
         (session,) = forgetful.sessions
         assert session.closed
         assert node.hub.fanout_stats()["attached"] == 0

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 from pgserver import PASSWORD, PostgresServer
@@ -355,12 +356,15 @@ async def test_quoting_round_trips_through_the_server(postgres: PostgresServer, 
 
 
 async def test_one_task_at_a_time(postgres: PostgresServer) -> None:
-    async with await connect(postgres) as conn:
+    async with await connect(postgres) as holder, await connect(postgres) as conn:
+        # A query that waits for as long as the test wants: for a lock `holder` has.
+        await holder.simple_query("SELECT pg_advisory_lock(1)")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(conn.simple_query, "SELECT pg_sleep(0.3)")
-            await trio.sleep(0.1)
+            nursery.start_soon(conn.simple_query, "SELECT pg_advisory_lock(1)")
+            await trio.testing.wait_all_tasks_blocked()  # it waits for the answer
             with pytest.raises(trio.BusyResourceError):
                 await conn.simple_query("SELECT 1")
+            await holder.simple_query("SELECT pg_advisory_unlock(1)")
         (result,) = await conn.simple_query("SELECT 2")
         assert result.rows == (("2",),)
 
@@ -391,8 +395,9 @@ async def test_listen_notify(postgres: PostgresServer) -> None:
         with trio.move_on_after(0.1):
             await listener.next_notification()
         assert not listener.broken
+        # Committed before the listener's query is sent, so the server sends it before that
+        # query's ReadyForQuery (if not before the query): the client reads it with the answer.
         await sender.notify("plain", "during")
-        await trio.sleep(0.2)
         await listener.simple_query("SELECT 1")
         with trio.fail_after(5):
             assert (await listener.next_notification()).payload == "during"
@@ -416,7 +421,7 @@ async def test_listen_notify(postgres: PostgresServer) -> None:
         assert caught.value.code == "22023"
 
         async def notify_later() -> None:
-            await trio.sleep(0.1)
+            await trio.testing.wait_all_tasks_blocked()  # the listener is waiting
             await sender.notify("plain", "iterated")
 
         async with trio.open_nursery() as nursery:
@@ -440,6 +445,16 @@ async def test_terminated_session_ends_the_wait(postgres: PostgresServer) -> Non
 
 
 # -- TLS -----------------------------------------------------------------------------------
+
+
+async def reloaded(postgres: PostgresServer, setting: str, value: str) -> None:
+    """Waits until a new session sees `setting` at `value`: pg_reload_conf() only signals
+    the server, which reloads its configuration (and TLS context) on its own."""
+
+    async def seen() -> bool:
+        return await sql(postgres, f"SHOW {setting}") == value
+
+    await wait_for(seen, f"the server did not reload {setting} = {value}")
 
 
 @contextmanager
@@ -473,7 +488,7 @@ async def test_tls(postgres: PostgresServer) -> None:
     with pytest.raises(PgConnectionError, match="does not accept TLS"):
         await connect(postgres, ssl_context=ssl.create_default_context())
     with server_tls(postgres) as cert:
-        await trio.sleep(0.5)  # the reload is asynchronous
+        await reloaded(postgres, "ssl", "on")
         context = ssl.create_default_context(cafile=str(cert))
         for user in ("pyrt_scram", "pyrt_md5"):
             async with await connect(postgres, user, ssl_context=context) as conn:
@@ -521,9 +536,10 @@ async def slot_lsns(postgres: PostgresServer, db: str, slot: str) -> tuple[int, 
 
 
 async def wait_for(condition: Callable[[], Any], message: str, timeout: float = 10) -> None:
+    """`until` for a condition only the server can answer (a query each time)."""
     with trio.move_on_after(timeout):
         while not await condition():
-            await trio.sleep(0.1)
+            await trio.sleep(0.1)  # a poll: each asks the server
         return
     raise AssertionError(message)
 
@@ -679,28 +695,32 @@ def short_sender_timeout(postgres: PostgresServer) -> Iterator[None]:
 async def test_stream_outlives_wal_sender_timeout(
     postgres: PostgresServer, repl_db: str, short_sender_timeout: None
 ) -> None:
-    await trio.sleep(0.5)  # the reload is asynchronous
-    # The control: a client that never answers is cut off after the timeout.
+    await reloaded(postgres, "wal_sender_timeout", "2s")
+    # The control: a client that reads but never answers is cut off after the timeout.
     async with await connect(postgres, database=repl_db, replication=True) as mute:
         await ensure_slot(mute, "mute")
         await start_replication_stream(mute, "mute", ["pub"])
-        await trio.sleep(4)
 
         async def drain() -> None:
             while True:
                 await mute.receive_message()
 
-        with trio.fail_after(5), pytest.raises((PgError, PgConnectionError)):
+        with trio.fail_after(10), pytest.raises((PgError, PgConnectionError)):
             await drain()
     async with await connect(postgres, database=repl_db, replication=True) as conn:
         await ensure_slot(conn, "lively")
         async with start_replication(conn, "lively", ["pub"]) as stream:
             await sql(postgres, "INSERT INTO items VALUES (20, 'before')", repl_db)
             # A consumer that does not read for a while: the stream still answers.
-            await trio.sleep(5)
+            await trio.sleep(5)  # the behaviour under test: silent 2.5 x wal_sender_timeout
             first = await transaction(stream)
-            stream.ack(commit_end_lsn(first[-1]))
-            await trio.sleep(2)
+            end = commit_end_lsn(first[-1])
+            stream.ack(end)
+
+            async def acked() -> bool:
+                return (await slot_lsns(postgres, repl_db, "lively"))[1] >= end
+
+            await wait_for(acked, "the ack did not reach the slot")
             await sql(postgres, "INSERT INTO items VALUES (21, 'after')", repl_db)
             second = await transaction(stream)
             assert any(b"after" in m.payload for m in second)
