@@ -60,6 +60,8 @@ from pyrt.hub.protocol import (
 from pyrt.node.config import ConfigError, node_config
 from pyrt.plugins.cursor import Cursor, PositionTracker, decode_cursor
 from pyrt.plugins.supabase.phoenix import VERSIONS, VSN_1, VSN_2, Message, encode
+from pyrt.postgres import PgAuthError, PgProtocolError
+from pyrt.postgres.protocol import NEED_DATA, Frontend
 
 EXAMPLES = int(os.environ.get("PYRT_FUZZ_EXAMPLES", "100"))
 fuzz = settings(
@@ -900,3 +902,59 @@ def test_timestamps_decode_only_from_their_own_text(text: str) -> None:
     except ValueError:
         return
     assert stamp.encode() == text
+
+
+# -- the Postgres frontend (bytes from a server) ---------------------------------------------
+
+# Message types a server sends (and some it never does), with bodies of any bytes or of the
+# shapes the frontend reads: an authentication code, counts and lengths that lie.
+_PG_KINDS = list(b"RSKZTDCIENAGHWcdsnt123v")
+_AUTH_CODES = [0, 2, 3, 5, 7, 10, 11, 12, -1, 99]
+
+
+@st.composite
+def _backend_message(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(_PG_KINDS))
+    if kind == ord("R") and draw(st.booleans()):
+        body = draw(st.sampled_from(_AUTH_CODES)).to_bytes(4, "big", signed=True)
+        body += draw(st.binary(max_size=40))
+    elif kind in b"TD" and draw(st.booleans()):
+        body = draw(st.integers(-(2**15), 2**15 - 1)).to_bytes(2, "big", signed=True)
+        body += draw(st.binary(max_size=60))
+    else:
+        body = draw(st.binary(max_size=60))
+    length = len(body) + 4
+    if draw(st.integers(0, 20)) == 0:
+        length = draw(st.integers(-(2**31), 2**31 - 1))  # a length that lies
+    return bytes([kind]) + length.to_bytes(4, "big", signed=True) + body
+
+
+@fuzz
+@given(
+    messages=st.lists(_backend_message(), max_size=12),
+    cuts=st.lists(st.integers(1, 64), max_size=12),
+    password=st.sampled_from([None, "pw"]),
+)
+def test_the_postgres_frontend_takes_any_server_bytes(
+    messages: list[bytes], cuts: list[int], password: str | None
+) -> None:
+    """Whatever a server (or whatever answers on its port) sends, in whatever pieces, the
+    sans-IO frontend either reads it or refuses it with one of its documented errors
+    (`PgProtocolError`, `PgAuthError`), never another exception, and its buffer stays
+    bounded by the message size limit."""
+    frontend = Frontend("user", password, {"database": "db"}, max_message_bytes=4096)
+    frontend.start()
+    data = b"".join(messages)
+    chunks, at = [], 0
+    for cut in cuts:
+        chunks.append(data[at : at + cut])
+        at += cut
+    chunks.append(data[at:])
+    try:
+        for chunk in chunks:
+            frontend.receive_data(chunk)
+            while frontend.next_event() is not NEED_DATA:
+                frontend.data_to_send()
+    except (PgProtocolError, PgAuthError):
+        return
+    assert frontend.buffered <= 4096 + 5
