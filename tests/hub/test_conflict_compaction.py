@@ -245,8 +245,17 @@ def run(policy: str) -> Counter[str]:
 
 @pytest.mark.parametrize("policy", ["reject", "lww", "merge"])
 def test_compaction_changes_no_view_and_lets_no_stale_mutation_win(policy: str) -> None:
-    stats = run(policy)
-    for what in ("applied", "tombstones forgotten", "refused because forgotten"):
+    # Every run checks the invariants on every step; the counts only show the runs were not
+    # vacuous. A stale mutation refused because its tombstone was forgotten is rare under
+    # `merge` (one full-suite run of 300 examples had none), so a second and third run's
+    # sample may count too.
+    wanted = ("applied", "tombstones forgotten", "refused because forgotten")
+    stats: Counter[str] = Counter()
+    for _ in range(3):
+        stats += run(policy)
+        if all(stats[what] > 0 for what in wanted):
+            break
+    for what in wanted:
         assert stats[what] > 0, (what, stats)
 
 

@@ -629,9 +629,15 @@ async def test_under_drop_oldest_the_budget_drops_frames_and_keeps_the_connectio
         await trio.testing.wait_all_tasks_blocked()
         assert node.hub.stats.slow_disconnects == 0
         assert node.hub.stats.evicted > 0
-        with trio.fail_after(30):  # everything that was not dropped, up to the newest
-            while not received or received[-1] < 300:
-                received.append(orjson.loads(await stalled.get_message())["offset"])
+        # Everything that was not dropped, until nothing more comes: a drain, not an event
+        # (under the global budget even the newest frame may be the one dropped, so there
+        # is no last offset to wait for).
+        while True:
+            with trio.move_on_after(1):
+                frame = orjson.loads(await stalled.get_message())
+                if frame.get("push") == "pub":  # (the hub's pings come too)
+                    received.append(frame["offset"])
+                continue
+            break
     assert received == sorted(set(received))  # gaps, never disorder or repeats
     assert 0 < len(received) < 300
-    assert received[-1] == 300  # the newest always arrives
