@@ -590,7 +590,8 @@ def test_matcher_agrees_with_reference() -> None:
     # sample, and both together must reach the shares.
     for _ in range(2):
         run_state_machine_as_test(
-            MatcherComparison, settings=settings(max_examples=300, stateful_step_count=50)
+            MatcherComparison,
+            settings=settings(max_examples=300, stateful_step_count=50, derandomize=True),
         )
         stats = MatcherComparison.stats
         if (

@@ -238,7 +238,10 @@ def run(policy: str) -> Counter[str]:
     machine = type(f"Compaction_{policy}", (Compaction,), {"policy_name": policy})
     machine.stats = Counter()
     run_state_machine_as_test(
-        machine, settings=settings(max_examples=300, stateful_step_count=60, deadline=None)
+        machine,
+        settings=settings(
+            max_examples=300, stateful_step_count=60, deadline=None, derandomize=True
+        ),
     )
     return machine.stats
 

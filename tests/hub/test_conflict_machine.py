@@ -521,7 +521,10 @@ def run(policy: str) -> Counter[str]:
     machine = type(f"RecordsConvergence_{policy}", (RecordsConvergence,), {"policy_name": policy})
     machine.stats = Counter()
     run_state_machine_as_test(
-        machine, settings=settings(max_examples=200, stateful_step_count=80, deadline=None)
+        machine,
+        settings=settings(
+            max_examples=200, stateful_step_count=80, deadline=None, derandomize=True
+        ),
     )
     return machine.stats
 

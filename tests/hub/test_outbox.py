@@ -877,7 +877,7 @@ class OutboxMachine(RuleBasedStateMachine):
 def test_outbox_agrees_with_model() -> None:
     OutboxMachine.stats = Counter()
     run_state_machine_as_test(
-        OutboxMachine, settings=settings(max_examples=300, stateful_step_count=40)
+        OutboxMachine, settings=settings(max_examples=300, stateful_step_count=40, derandomize=True)
     )
     stats = OutboxMachine.stats
     # Not vacuous: every interesting outcome happened, and not only once or twice.

@@ -939,7 +939,7 @@ class Convergence(RuleBasedStateMachine):
 def test_replicas_converge() -> None:
     Convergence.stats = Counter()
     run_state_machine_as_test(
-        Convergence, settings=settings(max_examples=300, stateful_step_count=100)
+        Convergence, settings=settings(max_examples=300, stateful_step_count=100, derandomize=True)
     )
     stats = Convergence.stats
     # Not vacuous: deliveries change states, remove entries and arrive out of order; deltas
