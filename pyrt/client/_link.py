@@ -4,6 +4,7 @@ client's session logic (`_session.py`) is the same over all of them."""
 
 from __future__ import annotations
 
+import abc
 import enum
 import urllib.parse
 from typing import Any, ClassVar
@@ -59,7 +60,7 @@ class Endpoints:
         return cls(f"{ws}/websocket", f"{http}/sse", f"{http}/poll", f"{http}/send")
 
 
-class Link:
+class Link(abc.ABC):
     """One open connection to the hub over some transport.
 
     `receive` returns frames in the order the server produced them (replies in-stream with
@@ -115,11 +116,13 @@ class Link:
         for scope in self._sends:
             scope.cancel()
 
+    @abc.abstractmethod
     async def _send(self, frame: bytes) -> None:
-        raise NotImplementedError
+        """Writes one command frame (each link's own transport)."""
 
+    @abc.abstractmethod
     async def receive(self) -> Any:
-        raise NotImplementedError
+        """The next frame from the server, decoded; `LinkClosed` once the link is gone."""
 
 
 def decode(data: str | bytes) -> Any:
