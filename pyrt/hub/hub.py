@@ -655,17 +655,22 @@ class Hub:
             return False
         return True
 
-    def _client_publish(self, conn: Connection, command: Publish, now: float) -> None:
-        rid, channel = command.id, command.channel
+    def _client_may_write(self, conn: Connection, rid: RequestId, channel: str, verb: str) -> bool:
+        """Whether a client may write to `channel` (a valid name, joined if the config asks,
+        not read-only); else the error is sent."""
         try:
             check_channel(channel)
         except ChannelNameError as e:
             self._out.error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
-            return
+            return False
         if self.config.publish_requires_join and channel not in conn.joins:
-            self._out.error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before publishing")
-            return
-        if not self._may_write(conn, rid, channel):
+            self._out.error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before {verb}")
+            return False
+        return self._may_write(conn, rid, channel)
+
+    def _client_publish(self, conn: Connection, command: Publish, now: float) -> None:
+        rid, channel = command.id, command.channel
+        if not self._client_may_write(conn, rid, channel, "publishing"):
             return
         if self._records.policy(channel) is not None:
             message = f"'{channel}' holds records: change them with mutate"
@@ -840,15 +845,7 @@ class Hub:
 
     def _mutate(self, conn: Connection, command: Mutate, now: float) -> None:
         rid, channel, mutation = command.id, command.channel, command.mutation
-        try:
-            check_channel(channel)
-        except ChannelNameError as e:
-            self._out.error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
-            return
-        if self.config.publish_requires_join and channel not in conn.joins:
-            self._out.error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before mutating")
-            return
-        if not self._may_write(conn, rid, channel):
+        if not self._client_may_write(conn, rid, channel, "mutating"):
             return
         table = self._records.table(channel)
         if table is None:
