@@ -396,10 +396,17 @@ async def test_commits_sent_again_by_the_slot_are_skipped(
         sub = Subscriber(node)
         await sub.subscribe({"table": "items"})
         # Nothing is acked: the slot will send these again after the link breaks.
-        monkeypatch.setattr(ReplicationStream, "ack", lambda self, lsn: None)
+        withheld: list[int] = []
+        monkeypatch.setattr(ReplicationStream, "ack", lambda self, lsn: withheld.append(lsn))
         for n in range(1, 4):
             await run_sql(postgres, wal_db, f"INSERT INTO items VALUES ({n}, 'x', {n})")
         await sub.wait_events(3)
+        # The pump acks after the events are out (and flushed): wait until it has tried to
+        # ack the last commit, or the real ack could still confirm it once the patch is gone.
+        await until(
+            lambda: bool(withheld) and withheld[-1] >= source.committed_lsn > 0,
+            "the pump's ack of the third commit",
+        )
         monkeypatch.undo()
         await run_sql(
             postgres,
