@@ -323,7 +323,12 @@ def _parse_filter(value: object, where: str) -> tuple[str, ...]:
         Matcher().add_rows(0, "*", "s", "t", dummy)
         conditions = parse_filter(dummy)
     except FilterError as e:
-        raise ValueError(f"{where}: {e.reason} (in {dummy.replace(chr(0), '')!r})") from None
+        if not markers:
+            raise ValueError(f"{where}: {e.reason} (at position {e.position})") from None
+        raise ValueError(
+            f"{where}: {e.reason} (a template, {{sub}} or {{claims.PATH}}, stands for one"
+            " whole quoted value)"
+        ) from None
     seen = []
     for column, operator, _negated, literal in conditions:
         values = literal if isinstance(literal, tuple) else (literal,)
