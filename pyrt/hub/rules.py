@@ -167,16 +167,6 @@ def _parse_who(value: object, where: str) -> tuple[_Who, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-def _matches(pattern: Sequence[str], name: Sequence[str]) -> bool:
-    """Whether a pattern's segments match a channel name's."""
-    for i, segment in enumerate(pattern):
-        if segment == ">":
-            return len(name) > i
-        if i >= len(name) or (segment != "*" and segment != name[i]):
-            return False
-    return len(pattern) == len(name)
-
-
 def covers(rule: Sequence[str], pattern: Sequence[str]) -> bool:
     """Whether every channel name `pattern` matches is matched by `rule` (both as segments;
     `*` one segment, `>` one or more trailing ones)."""
@@ -215,11 +205,21 @@ def overlaps(a: Sequence[str], b: Sequence[str]) -> bool:
 class _Rule:
     segments: tuple[str, ...]
     """The channel pattern's segments; a template segment is kept as `{sub}`/`{claims.P}`."""
-    templated: bool
+    templates: tuple[str | None, ...] | None
+    """Per segment, its template (`sub`, `claims.P`) or None; None when it has none."""
     who: Mapping[Action, tuple[_Who, ...]]
     filter_parts: tuple[str, ...] | None
     """The filter split around its templates: literal, template, literal, ... (odd: names)."""
     columns: Mapping[str, frozenset[str]] | None
+    wild: tuple[str, ...] = attrs.field(init=False)
+    """The channel pattern with `*` for each template: it matches every name it can, filled."""
+
+    @wild.default
+    def _wild(self) -> tuple[str, ...]:
+        if self.templates is None:
+            return self.segments
+        pairs = zip(self.segments, self.templates, strict=True)
+        return tuple(segment if t is None else "*" for segment, t in pairs)
 
     @property
     def restricted(self) -> bool:
@@ -228,23 +228,39 @@ class _Rule:
     def pattern_for(self, identity: Identity) -> tuple[str, ...] | None:
         """The channel pattern with the identity's values in its templates; None when one has
         no valid value (the rule does not apply to this identity)."""
-        if not self.templated:
+        if self.templates is None:
             return self.segments
-        out = []
-        for segment in self.segments:
-            match = _TEMPLATE.fullmatch(segment)
-            if match is None:
-                out.append(segment)
+        out = list(self.segments)
+        for i, template in enumerate(self.templates):
+            if template is None:
                 continue
-            value = _template_value(identity, match.group(1))
+            value = _template_value(identity, template)
             if value is None or not _is_segment(value):
                 return None
-            out.append(value)
+            out[i] = value
         try:
             check_channel(":".join(out), pattern=True)
         except ChannelNameError:
             return None  # too long
         return tuple(out)
+
+    def matches_name(self, identity: Identity, name: Sequence[str]) -> bool:
+        """Whether the rule, filled from the identity, matches a channel name's segments."""
+        templates = self.templates
+        for i, segment in enumerate(self.segments):
+            if segment == ">":
+                return len(name) > i
+            if i >= len(name):
+                return False
+            template = None if templates is None else templates[i]
+            if template is not None:
+                # Equal to a segment of a valid name: a valid segment, and the filled pattern
+                # is no longer than the name.
+                if _template_value(identity, template) != name[i]:
+                    return False
+            elif segment != "*" and segment != name[i]:
+                return False
+        return len(self.segments) == len(name)
 
     def grants(self, identity: Identity, action: Action) -> bool:
         return any(who.admits(identity) for who in self.who[action])
@@ -278,17 +294,20 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _parse_channel(value: object, where: str) -> tuple[tuple[str, ...], bool]:
+def _parse_channel(
+    value: object, where: str
+) -> tuple[tuple[str, ...], tuple[str | None, ...] | None]:
     if not isinstance(value, str):
         raise ValueError(f"{where}: expected a string")
     if len(value) > MAX_STRING:
         raise ValueError(f"{where}: longer than {MAX_STRING} characters")
     segments = tuple(value.split(":"))
-    templated = False
+    templates: list[str | None] = []
     dummy = []
     for segment in segments:
-        if _TEMPLATE.fullmatch(segment):
-            templated = True
+        match = _TEMPLATE.fullmatch(segment)
+        templates.append(match.group(1) if match else None)
+        if match:
             dummy.append(_DUMMY_SEGMENT)
         elif "{" in segment or "}" in segment:
             raise ValueError(
@@ -301,7 +320,7 @@ def _parse_channel(value: object, where: str) -> tuple[tuple[str, ...], bool]:
         check_channel(":".join(dummy), pattern=True)
     except ChannelNameError as e:
         raise ValueError(f"{where}: {e.reason} (at position {e.position})") from None
-    return segments, templated
+    return segments, tuple(templates) if any(templates) else None
 
 
 def _parse_filter(value: object, where: str) -> tuple[str, ...]:
@@ -393,7 +412,7 @@ def _parse_rule(index: int, table: object) -> _Rule:
         raise ValueError(f"{where}.{unknown[0]}: unknown key (expected {', '.join(sorted(_KEYS))})")
     if "channel" not in table:
         raise ValueError(f"{where}.channel: missing")
-    segments, templated = _parse_channel(table["channel"], f"{where}.channel")
+    segments, templates = _parse_channel(table["channel"], f"{where}.channel")
     nobody = (_Who("nobody"),)
     who: dict[Action, tuple[_Who, ...]] = {}
     for action in _ACTIONS:
@@ -414,7 +433,7 @@ def _parse_rule(index: int, table: object) -> _Rule:
         filter_parts = _parse_filter(table["filter"], f"{where}.filter")
     if "columns" in table:
         columns = _parse_columns(table["columns"], f"{where}.columns")
-    return _Rule(segments, templated, who, filter_parts, columns)
+    return _Rule(segments, templates, who, filter_parts, columns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,8 +497,7 @@ class Rules:
         if any(s in ("*", ">") for s in segments):
             return self._decide_pattern(identity, action, channel, segments)
         for rule in self._rules:
-            pattern = rule.pattern_for(identity)
-            if pattern is None or not _matches(pattern, segments):
+            if not rule.matches_name(identity, segments):
                 continue
             if not rule.grants(identity, action):
                 return Grant(False, f"not allowed to {action.value} on {channel!r}")
@@ -492,6 +510,8 @@ class Rules:
         if action is not Action.SUBSCRIBE:
             return Grant(False, f"{action.value} needs a channel name, not a pattern")
         for rule in self._rules:
+            if not overlaps(rule.wild, segments):
+                continue  # nor does it when filled
             pattern = rule.pattern_for(identity)
             if pattern is None or not overlaps(pattern, segments):
                 continue
