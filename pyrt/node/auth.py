@@ -147,7 +147,6 @@ class AuthConfig:
                     f"jwt_secret_env: the environment variable {self.jwt_secret_env} is not set"
                 )
             object.__setattr__(self, "jwt_secret", value)
-        self._check_keys()
         if not (isinstance(self.max_token_bytes, int) and self.max_token_bytes >= 64):
             raise ValueError("max_token_bytes: must be an integer of at least 64")
         for name in ("leeway", "refresh_before"):
@@ -161,6 +160,7 @@ class AuthConfig:
             raise ValueError("audience: must be a non-empty string or list of them")
         if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
             raise ValueError("jwks_url: must be an http:// or https:// URL")
+        self._check_keys()
 
     def _check_keys(self) -> None:
         if self.public_key is not None and self.public_key_file is not None:
@@ -317,7 +317,7 @@ class TokenVerifier:
                 "verify_iat": False,
                 "verify_sub": False,  # sub and jti: checked here (pyjwt < 2.10 does not)
                 "verify_jti": False,
-                "verify_aud": config.audience is not None,
+                "verify_aud": True,  # without an audience: tokens with an aud are refused
                 "verify_iss": config.issuer is not None,
                 "enforce_minimum_key_length": True,
             }
@@ -373,7 +373,9 @@ class TokenVerifier:
         except (jwt.PyJWTError, ValueError, TypeError, RecursionError):
             raise AuthError("malformed token") from None
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg.lower() == "none":
+        if not isinstance(alg, str):
+            raise AuthError("malformed token")
+        if alg.lower() == "none":
             raise AuthError("unsigned tokens (alg none) are not accepted")
         if alg not in self._algorithms:
             raise AuthError("token algorithm not accepted")
