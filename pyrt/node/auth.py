@@ -463,7 +463,8 @@ class TokenVerifier:
         if (
             self._fetched_at is not None
             and self._clock() - self._fetched_at >= self.config.jwks_refresh_interval
-        ):
+            and not (self._fetch_lock is not None and self._fetch_lock.locked())
+        ):  # stale keys: fetch again (while another task fetches, the stale ones do)
             await self._refresh()
         try:
             return self.verify(token, now=now)
@@ -499,6 +500,8 @@ class TokenVerifier:
             except (OSError, ValueError, trio.TooSlowError) as e:
                 log.warning("jwks_url: fetching the keys failed: %s", e)
                 return
+            if not table:
+                log.warning("jwks_url: the fetched JWKS holds no usable signing key")
             self._set_keys(table)
             self._fetched_at = start
 

@@ -352,11 +352,14 @@ class JwksServer:
         self.document: dict[str, Any] = {"keys": []}
         self.status = 200
         self.fetches = 0
+        self.gate = threading.Event()  # a fetch is answered once it is set
+        self.gate.set()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.fetches += 1
+                server.gate.wait(10)
                 body = json.dumps(server.document).encode()
                 self.send_response(server.status)
                 self.send_header("content-type", "application/json")
@@ -471,6 +474,28 @@ async def test_a_spray_of_unknown_kids_fetches_at_most_once_per_interval(
     async with trio.open_nursery() as nursery:
         for n in range(20):
             nursery.start_soon(attacker, 100 + n)
+    assert jwks_server.fetches == 2
+
+
+async def test_stale_keys_still_verify_while_they_are_fetched_again(
+    jwks_server: JwksServer,
+) -> None:
+    jwks_server.document = {"keys": [jwk(RSA_KEY, "k1")]}
+    clock = FakeClock()
+    verifier = TokenVerifier(
+        AuthConfig(jwks_url=jwks_server.url, jwks_refresh_interval=60.0), clock=clock
+    )
+    token = rs_token(RSA_KEY, "k1", "ann")
+    assert await verifier.verify_async(token, now=NOW)
+    clock.now += 61
+    jwks_server.gate.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(verifier.verify_async, token)
+        while jwks_server.fetches < 2:  # the first task's fetch hangs in the server ...
+            await trio.sleep(0.01)
+        with trio.fail_after(5):  # ... and another connection is not held up by it
+            assert (await verifier.verify_async(token, now=NOW)).user == "ann"
+        jwks_server.gate.set()
     assert jwks_server.fetches == 2
 
 
