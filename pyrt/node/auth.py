@@ -368,29 +368,22 @@ class TokenVerifier:
             raise AuthError("token too large")
         if not token.isascii():
             raise AuthError("malformed token")
-        try:
-            header = jwt.get_unverified_header(token)
-        except (jwt.PyJWTError, ValueError, TypeError, RecursionError):
-            raise AuthError("malformed token") from None
-        alg = header.get("alg")
-        if not isinstance(alg, str):
-            raise AuthError("malformed token")
-        if alg.lower() == "none":
-            raise AuthError("unsigned tokens (alg none) are not accepted")
-        if alg not in self._algorithms:
-            raise AuthError("token algorithm not accepted")
         key: Any
+        algorithms: tuple[str, ...] | list[str] = self._algorithms
         if self._secret is not None:
             key = self._secret
         elif self._public_key is not None:
             key = self._public_key
-        else:
+        else:  # a JWKS: the header names the key (parsed here, and again by pyjwt)
+            header = _header(token)
+            alg = self._algorithm(header)
             key = self._jwk(header.get("kid"), alg)
+            algorithms = [alg]
         try:
             payload = self._jwt.decode(
                 token,
                 key,
-                algorithms=[alg],
+                algorithms=algorithms,
                 audience=config.audiences,
                 issuer=config.issuer,
             )
@@ -401,6 +394,7 @@ class TokenVerifier:
         except jwt.InvalidIssuerError:
             raise AuthError("wrong issuer (iss)") from None
         except jwt.InvalidAlgorithmError:
+            self._algorithm(_header(token))  # raises the reason
             raise AuthError("token algorithm not accepted") from None
         except jwt.MissingRequiredClaimError as e:
             raise AuthError(f"missing claim {e.claim}") from None
@@ -409,6 +403,17 @@ class TokenVerifier:
         except (jwt.PyJWTError, ValueError, TypeError, RecursionError):
             raise AuthError("malformed token") from None
         return self._identity(payload, time.time() if now is None else now)
+
+    def _algorithm(self, header: Mapping[str, Any]) -> str:
+        """The header's `alg`, if accepted; else the reason it is not, as an AuthError."""
+        alg = header.get("alg")
+        if not isinstance(alg, str):
+            raise AuthError("malformed token")
+        if alg.lower() == "none":
+            raise AuthError("unsigned tokens (alg none) are not accepted")
+        if alg not in self._algorithms:
+            raise AuthError("token algorithm not accepted")
+        return alg
 
     def _jwk(self, kid: Any, alg: str) -> jwt.PyJWK:
         if kid is not None and not isinstance(kid, str):
@@ -571,6 +576,13 @@ class TokenVerifier:
     @property
     def revoked_count(self) -> int:
         return len(self._revoked)
+
+
+def _header(token: str) -> dict[str, Any]:
+    try:
+        return jwt.get_unverified_header(token)
+    except (jwt.PyJWTError, ValueError, TypeError, RecursionError):
+        raise AuthError("malformed token") from None
 
 
 def _time_claim(payload: Mapping[str, Any], name: str) -> float | None:
