@@ -72,6 +72,7 @@ import attrs
 from .. import _json
 from ..hub.hub import HubConfig
 from ..hub.outbox import SlowConsumerPolicy
+from .auth import AuthConfig, auth_config
 from .http import MAX_HEAD_BYTES
 
 
@@ -123,6 +124,9 @@ class NodeConfig:
     api_key_pause: float = 60.0
     """Seconds a paused address is refused (HTTP 429 with `retry-after`), whatever key it
     sends."""
+
+    auth: AuthConfig | None = None
+    """Connection authentication (`[auth]`, docs/auth.md). None: no `[auth]` table."""
 
     def __attrs_post_init__(self) -> None:
         if self.max_connections_per_ip < 0 or self.api_key_max_failures < 0:
@@ -232,9 +236,9 @@ def node_config(
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_toml(Path(path))
-    unknown = set(data) - {"server", "hub", "transports", "sources", "history"}
+    unknown = set(data) - {"server", "hub", "transports", "sources", "history", "auth"}
     if unknown:
-        known = "server, hub, transports, sources, history"
+        known = "server, hub, transports, sources, history, auth"
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}; known: {known}")
     server = dict(_table(data, "server"))
     server.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -284,7 +288,17 @@ def node_config(
         sources={name: dict(table) for name, table in sources.items()},
         **limits,
         **_history(data.get("history", {})),
+        auth=_auth(data),
     )
+
+
+def _auth(data: Mapping[str, Any]) -> AuthConfig | None:
+    if "auth" not in data:
+        return None
+    try:
+        return auth_config(data["auth"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _server_limits(server: Mapping[str, Any]) -> dict[str, Any]:

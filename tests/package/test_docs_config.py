@@ -26,6 +26,7 @@ import attrs
 import pytest
 
 from pyrt import HubConfig, NodeConfig
+from pyrt.node.auth import AuthConfig
 from pyrt.node.config import _SERVER_KEYS, node_config
 from pyrt.node.node import load_transports
 from pyrt.node.sources import load_sources
@@ -42,7 +43,7 @@ REQUIRED_OPTIONS: dict[str, dict[str, Any]] = {
     "redis": {"channels": {"orders": "redis:orders"}},
 }
 """Values for the options a factory cannot do without, to build it with every default."""
-NODE_ONLY = {"hub", "transport_options", "sources"}
+NODE_ONLY = {"hub", "transport_options", "sources", "auth"}
 """NodeConfig fields that are tables of their own, not keys of `[server]`."""
 
 
@@ -137,6 +138,8 @@ def toml_type(hint: Any) -> str | None:
         return "table"
     if origin in (tuple, Sequence, list) and args and args[0] is str:
         return "array of strings"
+    if origin in (tuple, Sequence, list) and args and typing.get_origin(args[0]) is Mapping:
+        return "array of tables"
     if origin is Callable:
         return None  # given by code that builds the config, not by the file
     raise AssertionError(f"no TOML form known for {hint!r}: teach toml_type")
@@ -212,6 +215,7 @@ def schema() -> dict[str, dict[str, Key]]:
             name.removeprefix("history_"): key
             for name, key in attrs_keys(NodeConfig, lambda n: n.startswith("history_")).items()
         },
+        "auth": attrs_keys(AuthConfig),
         "transports.<name>": {},  # what every transport's table holds: nothing in common
         "sources.<name>": {"plugin": Key("string", UNSET)},  # load_sources; tested below
     }
