@@ -33,7 +33,7 @@ import orjson
 import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fanout import client_frame, command, open_ws, start_server  # benches/ is not a package
+from fanout import OPEN_AUTH, client_frame, command, open_ws, start_server  # benches/: programs
 from matcher import machine
 
 from pyrt.client import connect
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(f"[hub]\nhistory_size = {args.window * 2}\n")
         f.write("command_rate = 0\nchannel_publish_rate = 0\n")
         f.write("[server]\nmax_connections_per_ip = 0\n")
+        f.write(OPEN_AUTH)  # anonymous, every channel open (fanout.py)
     server, port = start_server(config)
     try:
         rate, cpu = trio.run(receive_throughput, port, args.messages, args.size, args.window)

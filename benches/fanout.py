@@ -294,6 +294,14 @@ async def run(
     return results
 
 
+OPEN_AUTH = (
+    '[auth]\nanonymous = true\njwt_secret = "pyrt-bench-secret-at-least-32-bytes!!"\n'
+    '[[auth.rules]]\nchannel = ">"\nsubscribe = "anyone"\npublish = "anyone"\n'
+)
+"""The `[auth]` of a benchmark server: anonymous clients, every channel open (no token is
+verified, as with the peers, whose benchmark configs have no auth)."""
+
+
 def start_server(config: str) -> tuple[subprocess.Popen[str], int]:
     """`pyrt serve --port 0 --config <config>` in a subprocess, and the port it listens on
     (read from the line it prints first)."""
@@ -347,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         # abuse limits are off.
         f.write("command_rate = 0\nchannel_publish_rate = 0\n")
         f.write("[server]\nmax_connections_per_ip = 0\n")
+        # No tokens: clients connect anonymously to channels open to anyone, as the peers'
+        # clients do (their benchmark configs have no auth either). Labelled in benchmarks.md.
+        f.write(OPEN_AUTH)
     server, port = start_server(config)
     try:
         idle_rss = server_rss_kib(server.pid)

@@ -255,6 +255,9 @@ class Server:
                 "outbox_total_bytes = 1099511627776\n"
                 "publish_requires_join = false\n"
                 f"{NO_LIMITS_HUB}"
+                # Anonymous clients on channels open to anyone, as the peers' (no auth).
+                '[auth]\nanonymous = true\njwt_secret = "pyrt-bench-secret-at-least-32-bytes!!"\n'
+                '[[auth.rules]]\nchannel = ">"\nsubscribe = "anyone"\npublish = "anyone"\n'
             )
             serve = ["-m", "pyrt._cli", "serve", "--port", str(self.port)]
             return [sys.executable, *serve, "--config", str(config)]

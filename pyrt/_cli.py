@@ -63,6 +63,9 @@ async def _serve(node: Node) -> None:
         if node.generated_api_key:
             key = node.config.api_keys[0]
             print(f"REST API key (made up for this run; set server.api_keys): {key}", flush=True)
+        if node.gate.development:
+            print("No [auth] table: a development secret was made up for this run.", flush=True)
+            print(f"Client token (user 'dev'): {node.gate.development_token()}", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 print(f"{signal.Signals(signum).name}: draining and stopping", flush=True)

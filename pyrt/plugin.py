@@ -10,6 +10,10 @@ docs/plugins.md is the guide, with a worked transport and a worked source.
 - **Sources** (`Source`, entry point group `pyrt.sources`) publish through a `SourceContext`.
   Optional parts: `OwnsChannels` (channels clients may not write to) and `ReportsLag`.
 - The conformance kits are in `pyrt.testing` (`check_transport`, `check_source`).
+- **Authentication** (docs/auth.md): a transport asks `TransportContext.authenticate(request)`
+  who a client is before it opens its session (`open_session(identity=...)`), and checks
+  `check_origin` before a WebSocket upgrade. The application's `authorize` hook (`Authorize`)
+  is given to the node: `Node(config, authorize=hook)`.
 
 Versioning: `API_VERSION` is (major, minor). Within a major version, names here keep their
 meaning and signatures; minor versions only add. Plugin loading does not check it: a plugin
@@ -27,6 +31,7 @@ from ._json import loads as json_loads
 from ._json import too_deep_message as json_too_deep_message
 from .hub.history import Publication, Recovery, StreamPosition
 from .hub.hub import _is_pattern as is_pattern
+from .hub.identity import ANONYMOUS, Action, Identity
 from .hub.limits import Admission
 from .hub.presence import PresenceDiff, PresenceMeta
 from .hub.protocol import (
@@ -45,7 +50,9 @@ from .hub.protocol import (
     Untrack,
     table_channel,
 )
+from .node.auth import AuthError
 from .node.context import SocketRate, SourceContext, TransportContext
+from .node.gate import Authorize
 from .node.http import HttpError, HttpExchange, HttpRequest, bearer_token
 from .node.io import WriteTimeout, is_disconnect
 from .node.options import integer as check_integer
@@ -54,15 +61,19 @@ from .node.plugins import BackgroundTransport, OwnsChannels, ReportsLag, Source,
 from .node.session import Session
 from .node.sources import SourceError
 
-API_VERSION = (1, 0)
+API_VERSION = (1, 1)
 """The plugin API's version (major, minor): see the module's docstring."""
 
 __all__ = [
+    "ANONYMOUS",
     "API_VERSION",
     "JSON_MAX_DEPTH",
     "MAX_ROW_SUBSCRIPTIONS",
     "TABLE_CHANNEL_PREFIX",
+    "Action",
     "Admission",
+    "AuthError",
+    "Authorize",
     "BackgroundTransport",
     "ChannelNameError",
     "CloseCode",
@@ -72,6 +83,7 @@ __all__ = [
     "HttpError",
     "HttpExchange",
     "HttpRequest",
+    "Identity",
     "Join",
     "JsonCodec",
     "JsonError",

@@ -25,6 +25,7 @@ from walkit import TABLES
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugin import Source, Transport
+from pyrt.testing import open_auth
 
 # "ci" is the default so a plain `pytest` runs the differential tests as CI does: a few
 # thousand examples, no deadline (the first call into the compiled module, shrinking and
@@ -106,6 +107,9 @@ async def start_node(nursery: trio.Nursery) -> StartNode:
         **config: Any,
     ) -> Node:
         config.setdefault("port", 0)
+        # Tests not about authorization run open (pyrt.testing.open_auth); those that are
+        # pass their own `auth`.
+        config.setdefault("auth", open_auth())
         plugins: dict[str, Any] = {}
         if isinstance(hub, Hub):
             plugins["hub"] = hub

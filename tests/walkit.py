@@ -14,6 +14,7 @@ from pgserver import PostgresServer
 from pyrt.hub.hub import Hub
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.wal import WalSource
+from pyrt.testing import open_auth
 
 TABLES = """
 CREATE TABLE items (id int PRIMARY KEY, body text, n int);
@@ -53,7 +54,7 @@ async def run_sql(postgres: PostgresServer, db: str, query: str) -> str:
 async def running(
     source: WalSource, hub: Hub | None = None, transports: Sequence[str] = ()
 ) -> AsyncIterator[Node]:
-    config = NodeConfig(port=0, transports=tuple(transports), drain_timeout=1.0)
+    config = NodeConfig(auth=open_auth(), port=0, transports=tuple(transports), drain_timeout=1.0)
     node = Node(config, hub=hub, transports=None if transports else [], sources=[source])
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)

@@ -165,6 +165,11 @@ class HubStats:
     """Commands refused because their connection was over `command_rate` (430)."""
     rate_limit_closes: int = 0
     """Connections closed for going on far over `command_rate` (4029)."""
+    auth_refused: int = 0
+    """Commands and connections the channel rules, the `authorize` hook or a missing
+    `connect` refused (403, 4401), and recoveries refused for want of `history`."""
+    tokens_expired: int = 0
+    """Connections closed because their token expired without a refresh (4419)."""
     channel_rate_limited: int = 0
     """Publications and mutations refused because their channel was over
     `channel_publish_rate` (432, or 429 on the REST API)."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import attrs
 
+from .identity import ANONYMOUS, Action, Identity
 from .limits import CommandRate
 from .outbox import Outbox
 from .protocol import CloseCode, JsonCodec
@@ -50,6 +52,15 @@ class Connection:
     """A socket is attached: the fan-out may write publications to it directly."""
     rate: CommandRate | None = None
     """The connection's command rate (None: no limit)."""
+    identity: Identity = ANONYMOUS
+    """Who it is (the token it brought); the channel rules decide what it may do."""
+    pending: bool = False
+    """Opened without a token: nothing but a `connect` command is taken until one comes."""
+    grants: dict[tuple[Action, str], Any] = attrs.field(factory=dict)
+    """The channel rules' answers for this identity, by (action, channel): a publish asks
+    the rules once per channel, not once per message."""
+    refresh_asked: bool = False
+    """A `refresh` push went out for the current token."""
 
 
 class _Default(enum.Enum):

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import orjson
 
 from .._core import Matcher, OutboxBudget, PgChange, check_channel
@@ -42,6 +43,7 @@ from .connection import Connection as Connection
 from .connection import _Default as _Default
 from .deliverer import DelivererFactory, fan_out
 from .history import HistoryBudget, Publication, Recovery, StreamPosition
+from .identity import ANONYMOUS, Action, Identity
 from .limits import Admission, ChannelRates, CommandRate
 from .outbox import SlowConsumerPolicy
 from .output import Output
@@ -49,6 +51,7 @@ from .presence_feed import PresenceFeed
 from .protocol import (
     CloseCode,
     Command,
+    Connect,
     ErrorCode,
     Join,
     JsonCodec,
@@ -58,6 +61,7 @@ from .protocol import (
     PresenceQuery,
     ProtocolError,
     Publish,
+    Refresh,
     RequestId,
     Track,
     Untrack,
@@ -66,9 +70,17 @@ from .protocol import (
 from .records import MutationReply as MutationReply
 from .records import RecordChannels
 from .rows import InvalidRowSubscription, RowEvents, RowSubscriptions
+from .rules import Grant, Rules
 
 if TYPE_CHECKING:
     from .historylog import HistoryLog
+
+
+ALLOWED = Grant(True, "", None, None)
+"""What a hub without channel rules answers every question (`Hub.set_rules`)."""
+
+MAX_GRANTS = 256
+"""Most rule answers a connection keeps (`Connection.grants`); past it they are asked again."""
 
 
 def _seconds(wait: float) -> float:
@@ -166,6 +178,158 @@ class Hub:
             if self.config.channel_publish_rate
             else None
         )
+        self._rules: Rules | None = None
+        """The channel rules (None: every connection may do everything, as a hub without
+        `set_rules`; the node always sets them)."""
+        self._refresh_before = 30.0
+        self._connect_timeout = 10.0
+        self._users: dict[str, set[str]] = {}
+        """Connection ids by user (`Identity.user`), for the REST API's revocations."""
+
+    # -- who is connected, and what they may do -----------------------------------------------
+
+    def set_rules(
+        self, rules: Rules | None, *, refresh_before: float = 30.0, connect_timeout: float = 10.0
+    ) -> None:
+        """Puts channel rules in force (docs/auth.md): from now on each join, publish,
+        presence, history read and mutation is asked of them (once per connection and
+        channel). `refresh_before`: seconds before a token's `exp` when the connection is
+        sent a `refresh` push. `connect_timeout`: how long a connection opened without a
+        token has to send `connect`."""
+        self._rules = rules
+        self._refresh_before = refresh_before
+        self._connect_timeout = connect_timeout
+        for conn in self._connections.values():
+            conn.grants.clear()
+
+    @property
+    def rules(self) -> Rules | None:
+        return self._rules
+
+    def grant(
+        self, conn: Connection, action: Action, channel: str, verdict: bool | None = None
+    ) -> Grant:
+        """What the rules allow `conn` to do on `channel` (a name, or a pattern for
+        subscribe). `verdict` is the application's `authorize` hook's answer, which wins
+        when it is not None (True keeps the rules' forced filter and columns, if any)."""
+        rules = self._rules
+        if rules is None:
+            grant = ALLOWED
+        else:
+            key = (action, channel)
+            cached = conn.grants.get(key)
+            if cached is None:
+                if len(conn.grants) >= MAX_GRANTS:
+                    conn.grants.clear()
+                cached = conn.grants[key] = rules.decide(conn.identity, action, channel)
+            grant = cached
+        if verdict is None or verdict == grant.allowed:
+            return grant
+        if verdict:
+            return Grant(True, "", grant.row_filter, grant.columns)
+        return Grant(False, f"the application refuses {action.value} on '{channel}'", None, None)
+
+    def _refused(self, conn: Connection, rid: RequestId, grant: Grant) -> bool:
+        """Sends the refusal (403) if `grant` refuses; returns whether it did."""
+        if grant.allowed:
+            return False
+        self.stats.auth_refused += 1
+        self._out.error(conn, rid, ErrorCode.FORBIDDEN, grant.reason)
+        return True
+
+    def authenticate(
+        self, conn: Connection, identity: Identity, now: float, rid: RequestId = None
+    ) -> None:
+        """`conn` proved `identity` (its `connect` command's token, verified by the node):
+        commands are taken from now on, and the token's `channels` are joined. Replies to
+        `rid` with the connection's id, its user and when its token expires."""
+        if conn.id not in self._connections:
+            return
+        self._set_identity(conn, identity)
+        conn.pending = False
+        self._join_token_channels(conn, identity, now)
+        if rid is not None:
+            self._out.reply(conn, rid, self._identity_reply(conn))
+
+    def refresh_identity(self, conn: Connection, identity: Identity, rid: RequestId = None) -> bool:
+        """A new token for `conn` (its `refresh` command): taken if it is for the same user
+        (error 401 otherwise). Returns whether it was taken."""
+        if conn.id not in self._connections:
+            return False
+        if identity.user != conn.identity.user or identity.anonymous != conn.identity.anonymous:
+            self.stats.auth_refused += 1
+            message = "a refresh must carry a token for the same user"
+            self._out.error(conn, rid, ErrorCode.UNAUTHORIZED, message)
+            return False
+        self._set_identity(conn, identity)
+        if rid is not None:
+            self._out.reply(conn, rid, self._identity_reply(conn))
+        return True
+
+    def _identity_reply(self, conn: Connection) -> dict[str, Any]:
+        identity = conn.identity
+        reply: dict[str, Any] = {"client": conn.id, "user": identity.user}
+        if identity.expires is not None:
+            reply["expires_in"] = _seconds(max(0.0, identity.expires - self._wall_clock()))
+        return reply
+
+    def _set_identity(self, conn: Connection, identity: Identity) -> None:
+        old = conn.identity.user
+        if old:
+            holders = self._users.get(old)
+            if holders is not None:
+                holders.discard(conn.id)
+                if not holders:
+                    del self._users[old]
+        conn.identity = identity
+        conn.grants.clear()
+        conn.refresh_asked = False
+        if identity.user:
+            self._users.setdefault(identity.user, set()).add(conn.id)
+
+    def _join_token_channels(self, conn: Connection, identity: Identity, now: float) -> None:
+        """Server-side subscriptions: the token's `channels` claim, signed by the
+        application, needs no rule. A channel that cannot be joined is skipped."""
+        for channel in identity.channels:
+            if channel in conn.joins:
+                continue
+            try:
+                check_channel(channel, pattern=True)
+            except ChannelNameError:
+                continue
+            if len(conn.joins) >= self.config.max_channels_per_connection:
+                break
+            self._add_join(conn, Join(None, channel), (), now)
+
+    def connections_of(self, user: str) -> list[Connection]:
+        """The live connections whose identity is `user`."""
+        return [self._connections[c] for c in sorted(self._users.get(user, ()))]
+
+    def disconnect_user(self, user: str, reason: str = "disconnected by the server") -> int:
+        """Closes every connection of `user` with 4403 (the REST API). Returns how many."""
+        conns = self.connections_of(user)
+        for conn in conns:
+            self._out.close(conn, CloseCode.REVOKED, reason)
+        return len(conns)
+
+    def revoke_token(self, jti: str, reason: str = "token revoked") -> int:
+        """Closes every connection whose token has the id `jti` with 4403 (the node also
+        refuses the token from now on). Returns how many."""
+        conns = [c for c in self._connections.values() if c.identity.jti == jti]
+        for conn in conns:
+            self._out.close(conn, CloseCode.REVOKED, reason)
+        return len(conns)
+
+    def unsubscribe_user(self, user: str, channel: str, now: float) -> int:
+        """Ends the joins of `channel` (a name or pattern, as joined) of every connection of
+        `user`, each told with an `unsubscribe` push (the REST API). Returns how many."""
+        count = 0
+        for conn in self.connections_of(user):
+            if channel in conn.joins:
+                self._drop_join(conn, channel)
+                self._out.send(conn, conn.codec.unsubscribe(channel, "removed by the server"))
+                count += 1
+        return count
 
     # -- connections -----------------------------------------------------------------------
 
@@ -177,12 +341,15 @@ class Hub:
         transport: str = "websocket",
         idle_timeout: float | _Default | None = DEFAULT,
         pings: bool = True,
+        identity: Identity = ANONYMOUS,
+        pending: bool = False,
     ) -> Connection:
         """Registers a new connection and returns it (its `id` names it from now on).
 
         `idle_timeout` defaults to the config's; None leaves liveness to the transport (an
         SSE stream notices a gone client when a write fails). `pings=False` for transports
-        that send their own heartbeats or cannot use them.
+        that send their own heartbeats or cannot use them. `identity`: who its token says it
+        is; `pending`: it has no token yet and must send `connect` first (WebSocket).
         """
         conn = Connection(
             id=f"{self.replica}.{next(self._conn_numbers)}",
@@ -202,6 +369,10 @@ class Hub:
         self._connections[conn.id] = conn
         self._out.opened(conn)
         self.stats.connections_opened += 1
+        conn.pending = pending
+        self._set_identity(conn, identity)
+        if not pending:
+            self._join_token_channels(conn, identity, now)
         return conn
 
     def connection(self, conn_id: str) -> Connection:
@@ -235,6 +406,7 @@ class Hub:
         conn = self._connections.pop(conn_id, None)
         if conn is None:
             return
+        self._set_identity(conn, ANONYMOUS)
         for channel in list(conn.joins):
             self._drop_join(conn, channel)
         self._presence.gone(conn)
@@ -330,20 +502,29 @@ class Hub:
 
     def receive(self, conn_id: str, frame: str | bytes, now: float) -> None:
         """One frame from a client."""
+        command = self.decode(conn_id, frame, now)
+        if command is not None:
+            self.handle(self._connections[conn_id], command, now)
+
+    def decode(self, conn_id: str, frame: str | bytes, now: float) -> Command | None:
+        """One frame from a client, up to the command it carries: the frame size, the
+        command rate and the codec. None when nothing is left to do (refused: the error or
+        close is queued). The node asks the application's `authorize` hook, if any, between
+        this and `handle`."""
         conn = self._connections.get(conn_id)
         if conn is None or conn.closing is not None:
-            return
+            return None
         conn.last_seen = now
         self.stats.frames_in += 1
         if len(frame) > self.config.max_frame_bytes:
             self.frame_too_big(conn_id)
-            return
+            return None
         admission = Admission.ACCEPT if conn.rate is None else conn.rate.admit(now)
         if admission is Admission.CLOSE:
             self.stats.rate_limit_closes += 1
             rate = self.config.command_rate
             self._out.close(conn, CloseCode.RATE_LIMITED, f"over {rate:g} commands per second")
-            return
+            return None
         try:
             command = conn.codec.decode(frame)
         except ProtocolError as e:
@@ -351,7 +532,7 @@ class Hub:
                 self._out.close(conn, e.close, e.message)
             else:
                 self._out.error(conn, e.id, e.code, e.message)
-            return
+            return None
         if admission is Admission.REFUSE:
             assert conn.rate is not None
             self.stats.rate_limited += 1
@@ -359,8 +540,8 @@ class Hub:
             message = f"over {rate:g} commands per second: not carried out"
             retry = {"retry_after": _seconds(conn.rate.retry_after(now))}
             self._out.error(conn, command.id, ErrorCode.RATE_LIMITED, message, retry)
-            return
-        self.handle(conn, command, now)
+            return None
+        return command
 
     def close(self, conn_id: str, code: CloseCode, reason: str) -> None:
         """Asks the transport to close a connection (after what is queued for it)."""
@@ -375,18 +556,29 @@ class Hub:
             limit = self.config.max_frame_bytes
             self._out.close(conn, CloseCode.MESSAGE_TOO_BIG, f"frame larger than {limit} bytes")
 
-    def handle(self, conn: Connection, command: Command, now: float) -> None:
-        """One decoded command from a client."""
+    def handle(
+        self, conn: Connection, command: Command, now: float, verdict: bool | None = None
+    ) -> None:
+        """One decoded command from a client. `verdict`: the application's `authorize`
+        hook's answer for it (None: the channel rules decide alone)."""
+        if conn.closing is not None:
+            return
+        if conn.pending and not isinstance(command, Ping):
+            # Nothing before the token: a connection without one is not anyone yet.
+            self.stats.auth_refused += 1
+            message = "send 'connect' with a token first"
+            self._out.close(conn, CloseCode.UNAUTHORIZED, message)
+            return
         match command:
             case Ping(rid):
                 if rid is not None:
                     self._out.reply(conn, rid, {})
             case Publish():
-                self._client_publish(conn, command, now)
+                self._client_publish(conn, command, now, verdict)
             case Mutate():
-                self._mutate(conn, command, now)
+                self._mutate(conn, command, now, verdict)
             case Join():
-                self._join(conn, command, now)
+                self._join(conn, command, now, verdict)
             case Leave(rid, channel):
                 if channel not in conn.joins:
                     self._out.error(conn, rid, ErrorCode.NOT_JOINED, f"not joined to '{channel}'")
@@ -394,19 +586,35 @@ class Hub:
                 self._drop_join(conn, channel)
                 self._out.reply(conn, rid, {})
             case Track():
-                self._presence.track(conn, command)
+                if not self._refused(
+                    conn, command.id, self.grant(conn, Action.PRESENCE, command.channel, verdict)
+                ):
+                    self._presence.track(conn, command)
             case Untrack():
                 self._presence.untrack(conn, command)
             case PresenceQuery():
-                self._presence.query(conn, command)
+                if not self._refused(
+                    conn, command.id, self.grant(conn, Action.PRESENCE, command.channel, verdict)
+                ):
+                    self._presence.query(conn, command)
+            case Connect(rid) | Refresh(rid):
+                # Tokens are verified by the node (`Session`), which never hands these here.
+                message = "this server takes no tokens"
+                self._out.error(conn, rid, ErrorCode.NOT_ALLOWED, message)
 
     def tick(self, now: float) -> float:
         """Heartbeats, idle timeouts and history expiry. Returns when to call again."""
         config = self.config
         next_due = now + config.ping_interval
+        wall = self._wall_clock()
         for conn in list(self._connections.values()):
             if conn.closing is not None:
                 continue
+            due = self._check_token(conn, now, wall)
+            if due is not None:
+                if conn.closing is not None:
+                    continue
+                next_due = min(next_due, due)
             idle = conn.idle_timeout
             if idle is not None:
                 if now - conn.last_seen >= idle:
@@ -425,6 +633,44 @@ class Hub:
             self._channel_rates.prune(now)
         self._records.tick(now)
         return next_due
+
+    def token_due(self, conn: Connection, now: float) -> float | None:
+        """When `tick` must next look at `conn`'s token (a `connect` deadline, a refresh
+        to ask for, an expiry), or None: for the node, to tick sooner than planned."""
+        if conn.pending:
+            return conn.opened + self._connect_timeout
+        expires = conn.identity.expires
+        if expires is None:
+            return None
+        left = expires - self._wall_clock()
+        return now + (left if conn.refresh_asked else left - self._refresh_before)
+
+    def _check_token(self, conn: Connection, now: float, wall: float) -> float | None:
+        """Closes a connection whose token expired (4419) or that sent no `connect` in
+        time (4401), and asks for a refresh `refresh_before` seconds ahead. Returns when to
+        look again (None: nothing to watch)."""
+        if conn.pending:
+            deadline = conn.opened + self._connect_timeout
+            if now >= deadline:
+                self.stats.auth_refused += 1
+                message = f"no 'connect' within {self._connect_timeout:g} s"
+                self._out.close(conn, CloseCode.UNAUTHORIZED, message)
+            return deadline
+        expires = conn.identity.expires
+        if expires is None:
+            return None
+        left = expires - wall
+        if left <= 0:
+            self.stats.tokens_expired += 1
+            self._out.close(conn, CloseCode.TOKEN_EXPIRED, "token expired")
+            return None
+        ask = left - self._refresh_before
+        if ask <= 0:
+            if not conn.refresh_asked:
+                conn.refresh_asked = True
+                self._out.send(conn, conn.codec.refresh(_seconds(left)))
+            return now + left
+        return now + ask
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -655,22 +901,34 @@ class Hub:
             return False
         return True
 
-    def _client_may_write(self, conn: Connection, rid: RequestId, channel: str, verb: str) -> bool:
-        """Whether a client may write to `channel` (a valid name, joined if the config asks,
-        not read-only); else the error is sent."""
+    def _client_may_write(
+        self,
+        conn: Connection,
+        rid: RequestId,
+        channel: str,
+        action: Action,
+        verdict: bool | None,
+    ) -> bool:
+        """Whether a client may write to `channel` (a valid name, allowed by the rules,
+        joined if the config asks, not read-only); else the error is sent."""
+        verb = "publishing" if action is Action.PUBLISH else "mutating"
         try:
             check_channel(channel)
         except ChannelNameError as e:
             self._out.error(conn, rid, ErrorCode.INVALID_CHANNEL, str(e))
+            return False
+        if self._refused(conn, rid, self.grant(conn, action, channel, verdict)):
             return False
         if self.config.publish_requires_join and channel not in conn.joins:
             self._out.error(conn, rid, ErrorCode.FORBIDDEN, f"join '{channel}' before {verb}")
             return False
         return self._may_write(conn, rid, channel)
 
-    def _client_publish(self, conn: Connection, command: Publish, now: float) -> None:
+    def _client_publish(
+        self, conn: Connection, command: Publish, now: float, verdict: bool | None = None
+    ) -> None:
         rid, channel = command.id, command.channel
-        if not self._client_may_write(conn, rid, channel, "publishing"):
+        if not self._client_may_write(conn, rid, channel, Action.PUBLISH, verdict):
             return
         if self._records.policy(channel) is not None:
             message = f"'{channel}' holds records: change them with mutate"
@@ -688,7 +946,9 @@ class Hub:
 
     # -- joining ---------------------------------------------------------------------------
 
-    def _join(self, conn: Connection, command: Join, now: float) -> None:
+    def _join(
+        self, conn: Connection, command: Join, now: float, verdict: bool | None = None
+    ) -> None:
         rid, channel = command.id, command.channel
         try:
             check_channel(channel, pattern=True)
@@ -707,15 +967,55 @@ class Hub:
             limit = self.config.max_channels_per_connection
             self._out.error(conn, rid, ErrorCode.TOO_MANY_CHANNELS, f"at most {limit} channels")
             return
+        grant = self.grant(conn, Action.SUBSCRIBE, channel, verdict)
+        if self._refused(conn, rid, grant):
+            return
+        limited = grant.row_filter is not None or grant.columns is not None
+        if limited and not command.changes:
+            # The rule shows this identity only some rows or columns: a plain join would
+            # get every row, whole. Row subscriptions carry the rule's filter and columns.
+            message = f"'{channel}' is filtered for you: join it with 'changes'"
+            self._refused(conn, rid, Grant(False, message, None, None))
+            return
+        if command.presence and self._refused(
+            conn, rid, self.grant(conn, Action.PRESENCE, channel, verdict)
+        ):
+            return
+        may_recover = True
+        if command.since is not None:
+            may_recover = self.grant(conn, Action.HISTORY, channel, verdict).allowed
+            if not may_recover:
+                self.stats.auth_refused += 1
         row_ids: tuple[int, ...] = ()
         if command.changes:
+            specs = command.changes
+            if limited:
+                specs = tuple(
+                    attrs.evolve(c, filter=Rules.and_filter(grant.row_filter, c.filter))
+                    for c in specs
+                )
             try:
-                row_ids = self._rows.add(conn.id, conn, command.changes)
+                row_ids = self._rows.add(conn.id, conn, specs, grant.columns)
             except InvalidRowSubscription as e:
                 details = {"index": e.index, "reason": e.reason, "position": e.position}
                 self.stats.errors += 1
                 self._out.send(conn, conn.codec.error(rid, ErrorCode.BAD_REQUEST, str(e), details))
                 return
+        self._add_join(conn, command, row_ids, now, may_recover)
+
+    def _add_join(
+        self,
+        conn: Connection,
+        command: Join,
+        row_ids: tuple[int, ...],
+        now: float,
+        may_recover: bool = True,
+    ) -> None:
+        """Makes the join (checked); `may_recover` False: the rules refuse this identity
+        the channel's history, so a `since` is answered `recovered: false`, nothing
+        replayed (told, never a silent gap)."""
+        rid, channel = command.id, command.channel
+        pattern = _is_pattern(channel)
         sub_id = next(self._sub_ids)
         if not row_ids:
             self._matcher.add_channel(sub_id, channel)
@@ -737,7 +1037,11 @@ class Hub:
             position = self._broker.position(channel, now)
             result = {"channel": channel, "offset": position.offset, "epoch": position.epoch}
         else:
-            recovery = self._broker.history(channel, now, command.since)
+            if may_recover:
+                recovery = self._broker.history(channel, now, command.since)
+            else:
+                position = self._broker.position(channel, now)
+                recovery = Recovery(False, (), position)
             if recovery.recovered:
                 self.stats.recoveries += 1
             else:
@@ -843,9 +1147,11 @@ class Hub:
     def _physical(self) -> int:
         return int(self._wall_clock() * 1000)
 
-    def _mutate(self, conn: Connection, command: Mutate, now: float) -> None:
+    def _mutate(
+        self, conn: Connection, command: Mutate, now: float, verdict: bool | None = None
+    ) -> None:
         rid, channel, mutation = command.id, command.channel, command.mutation
-        if not self._client_may_write(conn, rid, channel, "mutating"):
+        if not self._client_may_write(conn, rid, channel, Action.MUTATE, verdict):
             return
         table = self._records.table(channel)
         if table is None:

@@ -30,8 +30,12 @@ class ErrorCode(enum.IntEnum):
 
     BAD_REQUEST = 400
     """A field is missing, of the wrong type or out of range."""
+    UNAUTHORIZED = 401
+    """A token (a `refresh`'s, a join's subscription token) was refused: the message says why
+    (expired, bad signature, wrong audience...; docs/auth.md)."""
     FORBIDDEN = 403
-    """Not allowed (publishing to a channel the connection has not joined, for now)."""
+    """Not allowed: the channel rules (or the application's `authorize` hook) refuse this
+    identity the action on this channel, or the command needs the channel joined first."""
     UNKNOWN_COMMAND = 404
     """`cmd` names no command."""
     NOT_ALLOWED = 405
@@ -82,6 +86,16 @@ class CloseCode(enum.IntEnum):
     RATE_LIMITED = 4029
     """The connection kept sending commands far over the hub's `command_rate` after being
     refused (430): reconnect later, and send less."""
+    UNAUTHORIZED = 4401
+    """No valid token: the `connect` command's token was refused, or none came in time
+    (`[auth] connect_timeout`), or another command came first. Get a new token, then
+    reconnect."""
+    REVOKED = 4403
+    """The server ended the connection on purpose: its user was disconnected or its token
+    revoked (the REST API, docs/auth.md). Do not reconnect with the same token."""
+    TOKEN_EXPIRED = 4419
+    """The token expired and no `refresh` came in time: reconnect with a new token (and
+    resume from your offsets)."""
 
 
 MAX_ROW_SUBSCRIPTIONS = 64
@@ -120,6 +134,25 @@ class Join:
     presence: bool = False
     changes: tuple[RowSubscription, ...] = ()
     """Row-change subscriptions: the join receives only the row events they match."""
+    token: str | None = None
+    """A subscription token: a JWT the application's backend minted for this channel and
+    this user (docs/auth.md)."""
+
+
+@attrs.frozen(slots=True)
+class Connect:
+    """The first command of a WebSocket that did not bring its token in the URL."""
+
+    id: RequestId
+    token: str
+
+
+@attrs.frozen(slots=True)
+class Refresh:
+    """A new token for the connection (same user), before the old one expires."""
+
+    id: RequestId
+    token: str
 
 
 @attrs.frozen(slots=True)
@@ -178,7 +211,22 @@ class Ping:
     id: RequestId
 
 
-Command: TypeAlias = Join | Leave | Publish | Mutate | Track | Untrack | PresenceQuery | Ping
+Command: TypeAlias = (
+    Join | Leave | Publish | Mutate | Track | Untrack | PresenceQuery | Ping | Connect | Refresh
+)
+
+MAX_TOKEN_CHARS = 16 * 1024
+"""Longest token a frame may carry (the verifier has its own, smaller, configured limit)."""
+
+
+def _token(frame: Mapping[str, Any], rid: RequestId, *, required: bool) -> str | None:
+    token: str | None = (
+        _field(frame, "token", str, rid) if required else _optional(frame, "token", str, rid)
+    )
+    if token is not None and not 1 <= len(token) <= MAX_TOKEN_CHARS:
+        text = f"'token' must be 1 to {MAX_TOKEN_CHARS} characters"
+        raise ProtocolError(ErrorCode.BAD_REQUEST, text, rid)
+    return token
 
 
 @attrs.frozen(slots=True)
@@ -518,6 +566,7 @@ class JsonCodec:
                 since=_since(message, rid),
                 presence=_flag(message, "presence", rid),
                 changes=changes,
+                token=_token(message, rid, required=False),
             )
         if cmd == "leave":
             return Leave(rid, _field(message, "channel", str, rid))
@@ -539,6 +588,10 @@ class JsonCodec:
             )
         if cmd == "presence":
             return PresenceQuery(rid, _field(message, "channel", str, rid))
+        if cmd == "connect":
+            return Connect(rid, _token(message, rid, required=True) or "")
+        if cmd == "refresh":
+            return Refresh(rid, _token(message, rid, required=True) or "")
         if not isinstance(cmd, str):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'cmd' must be a string", rid)
         raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"unknown command '{cmd[:64]}'", rid)
@@ -627,6 +680,16 @@ class JsonCodec:
 
     def disconnect(self, code: CloseCode, reason: str) -> bytes:
         return orjson.dumps({"push": "disconnect", "code": int(code), "reason": reason})
+
+    def refresh(self, expires_in: float) -> bytes:
+        """The connection's token expires in `expires_in` seconds: send a `refresh` command
+        with a new one before then, or the connection closes (4419)."""
+        return orjson.dumps({"push": "refresh", "expires_in": expires_in})
+
+    def unsubscribe(self, channel: str, reason: str) -> bytes:
+        """The server ended the connection's join of `channel` (the REST API removed its
+        user from it): nothing more of it arrives; do not join again on your own."""
+        return orjson.dumps({"push": "unsubscribe", "channel": channel, "reason": reason})
 
 
 def _presence_map(state: Mapping[str, tuple[PresenceMeta, ...]]) -> dict[str, list[Any]]:

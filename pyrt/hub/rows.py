@@ -15,6 +15,7 @@ import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import attrs
 import orjson
 
 from .._core import Matcher, PgChange, RowEvent
@@ -43,8 +44,28 @@ class InvalidRowSubscription(ValueError):
         self.position = error.position
 
 
-def _key(spec: RowSubscription) -> tuple[str, str, str, str]:
-    return (spec.event, spec.schema, spec.table, spec.filter or "")
+Columns = frozenset[str] | None
+"""The columns a row subscription may see (channel rules' per-role `columns`); None: all."""
+
+_Key = tuple[str, str, str, str, Columns]
+
+
+def _key(spec: RowSubscription, columns: Columns) -> _Key:
+    return (spec.event, spec.schema, spec.table, spec.filter or "", columns)
+
+
+def project(payload: bytes, columns: frozenset[str]) -> bytes:
+    """A row event's JSON with only `columns` kept in `record`, `old_record` and `columns`
+    (a role that may not see the others). Encoded once per role, not per subscriber."""
+    data = orjson.loads(payload)
+    for name in ("record", "old_record"):
+        row = data.get(name)
+        if isinstance(row, dict):
+            data[name] = {k: v for k, v in row.items() if k in columns}
+    described = data.get("columns")
+    if isinstance(described, list):
+        data["columns"] = [c for c in described if isinstance(c, dict) and c.get("name") in columns]
+    return orjson.dumps(data)
 
 
 class RowSubscriptions:
@@ -55,33 +76,44 @@ class RowSubscriptions:
         self.matcher = Matcher()
         self._deliverer = deliverer
         self._ids = itertools.count(1)
-        self._by_key: dict[tuple[str, str, str, str], int] = {}
+        self._by_key: dict[_Key, int] = {}
         self._specs: dict[int, RowSubscription] = {}
+        self.columns: dict[int, frozenset[str]] = {}
+        """The subscriptions limited to some columns (per-role column rules), by id."""
         self._members: dict[int, dict[str, Any]] = {}
         """Subscription id -> connection id -> (connection, how many times it holds it)."""
 
     def __len__(self) -> int:
         return len(self._specs)
 
-    def add(self, conn_id: str, conn: Any, specs: Sequence[RowSubscription]) -> tuple[int, ...]:
+    def add(
+        self,
+        conn_id: str,
+        conn: Any,
+        specs: Sequence[RowSubscription],
+        columns: Columns = None,
+    ) -> tuple[int, ...]:
         """Registers `specs` for a connection and returns their ids, in order. Raises
-        InvalidRowSubscription (registering nothing) when the matcher refuses one."""
+        InvalidRowSubscription (registering nothing) when the matcher refuses one. `columns`:
+        the only columns these subscriptions' events show (None: all)."""
         scratch = Matcher()
         for index, spec in enumerate(specs):
-            if _key(spec) not in self._by_key:
+            if _key(spec, columns) not in self._by_key:
                 try:
                     scratch.add_rows(index, spec.event, spec.schema, spec.table, spec.filter)
                 except FilterError as e:
                     raise InvalidRowSubscription(index, e) from None
         ids = []
         for spec in specs:
-            key = _key(spec)
+            key = _key(spec, columns)
             sub_id = self._by_key.get(key)
             if sub_id is None:
                 sub_id = self._by_key[key] = next(self._ids)
                 self.matcher.add_rows(sub_id, spec.event, spec.schema, spec.table, spec.filter)
                 self._specs[sub_id] = spec
                 self._members[sub_id] = {}
+                if columns is not None:
+                    self.columns[sub_id] = columns
             members = self._members[sub_id]
             held = members.get(conn_id)
             if held is None:
@@ -104,7 +136,7 @@ class RowSubscriptions:
             self._deliverer.unsubscribe_rows(sub_id, conn.handle)
             if not members:
                 del self._members[sub_id]
-                del self._by_key[_key(self._specs.pop(sub_id))]
+                del self._by_key[_key(self._specs.pop(sub_id), self.columns.pop(sub_id, None))]
                 self.matcher.remove(sub_id)
 
     def truncate_ids(
@@ -142,6 +174,17 @@ class RowSubscriptions:
             else:
                 out.append(sorted(next(matched)))
         return out
+
+    def by_columns(self, ids: list[int]) -> list[tuple[Columns, list[int]]]:
+        """`ids` (sorted) grouped by the columns they may see: the unlimited ones first (one
+        frame each group, encoded once)."""
+        limited = self.columns
+        if not limited:
+            return [(None, ids)]
+        groups: dict[Columns, list[int]] = {}
+        for sub_id in ids:
+            groups.setdefault(limited.get(sub_id), []).append(sub_id)
+        return sorted(groups.items(), key=lambda g: (g[0] is not None, sorted(g[0] or ())))
 
 
 class RowEvents:
@@ -211,20 +254,34 @@ class RowEvents:
         )
         self.stats.publications += 1
         ids.sort()
-        native = out.native.change(publication, ids)
+        groups = self.subscriptions.by_columns(ids)
+        full = groups[0][1] if groups[0][0] is None else []
+        native = out.native.change(publication, full)
         # History counts its `pub` frame, which is this one without `"ids":[...],`.
-        broker.charge(publication, len(native) - len(orjson.dumps(ids)) - 7)
+        broker.charge(publication, len(native) - len(orjson.dumps(full)) - 7)
         # The Rust fan-out finds who holds the ids (and who joined the table's channel: plain
         # joins get every row) and writes the frame to every one it can; the rest come back.
+        self._deliver(publication, full, native, channel)
+        for columns, group in groups:
+            if columns is not None:
+                # A role limited to some columns: its own frame, encoded once for the group
+                # (plain joins of the channel are refused to such roles).
+                limited = attrs.evolve(publication, data=orjson.Fragment(project(payload, columns)))
+                self._deliver(limited, group, out.native.change(limited, group), None)
+        return publication
+
+    def _deliver(
+        self, publication: Publication, ids: list[int], native: bytes, channel: str | None
+    ) -> None:
+        out = self._out
         slow, woken, direct, seconds = out.deliverer.publish_rows(
-            ids, native, self._channels, channel
+            ids, native, self._channels if channel is not None else None, channel
         )
         self.stats.match_seconds += seconds
         out.count_direct(direct, len(native), woken)
         if slow:
-            policy = self._policy(channel)
+            policy = self._policy(publication.channel)
             out.queue_slow(slow, native, lambda codec: codec.change(publication, ids), policy)
-        return publication
 
     def replay(
         self,
@@ -235,7 +292,12 @@ class RowEvents:
     ) -> None:
         """Sends a recovering row subscriber the missed row events its filters match."""
         rows = [p for p in missed if p.change is not None]
-        matched = self.subscriptions.replay(row_ids, [p.change for p in rows])
+        subscriptions = self.subscriptions
+        matched = subscriptions.replay(row_ids, [p.change for p in rows])
         for publication, ids in zip(rows, matched, strict=True):
-            if ids:
-                self._out.send(conn, conn.codec.change(publication, ids), policy=policy)
+            for columns, group in subscriptions.by_columns(ids) if ids else ():
+                shown = publication
+                if columns is not None:
+                    data = project(orjson.dumps(publication.data), columns)
+                    shown = attrs.evolve(publication, data=orjson.Fragment(data))
+                self._out.send(conn, conn.codec.change(shown, group), policy=policy)

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ..hub.identity import Identity
+from ..hub.rules import Rules
 
 log = logging.getLogger("pyrt.auth")
 
@@ -134,6 +135,8 @@ class AuthConfig:
     refused without a fetch), and the age at which cached keys are fetched again."""
     refresh_before: float = 30.0
     """Seconds before a token's `exp` the server asks the client for a new one."""
+    connect_timeout: float = 10.0
+    """Seconds a WebSocket opened without a token has to send its `connect` command."""
     allowed_origins: tuple[str, ...] = ()
     """WebSocket `Origin`s allowed; empty: the node's own host only; `"*"`: any."""
     rules: tuple[Mapping[str, Any], ...] = ()
@@ -152,6 +155,8 @@ class AuthConfig:
         for name in ("leeway", "refresh_before"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name}: must be a number of seconds >= 0")
+        if not 0 < self.connect_timeout < math.inf:
+            raise ValueError("connect_timeout: must be a positive number of seconds")
         if not 0 < self.jwks_refresh_interval < math.inf:
             raise ValueError("jwks_refresh_interval: must be a positive number of seconds")
         if self.audience is not None and (
@@ -624,6 +629,7 @@ _KINDS: dict[str, str] = {
     "leeway": "number",
     "jwks_refresh_interval": "number",
     "refresh_before": "number",
+    "connect_timeout": "number",
     "allowed_origins": "strings",
     "rules": "tables",
 }
@@ -665,6 +671,7 @@ def auth_config(table: Any) -> AuthConfig:
     try:
         config = AuthConfig(**values)
         TokenVerifier(config)  # reads and checks the key files now, not at the first token
+        Rules.from_config(config.rules)  # and the rules (their messages name auth.rules[i])
     except ValueError as e:
         raise ValueError(f"auth: {e}") from None
     return config

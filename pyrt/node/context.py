@@ -6,6 +6,7 @@ pump by themselves (the writers of connections with new frames are woken)."""
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -17,9 +18,12 @@ from ..conflict import Record
 from ..hub.history import Publication, Recovery, StreamPosition
 from ..hub.historylog import HistoryLog
 from ..hub.hub import DEFAULT, Hub, _Default
+from ..hub.identity import ANONYMOUS, Identity
 from ..hub.limits import Admission, CommandRate, KeyFailures
 from ..hub.protocol import ErrorCode
 from .config import NodeConfig
+from .gate import Gate
+from .http import HttpRequest
 from .io import send_all
 from .session import Session
 
@@ -45,8 +49,15 @@ class NodeServices(Protocol):
 
     def address_of(self, stream: trio.abc.Stream) -> str | None: ...
 
+    gate: Gate
+
     def open_session(
-        self, *, transport: str, idle_timeout: float | _Default | None, pings: bool
+        self,
+        *,
+        transport: str,
+        idle_timeout: float | _Default | None,
+        pings: bool,
+        identity: Identity | None = ...,
     ) -> Session: ...
 
     def session(self, session_id: str, token: str) -> Session: ...
@@ -96,13 +107,47 @@ class TransportContext(_Context):
     reporting of errors. One per transport."""
 
     def open_session(
-        self, *, idle_timeout: float | _Default | None = DEFAULT, pings: bool = True
+        self,
+        *,
+        idle_timeout: float | _Default | None = DEFAULT,
+        pings: bool = True,
+        identity: Identity | None = ANONYMOUS,
     ) -> Session:
         """A new client connection to the hub (end it with `Session.end`). `idle_timeout`:
         the hub closes it after this long without a sign of life (default: the hub's); None
         when the transport watches liveness itself. `pings`: whether the hub sends `ping`
-        pushes (transports with their own heartbeats say no)."""
-        return self._node.open_session(transport=self.name, idle_timeout=idle_timeout, pings=pings)
+        pushes (transports with their own heartbeats say no). `identity`: who it is, from
+        `authenticate` (default: anonymous, which the channel rules treat as such); None:
+        nobody yet, it must send a `connect` command first."""
+        return self._node.open_session(
+            transport=self.name, idle_timeout=idle_timeout, pings=pings, identity=identity
+        )
+
+    async def authenticate(
+        self, request: HttpRequest, *, pending_ok: bool = False
+    ) -> Identity | None:
+        """Who the request's token says it is: `?token=<JWT>` (EventSource and browsers'
+        WebSocket cannot set headers), else `Authorization: Bearer <JWT>`. Without a
+        token: `ANONYMOUS` where anonymous access is allowed, else None if `pending_ok`
+        (the client will send `connect`), else HttpError 401. A bad token: HttpError 401
+        with the reason (docs/auth.md)."""
+        return await self._node.gate.identify(request, pending_ok=pending_ok)
+
+    async def verify_token(self, token: str) -> Identity:
+        """The identity `token` proves, for a dialect that carries tokens its own way
+        (Supabase's `access_token`); AuthError with a reason safe to show otherwise."""
+        return await self._node.gate.verify(token)
+
+    def check_origin(self, request: HttpRequest) -> None:
+        """HttpError 403 for a browser's WebSocket upgrade from an origin `[auth]
+        allowed_origins` does not allow (cross-site WebSocket hijacking). Call it before
+        accepting an upgrade."""
+        self._node.gate.check_origin(request)
+
+    def api_key_valid(self, key: str | None) -> bool:
+        """Whether `key` is one of `server.api_keys` (constant-time)."""
+        keys = self._node.config.api_keys
+        return key is not None and any(hmac.compare_digest(key.encode(), k.encode()) for k in keys)
 
     def session(self, session_id: str, token: str) -> Session:
         """The live session `session_id` if `token` is its token (`Session.token`), for

@@ -70,9 +70,17 @@ class HttpRequest:
 class HttpError(Exception):
     """An HTTP error with pyrt's JSON body `{"error": {"code", "message"}}` (docs/http.md)."""
 
-    def __init__(self, status: int, message: str, code: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: int | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = tuple(headers)
+        """Extra response headers (a 401's `www-authenticate`)."""
         self.code = status if code is None else code
         self.message = message
         self.head_request = False
@@ -263,7 +271,7 @@ class HttpExchange:
         await self.respond(status, orjson.dumps(value, default=_mapping), headers=headers)
 
     async def respond_error(self, error: HttpError) -> None:
-        await self.respond(error.status, error.body())
+        await self.respond(error.status, error.body(), headers=error.headers)
 
     async def start_stream(
         self, status: int, content_type: str, headers: Sequence[tuple[str, str]] = ()

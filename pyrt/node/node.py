@@ -12,6 +12,7 @@ import functools
 import hmac
 import importlib.metadata
 import importlib.resources
+import ipaddress
 import logging
 import math
 import time
@@ -25,10 +26,12 @@ import trio
 from ..hub.deliverer import fan_out
 from ..hub.historylog import HistoryLog
 from ..hub.hub import DEFAULT, Hub, _Default
+from ..hub.identity import ANONYMOUS, Identity
 from ..hub.limits import ConnectionsPerAddress, KeyFailures, address_key
 from ..hub.protocol import CloseCode
 from .config import NodeConfig
 from .context import SourceContext, TransportContext
+from .gate import Authorize, Gate
 from .http import (
     CorsPolicy,
     HttpError,
@@ -83,6 +86,7 @@ class Node:
         hub: Hub | None = None,
         transports: Sequence[Transport] | None = None,
         sources: Sequence[Source] | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         self.config = config or NodeConfig()
         # The Rust fan-out writes publications straight to the WebSocket sockets that
@@ -107,6 +111,10 @@ class Node:
             # Channels a source feeds are read-only to clients (`OwnsChannels`).
             if isinstance(source, OwnsChannels):
                 self.hub.own_channels(f"source {source.name}", source.owned_channels)
+        self.gate = Gate(self.config.auth, authorize)
+        """Tokens, revocation and the `authorize` hook (docs/auth.md); the channel rules it
+        loads are put in force on the hub."""
+        self.gate.install(self.hub)
         self._contexts = {t.name: TransportContext(self, t.name) for t in self.transports}
         """What each transport sees of the node (`pyrt.plugin.TransportContext`)."""
         self.cors = CorsPolicy(self.config.cors_origins)
@@ -225,14 +233,26 @@ class Node:
         transport: str = "websocket",
         idle_timeout: float | _Default | None = DEFAULT,
         pings: bool = True,
+        identity: Identity | None = ANONYMOUS,
     ) -> Session:
-        """A new hub connection for a transport; see `Hub.open` for the options."""
-        session = Session(self, transport=transport, idle_timeout=idle_timeout, pings=pings)
+        """A new hub connection for a transport; see `Hub.open` for the options. `identity`
+        None: it has no token yet and must send `connect` (WebSocket)."""
+        session = Session(
+            self, transport=transport, idle_timeout=idle_timeout, pings=pings, identity=identity
+        )
         self._sessions[session.id] = session
         idle = session.idle_timeout
         if idle is not None and self.now + idle < self._clock_due:
             self._clock_kick.set()  # it expires before the clock's next tick: tick sooner
+        self.watch_token(session)
         return session
+
+    def watch_token(self, session: Session) -> None:
+        """Ticks sooner if `session`'s token needs looking at before the next tick (its
+        `connect` deadline, its refresh, its expiry)."""
+        due = self.hub.token_due(self.hub.connection(session.id), self.now)
+        if due is not None and due < self._clock_due:
+            self._clock_kick.set()
 
     def session(self, session_id: str, token: str) -> Session:
         """The live session `session_id` if `token` is its token; HttpError otherwise."""
@@ -307,6 +327,10 @@ class Node:
     def count_api_messages(self, count: int) -> None:
         """Publications made through an API (`pyrt_api_messages_in_total`)."""
         self.metrics.api_messages_in += count
+
+    def revoke(self, jti: str, until: float) -> None:
+        """Refuses the token `jti` until `until` (wall-clock seconds: its `exp`)."""
+        self.gate.revoke(jti, until)
 
     def publish(self, channel: str, data: Any) -> Any:
         """Publishes from the server side (sources, the REST API, your own code)."""
@@ -474,9 +498,21 @@ class Node:
             await exchange.respond_json(200, body)
         elif path == "/":
             await exchange.respond(200, _status_page(), "text/html; charset=utf-8")
+        elif path == "/dev/token":
+            await self._development_token(exchange)
         else:
             return False
         return True
+
+    async def _development_token(self, exchange: HttpExchange) -> None:
+        """`GET /dev/token`: a token for the status page's demo, only while the node runs on
+        its made-up development secret (no `[auth]` table), listens on loopback only, and
+        the request comes from loopback. 404 otherwise."""
+        if not (self.gate.development and _loopback(self.config.host)) or not _from_loopback(
+            exchange.stream
+        ):
+            raise HttpError(404, "no development token here (docs/auth.md)")
+        await exchange.respond_json(200, {"token": self.gate.development_token()})
 
     async def _http_command(self, exchange: HttpExchange) -> None:
         """`POST /connection/send?session=ID&token=T`: one command for an HTTP session (SSE,
@@ -501,6 +537,23 @@ class Node:
             code, reason = closing
             raise HttpError(400, f"session closed: {reason}", code=int(code))
         await exchange.respond_json(202, {})
+
+
+def _loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _from_loopback(stream: trio.abc.Stream) -> bool:
+    socket = getattr(stream, "socket", None)
+    try:
+        return socket is not None and _loopback(socket.getpeername()[0])
+    except (OSError, IndexError, TypeError):
+        return False
 
 
 _MAX_REFUSING = 64

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -45,6 +46,8 @@ class RestHost(Protocol):
 
     def pump(self) -> None: ...
 
+    def revoke(self, jti: str, until: float) -> None: ...
+
 
 API_PREFIX = "/api/"
 MAX_PUBLISH_CHANNELS = 100
@@ -63,8 +66,9 @@ _Handler = Callable[[RestHost, HttpExchange, str], Awaitable[None]]
 
 _ROUTES = (
     "there are POST /api/publish, GET /api/history/<channel>, GET /api/presence/<channel>,"
-    " GET /api/channels, GET /api/records/<channel> and GET or POST"
-    " /api/records/<channel>/<key>"
+    " GET /api/channels, GET /api/records/<channel>, GET or POST"
+    " /api/records/<channel>/<key>, POST /api/disconnect, POST /api/revoke and"
+    " POST /api/unsubscribe"
 )
 
 
@@ -131,6 +135,8 @@ def _resolve(path: str, method: str) -> tuple[_Handler, str]:
     argument = ""
     if name == "publish":
         route = ("POST", _publish)
+    elif name in _REVOCATIONS:
+        route = ("POST", _REVOCATIONS[name])
     elif name == "channels":
         route = ("GET", _channels)
     else:
@@ -185,6 +191,77 @@ def _authorize(keys: Sequence[str], exchange: HttpExchange) -> None:
         matched |= hmac.compare_digest(candidate, key.encode())
     if not matched:
         raise _WrongKey(401, "wrong API key")
+
+
+# -- POST /api/disconnect, /api/revoke, /api/unsubscribe ------------------------------------
+
+MAX_REVOKED_SECONDS = 366 * 86400.0
+"""Longest a revocation without the token's `exp` (`until`) is kept: a year."""
+
+
+def _string(body: Mapping[str, Any], name: str, limit: int = 1024) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not 1 <= len(value) <= limit:
+        raise HttpError(400, f"'{name}' must be a string of 1 to {limit} characters")
+    return value
+
+
+async def _fields(
+    node: RestHost, exchange: HttpExchange, allowed: frozenset[str]
+) -> Mapping[str, Any]:
+    body = await exchange.json_body(node.config.max_body_bytes)
+    if not isinstance(body, dict):
+        raise HttpError(400, f"body must be a JSON object, got {_json_type(body)}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise HttpError(400, f"unknown field '{unknown[0][:64]}': use {', '.join(sorted(allowed))}")
+    return body
+
+
+async def _disconnect(node: RestHost, exchange: HttpExchange, _argument: str) -> None:
+    """`{"user"}`: closes every live connection of the user (4403)."""
+    body = await _fields(node, exchange, frozenset({"user"}))
+    closed = node.hub.disconnect_user(_string(body, "user"))
+    node.pump()
+    await exchange.respond_json(200, {"disconnected": closed})
+
+
+async def _revoke(node: RestHost, exchange: HttpExchange, _argument: str) -> None:
+    """`{"jti", "until"?}`: the token is refused from now on, until `until` (Unix seconds,
+    its `exp`; default: a year), and its live connections are closed (4403)."""
+    body = await _fields(node, exchange, frozenset({"jti", "until"}))
+    jti = _string(body, "jti")
+    until = body.get("until")
+    if until is None:
+        until = time.time() + MAX_REVOKED_SECONDS
+    elif isinstance(until, bool) or not isinstance(until, (int, float)) or not math.isfinite(until):
+        raise HttpError(400, "'until' must be a number (Unix seconds: the token's exp)")
+    node.revoke(jti, float(until))
+    closed = node.hub.revoke_token(jti)
+    node.pump()
+    await exchange.respond_json(200, {"disconnected": closed})
+
+
+async def _unsubscribe(node: RestHost, exchange: HttpExchange, _argument: str) -> None:
+    """`{"user", "channel"}`: ends the user's joins of `channel` (as joined: a name or a
+    pattern) on every live connection, each told with an `unsubscribe` push. (The rules
+    still decide whether it may join again: change them, or revoke its token, for good.)"""
+    body = await _fields(node, exchange, frozenset({"user", "channel"}))
+    channel = _string(body, "channel", 255)
+    try:
+        check_channel(channel, pattern=True)
+    except ChannelNameError as e:
+        raise HttpError(422, f"channel: {e}") from None
+    removed = node.hub.unsubscribe_user(_string(body, "user"), channel, node.now)
+    node.pump()
+    await exchange.respond_json(200, {"unsubscribed": removed})
+
+
+_REVOCATIONS: dict[str, _Handler] = {
+    "disconnect": _disconnect,
+    "revoke": _revoke,
+    "unsubscribe": _unsubscribe,
+}
 
 
 # -- POST /api/publish ---------------------------------------------------------------------

@@ -11,13 +11,16 @@ from typing import Protocol
 import trio
 
 from ..hub.hub import DEFAULT, Hub, _Default
+from ..hub.identity import ANONYMOUS, Identity
 from ..hub.protocol import CloseCode, Command, JsonCodec
+from .gate import HANDLED, Gate
 
 
 class SessionHost(Protocol):
     """What a `Session` needs of the node that made it (`Node` is one)."""
 
     hub: Hub
+    gate: Gate
 
     @property
     def now(self) -> float: ...
@@ -33,6 +36,8 @@ class SessionHost(Protocol):
     def close_request(self, session_id: str) -> tuple[CloseCode, str] | None: ...
 
     def end_session(self, session: Session) -> None: ...
+
+    def watch_token(self, session: Session) -> None: ...
 
     def attached(self, session: Session, stream: trio.abc.Stream) -> None: ...
 
@@ -50,10 +55,16 @@ class Session:
         transport: str = "websocket",
         idle_timeout: float | _Default | None = DEFAULT,
         pings: bool = True,
+        identity: Identity | None = ANONYMOUS,
     ) -> None:
         self._node = node
         self._connection = node.hub.open(
-            node.now, transport=transport, idle_timeout=idle_timeout, pings=pings
+            node.now,
+            transport=transport,
+            idle_timeout=idle_timeout,
+            pings=pings,
+            identity=identity or ANONYMOUS,
+            pending=identity is None,
         )
         self.id = self._connection.id
         self.token = secrets.token_urlsafe(18)
@@ -74,6 +85,11 @@ class Session:
         return self._connection.idle_timeout
 
     @property
+    def identity(self) -> Identity:
+        """Who it is: the identity its token proved (`ANONYMOUS` without one)."""
+        return self._connection.identity
+
+    @property
     def codec(self) -> JsonCodec:
         """The codec of the frames the hub sends it (default: the native protocol's)."""
         return self._connection.codec
@@ -89,17 +105,35 @@ class Session:
     async def receive(self, frame: str | bytes) -> None:
         """Hands one frame from the client to the hub."""
         if not self.closed:
+            command = None
             with self._isolated():
-                self._node.hub.receive(self.id, frame, self._node.now)
+                command = self._node.hub.decode(self.id, frame, self._node.now)
+            if command is not None:
+                await self._carry_out(command)
             self._node.pump()
 
     async def command(self, command: Command) -> None:
         """Hands a command built by the transport (a dialect's, not read from the wire) to
         the hub."""
         if not self.closed:
-            with self._isolated():
-                self._node.hub.handle(self._connection, command, self._node.now)
+            await self._carry_out(command)
             self._node.pump()
+
+    async def _carry_out(self, command: Command) -> None:
+        """The node's say first (tokens, the application's `authorize` hook: it may wait),
+        then the hub's."""
+        node = self._node
+        with self._isolated():
+            verdict: object = None
+            gate = node.gate
+            if gate.needs_screen(command):
+                verdict = await gate.screen(node.hub, self._connection, command)
+                if verdict is HANDLED or self.closed:
+                    if not self.closed:
+                        node.watch_token(self)  # a new token: a new expiry to watch
+                    return  # (or it ended meanwhile: the hub has forgotten it)
+            assert verdict is None or isinstance(verdict, bool)
+            node.hub.handle(self._connection, command, node.now, verdict)
 
     def frame_too_big(self) -> None:
         """The client sent a frame over the limit without it being read whole (1009)."""

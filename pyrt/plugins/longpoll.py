@@ -197,7 +197,8 @@ class LongPollTransport:
             max_channels=ctx.config.hub.max_channels_per_connection,
             cursor=request.param("cursor"),
         )
-        session = ctx.open_session(idle_timeout=self.session_ttl, pings=False)
+        identity = await ctx.authenticate(request)  # 401 before the session opens
+        session = ctx.open_session(idle_timeout=self.session_ttl, pings=False, identity=identity)
         poll = _PollSession(session, await opening.join(session))
         self._sessions[session.id] = poll
         self._nursery.start_soon(self._keep, poll)

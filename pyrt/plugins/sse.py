@@ -53,9 +53,10 @@ class SseTransport:
         opening = StreamOpening.parse(
             request, max_channels=ctx.config.hub.max_channels_per_connection, cursor=cursor
         )
+        identity = await ctx.authenticate(request)  # 401 before the stream starts
         # No idle timeout and no pings: the heartbeat is ours, and a client that went away is
         # noticed by the hangup watcher or a failed write.
-        session = ctx.open_session(idle_timeout=None, pings=False)
+        session = ctx.open_session(idle_timeout=None, pings=False, identity=identity)
         try:
             tracker = await opening.join(session)
             await exchange.start_stream(200, "text/event-stream; charset=utf-8", _HEADERS)

@@ -28,7 +28,15 @@ from wsproto.events import (
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from ..plugin import CloseCode, HttpError, HttpExchange, HttpRequest, Session, TransportContext
+from ..plugin import (
+    CloseCode,
+    HttpError,
+    HttpExchange,
+    HttpRequest,
+    Identity,
+    Session,
+    TransportContext,
+)
 from .wsframe import data_frame
 
 
@@ -42,13 +50,17 @@ class WebSocketTransport:
         return request.is_websocket_upgrade and request.path in self.paths
 
     async def serve(self, ctx: TransportContext, exchange: HttpExchange) -> None:
+        # Before the upgrade: a browser page of another site (403), a bad token (401). No
+        # token at all is let through when the client may send `connect` first.
+        ctx.check_origin(exchange.request)
+        identity = await ctx.authenticate(exchange.request, pending_ok=True)
         ws = await _accept(exchange)
         if ws is None:
             return
         # From here on only the WebSocket lives: the request, its headers and the HTTP and
         # handshake state are let go (a few KiB per connection, held for hours).
         trailing = exchange.detach()
-        connection = _Connection(ctx, exchange.stream, ws)
+        connection = _Connection(ctx, exchange.stream, ws, identity)
         await connection.run(trailing)
 
 
@@ -71,11 +83,17 @@ async def _accept(exchange: HttpExchange) -> WsConnection | None:
 class _Connection:
     """One accepted WebSocket: a reader and a writer task around a hub session."""
 
-    def __init__(self, ctx: TransportContext, stream: trio.abc.Stream, ws: WsConnection) -> None:
+    def __init__(
+        self,
+        ctx: TransportContext,
+        stream: trio.abc.Stream,
+        ws: WsConnection,
+        identity: Identity | None,
+    ) -> None:
         self.ctx = ctx
         self.stream = stream
         self.ws = ws
-        self.session: Session = ctx.open_session()
+        self.session: Session = ctx.open_session(identity=identity)
         self.max_message = ctx.config.hub.max_frame_bytes
         self.send_lock = trio.Lock()
         self.parts: list[bytes] = []

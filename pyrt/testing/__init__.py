@@ -71,6 +71,7 @@ from ..hub.broker import (
     RecordTable,
     StorageEngine,
 )
+from .auth import OPEN_RULES, TEST_SECRET, TestTokens, open_auth
 from .brokers import BrokerFactory, check_broker
 from .peer import Peer
 from .sources import SourceKitFailure, check_source
@@ -86,7 +87,9 @@ from .transports import (
 
 __all__ = [
     "KIT_HUB",
+    "OPEN_RULES",
     "SUPABASE_CAPABILITIES",
+    "TEST_SECRET",
     "Broker",
     "BrokerFactory",
     "Capability",
@@ -101,8 +104,10 @@ __all__ = [
     "SourceKitFailure",
     "StorageEngine",
     "SupabaseKitClient",
+    "TestTokens",
     "TransportClient",
     "check_broker",
     "check_source",
     "check_transport",
+    "open_auth",
 ]

@@ -14,6 +14,7 @@ from ..node.config import NodeConfig
 from ..node.node import Node
 from ..plugin import Session, Source
 from ._checks import _check, _nursery
+from .auth import open_auth
 
 # -- sources -------------------------------------------------------------------------------
 
@@ -63,7 +64,7 @@ async def check_source(
     gets the string back out of a publication's data; `channel` is where they must appear.
     `timeout` bounds each wait.
     """
-    config = NodeConfig(port=0, transports=(), drain_timeout=2.0)
+    config = NodeConfig(port=0, transports=(), drain_timeout=2.0, auth=open_auth())
     await _source_publishes_in_order(factory, produce, config, channel, value, timeout)
     await _bad_event_is_skipped(factory, produce, config, channel, value, timeout)
 

@@ -15,6 +15,7 @@ from ..node.config import NodeConfig
 from ..node.node import Node
 from ..plugin import Transport
 from ._checks import _check, _nursery, _until
+from .auth import open_auth
 
 
 class TransportClient(Protocol):
@@ -142,7 +143,7 @@ async def check_transport(
     native protocol). Returns the checks skipped for want of one, in order, so a test can
     assert exactly which (nothing is skipped silently).
     """
-    config = NodeConfig(port=0, hub=KIT_HUB, drain_timeout=5.0)
+    config = NodeConfig(port=0, hub=KIT_HUB, drain_timeout=5.0, auth=open_auth())
     skips = _Skips(frozenset(capabilities))
     with trio.fail_after(120):
         async with _nursery() as nursery:  # a failed check comes out as itself

@@ -12,10 +12,13 @@ from nodekit import until
 from pyrt.client import Channel, ClientError, ConnectionLost, Message, connect
 from pyrt.hub.hub import HubConfig
 from pyrt.node.node import Node, NodeConfig
+from pyrt.testing import open_auth
 
 
 async def start(nursery: trio.Nursery, **hub: Any) -> tuple[Node, str]:
-    node: Node = await nursery.start(Node(NodeConfig(port=0, hub=HubConfig(**hub))).run)
+    node: Node = await nursery.start(
+        Node(NodeConfig(auth=open_auth(), port=0, hub=HubConfig(**hub))).run
+    )
     return node, f"ws://127.0.0.1:{node.port}/connection/websocket"
 
 

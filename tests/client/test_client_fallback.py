@@ -18,6 +18,7 @@ from trio.testing import MockClock
 from pyrt.client import Channel, Client, ConnectionLost, Message, connect
 from pyrt.hub.hub import HubConfig
 from pyrt.node.node import Node, NodeConfig
+from pyrt.testing import open_auth
 
 FAST = {"min_backoff": 0.01, "max_backoff": 0.2, "ping_interval": 0.2, "stall_timeout": 1.0}
 """Client options for tests: quick reconnects, and a stall noticed after one second."""
@@ -26,7 +27,7 @@ FAST = {"min_backoff": 0.01, "max_backoff": 0.2, "ping_interval": 0.2, "stall_ti
 async def start(
     nursery: trio.Nursery, transports: tuple[str, ...] | None = None, **hub: Any
 ) -> tuple[Node, str]:
-    config = NodeConfig(port=0, transports=transports, hub=HubConfig(**hub))
+    config = NodeConfig(auth=open_auth(), port=0, transports=transports, hub=HubConfig(**hub))
     node: Node = await nursery.start(Node(config).run)
     return node, f"http://127.0.0.1:{node.port}"
 

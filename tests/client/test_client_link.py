@@ -23,12 +23,15 @@ from wsproto.events import AcceptConnection, Ping, Pong, Request
 from pyrt.client import Channel, Message, connect
 from pyrt.hub.hub import HubConfig
 from pyrt.node.node import Node, NodeConfig
+from pyrt.testing import open_auth
 
 FAST = {"min_backoff": 0.01, "max_backoff": 0.2, "probe_interval": None}
 
 
 async def start(nursery: trio.Nursery, **hub: Any) -> tuple[Node, int]:
-    node: Node = await nursery.start(Node(NodeConfig(port=0, hub=HubConfig(**hub))).run)
+    node: Node = await nursery.start(
+        Node(NodeConfig(auth=open_auth(), port=0, hub=HubConfig(**hub))).run
+    )
     assert node.port is not None
     return node, node.port
 

@@ -33,9 +33,11 @@ class LossyHub(Hub):
 
     lose_every = 0
 
-    def handle(self, conn: Connection, command: Command, now: float) -> None:
+    def handle(
+        self, conn: Connection, command: Command, now: float, verdict: bool | None = None
+    ) -> None:
         before = self.stats.mutations  # processed for the first time (not a duplicate)
-        super().handle(conn, command, now)
+        super().handle(conn, command, now, verdict)
         applied = isinstance(command, Mutate) and self.stats.mutations > before
         if applied and self.lose_every and self.stats.mutations % self.lose_every == 0:
             conn.outbox.pop()

@@ -34,6 +34,7 @@ from pyrt._core import FanOut, Matcher
 from pyrt.hub.hub import HubConfig
 from pyrt.hub.outbox import SlowConsumerPolicy
 from pyrt.node.node import Node, NodeConfig
+from pyrt.testing import open_auth
 
 # -- FanOut over socket pairs ---------------------------------------------------------------
 
@@ -459,7 +460,9 @@ def test_bad_handles_and_descriptors_are_errors(
 
 
 async def start(nursery: trio.Nursery, **hub: Any) -> tuple[Node, str]:
-    node: Node = await nursery.start(Node(NodeConfig(port=0, hub=HubConfig(**hub))).run)
+    node: Node = await nursery.start(
+        Node(NodeConfig(auth=open_auth(), port=0, hub=HubConfig(**hub))).run
+    )
     return node, f"ws://127.0.0.1:{node.port}/connection/websocket"
 
 
@@ -592,7 +595,7 @@ async def test_a_pong_never_lands_inside_a_frame_the_fan_out_wrote_in_part(
         outbox_bytes=4 * big,
         history_max_bytes=64 * big,
     )
-    node: Node = await nursery.start(Node(NodeConfig(port=0, hub=hub)).run)
+    node: Node = await nursery.start(Node(NodeConfig(auth=open_auth(), port=0, hub=hub)).run)
     stream = await trio.open_tcp_stream("127.0.0.1", node.port)
     ws = WSConnection(ConnectionType.CLIENT)
     events: list[Any] = []
@@ -657,7 +660,7 @@ async def test_the_node_ends_sessions_left_attached_before_it_closes_their_socke
     before the front door closes the socket; nothing is written to a number the kernel
     reuses afterwards."""
     forgetful = _Forgetful()
-    config = NodeConfig(port=0, transports=())
+    config = NodeConfig(auth=open_auth(), port=0, transports=())
     node: Node = await nursery.start(Node(config, transports=[forgetful]).run)
     with socket.create_connection(("127.0.0.1", node.port)) as client:
         client.sendall(b"GET /forgetful HTTP/1.1\r\nhost: x\r\n\r\n")

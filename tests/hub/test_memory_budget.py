@@ -34,6 +34,7 @@ from pyrt.hub.historylog import HistoryLog
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.hub.outbox import Outbox, PushResult, SlowConsumerPolicy
 from pyrt.node.node import Node, NodeConfig
+from pyrt.testing import open_auth
 
 WALL = 1_700_000_000.0
 COST = 1000
@@ -516,7 +517,7 @@ def test_discarding_a_backlog_keeps_only_what_may_be_written_in_part(
 
 
 async def start(nursery: trio.Nursery, **hub: Any) -> Node:
-    config = NodeConfig(port=0, transports=("websocket",), hub=HubConfig(**hub))
+    config = NodeConfig(auth=open_auth(), port=0, transports=("websocket",), hub=HubConfig(**hub))
     node: Node = await nursery.start(Node(config).run)
     return node
 

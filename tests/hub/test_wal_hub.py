@@ -26,7 +26,7 @@ from pyrt.node.context import SourceContext
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.wal import WalSource
 from pyrt.postgres.replication import XLogData
-from pyrt.testing import Peer
+from pyrt.testing import Peer, open_auth
 
 # -- channel names ---------------------------------------------------------------------------
 
@@ -195,7 +195,7 @@ def transaction(commit_lsn: int, *ids: int, commit: bool = True) -> list[bytes]:
 
 async def test_pump_skips_what_the_slot_sends_again() -> None:
     source = WalSource(slot="fake")
-    node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[])
+    node = Node(NodeConfig(auth=open_auth(), port=0, transports=()), transports=[], sources=[])
     conn = Peer(node.hub, 0.0)
     conn.request(cmd="join", channel="pg:public:items")
     # A session cut off in the middle of the second transaction...
@@ -218,7 +218,7 @@ async def test_pump_skips_what_the_slot_sends_again() -> None:
 
 async def test_pump_publishes_truncates_per_table() -> None:
     source = WalSource(slot="fake")
-    node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[])
+    node = Node(NodeConfig(auth=open_auth(), port=0, transports=()), transports=[], sources=[])
     conn = Peer(node.hub, 0.0)
     conn.request(cmd="join", changes=[{"table": "*"}])
     other = enc_relation(16385, "public", "other", "d", [(1, "id", INT4_OID, -1)])
@@ -252,7 +252,9 @@ async def test_pump_skips_a_message_it_cannot_decode_and_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     source = WalSource(slot="fake")
-    node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[source])
+    node = Node(
+        NodeConfig(auth=open_auth(), port=0, transports=()), transports=[], sources=[source]
+    )
     conn = Peer(node.hub, 0.0)
     conn.request(cmd="join", channel="pg:public:items")
     garbage = enc_insert(16384, ["1", "x"])  # a column short: the decoder refuses it
@@ -282,7 +284,9 @@ async def test_a_row_too_deep_to_keep_as_a_record_is_skipped_as_a_record_only() 
         16390, "public", "docs", "d", [(1, "id", INT4_OID, -1), (0, "doc", jsonb, -1)]
     )
     source = WalSource(slot="fake", records={"public.docs": "docs"})
-    config = NodeConfig(port=0, transports=(), hub=HubConfig(record_policies={"docs": "lww"}))
+    config = NodeConfig(
+        auth=open_auth(), port=0, transports=(), hub=HubConfig(record_policies={"docs": "lww"})
+    )
     node = Node(config, transports=[], sources=[source])
     source._records_loaded = True  # (no database to load them from)
     conn = Peer(node.hub, 0.0)

@@ -343,10 +343,12 @@ async def test_a_broken_transport_plugin_cannot_stop_the_node(
 class BrokenHub(Hub):
     """A hub with a bug: publishing on `boom` raises."""
 
-    def handle(self, conn: Connection, command: Command, now: float) -> None:
+    def handle(
+        self, conn: Connection, command: Command, now: float, verdict: bool | None = None
+    ) -> None:
         if isinstance(command, Publish) and command.channel.endswith("boom"):
             raise RuntimeError("a bug in the hub")
-        super().handle(conn, command, now)
+        super().handle(conn, command, now, verdict)
 
 
 async def test_a_bug_while_handling_a_frame_closes_that_connection_with_1011(

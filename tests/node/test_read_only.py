@@ -25,7 +25,7 @@ from pyrt.node.node import Node, NodeConfig
 from pyrt.plugin import SourceContext
 from pyrt.plugins.notify import NotifySource
 from pyrt.plugins.wal import WalSource
-from pyrt.testing import Peer
+from pyrt.testing import Peer, open_auth
 
 KEY = "k"
 
@@ -176,7 +176,9 @@ async def test_a_fake_row_event_is_refused_and_history_holds_only_real_rows(
     postgres: PostgresServer,
     wal_db: str,
 ) -> None:
-    config = NodeConfig(port=0, api_keys=(KEY,), transports=("websocket",), drain_timeout=1.0)
+    config = NodeConfig(
+        auth=open_auth(), port=0, api_keys=(KEY,), transports=("websocket",), drain_timeout=1.0
+    )
     node = Node(config, sources=[wal_source(postgres, wal_db)])
     fake = {
         "schema": "public",

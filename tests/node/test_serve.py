@@ -12,6 +12,7 @@ import orjson
 import pytest
 import trio
 from trio_websocket import open_websocket_url
+from wskit import closed
 
 from pyrt.hub.outbox import SlowConsumerPolicy
 from pyrt.node.config import ConfigError, node_config
@@ -101,13 +102,21 @@ async def test_pyrt_serve_in_a_subprocess() -> None:
         assert proc.stdout is not None
         output = b""
         with trio.fail_after(30):
-            while b"WebSocket: " not in output:
+            while not re.search(rb"Client token \(user 'dev'\): (\S+)\n", output):
                 chunk = await proc.stdout.receive_some(4096)
                 assert chunk, output
                 output += chunk
         match = re.search(rb"ws://127\.0\.0\.1:(\d+)/connection/websocket", output)
         assert match is not None, output
         url = match.group(0).decode()
+        # Secure by default: no [auth] table, so a made-up secret, and no way in without
+        # the token it printed.
+        async with open_websocket_url(url) as stranger:
+            await stranger.send_message('{"cmd":"join","id":1,"channel":"lobby"}')
+            assert (await closed(stranger)).code == 4401
+        token = re.search(rb"Client token \(user 'dev'\): (\S+)\n", output)
+        assert token is not None
+        url += f"?token={token.group(1).decode()}"
         async with open_websocket_url(url) as a, open_websocket_url(url) as b:
             for ws in (a, b):
                 await ws.send_message('{"cmd":"join","id":1,"channel":"lobby"}')

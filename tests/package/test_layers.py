@@ -111,7 +111,7 @@ def test_built_in_plugins_never_touch_the_hub() -> None:
 
 
 def test_the_plugin_api_is_versioned_and_pinned() -> None:
-    assert pyrt.plugin.API_VERSION == (1, 0)
+    assert pyrt.plugin.API_VERSION == (1, 1)
     exported = {n for n in vars(pyrt.plugin) if not n.startswith("_")}
     assert set(pyrt.plugin.__all__) <= exported
     assert {"Transport", "Source", "Session", "TransportContext", "SourceContext"} <= set(

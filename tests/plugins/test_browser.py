@@ -20,6 +20,7 @@ from pyrt.node.http import HttpExchange
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.cursor import decode_cursor
 from pyrt.plugins.sse import SseTransport
+from pyrt.testing import open_auth
 
 CHROMIUM = shutil.which("chromium")
 
@@ -109,7 +110,7 @@ def test_chromium_eventsource_receives_in_order_and_resumes_with_last_event_id()
     # larger than the outbox, the rejoin overflows too and each reconnect gets one outbox
     # further: it converges, through one cut per outbox-full.)
     hub = HubConfig(outbox_messages=20)
-    node = Node(NodeConfig(port=0, hub=hub), transports=[sse])
+    node = Node(NodeConfig(auth=open_auth(), port=0, hub=hub), transports=[sse])
     # No skip when the browser is missing: a test that did not run would read as passed.
     assert CHROMIUM is not None, "Debian's chromium is not installed (scripts/bootstrap does it)"
     with NodeThread(node).running() as served, sync_playwright() as playwright:

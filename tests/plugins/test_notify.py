@@ -27,7 +27,7 @@ from pyrt.plugin import SourceContext
 from pyrt.plugins.notify import CatchUp, NotifySource
 from pyrt.plugins.websocket import WebSocketTransport
 from pyrt.postgres import PgConnection
-from pyrt.testing import check_source
+from pyrt.testing import check_source, open_auth
 
 
 def options(postgres: PostgresServer, **extra: Any) -> dict[str, Any]:
@@ -129,7 +129,11 @@ async def test_the_kit_catches_a_swallowing_or_stubborn_source(postgres: Postgre
 @asynccontextmanager
 async def node_with(source: NotifySource) -> AsyncIterator[Node]:
     async with trio.open_nursery() as nursery:
-        node = Node(NodeConfig(port=0), transports=[WebSocketTransport()], sources=[source])
+        node = Node(
+            NodeConfig(auth=open_auth(), port=0),
+            transports=[WebSocketTransport()],
+            sources=[source],
+        )
         await nursery.start(node.run)
         yield node
         node.stop()
@@ -402,7 +406,9 @@ async def start_failure(source: NotifySource) -> SourceError:
     with pytest.raises(ExceptionGroup) as caught:  # noqa: PT012 (the nursery raises)
         async with trio.open_nursery() as nursery:
             with trio.fail_after(20):
-                await nursery.start(Node(NodeConfig(port=0), transports=[], sources=[source]).run)
+                await nursery.start(
+                    Node(NodeConfig(auth=open_auth(), port=0), transports=[], sources=[source]).run
+                )
     failed, rest = caught.value.split(SourceError)
     assert rest is None, rest
     assert failed is not None

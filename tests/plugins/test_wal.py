@@ -21,7 +21,7 @@ from pyrt.node.node import Node, NodeConfig, Session
 from pyrt.node.sources import SourceError, load_sources
 from pyrt.plugins.wal import WalSource
 from pyrt.postgres.replication import ReplicationStream
-from pyrt.testing import check_source
+from pyrt.testing import check_source, open_auth
 
 
 class Subscriber:
@@ -498,7 +498,9 @@ async def test_invalidated_slot_is_a_gap_then_a_new_slot(
 
 
 async def start_failure(source: WalSource) -> SourceError:
-    node = Node(NodeConfig(port=0, transports=()), transports=[], sources=[source])
+    node = Node(
+        NodeConfig(auth=open_auth(), port=0, transports=()), transports=[], sources=[source]
+    )
     with pytest.raises(BaseExceptionGroup) as caught:
         with trio.fail_after(30):
             await node.run()

@@ -97,6 +97,14 @@ transports = ["websocket"]
 api_keys = ["test"]
 drain_timeout = 1.0
 
+[auth]
+anonymous = true
+jwt_secret = "pyrt-test-secret-at-least-32-bytes-long!"
+
+[[auth.rules]]
+channel = "pg:public:items"
+subscribe = "anyone"
+
 [hub]
 history_size = 20000
 history_age = 3600.0

@@ -27,7 +27,7 @@ import pyrt.plugin
 from pyrt import Node, NodeConfig
 from pyrt.node.sources import load_sources
 from pyrt.plugin import OwnsChannels, ReportsLag, SourceError
-from pyrt.testing import check_source
+from pyrt.testing import check_source, open_auth
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pyrt_redis"
 
@@ -57,7 +57,7 @@ async def producer(server: RedisServer) -> AsyncIterator[coredis.Redis[bytes]]:
 @asynccontextmanager
 async def node_with(source: RedisSource, **config: Any) -> AsyncIterator[Node]:
     async with trio.open_nursery() as nursery:
-        node = Node(NodeConfig(port=0, **config), sources=[source])
+        node = Node(NodeConfig(auth=open_auth(), port=0, **config), sources=[source])
         await nursery.start(node.run)
         yield node
         node.stop()
@@ -480,7 +480,7 @@ async def test_a_wrong_password_stops_the_node_at_once(
 ) -> None:
     server = new_redis_server(password="right")
     source = RedisSource(**options(server, channels={"c": "redis:c"}, password="wrong"))
-    node = Node(NodeConfig(port=0), sources=[source])
+    node = Node(NodeConfig(auth=open_auth(), port=0), sources=[source])
     with (
         trio.fail_after(5),
         pytest.RaisesGroup(
@@ -517,7 +517,7 @@ async def test_password_env(
             pytest.RaisesExc(SourceError, match="PYRT_TEST_REDIS_PASSWORD"), flatten_subgroups=True
         ),
     ):
-        await Node(NodeConfig(port=0), sources=[RedisSource(**settings)]).run()
+        await Node(NodeConfig(auth=open_auth(), port=0), sources=[RedisSource(**settings)]).run()
 
 
 async def test_no_server_within_startup_timeout() -> None:
@@ -536,7 +536,7 @@ async def test_no_server_within_startup_timeout() -> None:
             flatten_subgroups=True,
         ),
     ):
-        await Node(NodeConfig(port=0), sources=[source]).run()
+        await Node(NodeConfig(auth=open_auth(), port=0), sources=[source]).run()
     assert trio.current_time() - start < 2
 
 
@@ -550,7 +550,7 @@ async def test_a_key_of_another_type_stops_the_node_at_start(redis_server: Redis
             flatten_subgroups=True,
         ),
     ):
-        await Node(NodeConfig(port=0), sources=[source]).run()
+        await Node(NodeConfig(auth=open_auth(), port=0), sources=[source]).run()
 
 
 async def test_tls_verified_against_a_given_ca(
@@ -579,7 +579,7 @@ async def test_tls_refuses_a_server_it_cannot_verify(
             flatten_subgroups=True,
         ),
     ):
-        await Node(NodeConfig(port=0), sources=[source]).run()
+        await Node(NodeConfig(auth=open_auth(), port=0), sources=[source]).run()
 
 
 # -- options ---------------------------------------------------------------------------------
