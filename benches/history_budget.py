@@ -25,6 +25,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fanout import (  # benches/ is a folder of programs
+    OPEN_AUTH,
     client_frame,
     open_ws,
     server_rss_kib,
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             f'[server]\ntransports = ["websocket"]\n[hub]\nhistory_size = {args.messages}\n{budget}'
             "command_rate = 0\nchannel_publish_rate = 0\n"
         )
+        f.write(OPEN_AUTH)  # anonymous, every channel open
     server, port = start_server(config)
     try:
         before_rss = server_rss_kib(server.pid)

@@ -20,6 +20,13 @@ Workload (fractions of N), over three tables of schema public:
   plus a fixed 60 range-only subscriptions (amount=gte.X): no equality to index, so they are
   scanned for every event; their cost does not grow with N.
 A second table shows what scanning costs: N range-only subscriptions on one table.
+
+    python benches/matcher.py --claims-bound --sizes 100000 --no-reference --scan-sizes
+
+runs each size twice, the second time with every row subscription's filter claims-bound as a
+channel rule makes it (docs/auth.md): the rule `user_id=eq.{sub}` filled with the
+subscriber's `sub` (the same key the workload uses) by `pyrt.hub.rules`, ANDed in front of
+the subscription's own filter, and prints both rates side by side.
 """
 
 from __future__ import annotations
@@ -60,6 +67,33 @@ class AnyMatcher(Protocol):
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def claims_bound(
+    subs: list[tuple[str, int, str, str, str | None]],
+) -> list[tuple[str, int, str, str, str | None]]:
+    """`subs` with each row subscription's filter bound to its subscriber (user k of
+    `subscriptions`) by a channel rule, as the hub does for a join under that rule."""
+    from pyrt.hub.identity import Action, Identity
+    from pyrt.hub.rules import Rules
+
+    rules = Rules.from_config(
+        [{"channel": "pg:public:*", "subscribe": "authenticated", "filter": "user_id=eq.{sub}"}]
+    )
+    out = []
+    for kind, sub_id, event, target, row_filter in subs:
+        if kind == "rows" and sub_id < len(subs) - 60:
+            k = sub_id // 3
+            grant = rules.decide(
+                Identity(str(k), {"sub": str(k)}, anonymous=False),
+                Action.SUBSCRIBE,
+                f"pg:public:{target}",
+            )
+            if not grant.allowed or grant.row_filter is None:
+                raise RuntimeError(f"the rule did not bind user {k}: {grant}")
+            row_filter = Rules.and_filter(grant.row_filter, row_filter)
+        out.append((kind, sub_id, event, target, row_filter))
+    return out
 
 
 def subscriptions(n: int) -> list[tuple[str, int, str, str, str | None]]:
@@ -198,8 +232,10 @@ def run_rust(
     }
 
 
-def run_size(n: int, seconds: float, reference: bool, event_count: int) -> list[str]:
-    subs = subscriptions(n)
+def run_size(
+    n: int, seconds: float, reference: bool, event_count: int, bound: bool = False
+) -> list[str]:
+    subs = claims_bound(subscriptions(n)) if bound else subscriptions(n)
     args = event_args(n, event_count)
     rust = run_rust(subs, args, seconds)
     rust_rate, per_event = rust["rate"], rust["per_event"]
@@ -247,6 +283,13 @@ def run_scan(n: int, seconds: float) -> list[str]:
     ]
 
 
+def _rate(cell: str) -> float:
+    """The number of a `fmt_rate` cell ("1.23M/s", "456k/s", "789/s")."""
+    text = cell.removesuffix("/s")
+    scale = {"M": 1e6, "k": 1e3}.get(text[-1:], 1.0)
+    return float(text.rstrip("Mk").replace(",", "")) * scale
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -265,11 +308,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=4096,
         help="distinct pre-built events cycled through (more events: colder caches)",
     )
+    parser.add_argument(
+        "--claims-bound",
+        action="store_true",
+        help="each size again with claims-bound filters (a channel rule's), side by side",
+    )
     parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bound", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one_size is not None:
         # Worker mode: one size, one row, as JSON on stdout.
-        print(json.dumps(run_size(args.one_size, args.seconds, not args.no_reference, args.events)))
+        row = run_size(args.one_size, args.seconds, not args.no_reference, args.events, args.bound)
+        print(json.dumps(row))
         return 0
 
     header = [
@@ -277,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Rust/reference", "channel matches/s", "adds/s", "removes/s", "RSS per subscription",
     ]  # fmt: skip
     rows = []
+    bound_rows = []
     for n in args.sizes:
         # Each size in a fresh process, so one size's heap (a freed million-subscription
         # reference matcher, say) does not slow the next one down.
@@ -284,11 +335,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         command += ["--events", str(args.events)] + (
             ["--no-reference"] if args.no_reference else []
         )
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.splitlines()[-1]))
-        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+        for bound in (False, True) if args.claims_bound else (False,):
+            extra = ["--bound"] if bound else []
+            out = subprocess.run(command + extra, capture_output=True, text=True, check=True)
+            (bound_rows if bound else rows).append(json.loads(out.stdout.splitlines()[-1]))
+            print(" | ".join((bound_rows if bound else rows)[-1]), file=sys.stderr, flush=True)
     print(f"## match_rows, mixed workload ({' '.join(sys.argv[1:]) or 'defaults'})\n")
     print(table(header, rows))
+    if bound_rows:
+        print("\n## the same, every row subscription claims-bound (user_id=eq.{sub} in front)\n")
+        print(table(header, bound_rows))
+        print("\n| subscriptions | plain events/s | claims-bound events/s | claims-bound / plain |")
+        print("|---|---|---|---|")
+        for plain, bound_row in zip(rows, bound_rows, strict=True):
+            a, b = _rate(plain[1]), _rate(bound_row[1])
+            print(f"| {plain[0]} | {plain[1]} | {bound_row[1]} | {b / a:.2f} |")
     if args.scan_sizes:
         scan = [run_scan(n, args.seconds) for n in args.scan_sizes]
         print("\n## range-only subscriptions on one table (scanned, not indexed)\n")

@@ -52,7 +52,7 @@ import trio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from fanout import client_frame, command, open_ws, start_server  # noqa: E402 (benches/ is a folder of programs)
+from fanout import OPEN_AUTH, client_frame, command, open_ws, start_server  # noqa: E402 (benches/ is a folder of programs)
 from matcher import machine  # noqa: E402
 from suite import build_loadgen  # noqa: E402
 
@@ -282,6 +282,8 @@ def run_case(pg: Any, kind: str, rate: int, args: Any) -> dict[str, Any]:
             "\n[server]\nmax_connections_per_ip = 0\n\n"
             f"[sources.wal]\nport = {pg.port}\nuser = 'pyrt_scram'\n"
             f"password = 'secret'\ndatabase = '{database}'\nslot = '{database}'\n"
+            # Anonymous subscribers, every table's rows open, as in the runs before auth.
+            f"{OPEN_AUTH}"
         )
     server, port = start_server(config.name)
     try:

@@ -137,6 +137,11 @@ class AuthConfig:
     """Seconds before a token's `exp` the server asks the client for a new one."""
     connect_timeout: float = 10.0
     """Seconds a WebSocket opened without a token has to send its `connect` command."""
+    proxy_url: str | None = None
+    """An HTTP endpoint asked at join, publish, mutate and presence (the `authorize` hook
+    of a backend not written in Python; docs/auth.md)."""
+    proxy_timeout: float = 2.0
+    """Seconds the proxy has to answer; no answer in time refuses."""
     allowed_origins: tuple[str, ...] = ()
     """WebSocket `Origin`s allowed; empty: the node's own host only; `"*"`: any."""
     rules: tuple[Mapping[str, Any], ...] = ()
@@ -157,6 +162,10 @@ class AuthConfig:
                 raise ValueError(f"{name}: must be a number of seconds >= 0")
         if not 0 < self.connect_timeout < math.inf:
             raise ValueError("connect_timeout: must be a positive number of seconds")
+        if not 0 < self.proxy_timeout < math.inf:
+            raise ValueError("proxy_timeout: must be a positive number of seconds")
+        if self.proxy_url is not None and not self.proxy_url.startswith(("https://", "http://")):
+            raise ValueError("proxy_url: must be an http:// or https:// URL")
         if not 0 < self.jwks_refresh_interval < math.inf:
             raise ValueError("jwks_refresh_interval: must be a positive number of seconds")
         if self.audience is not None and (
@@ -630,6 +639,8 @@ _KINDS: dict[str, str] = {
     "jwks_refresh_interval": "number",
     "refresh_before": "number",
     "connect_timeout": "number",
+    "proxy_url": "string",
+    "proxy_timeout": "number",
     "allowed_origins": "strings",
     "rules": "tables",
 }

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
+import httpx
 import trio
 
 from ..hub.hub import Connection, Hub
@@ -75,7 +76,14 @@ class Gate:
         self.rules = (
             Rules.from_config(self.config.rules) if self.config.rules else Rules.open_default()
         )
-        self.hook = hook
+        self.hook: Authorize | None = hook
+        self.proxy = (
+            AuthProxy(self.config.proxy_url, self.config.proxy_timeout)
+            if self.config.proxy_url is not None
+            else None
+        )
+        if hook is None and self.proxy is not None:
+            self.hook = self.proxy
         self.anonymous = self.config.anonymous or self.rules.allows_anonymous
         """Whether a connection without a token is let in (as `ANONYMOUS`)."""
         self.refused = 0
@@ -143,6 +151,11 @@ class Gate:
     def revoke(self, jti: str, until: float) -> None:
         """Refuses the token `jti` until `until` (wall-clock seconds: its `exp`)."""
         self.verifier.revoke(jti, until)
+
+    async def aclose(self) -> None:
+        """Lets go of the proxy's connections (the node calls it when it stops)."""
+        if self.proxy is not None:
+            await self.proxy.aclose()
 
     # -- commands --------------------------------------------------------------------------
 
@@ -227,6 +240,46 @@ class Gate:
         if identity.user != conn.identity.user:
             return "the subscription token is for another user"
         return None
+
+
+class AuthProxy:
+    """The `authorize` hook of a backend not written in Python (`[auth] proxy_url`): each
+    question is a `POST` of `{"action", "channel", "user", "claims"}` as JSON; the backend
+    answers 200 with `{"allow": true}`, `{"allow": false}` or `{"allow": null}` (the channel
+    rules decide). Anything else, an error or no answer within `timeout` refuses."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+        self.calls = 0
+
+    async def __call__(self, claims: Mapping[str, Any], action: str, channel: str) -> bool | None:
+        if self._client is None:
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+            self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+        self.calls += 1
+        body = {"action": action, "channel": channel, "user": claims.get("sub"), "claims": claims}
+        try:
+            with trio.fail_after(self.timeout):
+                response = await self._client.post(self.url, json=body)
+        except (httpx.HTTPError, trio.TooSlowError) as e:
+            log.warning("auth proxy %s: %s: refused", self.url, type(e).__name__)
+            return False
+        if response.status_code != 200:
+            log.warning("auth proxy %s answered %d: refused", self.url, response.status_code)
+            return False
+        try:
+            answer = response.json()
+        except ValueError:
+            return False
+        allow = answer.get("allow", False) if isinstance(answer, dict) else False
+        return allow if allow is None or isinstance(allow, bool) else False
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
 
 def _unauthorized(message: str) -> HttpError:

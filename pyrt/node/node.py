@@ -160,6 +160,8 @@ class Node:
         finally:
             if log is not None:
                 log.close()
+            with trio.CancelScope(shield=True):
+                await self.gate.aclose()
 
     async def _run(self, task_status: Any) -> None:
         async with trio.open_nursery() as nursery:

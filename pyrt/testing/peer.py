@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from ..hub.hub import Hub
+from ..hub.identity import ANONYMOUS, Identity
 from ._checks import _check
 
 # -- a client at the frame level -----------------------------------------------------------
@@ -28,9 +29,11 @@ class Peer:
     ```
     """
 
-    def __init__(self, hub: Hub, now: float = 0.0) -> None:
+    def __init__(
+        self, hub: Hub, now: float = 0.0, *, identity: Identity = ANONYMOUS, pending: bool = False
+    ) -> None:
         self.hub = hub
-        self.id = hub.open(now).id
+        self.id = hub.open(now, identity=identity, pending=pending).id
         """The hub's id of this connection (what other clients see as a publication's `from`)."""
         self.pending: list[dict[str, Any]] = []
         """The frames the last `request` read besides its reply (pushes, other replies)."""
