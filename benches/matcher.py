@@ -326,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "subscriptions", "Rust events/s", "per event", "matches/event", "reference events/s",
         "Rust/reference", "channel matches/s", "adds/s", "removes/s", "RSS per subscription",
     ]  # fmt: skip
-    rows = []
-    bound_rows = []
+    rows: list[list[str]] = []
+    bound_rows: list[list[str]] = []
     for n in args.sizes:
         # Each size in a fresh process, so one size's heap (a freed million-subscription
         # reference matcher, say) does not slow the next one down.
