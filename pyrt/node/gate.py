@@ -179,7 +179,6 @@ class Gate:
                 try:
                     identity = await self.verify(token)
                 except AuthError as e:
-                    self.refused += 1
                     hub.stats.auth_refused += 1
                     hub.close(conn.id, CloseCode.UNAUTHORIZED, f"invalid token: {e}")
                     return HANDLED

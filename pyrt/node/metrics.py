@@ -297,6 +297,18 @@ class _HubCollector(Collector):
             stats.rate_limit_closes,
         )
         yield CounterMetricFamily(
+            "pyrt_auth_refused",
+            "Refused by authentication or authorization: commands the channel rules or the"
+            " authorize hook refused (403), tokens refused (401, 4401), recoveries refused for"
+            " want of history (docs/auth.md).",
+            stats.auth_refused + node.gate.refused,
+        )
+        yield CounterMetricFamily(
+            "pyrt_tokens_expired",
+            "Connections closed because their token expired without a refresh (4419).",
+            stats.tokens_expired,
+        )
+        yield CounterMetricFamily(
             "pyrt_api_key_failures", "Requests with a wrong API key.", keys.failed
         )
         yield CounterMetricFamily(

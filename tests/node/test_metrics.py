@@ -96,6 +96,8 @@ async def test_a_fresh_node_exposes_every_metric_at_zero(start_node: StartNode) 
         ("pyrt_refusals_total", (("reason", "read_only"),)): 0.0,
         ("pyrt_rate_limit_disconnects_total", ()): 0.0,
         ("pyrt_api_key_failures_total", ()): 0.0,
+        ("pyrt_auth_refused_total", ()): 0.0,
+        ("pyrt_tokens_expired_total", ()): 0.0,
         ("pyrt_api_key_pauses_total", ()): 0.0,
         ("pyrt_direct_frames_total", ()): 0.0,
         ("pyrt_direct_writes_total", ()): 0.0,
