@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -158,7 +159,50 @@ async def check_transport(
             await _shutdown(node, open_client, closes_with_codes, skips)
             # No cancel here: run() must return by itself once the transport let go.
         _check(len(node.hub) == 0, "sessions left after the node stopped")
+        await _tokenless_reads_nothing(factory, open_client, joins_on_open)
     return skips.skipped
+
+
+async def _nothing_for(node: Node, client: TransportClient, joins_on_open: int) -> None:
+    try:
+        refused = False
+        try:
+            await client.send({"id": 1, "cmd": "join", "channel": "kit:secret"})
+            refused = "error" in await _reply(client, 1)
+        except Closed:
+            refused = True
+        _check(refused or joins_on_open > 0, "a client without a token joined")
+        node.publish("kit:secret", "not for you")
+        node.publish("kit:home:1", "nor this")
+        with trio.move_on_after(0.5):
+            while True:
+                frame = await client.receive()
+                _check(frame.get("push") != "pub", f"a client without a token got {frame}")
+    except Closed:
+        pass  # ended: it gets nothing more
+
+
+CLOSED_TO_ANONYMOUS = ({"channel": ">", "subscribe": "authenticated", "publish": "authenticated"},)
+
+
+async def _tokenless_reads_nothing(
+    factory: Callable[[], Transport], open_client: ClientFactory, joins_on_open: int
+) -> None:
+    """Under `[auth]` without anonymous access, a client that brings no token (the kit's
+    clients bring none) gets nothing: refused when it opens, or its join refused, and a
+    publication never reaches it (docs/auth.md)."""
+    auth = open_auth(rules=CLOSED_TO_ANONYMOUS, anonymous=False)
+    config = NodeConfig(port=0, hub=KIT_HUB, drain_timeout=5.0, auth=auth)
+    async with _nursery() as nursery:
+        node: Node = await nursery.start(Node(config, transports=[factory()]).run)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                client = await stack.enter_async_context(open_client(node))
+            except Exception:  # refused when it opened (a 401), however the client says so
+                client = None
+            if client is not None:
+                await _nothing_for(node, client, joins_on_open)
+        node.stop()
 
 
 async def _join_publish_in_order(node: Node, open_client: ClientFactory, skips: _Skips) -> None:
