@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from ..hub.hub import Hub
 from ..hub.limits import ConnectionsPerAddress, KeyFailures
+from .gate import Gate
 from .http import HttpError, HttpExchange
 from .plugins import ReportsLag, Source, Transport
 
@@ -35,6 +36,7 @@ class Measured(Protocol):
     sources: list[Source]
     key_failures: KeyFailures
     connections_per_address: ConnectionsPerAddress
+    gate: Gate
 
 
 METRICS_PATH = "/metrics"
