@@ -48,19 +48,23 @@ from ._channels import Message as Message
 from ._channels import Records as Records
 from ._channels import Write as Write
 from ._connect import connect as connect
+from ._errors import AuthenticationError as AuthenticationError
 from ._errors import ClientError as ClientError
 from ._errors import ConnectionLost as ConnectionLost
+from ._errors import Unsubscribed as Unsubscribed
 from ._session import TRANSPORTS as TRANSPORTS
 from ._session import Client as Client
 
 __all__ = [
     "TRANSPORTS",
+    "AuthenticationError",
     "Channel",
     "Client",
     "ClientError",
     "ConnectionLost",
     "Message",
     "Records",
+    "Unsubscribed",
     "Write",
     "connect",
 ]

@@ -23,7 +23,7 @@ from ..conflict import (
     policy_named,
 )
 from ..hub.protocol import decode_mutate_reply, decode_record
-from ._errors import ClientError
+from ._errors import ClientError, Unsubscribed
 
 
 class ChannelHost(Protocol):
@@ -98,6 +98,9 @@ class Channel:
     """Delivered messages whose hand-over to the queue was cut short (the connection ended
     while the queue was full): they go out after the queued ones, before any newer one."""
     _carry_taken: trio.Event = attrs.field(factory=trio.Event)
+    unsubscribed: str | None = None
+    """Why the server removed us from the channel (an `unsubscribe` push), if it did: then
+    `joined` is False, `async for` raises `Unsubscribed`, and no reconnect joins it again."""
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel(self._client.buffer)
@@ -128,6 +131,9 @@ class Channel:
                     return message
             return await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self.unsubscribed is not None:
+                reason = f"removed from '{self.name}' by the server: {self.unsubscribed}"
+                raise Unsubscribed(403, reason) from None
             raise StopAsyncIteration from None
 
     async def _queue(self, message: Message) -> None:
@@ -196,6 +202,14 @@ class Channel:
             self._send.close()
 
     # -- fed by the client's reader ----------------------------------------------------------
+
+    def _unsubscribed(self, reason: str) -> None:
+        """The server ended our join (the client has forgotten the channel already)."""
+        self.joined = False
+        self.unsubscribed = reason
+        self._tracked.clear()
+        self._refs.clear()
+        self._send.close()  # what is queued is still taken; then `async for` raises
 
     def _joined(self, result: Mapping[str, Any]) -> None:
         if self.changes:
@@ -333,6 +347,10 @@ class Records(Channel):
     async def leave(self) -> None:
         self._apply(self.store.abandon("left the channel"))
         await super().leave()
+
+    def _unsubscribed(self, reason: str) -> None:
+        self._apply(self.store.abandon(f"removed by the server: {reason}"))
+        super()._unsubscribed(reason)
 
     def _write(self, key: str, op: Op, value: Mapping[str, Any] | None) -> Write:
         if not self.joined:

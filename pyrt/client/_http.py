@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -18,15 +18,23 @@ from ._link import Endpoints, Link, LinkClosed, Outcome, decode
 
 @asynccontextmanager
 async def open_http_link(
-    transport: str, endpoints: Endpoints, *, open_timeout: float, stall_timeout: float
+    transport: str,
+    endpoints: Endpoints,
+    *,
+    open_timeout: float,
+    stall_timeout: float,
+    token: str | None = None,
 ) -> AsyncGenerator[SseLink | PollLink, None]:
     """Opens an SSE (`transport` "sse") or long-poll ("longpoll") session; an error of
-    httpx's, opening, during or closing, is raised as `LinkClosed`."""
+    httpx's, opening, during or closing, is raised as `LinkClosed`. A `token` goes in the
+    opening request's `Authorization: Bearer` header (not the URL, where it is logged);
+    later requests carry the session's own token."""
     # HTTP sessions open with at least one channel. The client's channels are all joined
     # the same way on every transport, with `join` and `since` (the server's cursor only
     # knows what it sent, the client knows what it delivered), so the session opens with
     # a channel of its own that nobody publishes to, left at once.
     opening = f"_pyrt:open:{secrets.token_hex(8)}"
+    headers = {"authorization": f"Bearer {token}"} if token is not None else {}
     try:
         async with contextlib.AsyncExitStack() as stack:
             link: SseLink | PollLink
@@ -36,21 +44,23 @@ async def open_http_link(
                 )
                 if transport == "sse":
                     response = await stack.enter_async_context(
-                        http.stream("GET", endpoints.sse, params={"channel": opening})
+                        http.stream(
+                            "GET", endpoints.sse, params={"channel": opening}, headers=headers
+                        )
                     )
                     content_type = response.headers.get("content-type", "")
                     if response.status_code != 200 or not content_type.startswith(
                         "text/event-stream"
                     ):
                         body = (await response.aread())[:200]
-                        raise LinkClosed(f"no event stream: {response.status_code} {body!r}")
+                        raise _refused("no event stream", response.status_code, body)
                     lines = cast("AsyncGenerator[str, None]", response.aiter_lines())
                     lines = await stack.enter_async_context(contextlib.aclosing(lines))
                     link = SseLink(http, endpoints, stall_timeout, lines)
                     await link.open()
                 else:
                     link = PollLink(http, endpoints, stall_timeout)
-                    await link.open([("channel", opening)])
+                    await link.open([("channel", opening)], headers)
             link.opening_channel = opening
             try:
                 yield link
@@ -60,6 +70,11 @@ async def open_http_link(
                     await link.end()
     except httpx.HTTPError as e:
         raise LinkClosed(f"{transport}: {e!r}") from None
+
+
+def _refused(what: str, status: int, body: bytes) -> LinkClosed:
+    """The opening request was answered `status`: a 401 is the server refusing the token."""
+    return LinkClosed(f"{what}: {status} {body.decode(errors='replace')}", status)
 
 
 class HttpLink(Link):
@@ -149,7 +164,11 @@ class SseLink(HttpLink):
                 frame = decode("\n".join(data))
                 if frame.get("push") == "close":
                     await self._drain()
-                    raise LinkClosed(f"closed by the server: {frame.get('code')}")
+                    code = frame.get("code")
+                    raise LinkClosed(
+                        f"closed by the server: {code} {frame.get('reason')}",
+                        code if isinstance(code, int) else None,
+                    )
                 return frame
             if line.startswith(":"):
                 continue  # a comment: the server's heartbeat
@@ -175,12 +194,17 @@ class PollLink(HttpLink):
         self.cursor = ""
         self.queue: collections.deque[Any] = collections.deque()
         self.close_reason: str | None = None
+        self.close_code: int | None = None
 
-    async def open(self, params: Sequence[tuple[str, str]]) -> None:
+    async def open(self, params: Sequence[tuple[str, str]], headers: Mapping[str, str]) -> None:
         try:
-            response = await self.http.get(self.endpoints.poll, params=list(params))
+            response = await self.http.get(
+                self.endpoints.poll, params=list(params), headers=headers
+            )
         except httpx.HTTPError as e:
             raise LinkClosed(f"opening a long-poll session failed: {e!r}") from None
+        if response.status_code == 401:
+            raise _refused("long-poll refused", 401, response.content[:200])
         body = self._batch(response)
         self.session, self.token = body["session"], body["token"]
 
@@ -199,6 +223,8 @@ class PollLink(HttpLink):
         close = body.get("close")
         if close is not None:
             self.close_reason = f"closed by the server: {close}"
+            code = close.get("code") if isinstance(close, dict) else None
+            self.close_code = code if isinstance(code, int) else None
         return body
 
     async def end(self) -> None:
@@ -216,7 +242,7 @@ class PollLink(HttpLink):
     async def receive(self) -> Any:
         while not self.queue:
             if self.close_reason is not None:
-                raise LinkClosed(self.close_reason)
+                raise LinkClosed(self.close_reason, self.close_code)
             await self._poll()
         return self.queue.popleft()
 

@@ -15,11 +15,14 @@ import trio
 
 
 class LinkClosed(Exception):
-    """The link ended, or could not carry a command."""
+    """The link ended, or could not carry a command. `code`: the server's close code (a
+    WebSocket close, SSE's `close` event, long-poll's `close` field), or the HTTP status
+    that refused to open it; None when the network ended it."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class Outcome(enum.Enum):
@@ -35,6 +38,26 @@ class Outcome(enum.Enum):
     """`drop_connection()`: back off, same transport."""
     PROBED = enum.auto()
     """The preferred transport works again: switch back to it now."""
+    UNAUTHORIZED = enum.auto()
+    """The server refused the token (401 at the door, close 4401) or it expired (4419):
+    with a token provider, reconnect with a new token; else stop."""
+    REVOKED = enum.auto()
+    """The server ended the connection on purpose (4403): stop, do not reconnect."""
+
+
+UNAUTHORIZED_CODES = frozenset({401, 4401, 4419})
+"""Close codes (and the HTTP status) that say the token was missing, refused or expired."""
+REVOKED_CODE = 4403
+
+
+def outcome_of(error: LinkClosed, otherwise: Outcome) -> Outcome:
+    """How a link that ended with `error` ended: refused or revoked by its code, else
+    `otherwise`."""
+    if error.code in UNAUTHORIZED_CODES:
+        return Outcome.UNAUTHORIZED
+    if error.code == REVOKED_CODE:
+        return Outcome.REVOKED
+    return otherwise
 
 
 @attrs.frozen(slots=True)

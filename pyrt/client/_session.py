@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import random
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -20,10 +21,12 @@ from .._core import Matcher
 from ..conflict import ConflictPolicy, OptimisticStore
 from ..hub.protocol import encode_mutate, table_channel
 from ._channels import Channel, Records
-from ._errors import ClientError, ConnectionLost
+from ._errors import AuthenticationError, ClientError, ConnectionLost
 from ._http import open_http_link
-from ._link import LINK_ERRORS, Endpoints, Link, LinkClosed, Outcome
-from ._websocket import open_websocket_link
+from ._link import LINK_ERRORS, Endpoints, Link, LinkClosed, Outcome, outcome_of
+from ._websocket import WebSocketLink, open_websocket_link
+
+log = logging.getLogger("pyrt.client")
 
 TRANSPORTS: tuple[str, ...] = ("websocket", "sse", "longpoll")
 """The transports the client can use, in its default order of preference."""
@@ -47,6 +50,20 @@ class Client:
 
     Every new link rejoins each channel with `since` = the last position the client
     delivered and re-tracks its presence, whatever the transport before and after.
+
+    Tokens (docs/auth.md): `token` is a JWT sent on every connection: in a `connect` command,
+    the first frame, over WebSocket, and as `Authorization: Bearer` when an SSE or long-poll
+    session opens (never in a URL). Or `token_provider`, an async callable returning a token:
+    it is called before each connection (the first, every reconnect and transport switch),
+    and again when the server asks for a refresh before the token expires, the new token then
+    going out in a `refresh` command: the connection carries on with no gap. An exception
+    from it is raised out of `connect`'s block.
+
+    When the server refuses the token (401 at the door, close 4401) or the token expired
+    (4419), the client reconnects with a new one from `token_provider`; without a provider,
+    or when the provider's next token is refused too, it stops with `AuthenticationError`
+    rather than retry in a loop. A connection the server ended on purpose (4403: its user
+    disconnected, its token revoked) always stops it with `AuthenticationError`.
     """
 
     def __init__(
@@ -61,6 +78,8 @@ class Client:
         open_timeout: float = 10.0,
         probe_interval: float | None = 60.0,
         buffer: int = 1024,
+        token: str | None = None,
+        token_provider: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
         unknown = [t for t in transports if t not in TRANSPORTS]
         if unknown or not transports or len(set(transports)) != len(transports):
@@ -70,6 +89,8 @@ class Client:
         if not 0 < ping_interval < stall_timeout:
             # The client's pings are answered: a live link is never silent for longer.
             raise ValueError("need 0 < ping_interval < stall_timeout")
+        if token is not None and token_provider is not None:
+            raise ValueError("give a token or a token_provider, not both")
         self.url = url
         self.transports = tuple(transports)
         self.min_backoff = min_backoff
@@ -79,7 +100,13 @@ class Client:
         self.open_timeout = open_timeout
         self.probe_interval = probe_interval
         self.buffer = buffer
+        self.token = token
+        """The token the next connection sends (the provider's latest, with one)."""
+        self.token_provider = token_provider
         self.client_id: str | None = None
+        self.user: str | None = None
+        """Who the server says the token is for (from the `connect` and `refresh` replies,
+        on WebSocket); None before, or on SSE and long-poll."""
         self.connects = 0
         """How many times a link was established (1 + reconnects and switches)."""
         self.on_transport: list[Callable[[str | None], None]] = []
@@ -101,6 +128,9 @@ class Client:
         self._pattern_ids: dict[int, Channel] = {}
         self._task_status: Any = None
         self._probe_wait = probe_interval or 0.0
+        self._refresh_asked = trio.Event()
+        self._ended_by: LinkClosed | None = None
+        """What closed the last link, when it was the server refusing or revoking its token."""
 
     @property
     def connected(self) -> bool:
@@ -243,11 +273,22 @@ class Client:
         index = 0
         failures = 0  # transports that failed in a row
         rounds = 0  # backoff exponent
+        refused = False  # the last token was refused, and a new one is being tried
         while not self._closed:
             transport = self.transports[index]
+            connects = self.connects
             outcome = await self._attempt(transport)
             if self._closed:
                 return
+            if self.connects != connects:
+                refused = False  # a session started: its token was taken
+            if outcome is Outcome.UNAUTHORIZED and self.token_provider is not None and not refused:
+                # Once, with the provider's next token; refused again, the client stops.
+                refused = True
+                await trio.sleep(self.min_backoff / 2 + random.uniform(0, self.min_backoff / 2))
+                continue
+            if outcome in (Outcome.UNAUTHORIZED, Outcome.REVOKED):
+                raise self._authentication_error()
             if index == 0 and self.probe_interval is not None:
                 # A preferred transport that stalls is probed less and less often.
                 if outcome is Outcome.STALLED:
@@ -275,12 +316,41 @@ class Client:
     async def _attempt(self, transport: str) -> Outcome:
         """Opens a link on `transport` and runs a session on it until it ends."""
         outcome = Outcome.FAILED
+        opened = False
+        if self.token_provider is not None:
+            self.token = await self.token_provider()
         try:
             async with self._open_link(transport) as link:
+                opened = True
                 outcome = await self._session(link)
+        except LinkClosed as e:
+            if not opened:  # refused at the door, or its `connect` was
+                outcome = self._ended(e, Outcome.FAILED)
         except LINK_ERRORS:
             pass  # failing to open it, or an error while closing it after the session
         return outcome
+
+    def _ended(self, error: LinkClosed, otherwise: Outcome) -> Outcome:
+        """The outcome of a link that `error` ended, keeping the error when the server
+        refused or revoked the token (for `AuthenticationError`)."""
+        outcome = outcome_of(error, otherwise)
+        if outcome in (Outcome.UNAUTHORIZED, Outcome.REVOKED):
+            self._ended_by = error
+        return outcome
+
+    def _authentication_error(self) -> AuthenticationError:
+        error = self._ended_by
+        assert error is not None
+        assert error.code is not None
+        if error.code == 4419 and self.token_provider is None:
+            reason = f"the token expired and there is no token_provider ({error.reason})"
+        elif error.code == 4403:
+            reason = f"the server ended the connection, do not reconnect ({error.reason})"
+        elif self.token is None and self.token_provider is None:
+            reason = f"the server wants a token: give connect() token= ({error.reason})"
+        else:
+            reason = f"the server refused the token ({error.reason})"
+        return AuthenticationError(error.code, reason)
 
     def _open_link(self, transport: str) -> AbstractAsyncContextManager[Link]:
         """Opens a link on `transport` (it raises only `LINK_ERRORS`)."""
@@ -289,12 +359,14 @@ class Client:
                 self._endpoints.websocket,
                 open_timeout=self.open_timeout,
                 stall_timeout=self.stall_timeout,
+                token=self.token,
             )
         return open_http_link(
             transport,
             self._endpoints,
             open_timeout=self.open_timeout,
             stall_timeout=self.stall_timeout,
+            token=self.token,
         )
 
     async def _session(self, link: Link) -> Outcome:
@@ -311,9 +383,14 @@ class Client:
                 nursery.start_soon(self._ping, link)
                 nursery.start_soon(self._send_writes, link)
                 nursery.start_soon(self._watch, link, end)
+                self._refresh_asked = trio.Event()
+                nursery.start_soon(self._refresh, link)
                 if self.probe_interval is not None and link.transport != self.transports[0]:
                     nursery.start_soon(self._probe, end)
                 self._link = link
+                if isinstance(link, WebSocketLink) and link.identity is not None:
+                    self.client_id = link.identity.get("client")
+                    self.user = link.identity.get("user")
                 self.connects += 1
                 self._connected.set()
                 self._announce(link.transport)
@@ -347,6 +424,27 @@ class Client:
     async def _leave_quietly(self, channel: str) -> None:
         with contextlib.suppress(ConnectionLost, ClientError):
             await self._request({"cmd": "leave", "channel": channel})
+
+    async def _refresh(self, link: Link) -> None:
+        """Answers the server's `refresh` pushes with a new token from the provider. Without
+        one, or when the new token is refused, the connection lasts until its token expires
+        (4419), and then the client reconnects with a new token or stops."""
+        while True:
+            await self._refresh_asked.wait()
+            self._refresh_asked = trio.Event()
+            if self.token_provider is None:
+                log.warning("the server asks for a new token, and there is no token_provider")
+                continue
+            self.token = await self.token_provider()
+            try:
+                identity = await self._request({"cmd": "refresh", "token": self.token})
+            except ClientError as e:
+                log.warning("the server refused the refreshed token: %s", e)
+                continue
+            except ConnectionLost:
+                return
+            if isinstance(link, WebSocketLink):
+                self.user = identity.get("user")
 
     async def _watch(self, link: Link, end: Callable[[Outcome], None]) -> None:
         await link.broken.wait()
@@ -402,8 +500,8 @@ class Client:
                             handler(frame)
                     continue
                 await self._push(frame)
-        except LinkClosed:
-            end(Outcome.CLOSED)
+        except LinkClosed as e:
+            end(self._ended(e, Outcome.CLOSED))
 
     async def _push(self, push: Mapping[str, Any]) -> None:
         kind = push.get("push")
@@ -420,6 +518,12 @@ class Client:
             channel._presence_state(push["state"])
         elif channel is not None and kind == "presence_diff":
             channel._presence_diff(push)
+        elif kind == "refresh":
+            self._refresh_asked.set()
+        elif channel is not None and kind == "unsubscribe":
+            # Not joined again on a reconnect: the server (its REST API) removed us.
+            self._forget(channel)
+            channel._unsubscribed(str(push.get("reason") or "removed by the server"))
 
     def _pattern_channel(self, name: str) -> Channel | None:
         """The pattern channel a publication on `name` came through, if any."""

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -25,6 +26,7 @@ from wsproto.events import (
     CloseConnection,
     Ping,
     RejectConnection,
+    RejectData,
     Request,
     TextMessage,
 )
@@ -35,9 +37,11 @@ from ._link import Link, LinkClosed, decode
 
 @asynccontextmanager
 async def open_websocket_link(
-    url: str, *, open_timeout: float, stall_timeout: float
+    url: str, *, open_timeout: float, stall_timeout: float, token: str | None = None
 ) -> AsyncGenerator[WebSocketLink, None]:
-    """Connects to `url` (ws:// or wss://) and upgrades, each step within `open_timeout`."""
+    """Connects to `url` (ws:// or wss://) and upgrades, each step within `open_timeout`.
+    With a `token`, it is sent in a `connect` command, the first frame (not in the URL,
+    where proxies and servers log it), and the link is up once the server accepted it."""
     with trio.fail_after(open_timeout):
         parts = urllib.parse.urlsplit(url)
         host, port = parts.hostname or "", parts.port
@@ -51,6 +55,8 @@ async def open_websocket_link(
         link = WebSocketLink(stream, stall_timeout)
         with trio.fail_after(open_timeout):
             await link.open(url)
+            if token is not None:
+                await link.connect(token)
         try:
             yield link
         finally:
@@ -69,20 +75,51 @@ class WebSocketLink(Link):
         self.messages: collections.deque[str | bytes] = collections.deque()
         self._parts: list[Any] = []
         self._writing = trio.Lock()
+        self.identity: dict[str, Any] | None = None
+        """The server's reply to `connect` (client, user, expires_in), once it came."""
 
     async def open(self, url: str) -> None:
         """The opening handshake; frames that arrive with the answer are kept."""
         parts = urllib.parse.urlsplit(url)
         await self._write(self.ws.send(Request(host=parts.netloc, target=parts.path or "/")))
         accepted = False
+        refused: int | None = None
+        body = b""
         while not accepted:
             for event in await self._events():
                 if isinstance(event, AcceptConnection):
                     accepted = True
                 elif isinstance(event, RejectConnection):
-                    raise LinkClosed(f"websocket upgrade refused: {event.status_code}")
+                    refused = event.status_code
+                    if not event.has_body:
+                        raise LinkClosed(f"websocket upgrade refused: {refused}", refused)
+                elif isinstance(event, RejectData):
+                    body += event.data
+                    if event.body_finished:
+                        text = body[:200].decode(errors="replace")
+                        raise LinkClosed(f"websocket upgrade refused: {refused} {text}", refused)
                 else:
                     await self._handle(event)
+
+    async def connect(self, token: str) -> None:
+        """Sends the `connect` command and waits for its reply. A refused token closes the
+        connection (4401): `LinkClosed` with that code."""
+        await self._send(b'{"cmd":"connect","id":"connect","token":%b}' % orjson.dumps(token))
+        while True:
+            frame = await self.receive()
+            if frame.get("reply") != "connect":
+                continue  # a ping push: nothing else comes before the reply
+            if "error" in frame:
+                error = frame["error"]
+                code = error.get("code")
+                # 401 cannot come for `connect` (a refused token closes), but a server that
+                # answers with an error has not taken the token either.
+                raise LinkClosed(
+                    f"connect refused: {code} {error.get('message')}",
+                    4401 if code == 401 else code,
+                )
+            self.identity = frame.get("ok")
+            return
 
     async def _write(self, data: bytes) -> None:
         async with self._writing:
@@ -116,7 +153,7 @@ class WebSocketLink(Link):
         elif isinstance(event, CloseConnection):
             with contextlib.suppress(LocalProtocolError, LinkClosed):
                 await self._write(self.ws.send(event.response()))
-            raise LinkClosed(f"websocket closed: {event.code} {event.reason}")
+            raise LinkClosed(f"websocket closed: {event.code} {event.reason}", int(event.code))
 
     async def _send(self, frame: bytes) -> None:
         try:

@@ -172,7 +172,10 @@ class Gate:
         or the verdict for `Hub.handle` (True, False or None)."""
         match command:
             case Connect(rid, token):
-                if not conn.pending:
+                # A connection let in anonymously may still say who it is, first thing (a
+                # WebSocket client with a token, on a node that also admits anonymous ones).
+                fresh = conn.identity.anonymous and not conn.joins
+                if not conn.pending and not fresh:
                     message = "already connected: send 'refresh' for a new token"
                     hub.push(conn.id, conn.codec.error(rid, ErrorCode.BAD_REQUEST, message))
                     return HANDLED
