@@ -30,8 +30,12 @@ async def connect(url: str, *, timeout: float = 10.0, **options: Any) -> AsyncIt
                     client._close()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # The client's own tasks only end by cancellation, so a group holds the caller's
-        # exception: raise it as itself, not wrapped.
+        # The client's own task ends by cancellation, or by raising its failure (an
+        # `AuthenticationError`, which its requests in flight raise too): a group holds
+        # that, or the caller's exception. Raise it as itself, not wrapped.
+        failure = client._failure
+        if failure is not None and all(e is failure for e in group.exceptions):
+            raise failure from None
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise

@@ -163,12 +163,13 @@ class SseLink(HttpLink):
                     continue
                 frame = decode("\n".join(data))
                 if frame.get("push") == "close":
-                    await self._drain()
                     code = frame.get("code")
-                    raise LinkClosed(
+                    self.closed_by = LinkClosed(
                         f"closed by the server: {code} {frame.get('reason')}",
                         code if isinstance(code, int) else None,
                     )
+                    await self._drain()
+                    raise self.closed_by
                 return frame
             if line.startswith(":"):
                 continue  # a comment: the server's heartbeat
@@ -193,8 +194,6 @@ class PollLink(HttpLink):
         super().__init__(http, endpoints, stall_timeout)
         self.cursor = ""
         self.queue: collections.deque[Any] = collections.deque()
-        self.close_reason: str | None = None
-        self.close_code: int | None = None
 
     async def open(self, params: Sequence[tuple[str, str]], headers: Mapping[str, str]) -> None:
         try:
@@ -222,9 +221,10 @@ class PollLink(HttpLink):
         self.cursor = body["cursor"]
         close = body.get("close")
         if close is not None:
-            self.close_reason = f"closed by the server: {close}"
             code = close.get("code") if isinstance(close, dict) else None
-            self.close_code = code if isinstance(code, int) else None
+            self.closed_by = LinkClosed(
+                f"closed by the server: {close}", code if isinstance(code, int) else None
+            )
         return body
 
     async def end(self) -> None:
@@ -241,8 +241,8 @@ class PollLink(HttpLink):
 
     async def receive(self) -> Any:
         while not self.queue:
-            if self.close_reason is not None:
-                raise LinkClosed(self.close_reason, self.close_code)
+            if self.closed_by is not None:
+                raise self.closed_by
             await self._poll()
         return self.queue.popleft()
 

@@ -107,6 +107,8 @@ class Link(abc.ABC):
         self.opening_channel: str | None = None
         """HTTP sessions: the channel it was opened with, left once it is up."""
         self.ended_as: Outcome | None = None
+        self.closed_by: LinkClosed | None = None
+        """The server's close (with its code), as soon as the link has read it."""
         self._sends: set[trio.CancelScope] = set()
 
     def alive(self) -> None:

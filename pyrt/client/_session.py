@@ -31,6 +31,9 @@ log = logging.getLogger("pyrt.client")
 TRANSPORTS: tuple[str, ...] = ("websocket", "sse", "longpoll")
 """The transports the client can use, in its default order of preference."""
 
+SEND_FAILURE_GRACE = 0.5
+"""Seconds a session whose send failed waits for its reader to see why the link ended."""
+
 
 class Client:
     """A connection to a pyrt hub that stays connected. Make one with `connect()`.
@@ -129,8 +132,10 @@ class Client:
         self._task_status: Any = None
         self._probe_wait = probe_interval or 0.0
         self._refresh_asked = trio.Event()
-        self._ended_by: LinkClosed | None = None
-        """What closed the last link, when it was the server refusing or revoking its token."""
+        self._token_refused = False
+        """The last link's token was refused: the next is the provider's last chance."""
+        self._failure: AuthenticationError | None = None
+        """Why the client stopped, once it did (raised out of `connect`)."""
 
     @property
     def connected(self) -> bool:
@@ -255,13 +260,16 @@ class Client:
         slot: list[Any] = []
         self._pending[rid] = (done, slot, on_ok)
         try:
-            await link.send(orjson.dumps({**command, "id": rid}))
+            with contextlib.suppress(LinkClosed):
+                # A send that fails breaks the link: its session ends, and then (knowing
+                # why it ended) wakes this request with no reply.
+                await link.send(orjson.dumps({**command, "id": rid}))
             await done.wait()
-        except LinkClosed:
-            raise ConnectionLost("connection closed before the reply") from None
         finally:
             self._pending.pop(rid, None)
         if not slot:
+            if self._failure is not None:
+                raise self._failure
             raise ConnectionLost("connection closed before the reply")
         reply = slot[0]
         if "error" in reply:
@@ -273,22 +281,18 @@ class Client:
         index = 0
         failures = 0  # transports that failed in a row
         rounds = 0  # backoff exponent
-        refused = False  # the last token was refused, and a new one is being tried
         while not self._closed:
             transport = self.transports[index]
-            connects = self.connects
             outcome = await self._attempt(transport)
+            if self._failure is not None:
+                raise self._failure
             if self._closed:
                 return
-            if self.connects != connects:
-                refused = False  # a session started: its token was taken
-            if outcome is Outcome.UNAUTHORIZED and self.token_provider is not None and not refused:
-                # Once, with the provider's next token; refused again, the client stops.
-                refused = True
+            if outcome is Outcome.UNAUTHORIZED:
+                # Once, with the provider's next token (`_ended`: refused again, it stops).
+                self._token_refused = True
                 await trio.sleep(self.min_backoff / 2 + random.uniform(0, self.min_backoff / 2))
                 continue
-            if outcome in (Outcome.UNAUTHORIZED, Outcome.REVOKED):
-                raise self._authentication_error()
             if index == 0 and self.probe_interval is not None:
                 # A preferred transport that stalls is probed less and less often.
                 if outcome is Outcome.STALLED:
@@ -331,16 +335,17 @@ class Client:
         return outcome
 
     def _ended(self, error: LinkClosed, otherwise: Outcome) -> Outcome:
-        """The outcome of a link that `error` ended, keeping the error when the server
-        refused or revoked the token (for `AuthenticationError`)."""
+        """The outcome of a link that `error` ended. When the server refused the token and
+        there is no new one to try, or revoked it, the client fails: set before the link's
+        requests are woken, so they raise the same `AuthenticationError`."""
         outcome = outcome_of(error, otherwise)
-        if outcome in (Outcome.UNAUTHORIZED, Outcome.REVOKED):
-            self._ended_by = error
+        if outcome is Outcome.REVOKED or (
+            outcome is Outcome.UNAUTHORIZED and (self.token_provider is None or self._token_refused)
+        ):
+            self._failure = self._authentication_error(error)
         return outcome
 
-    def _authentication_error(self) -> AuthenticationError:
-        error = self._ended_by
-        assert error is not None
+    def _authentication_error(self, error: LinkClosed) -> AuthenticationError:
         assert error.code is not None
         if error.code == 4419 and self.token_provider is None:
             reason = f"the token expired and there is no token_provider ({error.reason})"
@@ -388,6 +393,7 @@ class Client:
                 if self.probe_interval is not None and link.transport != self.transports[0]:
                     nursery.start_soon(self._probe, end)
                 self._link = link
+                self._token_refused = False  # this one was taken
                 if isinstance(link, WebSocketLink) and link.identity is not None:
                     self.client_id = link.identity.get("client")
                     self.user = link.identity.get("user")
@@ -403,10 +409,13 @@ class Client:
                     self._task_status.started()
                     self._task_status = None
         finally:
-            self._lost()
-        outcome = ended[0] if ended else Outcome.CLOSED
-        if outcome is Outcome.CLOSED and not link.frames:
-            outcome = Outcome.FAILED  # it opened, then died before saying anything
+            outcome = ended[0] if ended else Outcome.CLOSED
+            if outcome is Outcome.CLOSED and not link.frames:
+                outcome = Outcome.FAILED  # it opened, then died before saying anything
+            if link.closed_by is not None:
+                # The server said why it closed (however the session noticed it ended).
+                outcome = self._ended(link.closed_by, outcome)
+            self._lost()  # after `_ended`: requests woken here raise the client's failure
         link.ended_as = outcome
         return outcome
 
@@ -448,6 +457,11 @@ class Client:
 
     async def _watch(self, link: Link, end: Callable[[Outcome], None]) -> None:
         await link.broken.wait()
+        if link.broken_as is Outcome.CLOSED:
+            # A send failed: the server may have closed the link, and the reader be about
+            # to read why (a close code that decides what to do next). It ends the session
+            # (cancelling this wait) as soon as it does.
+            await trio.sleep(min(SEND_FAILURE_GRACE, self.stall_timeout))
         end(link.broken_as)
 
     async def _ping(self, link: Link) -> None:
@@ -500,8 +514,8 @@ class Client:
                             handler(frame)
                     continue
                 await self._push(frame)
-        except LinkClosed as e:
-            end(self._ended(e, Outcome.CLOSED))
+        except LinkClosed:
+            end(Outcome.CLOSED)
 
     async def _push(self, push: Mapping[str, Any]) -> None:
         kind = push.get("push")

@@ -151,9 +151,11 @@ class WebSocketLink(Link):
         elif isinstance(event, Ping):
             await self._write(self.ws.send(event.response()))
         elif isinstance(event, CloseConnection):
+            closed = LinkClosed(f"websocket closed: {event.code} {event.reason}", int(event.code))
+            self.closed_by = closed  # known before the answer is written (an await)
             with contextlib.suppress(LocalProtocolError, LinkClosed):
                 await self._write(self.ws.send(event.response()))
-            raise LinkClosed(f"websocket closed: {event.code} {event.reason}", int(event.code))
+            raise closed
 
     async def _send(self, frame: bytes) -> None:
         try:
