@@ -23,6 +23,7 @@ from pgserver import PostgresServer, free_port
 from pyrt.client import Message, connect
 from pyrt.hub.history import History
 from pyrt.hub.historylog import HistoryLog
+from pyrt.testing import TEST_SECRET, TestTokens
 
 ROWS = 10_000
 BATCH = 500  # rows per transaction: the kill lands inside one (after 2,750 rows)
@@ -98,12 +99,11 @@ api_keys = ["test"]
 drain_timeout = 1.0
 
 [auth]
-anonymous = true
-jwt_secret = "pyrt-test-secret-at-least-32-bytes-long!"
+jwt_secret = "{TEST_SECRET}"
 
 [[auth.rules]]
 channel = "pg:public:items"
-subscribe = "anyone"
+subscribe = "authenticated"
 
 [hub]
 history_size = 20000
@@ -151,7 +151,11 @@ async def test_hub_killed_mid_load_delivers_every_row_once(
 
     try:
         async with connect(
-            f"http://127.0.0.1:{port}", transports=["websocket"], min_backoff=0.05, max_backoff=0.3
+            f"http://127.0.0.1:{port}",
+            token=TestTokens().token("loader"),
+            transports=["websocket"],
+            min_backoff=0.05,
+            max_backoff=0.3,
         ) as client:
             channel = await client.changes([{"table": "items"}], iterate=False)
             channel.on_message.append(got.append)
