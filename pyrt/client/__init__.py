@@ -5,7 +5,7 @@ import trio
 from pyrt.client import connect
 
 async def main():
-    async with connect("http://127.0.0.1:8000") as client:
+    async with connect("http://127.0.0.1:8000", token=TOKEN) as client:
         room = await client.join("room:1")
         await room.publish({"text": "hello"})
         async for message in room:
@@ -18,6 +18,13 @@ The client reconnects by itself (exponential backoff with jitter) and rejoins ev
 with `since` set to the last offset it delivered, so messages published while it was away
 arrive in order, once each. When the server no longer has them, `Channel.recovered` turns
 False and `Channel.on_reset` callbacks run: reload your state, then carry on.
+
+`token=` is the connection's JWT (sent in a WebSocket's first `connect` command, or as
+`Authorization: Bearer` when an SSE or long-poll session opens); `token_provider=`, an async
+function returning one, is called before each connection and whenever the server asks for a
+refresh before the token expires. A token the server refuses, or lets expire, with no new
+one to try, and a connection the server ends on purpose (4403), stop the client with
+`AuthenticationError`, raised out of the `async with` block. See `Client`.
 
 Records channels (`client.records(name)`) hold keyed records with optimistic updates: the
 view changes at once, the server confirms or rejects, and writes survive reconnects (re-sent
