@@ -49,9 +49,21 @@ api_key_max_failures = 0
 
 [hub.record_policies]
 "rec:>" = "lww"
+
+[auth]
+jwt_secret = "pyrt-test-secret-at-least-32-bytes-long!"
+anonymous = true
+
+[[auth.rules]]
+channel = ">"
+subscribe = "anyone"
+publish = "anyone"
+mutate = "anyone"
 """
 """What the fuzzed node runs with: the defaults, plus an API key (the REST API and the
-Supabase socket need one) and a records channel pattern (so `mutate` reaches the records).
+Supabase socket need one), a records channel pattern (so `mutate` reaches the records), and
+every channel open to anonymous clients (so the fuzzer's frames reach the commands; tokens it
+sends are still verified, against a known secret).
 The fuzzer sends wrong keys on purpose, all from 127.0.0.1: the pause after wrong keys
 (tests/node/test_abuse.py) would refuse its right ones too, so it is off."""
 

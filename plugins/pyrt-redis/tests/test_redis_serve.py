@@ -29,7 +29,8 @@ async def frame(ws: WebSocketConnection, timeout: float = 10) -> dict[str, Any]:
 
 @asynccontextmanager
 async def serve(config: Path) -> AsyncIterator[tuple[trio.Process, str]]:
-    """`pyrt serve --config config` in a subprocess, and its WebSocket URL once it serves."""
+    """`pyrt serve --config config` in a subprocess, and its WebSocket URL (with the
+    development token it printed) once it serves."""
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "pyrt._cli", "serve", "--config", str(config)],
         stdout=subprocess.PIPE,
@@ -39,13 +40,16 @@ async def serve(config: Path) -> AsyncIterator[tuple[trio.Process, str]]:
         assert proc.stdout is not None
         output = b""
         with trio.fail_after(30):
-            while b"WebSocket: " not in output:
+            # No [auth] table: the development token it prints lets the client in.
+            while not re.search(rb"Client token \(user 'dev'\): (\S+)\n", output):
                 chunk = await proc.stdout.receive_some(4096)
                 assert chunk, output.decode(errors="replace")
                 output += chunk
         match = re.search(rb"ws://127\.0\.0\.1:(\d+)/connection/websocket", output)
+        token = re.search(rb"Client token \(user 'dev'\): (\S+)\n", output)
         assert match is not None, output
-        yield proc, match.group(0).decode()
+        assert token is not None, output
+        yield proc, f"{match.group(0).decode()}?token={token.group(1).decode()}"
     finally:
         if proc.returncode is None:
             proc.kill()
