@@ -170,6 +170,10 @@ class Gate:
     async def screen(self, hub: Hub, conn: Connection, command: Command) -> object:
         """What the node does with `command` before the hub: HANDLED (carried out here),
         or the verdict for `Hub.handle` (True, False or None)."""
+        if conn.pending and not isinstance(command, Connect):
+            # Nothing before `connect`: no subscription token checked, no hook asked; the
+            # hub closes the connection (4401).
+            return None
         match command:
             case Connect(rid, token):
                 if not conn.pending:
