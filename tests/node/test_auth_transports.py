@@ -967,6 +967,21 @@ async def test_authorize_hook_not_asked_per_delivery(start_node: StartNode, tran
         assert hook.calls[asked:] == [("alice", "publish", "hooked:open")]
 
 
+async def test_authorize_hook_not_asked_before_connect(start_node: StartNode) -> None:
+    """A WebSocket without a token is nobody yet: its join closes it (4401), even with a
+    subscription token, and the application's hook is not asked on its behalf."""
+    hook = Hook()
+    node = await start(start_node, authorize=hook.sync)
+    subscription = token("alice", channel="hooked:open")
+    for bad in (None, subscription, token("", channel="hooked:open")):
+        refusal = await attempt(node, "ws-connect", bad, "x-token")
+        assert refusal.close == CLOSE_UNAUTHORIZED, refusal
+    assert hook.calls == []
+    async with open_live(node, "websocket", token(), connect=True) as alice:
+        assert "ok" in await alice.request(cmd="join", channel="hooked:open")
+    assert hook.calls == [("alice", "subscribe", "hooked:open")]
+
+
 # -- subscription tokens -----------------------------------------------------------------------
 
 
