@@ -423,7 +423,10 @@ async def test_attack_matrix(
         assert error["code"] == attack.door_status, error
         assert error["message"], error
         if not head_limit:
-            assert refusal.headers["www-authenticate"].startswith("Bearer"), refusal.headers
+            challenge = 'Bearer realm="pyrt"'
+            if attack.bad is not None and attack.place == "param":
+                challenge += ', error="invalid_token"'  # RFC 6750 3.1: none without a token
+            assert refusal.headers["www-authenticate"] == challenge, refusal.headers
     else:
         assert refusal.close == CLOSE_UNAUTHORIZED, refusal
     assert any(why in refusal.message for why in attack.why), refusal.message
