@@ -24,7 +24,7 @@ from walkit import TABLES
 
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.node.node import Node, NodeConfig
-from pyrt.plugin import Source, Transport
+from pyrt.plugin import Authorize, Source, Transport
 from pyrt.testing import open_auth
 
 # "ci" is the default so a plain `pytest` runs the differential tests as CI does: a few
@@ -91,7 +91,8 @@ async def start_node(nursery: trio.Nursery) -> StartNode:
     `config` are `NodeConfig` fields. `hub` is a `HubConfig`, or a `Hub` to run (its config
     becomes the node's). `transports` and `sources` are either what the config names
     (transport names; source name -> options), loaded as entry points the way `pyrt serve`
-    loads them, or plugin objects handed to the Node as they are.
+    loads them, or plugin objects handed to the Node as they are. `authorize`: the
+    application's hook (`Node(authorize=...)`, docs/auth.md).
 
     A test module whose nodes share options overrides the fixture with them, e.g.
     `functools.partial(start_node, api_keys=(KEY,))`; a call's own arguments still win.
@@ -104,13 +105,14 @@ async def start_node(nursery: trio.Nursery) -> StartNode:
         transports: Sequence[str] | Sequence[Transport] | None = None,
         sources: Mapping[str, Mapping[str, Any]] | Sequence[Source] | None = None,
         nursery: trio.Nursery | None = None,
+        authorize: Authorize | None = None,
         **config: Any,
     ) -> Node:
         config.setdefault("port", 0)
         # Tests not about authorization run open (pyrt.testing.open_auth); those that are
         # pass their own `auth`.
         config.setdefault("auth", open_auth())
-        plugins: dict[str, Any] = {}
+        plugins: dict[str, Any] = {"authorize": authorize}
         if isinstance(hub, Hub):
             plugins["hub"] = hub
             config["hub"] = hub.config

@@ -11,7 +11,7 @@ import trio
 
 from pyrt.hub.hub import Hub, HubConfig
 from pyrt.node.node import Node
-from pyrt.plugin import Source, Transport
+from pyrt.plugin import Authorize, Source, Transport
 
 
 class StartNode(Protocol):
@@ -24,6 +24,7 @@ class StartNode(Protocol):
         transports: Sequence[str] | Sequence[Transport] | None = None,
         sources: Mapping[str, Mapping[str, Any]] | Sequence[Source] | None = None,
         nursery: trio.Nursery | None = None,
+        authorize: Authorize | None = None,
         **config: Any,
     ) -> Node: ...
 

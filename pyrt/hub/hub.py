@@ -530,6 +530,11 @@ class Hub:
         except ProtocolError as e:
             if e.close is not None:
                 self._out.close(conn, e.close, e.message)
+            elif conn.pending:
+                # Before `connect`, anything but a `connect` with a token closes (4401): a
+                # malformed one (its token over MAX_TOKEN_CHARS) too, not an error reply.
+                self.stats.auth_refused += 1
+                self._out.close(conn, CloseCode.UNAUTHORIZED, e.message)
             else:
                 self._out.error(conn, e.id, e.code, e.message)
             return None

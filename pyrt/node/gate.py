@@ -124,7 +124,8 @@ class Gate:
             if pending_ok:
                 return None
             self.refused += 1
-            raise _unauthorized("a token is required: ?token=<JWT> or Authorization: Bearer")
+            message = "a token is required: ?token=<JWT> or Authorization: Bearer"
+            raise _unauthorized(message, invalid=False)
         try:
             return await self.verify(token)
         except AuthError as e:
@@ -170,6 +171,10 @@ class Gate:
     async def screen(self, hub: Hub, conn: Connection, command: Command) -> object:
         """What the node does with `command` before the hub: HANDLED (carried out here),
         or the verdict for `Hub.handle` (True, False or None)."""
+        if conn.pending and not isinstance(command, Connect):
+            # Nothing before `connect`: no subscription token checked, no hook asked; the
+            # hub closes the connection (4401).
+            return None
         match command:
             case Connect(rid, token):
                 # A connection let in anonymously may still say who it is, first thing (a
@@ -284,5 +289,8 @@ class AuthProxy:
             self._client = None
 
 
-def _unauthorized(message: str) -> HttpError:
-    return HttpError(401, message, headers=(("www-authenticate", 'Bearer error="invalid_token"'),))
+def _unauthorized(message: str, *, invalid: bool = True) -> HttpError:
+    """A 401 with its challenge (RFC 6750 3.1): `error="invalid_token"` only when a token
+    came, and was refused; a request without one gets the bare challenge."""
+    challenge = 'Bearer realm="pyrt", error="invalid_token"' if invalid else 'Bearer realm="pyrt"'
+    return HttpError(401, message, headers=(("www-authenticate", challenge),))
