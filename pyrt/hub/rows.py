@@ -255,7 +255,8 @@ class RowEvents:
         self.stats.publications += 1
         ids.sort()
         groups = self.subscriptions.by_columns(ids)
-        full = groups[0][1] if groups[0][0] is None else []
+        # No group at all when no subscription matched: plain joins still get the row.
+        full = groups[0][1] if groups and groups[0][0] is None else []
         native = out.native.change(publication, full)
         # History counts its `pub` frame, which is this one without `"ids":[...],`.
         broker.charge(publication, len(native) - len(orjson.dumps(full)) - 7)

@@ -21,7 +21,9 @@ from pgoutputkit import (
 
 from pyrt._core import check_channel
 from pyrt.hub.hub import Hub, HubConfig
+from pyrt.hub.identity import Identity
 from pyrt.hub.protocol import table_channel
+from pyrt.hub.rules import Rules
 from pyrt.node.context import SourceContext
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.wal import WalSource
@@ -121,6 +123,26 @@ def test_one_frame_for_every_recipient_and_plain_joins_get_every_row() -> None:
     push = orjson.loads(out[0][0])
     assert (push["offset"], push["ids"]) == (2, [1, 2])
     assert push["data"]["record"] == {"id": 2, "body": "b", "n": 50}
+
+
+def test_a_row_no_subscription_matches_reaches_plain_joins_beside_column_limited_ones() -> None:
+    # Once some subscription was limited to some columns, a row that matched no
+    # subscription raised in the hub (the source skipped it): plain joins never got it.
+    hub = Hub()
+    rules = [{"channel": "pg:public:items", "subscribe": "anyone", "columns": {"staff": ["id"]}}]
+    hub.set_rules(Rules.from_config(rules))
+    staff, plain = Peer(hub, 0.0), Peer(hub, 0.0)
+    hub.connection(staff.id).identity = Identity("s", {"role": "staff"}, anonymous=False)
+    assert "ok" in staff.request(cmd="join", changes=[{"table": "items", "filter": "n=gt.5"}])
+    assert "ok" in plain.request(cmd="join", channel="pg:public:items")
+    small, big = row_changes((1, "a", 1), (2, "b", 50))
+    hub.publish_change(small, 1.0)
+    hub.publish_change(big, 2.0)
+    assert [f["data"]["record"] for f in plain.frames()] == [
+        {"id": 1, "body": "a", "n": 1},
+        {"id": 2, "body": "b", "n": 50},
+    ]
+    assert [f["data"]["record"] for f in staff.frames()] == [{"id": 2}]
 
 
 def test_since_replays_matching_rows_and_truncates() -> None:
