@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import orjson
 
-from .._core import Matcher, PgChange, RowEvent
+from .._core import Matcher, PgChange, RowEvent, parse_filter
 from .._errors import FilterError
 from ..conflict import Timestamp
 from .broker import Broker
@@ -66,6 +66,25 @@ def project(payload: bytes, columns: frozenset[str]) -> bytes:
     if isinstance(described, list):
         data["columns"] = [c for c in described if isinstance(c, dict) and c.get("name") in columns]
     return orjson.dumps(data)
+
+
+def hidden_column(specs: Sequence[RowSubscription], columns: Columns) -> str | None:
+    """The first column a filter of `specs` names that is not among `columns` (None: all
+    are, or `columns` is None). A role may not filter on a column it may not see: which rows
+    arrive would tell it the column's values. A filter the matcher refuses is left to it."""
+    if columns is None:
+        return None
+    for spec in specs:
+        if not spec.filter:
+            continue
+        try:
+            conditions = parse_filter(spec.filter)
+        except FilterError:
+            continue
+        for column, _operator, _negated, _value in conditions:
+            if column not in columns:
+                return column
+    return None
 
 
 class RowSubscriptions:

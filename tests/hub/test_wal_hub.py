@@ -129,7 +129,9 @@ def test_a_row_no_subscription_matches_reaches_plain_joins_beside_column_limited
     # Once some subscription was limited to some columns, a row that matched no
     # subscription raised in the hub (the source skipped it): plain joins never got it.
     hub = Hub()
-    rules = [{"channel": "pg:public:items", "subscribe": "anyone", "columns": {"staff": ["id"]}}]
+    rules = [
+        {"channel": "pg:public:items", "subscribe": "anyone", "columns": {"staff": ["id", "n"]}}
+    ]
     hub.set_rules(Rules.from_config(rules))
     staff, plain = Peer(hub, 0.0), Peer(hub, 0.0)
     hub.connection(staff.id).identity = Identity("s", {"role": "staff"}, anonymous=False)
@@ -142,7 +144,25 @@ def test_a_row_no_subscription_matches_reaches_plain_joins_beside_column_limited
         {"id": 1, "body": "a", "n": 1},
         {"id": 2, "body": "b", "n": 50},
     ]
-    assert [f["data"]["record"] for f in staff.frames()] == [{"id": 2}]
+    assert [f["data"]["record"] for f in staff.frames()] == [{"id": 2, "n": 50}]
+
+
+def test_a_role_may_not_filter_on_a_column_it_may_not_see() -> None:
+    # Which rows arrive would tell it the hidden column's values, one filter at a time.
+    hub = Hub()
+    rules = [{"channel": "pg:public:items", "subscribe": "anyone", "columns": {"*": ["id", "n"]}}]
+    hub.set_rules(Rules.from_config(rules))
+    conn = Peer(hub, 0.0)
+    for changes in (
+        [{"table": "items", "filter": "body=like.a%"}],
+        [{"table": "items", "filter": "n=gt.1"}, {"table": "items", "filter": "n=gt.1,body=eq.x"}],
+        [{"table": "items", "filter": "body=not.is.null"}],
+    ):
+        error = conn.request(cmd="join", changes=changes)["error"]
+        assert error["code"] == 403
+        assert error["message"] == "'pg:public:items': you may not filter on column 'body'"
+    assert len(hub._rows) == 0
+    assert "ok" in conn.request(cmd="join", changes=[{"table": "items", "filter": "n=gt.1"}])
 
 
 def test_since_replays_matching_rows_and_truncates() -> None:
