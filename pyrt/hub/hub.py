@@ -1000,7 +1000,7 @@ class Hub:
                     for c in specs
                 )
             try:
-                row_ids = self._rows.add(conn.id, conn, specs, grant.columns)
+                row_ids = self._rows.add(conn.id, conn, specs, grant.columns, grant.row_filter)
             except InvalidRowSubscription as e:
                 details = {"index": e.index, "reason": e.reason, "position": e.position}
                 self.stats.errors += 1
