@@ -69,7 +69,7 @@ from .protocol import (
 )
 from .records import MutationReply as MutationReply
 from .records import RecordChannels
-from .rows import InvalidRowSubscription, RowEvents, RowSubscriptions
+from .rows import InvalidRowSubscription, RowEvents, RowSubscriptions, hidden_column
 from .rules import Grant, Rules
 
 if TYPE_CHECKING:
@@ -994,13 +994,18 @@ class Hub:
         row_ids: tuple[int, ...] = ()
         if command.changes:
             specs = command.changes
+            hidden = hidden_column(specs, grant.columns)
+            if hidden is not None:
+                message = f"'{channel}': you may not filter on column {hidden!r}"
+                self._refused(conn, rid, Grant(False, message, None, None))
+                return
             if limited:
                 specs = tuple(
                     attrs.evolve(c, filter=Rules.and_filter(grant.row_filter, c.filter))
                     for c in specs
                 )
             try:
-                row_ids = self._rows.add(conn.id, conn, specs, grant.columns)
+                row_ids = self._rows.add(conn.id, conn, specs, grant.columns, grant.row_filter)
             except InvalidRowSubscription as e:
                 details = {"index": e.index, "reason": e.reason, "position": e.position}
                 self.stats.errors += 1

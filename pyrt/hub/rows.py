@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import orjson
 
-from .._core import Matcher, PgChange, RowEvent
+from .._core import Matcher, PgChange, RowEvent, parse_filter
 from .._errors import FilterError
 from ..conflict import Timestamp
 from .broker import Broker
@@ -47,25 +47,54 @@ class InvalidRowSubscription(ValueError):
 Columns = frozenset[str] | None
 """The columns a row subscription may see (channel rules' per-role `columns`); None: all."""
 
-_Key = tuple[str, str, str, str, Columns]
+_Key = tuple[str, str, str, str, Columns, str]
+
+Shown = tuple[Columns, bool]
+"""What a group of subscriptions sees of a row event: its columns (None: all), and whether
+its `old_record` is withheld (the old row did not pass their forced filter)."""
 
 
-def _key(spec: RowSubscription, columns: Columns) -> _Key:
-    return (spec.event, spec.schema, spec.table, spec.filter or "", columns)
+def _key(spec: RowSubscription, columns: Columns, forced: str | None) -> _Key:
+    return (spec.event, spec.schema, spec.table, spec.filter or "", columns, forced or "")
 
 
-def project(payload: bytes, columns: frozenset[str]) -> bytes:
+def project(payload: bytes, columns: Columns, hide_old: bool = False) -> bytes:
     """A row event's JSON with only `columns` kept in `record`, `old_record` and `columns`
-    (a role that may not see the others). Encoded once per role, not per subscriber."""
+    (a role that may not see the others; None: all), and `old_record` emptied when
+    `hide_old`. Encoded once per group, not per subscriber."""
     data = orjson.loads(payload)
-    for name in ("record", "old_record"):
-        row = data.get(name)
-        if isinstance(row, dict):
-            data[name] = {k: v for k, v in row.items() if k in columns}
-    described = data.get("columns")
-    if isinstance(described, list):
-        data["columns"] = [c for c in described if isinstance(c, dict) and c.get("name") in columns]
+    if columns is not None:
+        for name in ("record", "old_record"):
+            row = data.get(name)
+            if isinstance(row, dict):
+                data[name] = {k: v for k, v in row.items() if k in columns}
+        described = data.get("columns")
+        if isinstance(described, list):
+            data["columns"] = [
+                c for c in described if isinstance(c, dict) and c.get("name") in columns
+            ]
+    if hide_old and "old_record" in data:
+        data["old_record"] = {}
     return orjson.dumps(data)
+
+
+def hidden_column(specs: Sequence[RowSubscription], columns: Columns) -> str | None:
+    """The first column a filter of `specs` names that is not among `columns` (None: all
+    are, or `columns` is None). A role may not filter on a column it may not see: which rows
+    arrive would tell it the column's values. A filter the matcher refuses is left to it."""
+    if columns is None:
+        return None
+    for spec in specs:
+        if not spec.filter:
+            continue
+        try:
+            conditions = parse_filter(spec.filter)
+        except FilterError:
+            continue
+        for column, _operator, _negated, _value in conditions:
+            if column not in columns:
+                return column
+    return None
 
 
 class RowSubscriptions:
@@ -80,6 +109,10 @@ class RowSubscriptions:
         self._specs: dict[int, RowSubscription] = {}
         self.columns: dict[int, frozenset[str]] = {}
         """The subscriptions limited to some columns (per-role column rules), by id."""
+        self.forced: dict[int, str] = {}
+        """The subscriptions with a forced filter (channel rules), by id: the filter."""
+        self._forced = Matcher()
+        """Their forced filters alone, to tell whether an update's old row passed them."""
         self._members: dict[int, dict[str, Any]] = {}
         """Subscription id -> connection id -> (connection, how many times it holds it)."""
 
@@ -92,20 +125,23 @@ class RowSubscriptions:
         conn: Any,
         specs: Sequence[RowSubscription],
         columns: Columns = None,
+        forced: str | None = None,
     ) -> tuple[int, ...]:
         """Registers `specs` for a connection and returns their ids, in order. Raises
         InvalidRowSubscription (registering nothing) when the matcher refuses one. `columns`:
-        the only columns these subscriptions' events show (None: all)."""
+        the only columns these subscriptions' events show (None: all); `forced`: the channel
+        rules' filter, already ANDed into each spec's (an update shows the old row only to
+        those whose forced filter it passed)."""
         scratch = Matcher()
         for index, spec in enumerate(specs):
-            if _key(spec, columns) not in self._by_key:
+            if _key(spec, columns, forced) not in self._by_key:
                 try:
                     scratch.add_rows(index, spec.event, spec.schema, spec.table, spec.filter)
                 except FilterError as e:
                     raise InvalidRowSubscription(index, e) from None
         ids = []
         for spec in specs:
-            key = _key(spec, columns)
+            key = _key(spec, columns, forced)
             sub_id = self._by_key.get(key)
             if sub_id is None:
                 sub_id = self._by_key[key] = next(self._ids)
@@ -114,6 +150,9 @@ class RowSubscriptions:
                 self._members[sub_id] = {}
                 if columns is not None:
                     self.columns[sub_id] = columns
+                if forced:
+                    self.forced[sub_id] = forced
+                    self._forced.add_rows(sub_id, "*", spec.schema, spec.table, forced)
             members = self._members[sub_id]
             held = members.get(conn_id)
             if held is None:
@@ -136,8 +175,12 @@ class RowSubscriptions:
             self._deliverer.unsubscribe_rows(sub_id, conn.handle)
             if not members:
                 del self._members[sub_id]
-                del self._by_key[_key(self._specs.pop(sub_id), self.columns.pop(sub_id, None))]
+                spec, columns = self._specs.pop(sub_id), self.columns.pop(sub_id, None)
+                forced = self.forced.pop(sub_id, None)
+                del self._by_key[_key(spec, columns, forced)]
                 self.matcher.remove(sub_id)
+                if forced is not None:
+                    self._forced.remove(sub_id)
 
     def truncate_ids(
         self, schema: str, table: str, among: Iterable[int] | None = None
@@ -175,16 +218,37 @@ class RowSubscriptions:
                 out.append(sorted(next(matched)))
         return out
 
-    def by_columns(self, ids: list[int]) -> list[tuple[Columns, list[int]]]:
-        """`ids` (sorted) grouped by the columns they may see: the unlimited ones first (one
-        frame each group, encoded once)."""
+    def hidden_old(self, ids: list[int], change: Any) -> frozenset[int]:
+        """Those of `ids` that must not see the old row of `change` (a PgChange or RowEvent):
+        for an UPDATE that logged the old row (REPLICA IDENTITY FULL, or a changed key), the
+        subscriptions with a forced filter the old row did not pass (a row moved into a
+        tenant from another shows its new values only). Usually none: no work."""
+        forced = self.forced
+        if not forced or not isinstance(change, PgChange | RowEvent) or change.type != "UPDATE":
+            return frozenset()
+        if not any(i in forced for i in ids):
+            return frozenset()
+        old = change.old_record
+        if not old:
+            return frozenset()
+        event = RowEvent("INSERT", change.schema, change.table, record=old)
+        passed = set(self._forced.match_rows([event])[0])
+        return frozenset(i for i in ids if i in forced and i not in passed)
+
+    def groups(
+        self, ids: list[int], hidden: frozenset[int] = frozenset()
+    ) -> list[tuple[Shown, list[int]]]:
+        """`ids` (sorted) grouped by what they see (`Shown`): the ones that see everything
+        first (one frame each group, encoded once). Empty when `ids` is."""
         limited = self.columns
-        if not limited:
-            return [(None, ids)]
-        groups: dict[Columns, list[int]] = {}
+        if not limited and not hidden:
+            return [((None, False), ids)] if ids else []
+        groups: dict[Shown, list[int]] = {}
         for sub_id in ids:
-            groups.setdefault(limited.get(sub_id), []).append(sub_id)
-        return sorted(groups.items(), key=lambda g: (g[0] is not None, sorted(g[0] or ())))
+            groups.setdefault((limited.get(sub_id), sub_id in hidden), []).append(sub_id)
+        return sorted(
+            groups.items(), key=lambda g: (g[0] != (None, False), g[0][1], sorted(g[0][0] or ()))
+        )
 
 
 class RowEvents:
@@ -254,19 +318,23 @@ class RowEvents:
         )
         self.stats.publications += 1
         ids.sort()
-        groups = self.subscriptions.by_columns(ids)
-        full = groups[0][1] if groups[0][0] is None else []
+        subscriptions = self.subscriptions
+        groups = subscriptions.groups(ids, subscriptions.hidden_old(ids, change))
+        # No group at all when no subscription matched: plain joins still get the row.
+        full = groups[0][1] if groups and groups[0][0] == (None, False) else []
         native = out.native.change(publication, full)
         # History counts its `pub` frame, which is this one without `"ids":[...],`.
         broker.charge(publication, len(native) - len(orjson.dumps(full)) - 7)
         # The Rust fan-out finds who holds the ids (and who joined the table's channel: plain
         # joins get every row) and writes the frame to every one it can; the rest come back.
         self._deliver(publication, full, native, channel)
-        for columns, group in groups:
-            if columns is not None:
-                # A role limited to some columns: its own frame, encoded once for the group
-                # (plain joins of the channel are refused to such roles).
-                limited = attrs.evolve(publication, data=orjson.Fragment(project(payload, columns)))
+        for (columns, hide_old), group in groups:
+            if columns is not None or hide_old:
+                # A role limited to some columns, or subscriptions that may not see the old
+                # row: a frame of their own, encoded once for the group (plain joins of the
+                # channel are refused to such roles).
+                data = orjson.Fragment(project(payload, columns, hide_old))
+                limited = attrs.evolve(publication, data=data)
                 self._deliver(limited, group, out.native.change(limited, group), None)
         return publication
 
@@ -295,9 +363,10 @@ class RowEvents:
         subscriptions = self.subscriptions
         matched = subscriptions.replay(row_ids, [p.change for p in rows])
         for publication, ids in zip(rows, matched, strict=True):
-            for columns, group in subscriptions.by_columns(ids) if ids else ():
+            hidden = subscriptions.hidden_old(ids, publication.change) if ids else frozenset()
+            for (columns, hide_old), group in subscriptions.groups(ids, hidden):
                 shown = publication
-                if columns is not None:
-                    data = project(orjson.dumps(publication.data), columns)
+                if columns is not None or hide_old:
+                    data = project(orjson.dumps(publication.data), columns, hide_old)
                     shown = attrs.evolve(publication, data=orjson.Fragment(data))
                 self._out.send(conn, conn.codec.change(shown, group), policy=policy)

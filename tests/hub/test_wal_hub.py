@@ -16,12 +16,15 @@ from pgoutputkit import (
     enc_insert,
     enc_relation,
     enc_truncate,
+    enc_update,
     row_changes,
 )
 
-from pyrt._core import check_channel
+from pyrt._core import PgChange, PgOutputDecoder, check_channel
 from pyrt.hub.hub import Hub, HubConfig
+from pyrt.hub.identity import Identity
 from pyrt.hub.protocol import table_channel
+from pyrt.hub.rules import Rules
 from pyrt.node.context import SourceContext
 from pyrt.node.node import Node, NodeConfig
 from pyrt.plugins.wal import WalSource
@@ -121,6 +124,79 @@ def test_one_frame_for_every_recipient_and_plain_joins_get_every_row() -> None:
     push = orjson.loads(out[0][0])
     assert (push["offset"], push["ids"]) == (2, [1, 2])
     assert push["data"]["record"] == {"id": 2, "body": "b", "n": 50}
+
+
+def test_a_row_no_subscription_matches_reaches_plain_joins_beside_column_limited_ones() -> None:
+    # Once some subscription was limited to some columns, a row that matched no
+    # subscription raised in the hub (the source skipped it): plain joins never got it.
+    hub = Hub()
+    rules = [
+        {"channel": "pg:public:items", "subscribe": "anyone", "columns": {"staff": ["id", "n"]}}
+    ]
+    hub.set_rules(Rules.from_config(rules))
+    staff, plain = Peer(hub, 0.0), Peer(hub, 0.0)
+    hub.connection(staff.id).identity = Identity("s", {"role": "staff"}, anonymous=False)
+    assert "ok" in staff.request(cmd="join", changes=[{"table": "items", "filter": "n=gt.5"}])
+    assert "ok" in plain.request(cmd="join", channel="pg:public:items")
+    small, big = row_changes((1, "a", 1), (2, "b", 50))
+    hub.publish_change(small, 1.0)
+    hub.publish_change(big, 2.0)
+    assert [f["data"]["record"] for f in plain.frames()] == [
+        {"id": 1, "body": "a", "n": 1},
+        {"id": 2, "body": "b", "n": 50},
+    ]
+    assert [f["data"]["record"] for f in staff.frames()] == [{"id": 2, "n": 50}]
+
+
+def test_a_role_may_not_filter_on_a_column_it_may_not_see() -> None:
+    # Which rows arrive would tell it the hidden column's values, one filter at a time.
+    hub = Hub()
+    rules = [{"channel": "pg:public:items", "subscribe": "anyone", "columns": {"*": ["id", "n"]}}]
+    hub.set_rules(Rules.from_config(rules))
+    conn = Peer(hub, 0.0)
+    for changes in (
+        [{"table": "items", "filter": "body=like.a%"}],
+        [{"table": "items", "filter": "n=gt.1"}, {"table": "items", "filter": "n=gt.1,body=eq.x"}],
+        [{"table": "items", "filter": "body=not.is.null"}],
+    ):
+        error = conn.request(cmd="join", changes=changes)["error"]
+        assert error["code"] == 403
+        assert error["message"] == "'pg:public:items': you may not filter on column 'body'"
+    assert len(hub._rows) == 0
+    assert "ok" in conn.request(cmd="join", changes=[{"table": "items", "filter": "n=gt.1"}])
+
+
+def test_an_update_shows_the_old_row_only_to_those_whose_forced_filter_it_passed() -> None:
+    # Under REPLICA IDENTITY FULL an update carries the whole old row: a row moved from
+    # tenant t2 into t1 showed t1's subscribers what it was in t2.
+    hub = Hub()
+    rules = [{"channel": "pg:public:items", "subscribe": "anyone", "filter": "body=eq.{claims.t}"}]
+    hub.set_rules(Rules.from_config(rules))
+    t1, t2 = Peer(hub, 0.0), Peer(hub, 0.0)
+    for peer, tenant in ((t1, "t1"), (t2, "t2")):
+        hub.connection(peer.id).identity = Identity(tenant, {"t": tenant}, anonymous=False)
+    joined = t1.request(cmd="join", changes=[{"table": "items"}])["ok"]
+    assert "ok" in t2.request(cmd="join", changes=[{"table": "items"}])
+    decoder = PgOutputDecoder()
+    decoder.decode(ITEMS_RELATION)
+    decoder.decode(enc_begin(100, 0, 7))
+    moved = decoder.decode(enc_update(16384, ["1", "t1", "2"], ("O", ["1", "t2", "1"])))
+    within = decoder.decode(enc_update(16384, ["1", "t1", "3"], ("O", ["1", "t1", "2"])))
+    for change in (moved, within):
+        assert isinstance(change, PgChange)
+        hub.publish_change(change, 1.0)
+    rows = [(f["data"]["record"], f["data"]["old_record"]) for f in t1.frames()]
+    assert rows == [
+        ({"id": 1, "body": "t1", "n": 2}, {}),
+        ({"id": 1, "body": "t1", "n": 3}, {"id": 1, "body": "t1", "n": 2}),
+    ]
+    assert t2.frames() == []
+    # A replay shows the same.
+    since = {"offset": joined["offset"], "epoch": joined["epoch"]}
+    back = Peer(hub, 1.0)
+    hub.connection(back.id).identity = Identity("t1", {"t": "t1"}, anonymous=False)
+    back.request(cmd="join", changes=[{"table": "items"}], since=since)
+    assert [(f["data"]["record"], f["data"]["old_record"]) for f in back.pending] == rows
 
 
 def test_since_replays_matching_rows_and_truncates() -> None:
