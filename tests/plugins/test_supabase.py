@@ -605,7 +605,7 @@ async def test_v2_arrays_and_binary_user_broadcasts(start_node: StartNode) -> No
         await send(sender, [None, "h1", "phoenix", "heartbeat", {}])
         ok = {"status": "ok", "response": {}}
         assert await receive(sender) == [None, "h1", "phoenix", "phx_reply", ok]
-        await send(sender, ["j", "j", "realtime:x", "phx_join", {"config": {"private": True}}])
+        await send(sender, ["j", "j", "realtime:x", "phx_join", {"config": []}])
         refused = await receive(sender)
         assert refused[:4] == ["j", "j", "realtime:x", "phx_reply"]
         assert refused[4]["status"] == "error"
@@ -721,7 +721,6 @@ async def test_unknown_topics_and_events_get_error_replies(start_node: StartNode
     ("payload", "reason"),
     [
         ({"config": []}, "InvalidJoinPayload: 'config' must be an object"),
-        ({"config": {"private": True}}, "PrivateChannelsNotSupported: "),
         ({"config": {"broadcast": {"ack": "yes"}}}, "InvalidJoinPayload: 'config.broadcast.ack'"),
         ({"config": {"postgres_changes": {}}}, "InvalidJoinPayload: 'config.postgres_changes'"),
         ({"config": {"postgres_changes": [{"event": "TRUNCATE"}]}}, "InvalidJoinPayload: "),
@@ -877,12 +876,6 @@ async def test_the_broadcast_rest_api(start_node: StartNode, aio: AsyncioThread)
                 ({"apikey": "no"}, good, 401, "invalid apikey"),
                 ({"apikey": KEY}, {"messages": "x"}, 400, "body must be"),
                 ({"apikey": KEY}, {"messages": [{"topic": "news"}]}, 400, "messages[0] needs"),
-                (
-                    {"apikey": KEY},
-                    {"messages": [{"topic": "n", "event": "e", "private": True}]},
-                    400,
-                    "messages[0]: private channels are not supported",
-                ),
             ]:
                 response = await http.post("/api/broadcast", json=body, headers=headers)
                 assert response.status_code == status
