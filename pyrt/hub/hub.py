@@ -266,6 +266,52 @@ class Hub:
             self._out.reply(conn, rid, self._identity_reply(conn))
         return True
 
+    def replace_identity(
+        self,
+        conn: Connection,
+        identity: Identity,
+        verdicts: Mapping[tuple[Action, str], bool | None] | None = None,
+    ) -> str | None:
+        """A new identity for `conn` from a token a dialect verified its own way (Supabase's
+        `access_token`): one for the same user, or any one when `conn` has no user yet
+        (anonymous, or an API key's role). Its joins are checked again under the new
+        identity (`verdicts`: the `authorize` hook's answers, by action and channel): a join
+        it may no longer make, or whose forced row filter or columns differ, ends, told with
+        an `unsubscribe` push. Returns None when taken, else why not (nothing changed)."""
+        if conn.id not in self._connections:
+            return "the connection is gone"
+        old = conn.identity
+        if old.user and identity.user != old.user:
+            self.stats.auth_refused += 1
+            return "a new token must be for the same user"
+        if self._rules is None:
+            self._set_identity(conn, identity)
+            return None
+        verdicts = verdicts or {}
+        before = {channel: self.grant(conn, Action.SUBSCRIBE, channel) for channel in conn.joins}
+        self._set_identity(conn, identity)
+        for channel, granted in before.items():
+            join = conn.joins[channel]
+            grant = self.grant(
+                conn, Action.SUBSCRIBE, channel, verdicts.get((Action.SUBSCRIBE, channel))
+            )
+            reason = grant.reason
+            if grant.allowed and (grant.row_filter, grant.columns) != (
+                granted.row_filter,
+                granted.columns,
+            ):
+                reason = f"the rows or columns of '{channel}' shown to you changed: join it again"
+            elif grant.allowed and join.presence:
+                presence = self.grant(
+                    conn, Action.PRESENCE, channel, verdicts.get((Action.PRESENCE, channel))
+                )
+                reason = presence.reason
+            if reason:
+                self.stats.auth_refused += 1
+                self._drop_join(conn, channel)
+                self._out.send(conn, conn.codec.unsubscribe(channel, reason))
+        return None
+
     def _identity_reply(self, conn: Connection) -> dict[str, Any]:
         identity = conn.identity
         reply: dict[str, Any] = {"client": conn.id, "user": identity.user}

@@ -374,9 +374,14 @@ class TokenVerifier:
 
     # -- verification ------------------------------------------------------------------------
 
-    def verify(self, token: str, *, now: float | None = None) -> Identity:
+    def verify(
+        self, token: str, *, now: float | None = None, audience_optional: bool = False
+    ) -> Identity:
         """The identity `token` proves at `now` (wall-clock seconds; default: the time), or
-        AuthError. Raises NeedsFetch, only with `jwks_url`, for a key not in the cache."""
+        AuthError. Raises NeedsFetch, only with `jwks_url`, for a key not in the cache.
+        `audience_optional`: a token without `aud` passes even when `audience` is configured
+        (Supabase's API keys, the anon and service_role JWTs, carry none); one with an `aud`
+        is checked all the same."""
         config = self.config
         if len(token) > config.max_token_bytes:
             raise AuthError("token too large")
@@ -411,11 +416,35 @@ class TokenVerifier:
             self._algorithm(_header(token))  # raises the reason
             raise AuthError("token algorithm not accepted") from None
         except jwt.MissingRequiredClaimError as e:
-            raise AuthError(f"missing claim {e.claim}") from None
+            if not (audience_optional and e.claim == "aud"):
+                raise AuthError(f"missing claim {e.claim}") from None
+            return self._verify_without_audience(token, key, algorithms, now)
         except jwt.InvalidKeyError:
             raise AuthError("the key cannot verify this token") from None
         except (jwt.PyJWTError, ValueError, TypeError, RecursionError):
             raise AuthError("malformed token") from None
+        return self._identity(payload, time.time() if now is None else now)
+
+    def _verify_without_audience(
+        self, token: str, key: Any, algorithms: tuple[str, ...] | list[str], now: float | None
+    ) -> Identity:
+        """`verify` again, all but the audience, for a token that has no `aud`."""
+        try:
+            payload = self._jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                issuer=self.config.issuer,
+                options={"verify_aud": False},
+            )
+        except jwt.InvalidIssuerError:
+            raise AuthError("wrong issuer (iss)") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise AuthError(f"missing claim {e.claim}") from None
+        except (jwt.PyJWTError, ValueError, TypeError, RecursionError):
+            raise AuthError("malformed token") from None
+        if "aud" in payload:  # not expected: pyjwt said it was missing
+            raise AuthError("wrong audience (aud)")
         return self._identity(payload, time.time() if now is None else now)
 
     def _algorithm(self, header: Mapping[str, Any]) -> str:
@@ -473,12 +502,14 @@ class TokenVerifier:
             channels=tuple(channels),
         )
 
-    async def verify_async(self, token: str, *, now: float | None = None) -> Identity:
+    async def verify_async(
+        self, token: str, *, now: float | None = None, audience_optional: bool = False
+    ) -> Identity:
         """`verify`, fetching the JWKS URL's keys when it needs them (an unknown `kid`, at most
         once per `jwks_refresh_interval`) or when the cached ones are older than that. Never
         blocks the event loop; a fetch takes at most JWKS_FETCH_TIMEOUT seconds."""
         if self._url is None:
-            return self.verify(token, now=now)
+            return self.verify(token, now=now, audience_optional=audience_optional)
         if (
             self._fetched_at is not None
             and self._clock() - self._fetched_at >= self.config.jwks_refresh_interval
@@ -486,11 +517,11 @@ class TokenVerifier:
         ):  # stale keys: fetch again (while another task fetches, the stale ones do)
             await self._refresh()
         try:
-            return self.verify(token, now=now)
+            return self.verify(token, now=now, audience_optional=audience_optional)
         except NeedsFetch:
             await self._refresh()
         try:
-            return self.verify(token, now=now)
+            return self.verify(token, now=now, audience_optional=audience_optional)
         except NeedsFetch as e:
             raise AuthError("unknown kid" if e.kid is not None else "token has no kid") from None
 

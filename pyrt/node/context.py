@@ -18,7 +18,7 @@ from ..conflict import Record
 from ..hub.history import Publication, Recovery, StreamPosition
 from ..hub.historylog import HistoryLog
 from ..hub.hub import DEFAULT, Hub, _Default
-from ..hub.identity import ANONYMOUS, Identity
+from ..hub.identity import ANONYMOUS, Action, Identity
 from ..hub.limits import Admission, CommandRate, KeyFailures
 from ..hub.protocol import ErrorCode
 from .config import NodeConfig
@@ -133,10 +133,26 @@ class TransportContext(_Context):
         with the reason (docs/auth.md)."""
         return await self._node.gate.identify(request, pending_ok=pending_ok)
 
-    async def verify_token(self, token: str) -> Identity:
+    async def verify_token(self, token: str, *, audience_optional: bool = False) -> Identity:
         """The identity `token` proves, for a dialect that carries tokens its own way
-        (Supabase's `access_token`); AuthError with a reason safe to show otherwise."""
-        return await self._node.gate.verify(token)
+        (Supabase's `access_token`); AuthError with a reason safe to show otherwise.
+        `audience_optional`: a token without `aud` passes even when `[auth] audience` is set
+        (Supabase's API keys are JWTs without one); a token with an `aud` is checked."""
+        return await self._node.gate.verify(token, audience_optional=audience_optional)
+
+    async def refusal(self, identity: Identity, action: Action, channel: str) -> str | None:
+        """Why `identity` may not do `action` on `channel` (the channel rules, and the
+        application's `authorize` hook, which wins when it answers), or None when it may:
+        for requests that are no session's (a dialect's REST API)."""
+        node = self._node
+        verdict = await node.gate.ask_hook(identity, action, channel)
+        if verdict is not None:
+            return None if verdict else f"the application refuses {action.value} on '{channel}'"
+        rules = node.hub.rules
+        if rules is None:
+            return None
+        grant = rules.decide(identity, action, channel)
+        return None if grant.allowed else grant.reason
 
     def check_origin(self, request: HttpRequest) -> None:
         """HttpError 403 for a browser's WebSocket upgrade from an origin `[auth]

@@ -105,9 +105,10 @@ class Gate:
 
     # -- tokens ----------------------------------------------------------------------------
 
-    async def verify(self, token: str) -> Identity:
-        """The identity `token` proves; AuthError (its message safe to show) otherwise."""
-        identity = await self.verifier.verify_async(token)
+    async def verify(self, token: str, *, audience_optional: bool = False) -> Identity:
+        """The identity `token` proves; AuthError (its message safe to show) otherwise.
+        `audience_optional`: a token without `aud` passes (API keys that are JWTs)."""
+        identity = await self.verifier.verify_async(token, audience_optional=audience_optional)
         if identity.jti is not None and self.verifier.is_revoked(identity.jti, time.time()):
             raise AuthError("token revoked")
         return identity

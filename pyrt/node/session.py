@@ -11,7 +11,7 @@ from typing import Protocol
 import trio
 
 from ..hub.hub import DEFAULT, Hub, _Default
-from ..hub.identity import ANONYMOUS, Identity
+from ..hub.identity import ANONYMOUS, Action, Identity
 from ..hub.protocol import CloseCode, Command, JsonCodec
 from .gate import HANDLED, Gate
 
@@ -134,6 +134,46 @@ class Session:
                     return  # (or it ended meanwhile: the hub has forgotten it)
             assert verdict is None or isinstance(verdict, bool)
             node.hub.handle(self._connection, command, node.now, verdict)
+
+    async def refusal(self, action: Action, channel: str) -> str | None:
+        """Why this session may not do `action` on `channel` (the channel rules, and the
+        application's `authorize` hook, which wins when it answers), or None when it may.
+        For a dialect that must know before it answers its client (Supabase's join reply
+        precedes the hub's join); the hub checks the command itself all the same."""
+        node = self._node
+        verdict = await node.gate.ask_hook(self.identity, action, channel)
+        grant = node.hub.grant(self._connection, action, channel, verdict)
+        return None if grant.allowed else grant.reason
+
+    async def reidentify(self, identity: Identity) -> str | None:
+        """A new identity for this session, from a token its transport verified its own way
+        (`TransportContext.verify_token`: Supabase's `access_token` push). Taken when it is
+        for the same user, or when the session has no user yet (anonymous, or an API key's
+        role). Its joins are checked again under it: those it may no longer make, or whose
+        forced row filter or columns differ, end (the client gets an `unsubscribe` push,
+        in its codec's words). Its expiry is watched from now on. Returns None when taken,
+        else why not (the session keeps its identity)."""
+        if self.closed:
+            return "the session has ended"
+        node = self._node
+        conn = self._connection
+        verdicts: dict[tuple[Action, str], bool | None] = {}
+        if node.gate.hook is not None:
+            for channel, join in list(conn.joins.items()):
+                actions = (
+                    (Action.SUBSCRIBE, Action.PRESENCE) if join.presence else (Action.SUBSCRIBE,)
+                )
+                for action in actions:
+                    verdicts[action, channel] = await node.gate.ask_hook(identity, action, channel)
+            if self.closed:
+                return "the session has ended"
+        with self._isolated():
+            reason = node.hub.replace_identity(conn, identity, verdicts)
+            if reason is None:
+                node.watch_token(self)
+            node.pump()
+            return reason
+        return "internal error"
 
     def frame_too_big(self) -> None:
         """The client sent a frame over the limit without it being read whole (1009)."""

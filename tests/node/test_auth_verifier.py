@@ -207,6 +207,30 @@ def test_audience_and_issuer() -> None:
     refused(hs_verifier(), hs_token({"aud": "app"}), "wrong audience")
 
 
+def test_an_optional_audience_passes_tokens_without_aud_only() -> None:
+    """Supabase's API keys (anon, service_role) are JWTs without `aud`: the Supabase endpoint
+    verifies them with `audience_optional`, while users' tokens carry the audience."""
+    verifier = hs_verifier(audience="authenticated", issuer="supabase")
+    key = hs_token({"role": "anon", "iss": "supabase", "exp": NOW + 60})
+    refused(verifier, key, "missing claim aud")
+    identity = verifier.verify(key, now=NOW, audience_optional=True)
+    assert (identity.role, identity.expires) == ("anon", NOW + 60)
+    # Everything else is still checked: an aud that is there, the issuer, the times, the
+    # signature.
+    for claims, reason in [
+        ({"role": "anon", "iss": "supabase", "aud": "other"}, "wrong audience"),
+        ({"role": "anon", "iss": "evil"}, "wrong issuer"),
+        ({"role": "anon"}, "missing claim iss"),
+        ({"role": "anon", "iss": "supabase", "exp": NOW - 1}, "token expired"),
+        ({"role": "anon", "iss": "supabase", "nbf": NOW + 60}, "not yet valid"),
+    ]:
+        with pytest.raises(AuthError, match=reason):
+            verifier.verify(hs_token(claims), now=NOW, audience_optional=True)
+    forged = hs_token({"role": "service_role", "iss": "supabase"}, secret="x" * 64)
+    with pytest.raises(AuthError, match="bad signature"):
+        verifier.verify(forged, now=NOW, audience_optional=True)
+
+
 def test_a_tampered_payload_is_refused() -> None:
     verifier = hs_verifier()
     header, _payload, signature = hs_token({"sub": "ann", "role": "user"}).split(".")

@@ -7,23 +7,22 @@ docs/supabase.md is the contract these tests hold pyrt to.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import threading
 import tomllib
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-import orjson
 import pytest
+import supabasekit
 import trio
 from nodekit import StartNode, until
 from pgserver import PostgresServer
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 from realtime.types import RealtimeAcknowledgementStatus
+from supabasekit import AsyncioThread, Subscription, config, receive, send, v1
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 from walkit import run_sql, wal_source
 
@@ -41,7 +40,6 @@ from pyrt.testing import (
 )
 
 KEY = "anon-key"
-T = TypeVar("T")
 
 # realtime 2.34 reads websockets' deprecated ConnectionClosed.code and .reason when a server
 # closes the socket; under `filterwarnings = error` that would kill its reconnect task.
@@ -49,35 +47,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:ConnectionClosed.code is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:ConnectionClosed.reason is deprecated:DeprecationWarning"),
 ]
-
-
-# -- the asyncio side --------------------------------------------------------------------------
-
-
-class AsyncioThread:
-    """An asyncio event loop on its own thread: the client's home."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    async def run(self, coro: Coroutine[Any, Any, T], timeout: float = 15) -> T:
-        """Runs `coro` on the loop; waits for it in a trio worker thread."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return await trio.to_thread.run_sync(future.result, timeout)
-
-    def close(self) -> None:
-        async def cancel_all() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture
@@ -103,81 +72,13 @@ def supabase(**options: Any) -> dict[str, dict[str, Any]]:
     return {"supabase": options}
 
 
-def base_url(node: Node, scheme: str = "ws") -> str:
-    return f"{scheme}://127.0.0.1:{node.port}/realtime/v1"
-
-
 @asynccontextmanager
 async def realtime(
     aio: AsyncioThread, node: Node, **options: Any
 ) -> AsyncIterator[AsyncRealtimeClient]:
-    """A connected official client; closed at the end."""
-
-    async def make() -> AsyncRealtimeClient:
-        client = AsyncRealtimeClient(base_url(node), token=KEY, **options)
-        await client.connect()
-        return client
-
-    client = await aio.run(make())
-    try:
+    """A connected official client with the tests' key."""
+    async with supabasekit.realtime(aio, node, KEY, **options) as client:
         yield client
-    finally:
-        await aio.run(client.close())
-
-
-def config(
-    *, ack: bool = False, echo: bool = False, key: str = "", presence: bool = False
-) -> dict[str, Any]:
-    return {
-        "config": {
-            "broadcast": {"ack": ack, "self": echo},
-            "presence": {"key": key, "enabled": presence},
-            "private": False,
-        }
-    }
-
-
-class Subscription:
-    """A channel of the client and what its callbacks saw (appended on the asyncio thread)."""
-
-    def __init__(self, client: AsyncRealtimeClient, topic: str, params: Any = None) -> None:
-        self.channel = client.channel(topic, params)
-        self.states: list[RealtimeSubscribeStates] = []
-        self.errors: list[Exception | None] = []
-        self.broadcasts: list[dict[str, Any]] = []
-        self.system: list[Any] = []
-        self.changes: list[dict[str, Any]] = []
-        self.syncs = 0
-        self.joins: list[tuple[str, list[Any]]] = []
-        self.leaves: list[tuple[str, list[Any]]] = []
-        self.channel.on_broadcast("*", lambda p: self.broadcasts.append(dict(p)))
-        self.channel.on_system(lambda p: self.system.append(p))
-
-    def watch_presence(self) -> Subscription:
-        def on_sync() -> None:
-            self.syncs += 1
-
-        self.channel.on_presence_sync(on_sync)
-        self.channel.on_presence_join(lambda key, _cur, new: self.joins.append((key, new)))
-        self.channel.on_presence_leave(lambda key, _cur, left: self.leaves.append((key, left)))
-        return self
-
-    def watch_changes(self, event: str, **binding: Any) -> Subscription:
-        self.channel.on_postgres_changes(
-            event,  # type: ignore[arg-type]
-            lambda p: self.changes.append({"event": event, **p}),
-            **binding,
-        )
-        return self
-
-    async def subscribe(self, aio: AsyncioThread) -> Subscription:
-        def on_state(state: RealtimeSubscribeStates, error: Exception | None) -> None:
-            self.states.append(state)
-            self.errors.append(error)
-
-        await aio.run(self.channel.subscribe(on_state))
-        assert self.states[-1] == RealtimeSubscribeStates.SUBSCRIBED, self.errors
-        return self
 
 
 async def rest_publish(node: Node, channel: str, data: Any) -> None:
@@ -443,18 +344,6 @@ def socket_url(node: Node, vsn: str | None = None, key: str | None = KEY, path: 
     return url + ("?" + "&".join(params) if params else "")
 
 
-async def receive(ws: WebSocketConnection) -> Any:
-    with trio.fail_after(5):
-        message = await ws.get_message()
-    return (
-        message if isinstance(message, bytes) and message[:1] == b"\x04" else orjson.loads(message)
-    )
-
-
-async def send(ws: WebSocketConnection, value: Any) -> None:
-    await ws.send_message(orjson.dumps(value).decode())
-
-
 async def closed_by_server(ws: WebSocketConnection) -> ConnectionClosed:
     with trio.fail_after(5):
         try:
@@ -550,10 +439,6 @@ async def test_the_dialect_refuses_what_phoenix_cannot_say() -> None:
     assert sent == []
 
 
-def v1(topic: str, event: str, payload: Any, ref: str | None = "1") -> dict[str, Any]:
-    return {"topic": topic, "event": event, "payload": payload, "ref": ref, "join_ref": ref}
-
-
 async def test_heartbeat_and_join_over_raw_v1_frames(start_node: StartNode) -> None:
     node = await start_node()
     async with open_websocket_url(socket_url(node, path="/socket/websocket")) as ws:
@@ -605,7 +490,7 @@ async def test_v2_arrays_and_binary_user_broadcasts(start_node: StartNode) -> No
         await send(sender, [None, "h1", "phoenix", "heartbeat", {}])
         ok = {"status": "ok", "response": {}}
         assert await receive(sender) == [None, "h1", "phoenix", "phx_reply", ok]
-        await send(sender, ["j", "j", "realtime:x", "phx_join", {"config": {"private": True}}])
+        await send(sender, ["j", "j", "realtime:x", "phx_join", {"config": []}])
         refused = await receive(sender)
         assert refused[:4] == ["j", "j", "realtime:x", "phx_reply"]
         assert refused[4]["status"] == "error"
@@ -721,7 +606,6 @@ async def test_unknown_topics_and_events_get_error_replies(start_node: StartNode
     ("payload", "reason"),
     [
         ({"config": []}, "InvalidJoinPayload: 'config' must be an object"),
-        ({"config": {"private": True}}, "PrivateChannelsNotSupported: "),
         ({"config": {"broadcast": {"ack": "yes"}}}, "InvalidJoinPayload: 'config.broadcast.ack'"),
         ({"config": {"postgres_changes": {}}}, "InvalidJoinPayload: 'config.postgres_changes'"),
         ({"config": {"postgres_changes": [{"event": "TRUNCATE"}]}}, "InvalidJoinPayload: "),
@@ -877,12 +761,6 @@ async def test_the_broadcast_rest_api(start_node: StartNode, aio: AsyncioThread)
                 ({"apikey": "no"}, good, 401, "invalid apikey"),
                 ({"apikey": KEY}, {"messages": "x"}, 400, "body must be"),
                 ({"apikey": KEY}, {"messages": [{"topic": "news"}]}, 400, "messages[0] needs"),
-                (
-                    {"apikey": KEY},
-                    {"messages": [{"topic": "n", "event": "e", "private": True}]},
-                    400,
-                    "messages[0]: private channels are not supported",
-                ),
             ]:
                 response = await http.post("/api/broadcast", json=body, headers=headers)
                 assert response.status_code == status

@@ -9,6 +9,12 @@ broadcast REST API at `POST /api/broadcast` and `POST /api/broadcast/<topic>/eve
 is the hub's presence, and `postgres_changes` are the hub's row-change subscriptions (one
 hub join per table), so Supabase and native clients share channels, history and rows.
 
+Who a client is (docs/supabase.md, "Keys, tokens and channel rules"): the socket's `apikey`
+gives the identity of its role (an anon key: anonymous, `role` anon; a service_role key or a
+server API key: `role` service_role); a join's `access_token`, verified with the `[auth]`
+keys at join and again on each `access_token` push, makes that channel's identity the user's.
+The channel rules decide every join (private or not), broadcast and presence.
+
 wsproto does the handshake, control frames and close, as in the native WebSocket transport;
 data frames are built by pyrt.plugins.wsframe.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,12 +44,15 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from ...plugin import (
+    Action,
     Admission,
+    AuthError,
     ChannelNameError,
     CloseCode,
     HttpError,
     HttpExchange,
     HttpRequest,
+    Identity,
     Join,
     JsonError,
     Leave,
@@ -81,6 +91,17 @@ BROADCAST_PATHS = ("/api/broadcast", "/realtime/v1/api/broadcast")
 MAX_REST_MESSAGES = 100
 """Most messages one `POST /api/broadcast` may carry."""
 
+ANON_KEY = Identity(claims={"role": "anon"}, anonymous=True)
+"""The identity of a client whose `apikey` is one of the transport's `apikeys`: Supabase's
+anon role (anonymous to the channel rules, `role:anon` to a role rule)."""
+SERVICE_KEY = Identity(claims={"role": "service_role"}, anonymous=False)
+"""The identity of a socket whose `apikey` is one of `server.api_keys`: Supabase's
+service_role (authenticated, with no user)."""
+KEY_ROLES = ("anon", "service_role")
+"""The roles an `apikey` that is a JWT may carry (Supabase's anon and service_role keys)."""
+_CHANNEL_CLOSES = (CloseCode.TOKEN_EXPIRED, CloseCode.REVOKED, CloseCode.UNAUTHORIZED)
+"""Closes the hub asks for that end one Phoenix channel (its token), not the socket."""
+
 
 def _matches(given: str, keys: Sequence[str]) -> bool:
     # Compared with every key, without stopping at a match (as the REST API does).
@@ -102,19 +123,28 @@ class _Refused(Exception):
         self.retry_after = retry_after
 
 
-def _check_key(
-    ctx: TransportContext, stream: trio.abc.Stream, given: list[str], keys: Sequence[str]
-) -> None:
-    """Refuses (401) when none of `given` is one of `keys`, counting the wrong key against
-    the client's address; 429 while that address is paused for wrong keys."""
+def _role_identity(identity: Identity) -> Identity:
+    """A verified token's identity on this endpoint: role `anon` is anonymous to the rules
+    (Supabase's anon key, or a token minted for that role); a `channels` claim joins
+    nothing (a Phoenix channel is one topic)."""
+    if identity.role == "anon":
+        return attrs.evolve(identity, anonymous=True, channels=())
+    return attrs.evolve(identity, channels=()) if identity.channels else identity
+
+
+def _looks_like_jwt(value: str) -> bool:
+    return value.count(".") == 2
+
+
+def _expired(identity: Identity, now: float) -> bool:
+    return identity.expires is not None and identity.expires <= now
+
+
+def _paused(ctx: TransportContext, stream: trio.abc.Stream) -> None:
+    """Refuses (429) while the client's address is paused for wrong keys."""
     wait = ctx.api_key_pause(stream)
     if wait:
         raise _Refused(429, "too many wrong API keys from your address: try again later", wait)
-    if not given:
-        return
-    if not any(_matches(c, keys) for c in given):
-        ctx.api_key_failed(stream)
-        raise _Refused(401, "invalid apikey")
 
 
 class SupabaseTransport:
@@ -144,6 +174,31 @@ class SupabaseTransport:
     def keys(self, ctx: TransportContext) -> tuple[str, ...]:
         return self.apikeys + tuple(ctx.config.api_keys)
 
+    async def key_identity(
+        self, ctx: TransportContext, stream: trio.abc.Stream, key: str
+    ) -> Identity | None:
+        """Who an `apikey` says the client is: `ANON_KEY` for one of `apikeys`, None (a
+        server: trusted) for one of `server.api_keys`, and for a JWT signed with the `[auth]`
+        keys whose `role` is anon or service_role, its identity. `_Refused` otherwise: 401
+        (a wrong key counts against the client's address), 403 for a JWT of another role."""
+        if _matches(key, self.apikeys):
+            return ANON_KEY
+        if ctx.api_key_valid(key):
+            return None
+        if not _looks_like_jwt(key):
+            ctx.api_key_failed(stream)
+            raise _Refused(401, "invalid apikey")
+        try:
+            identity = await ctx.verify_token(key, audience_optional=True)
+        except AuthError as e:
+            ctx.api_key_failed(stream)
+            raise _Refused(401, f"invalid apikey: {e}") from None
+        if identity.role not in KEY_ROLES:
+            role = identity.role
+            shown = f"'{role[:32]}'" if role is not None else "none"
+            raise _Refused(403, f"an apikey's role must be anon or service_role, not {shown}")
+        return _role_identity(identity)
+
     async def serve(self, ctx: TransportContext, exchange: HttpExchange) -> None:
         try:
             if exchange.request.path in SOCKET_PATHS:
@@ -165,14 +220,30 @@ class SupabaseTransport:
         vsn = request.param("vsn") or VSN_1
         if vsn not in VERSIONS:
             raise _Refused(400, f"unsupported vsn '{vsn[:16]}': use 1.0.0 or 2.0.0")
-        keys = self.keys(ctx)
-        if keys:
-            given = (
-                request.param("apikey") or request.header("x-api-key") or request.header("apikey")
-            )
-            _check_key(ctx, exchange.stream, [given] if given else [], keys)
-            if not given:
-                raise _Refused(401, "missing apikey: send it as ?apikey= or an x-api-key header")
+        _paused(ctx, exchange.stream)
+        given = request.param("apikey") or request.header("x-api-key") or request.header("apikey")
+        identity: Identity | None
+        if given:
+            identity = await self.key_identity(ctx, exchange.stream, given)
+            if identity is None:
+                identity = SERVICE_KEY
+        elif self.keys(ctx):
+            raise _Refused(401, "missing apikey: send it as ?apikey= or an x-api-key header")
+        else:  # no key at all: a native token, or anonymous where [auth] lets it in
+            try:
+                identity = await ctx.authenticate(request)
+            except HttpError as e:
+                raise _Refused(e.status, e.message) from None
+            assert identity is not None
+            identity = _role_identity(identity)
+        auth = ctx.config.auth
+        if auth is not None and auth.allowed_origins:
+            # Only when origins are listed: Supabase apps are served from their own site,
+            # never the realtime server's, and send their key explicitly (no cookie).
+            try:
+                ctx.check_origin(request)
+            except HttpError as e:
+                raise _Refused(e.status, e.message) from None
         ws = WSConnection(ConnectionType.SERVER)
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers]
         try:
@@ -183,7 +254,7 @@ class SupabaseTransport:
         for event in ws.events():
             if isinstance(event, Request):
                 await stream.send_all(ws.send(AcceptConnection()))
-        socket = _Socket(ctx, stream, ws, vsn, self.max_channels)
+        socket = _Socket(ctx, stream, ws, vsn, self.max_channels, identity, given)
         await socket.run(exchange.trailing)
 
     # -- REST ------------------------------------------------------------------------------
@@ -192,7 +263,7 @@ class SupabaseTransport:
         request = exchange.request
         if request.method != "POST":
             raise _Refused(405, f"use POST for {request.path[:128]}")
-        self._authorize(ctx, exchange)
+        identity = await self._authorize(ctx, exchange)
         path = next(p for p in BROADCAST_PATHS if request.path.startswith(p))
         rest = request.path[len(path) :]
         limit = ctx.config.hub.max_payload_bytes
@@ -203,8 +274,6 @@ class SupabaseTransport:
             topic, slash, event = rest[1:].partition("/events/")
             if not slash or not topic or not event or "/" in event:
                 raise _Refused(404, "use POST /api/broadcast/<topic>/events/<event>")
-            if request.param("private") == "true":
-                raise _Refused(400, "private channels are not supported by pyrt yet")
             content_type = (request.header("content-type") or "").split(";")[0].strip()
             if content_type == "application/octet-stream":
                 raise _Refused(415, "binary broadcast payloads are not supported by pyrt yet")
@@ -219,6 +288,10 @@ class SupabaseTransport:
             refusal = ctx.write_refusal(channel)
             if refusal is not None:
                 raise _Refused(403, f"messages[{index}]: {refusal[1]}")
+            if identity is not None:
+                reason = await ctx.refusal(identity, Action.PUBLISH, channel)
+                if reason is not None:
+                    raise _Refused(403, f"messages[{index}]: Unauthorized: {reason}")
             channels.append((channel, event, payload))
         wait = ctx.take_publish_rate(dict.fromkeys(c for c, _, _ in channels))
         if wait:
@@ -229,17 +302,33 @@ class SupabaseTransport:
             await ctx.publish(channel, {"event": event, "payload": payload})
         await exchange.respond(202, b"")
 
-    def _authorize(self, ctx: TransportContext, exchange: HttpExchange) -> None:
-        keys = self.keys(ctx)
-        if not keys:
-            raise _Refused(401, "the broadcast API is disabled: no API keys configured")
+    async def _authorize(self, ctx: TransportContext, exchange: HttpExchange) -> Identity | None:
+        """Who publishes: None for a server API key (trusted, as `POST /api/publish`), else
+        the identity the channel rules judge: the `Authorization: Bearer` user token when
+        there is one besides the key, else the key's (an anon key, a JWT key)."""
         request = exchange.request
-        candidates = [request.header("apikey"), request.header("x-api-key")]
-        candidates.append(bearer_token(request.header("authorization")))
-        given = [c for c in candidates if c]
-        _check_key(ctx, exchange.stream, given, keys)
-        if not given:
+        stream = exchange.stream
+        _paused(ctx, stream)
+        key = request.header("apikey") or request.header("x-api-key")
+        bearer = bearer_token(request.header("authorization"))
+        if key is None:
+            key, bearer = bearer, None  # `Authorization: Bearer <key>` alone
+        if key is None or (not self.keys(ctx) and not _looks_like_jwt(key)):
+            if not self.keys(ctx):
+                raise _Refused(401, "the broadcast API is disabled: no API keys configured")
             raise _Refused(401, "missing apikey: send an apikey header")
+        identity = await self.key_identity(ctx, stream, key)
+        if bearer is None or bearer == key:
+            return identity
+        if not _looks_like_jwt(bearer):
+            if ctx.api_key_valid(bearer) or _matches(bearer, self.apikeys):
+                return identity  # a key twice (the clients send the anon key as both)
+            ctx.api_key_failed(stream)
+            raise _Refused(401, "InvalidJWTToken: the Authorization bearer is not a JWT")
+        try:
+            return _role_identity(await ctx.verify_token(bearer))
+        except AuthError as e:
+            raise _Refused(401, f"InvalidJWTToken: {e}") from None
 
     async def _json(self, ctx: TransportContext, exchange: HttpExchange) -> Any:
         try:
@@ -250,6 +339,13 @@ class SupabaseTransport:
             return json_loads(raw)
         except JsonError as e:
             raise _Refused(400, f"body is {e.message}") from None
+
+
+def _unauthorized(channel: str, action: Action, reason: str) -> str:
+    """A join's refusal by the channel rules, in Supabase's words (and the rules' reason)."""
+    what = "read from" if action is Action.SUBSCRIBE else "use presence on"
+    where = f"this Channel topic: {channel}"
+    return f"Unauthorized: You do not have permissions to {what} {where}: {reason}"
 
 
 def _channel_of(topic: str) -> str:
@@ -276,8 +372,6 @@ def _broadcast_messages(body: Any) -> list[tuple[str, str, Any]]:
         topic, event = item.get("topic"), item.get("event")
         if not isinstance(topic, str) or not topic or not isinstance(event, str) or not event:
             raise _Refused(400, f"{where} needs a 'topic' and an 'event' (non-empty strings)")
-        if item.get("private") is True:
-            raise _Refused(400, f"{where}: private channels are not supported by pyrt yet")
         out.append((topic, event, item.get("payload", {})))
     return out
 
@@ -310,8 +404,14 @@ class _Socket:
         ws: WSConnection,
         vsn: str,
         max_channels: int,
+        identity: Identity,
+        apikey: str | None,
     ) -> None:
         self.ctx = ctx
+        self.identity = identity
+        """Who the socket's `apikey` says it is: each channel's identity until a join's
+        `access_token` brings a user's."""
+        self.apikey = apikey
         self.stream = stream
         self.ws = ws
         self.vsn = vsn
@@ -402,11 +502,22 @@ class _Socket:
             closing = session.close_request
             if closing is not None and not channel.leaving:
                 code, reason = closing
+                codec = channel.codec
                 if code == CloseCode.SLOW:
                     # This channel fell behind: it errors (the client rejoins); others go on.
-                    codec = channel.codec
                     error = codec.message("phx_error", {"reason": reason}, codec.join_ref)
                     await self.send_frames([error])
+                elif code in _CHANNEL_CLOSES:
+                    # Its token expired or was revoked: this channel ends, as Supabase ends
+                    # it (a `system` error, then `phx_close`); the socket and others go on.
+                    if code == CloseCode.TOKEN_EXPIRED:
+                        expires = session.identity.expires or time.time()
+                        ago = max(0, int(time.time() - expires))
+                        reason = f"InvalidJWTToken: Token has expired {ago} seconds ago"
+                    else:
+                        reason = f"Unauthorized: {reason}"
+                    closed = codec.message("phx_close", {}, codec.join_ref)
+                    await self.send_frames([codec.system("error", reason), closed])
                 else:
                     await self.close(code, reason)  # before the session ends: a node
                     # shutting down waits for its sessions, not for its sockets
@@ -524,9 +635,6 @@ class _Socket:
             return
         try:
             request = parse_join(message.payload)
-            if request.private:
-                message_ = "private channels (authorization by RLS) are not supported by pyrt yet"
-                raise JoinError("PrivateChannelsNotSupported", message_)
         except JoinError as e:
             await self.refuse(message, e.reason)
             return
@@ -544,21 +652,38 @@ class _Socket:
             limit = self.ctx.config.hub.max_channels_per_connection - 1
             await self.refuse(message, f"TooManyChannels: at most {limit} tables per channel")
             return
+        identity = await self.channel_identity(message, request.access_token)
+        if identity is None:
+            return
+        channel_name = _channel_of(topic)
         join_ref = message.join_ref if message.join_ref is not None else message.ref
         codec = ChannelCodec(topic, join_ref, self.vsn, extras=request.extras)
-        session = self.ctx.open_session(idle_timeout=None, pings=False)
+        session = self.ctx.open_session(idle_timeout=None, pings=False, identity=identity)
         session.codec = codec
+        # The channel rules (and the application's hook) first: the reply comes before the
+        # hub's join of the channel, so a refusal must be known now.
+        actions = [Action.SUBSCRIBE] + ([Action.PRESENCE] if request.presence_enabled else [])
+        for action in actions:
+            refusal = await session.refusal(action, channel_name)
+            if refusal is not None:
+                session.end()
+                await self.refuse(message, _unauthorized(channel_name, action, refusal))
+                return
         ids = [0] * len(request.changes)
         for table, indexes in groups.items():
             subs = tuple(request.changes[i].subscription for i in indexes)
             await session.command(Join(None, table, changes=subs))
-            if not session.joined(table):  # refused (the binding was checked: not expected)
+            if not session.joined(table):  # refused: by the rules (the binding was checked)
+                refusal = await session.refusal(Action.SUBSCRIBE, table)
                 session.end()
-                await self.refuse(message, f"InvalidJoinPayload: cannot subscribe to {table}")
+                if refusal is not None:
+                    reason = _unauthorized(table, Action.SUBSCRIBE, refusal)
+                else:
+                    reason = f"InvalidJoinPayload: cannot subscribe to {table}"
+                await self.refuse(message, reason)
                 return
             for index, sub_id in zip(indexes, session.row_subscriptions(table), strict=True):
                 ids[index] = sub_id
-        channel_name = _channel_of(topic)
         response: dict[str, Any] = {
             "postgres_changes": [
                 {**binding.raw, "id": sub_id}
@@ -593,11 +718,39 @@ class _Socket:
             ack=request.ack,
             echo=request.echo,
             presence_key=request.presence_key or new_presence_key(),
-            access_token=request.access_token,
+            access_token=request.access_token or self.apikey,
         )
         self.channels[topic] = channel
         assert self.nursery is not None
         self.nursery.start_soon(self.write, channel)
+
+    async def channel_identity(self, message: Message, token: str | None) -> Identity | None:
+        """A joining channel's identity: its `access_token`'s (verified now), else the
+        socket's. None when refused (the join is answered `InvalidJWTToken: ...`)."""
+        if token is None or token == self.apikey:
+            identity = self.identity
+            if _expired(identity, time.time()):
+                await self.refuse(message, "InvalidJWTToken: the apikey has expired")
+                return None
+            return identity
+        try:
+            return _role_identity(await self.ctx.verify_token(token))
+        except AuthError as e:
+            await self.refuse(message, f"InvalidJWTToken: {e}")
+            return None
+
+    async def shut(self, channel: _Channel, reason: str) -> None:
+        """Ends a channel as Supabase does when its token goes bad: a `system` error with
+        `reason`, then `phx_close` (the clients report CHANNEL_ERROR, then CLOSED)."""
+        session = channel.session
+        for joined in session.joins():
+            await session.command(Leave(None, joined))
+        channel.leaving = True
+        if self.channels.get(channel.topic) is channel:
+            del self.channels[channel.topic]
+        codec = channel.codec
+        session.push(codec.system("error", reason))
+        session.push(codec.message("phx_close", {}, codec.join_ref))
 
     async def handle(self, channel: _Channel, message: Message, size: int) -> None:
         session = channel.session
@@ -643,10 +796,24 @@ class _Socket:
                 await self.refuse(message, "InvalidMessage: a presence event is track or untrack")
         elif event == "access_token":
             token = payload.get("access_token")
-            if not isinstance(token, str):
+            if token is not None and not isinstance(token, str):
                 await self.refuse(message, "InvalidMessage: 'access_token' must be a string")
                 return
-            channel.access_token = token
+            if token is not None and token != channel.access_token:
+                # A new token: checked as at join; the channel's identity becomes its own.
+                if token == self.apikey:
+                    identity = self.identity
+                else:
+                    try:
+                        identity = _role_identity(await self.ctx.verify_token(token))
+                    except AuthError as e:
+                        await self.shut(channel, f"InvalidJWTToken: {e}")
+                        return
+                refusal = await session.reidentify(identity)
+                if refusal is not None:
+                    await self.shut(channel, f"Unauthorized: {refusal}")
+                    return
+                channel.access_token = token
             session.push(channel.codec.ok(message.ref))
         elif event == "phx_leave":
             for joined in session.joins():

@@ -518,9 +518,21 @@ class ChannelCodec(JsonCodec):
     def disconnect(self, code: CloseCode, reason: str) -> bytes:
         return b""  # the socket's close frame says it
 
+    def refresh(self, expires_in: float) -> bytes:
+        # Supabase asks for no new token: its clients send `access_token` when their auth
+        # session refreshes. At expiry the channel gets a `system` error (the transport).
+        return b""
+
+    def unsubscribe(self, channel: str, reason: str) -> bytes:
+        # The join of `channel` ended (the server removed the user, or a new access_token
+        # may not keep it): a `system` error, which the clients show as CHANNEL_ERROR and
+        # answer by joining again (under the rules as they now stand).
+        return self.system("error", f"Unauthorized: no longer subscribed to {channel}: {reason}")
+
 
 _ERROR_NAMES = {
     400: "InvalidMessage",
+    401: "InvalidJWTToken",
     403: "Forbidden",
     404: "UnknownEvent",
     405: "NotAllowed",
