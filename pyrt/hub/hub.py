@@ -315,6 +315,9 @@ class Hub:
     def _identity_reply(self, conn: Connection) -> dict[str, Any]:
         identity = conn.identity
         reply: dict[str, Any] = {"client": conn.id, "user": identity.user}
+        joined = [channel for channel in identity.channels if channel in conn.joins]
+        if joined:
+            reply["channels"] = joined  # the token's server-side joins, as made
         if identity.expires is not None:
             reply["expires_in"] = _seconds(max(0.0, identity.expires - self._wall_clock()))
         return reply

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 import trio
+from clientkit import take
 from nodekit import until
 
-from pyrt.client import Channel, ClientError, ConnectionLost, Message, connect
+from pyrt.client import ClientError, ConnectionLost, connect
 from pyrt.hub.hub import HubConfig
 from pyrt.node.node import Node, NodeConfig
 from pyrt.testing import open_auth
@@ -20,16 +21,6 @@ async def start(nursery: trio.Nursery, **hub: Any) -> tuple[Node, str]:
         Node(NodeConfig(auth=open_auth(), port=0, hub=HubConfig(**hub))).run
     )
     return node, f"ws://127.0.0.1:{node.port}/connection/websocket"
-
-
-async def take(channel: Channel, n: int) -> list[Message]:
-    out = []
-    with trio.fail_after(10):
-        async for message in channel:
-            out.append(message)
-            if len(out) == n:
-                return out
-    raise AssertionError("channel closed")
 
 
 async def test_five_line_usage(nursery: trio.Nursery) -> None:

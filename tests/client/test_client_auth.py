@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from clientkit import take
 from nodekit import StartNode, until
 
 from pyrt.client import (
     TRANSPORTS,
     AuthenticationError,
-    Channel,
     Client,
     Message,
     Unsubscribed,
@@ -65,16 +65,6 @@ async def rest(node: Node, path: str, body: dict[str, Any]) -> Any:
         )
     assert response.status_code == 200, response.text
     return response.json()
-
-
-async def take(channel: Channel, n: int, timeout: float = 10) -> list[Message]:
-    out = []
-    with trio.fail_after(timeout):
-        async for message in channel:
-            out.append(message)
-            if len(out) == n:
-                return out
-    raise AssertionError("channel closed")
 
 
 def refused(node: Node) -> int:

@@ -12,10 +12,11 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from clientkit import take
 from nodekit import until
 from trio.testing import MockClock
 
-from pyrt.client import Channel, Client, ConnectionLost, Message, connect
+from pyrt.client import Client, ConnectionLost, connect
 from pyrt.hub.hub import HubConfig
 from pyrt.node.node import Node, NodeConfig
 from pyrt.testing import open_auth
@@ -30,16 +31,6 @@ async def start(
     config = NodeConfig(auth=open_auth(), port=0, transports=transports, hub=HubConfig(**hub))
     node: Node = await nursery.start(Node(config).run)
     return node, f"http://127.0.0.1:{node.port}"
-
-
-async def take(channel: Channel, n: int, timeout: float = 10) -> list[Message]:
-    out = []
-    with trio.fail_after(timeout):
-        async for message in channel:
-            out.append(message)
-            if len(out) == n:
-                return out
-    raise AssertionError("channel closed")
 
 
 # -- a proxy that misbehaves on purpose --------------------------------------------------------

@@ -15,12 +15,13 @@ import attrs
 import pytest
 import trio
 import trustme
+from clientkit import take
 from nodekit import until
 from trio.testing import MockClock
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Ping, Pong, Request
 
-from pyrt.client import Channel, Message, connect
+from pyrt.client import connect
 from pyrt.hub.hub import HubConfig
 from pyrt.node.node import Node, NodeConfig
 from pyrt.testing import open_auth
@@ -34,16 +35,6 @@ async def start(nursery: trio.Nursery, **hub: Any) -> tuple[Node, int]:
     )
     assert node.port is not None
     return node, node.port
-
-
-async def take(channel: Channel, n: int, timeout: float = 10) -> list[Message]:
-    out = []
-    with trio.fail_after(timeout):
-        async for message in channel:
-            out.append(message)
-            if len(out) == n:
-                return out
-    raise AssertionError("channel closed")
 
 
 @attrs.define(eq=False)

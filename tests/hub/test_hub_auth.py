@@ -206,6 +206,15 @@ def test_the_channels_claim_joins_server_side(hub: Hub) -> None:
     assert list(hub.connection(peer.id).joins) == ["news"]
 
 
+def test_the_connect_reply_names_the_server_side_joins(hub: Hub) -> None:
+    peer = Peer(hub, pending=True)
+    identity = Identity("dan", {"sub": "dan"}, anonymous=False, channels=("news", "bad channel"))
+    hub.authenticate(hub.connection(peer.id), identity, 0.0, rid=1)
+    assert peer.frames() == [
+        {"reply": 1, "ok": {"client": peer.id, "user": "dan", "channels": ["news"]}}
+    ]
+
+
 def test_revocations(hub: Hub) -> None:
     a1 = Peer(hub, identity=user("alice", jti="t1"))
     a2 = Peer(hub, identity=user("alice", jti="t2"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -47,15 +47,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:ConnectionClosed.code is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:ConnectionClosed.reason is deprecated:DeprecationWarning"),
 ]
-
-
-@pytest.fixture
-def aio() -> Iterator[AsyncioThread]:
-    thread = AsyncioThread()
-    try:
-        yield thread
-    finally:
-        thread.close()
 
 
 # -- the trio side -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import base64
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -84,15 +84,6 @@ def supabase_auth(**options: Any) -> AuthConfig:
     """The `[auth]` of a Supabase project: its JWT secret, audience `authenticated`."""
     options.setdefault("rules", RULES)
     return AuthConfig(jwt_secret=SECRET, audience="authenticated", **options)
-
-
-@pytest.fixture
-def aio() -> Iterator[AsyncioThread]:
-    thread = AsyncioThread()
-    try:
-        yield thread
-    finally:
-        thread.close()
 
 
 @pytest.fixture
