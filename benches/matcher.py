@@ -23,10 +23,14 @@ A second table shows what scanning costs: N range-only subscriptions on one tabl
 
     python benches/matcher.py --claims-bound --sizes 100000 --no-reference --scan-sizes
 
-runs each size twice, the second time with every row subscription's filter claims-bound as a
-channel rule makes it (docs/auth.md): the rule `user_id=eq.{sub}` filled with the
-subscriber's `sub` (the same key the workload uses) by `pyrt.hub.rules`, ANDed in front of
-the subscription's own filter, and prints both rates side by side.
+runs each size three times: plain, then with every row subscription's filter claims-bound as
+a channel rule makes it (docs/auth.md), filled by `pyrt.hub.rules` and ANDed in front of the
+subscription's own filter:
+  user     the rule `user_id=eq.{sub}`, with the subscriber's `sub` (the key its own filter
+           uses: the condition is then there twice, and kept once)
+  tenant   the rule `tenant_id=eq.{claims.tenant}`, TENANT_USERS users to a tenant (the
+           matcher files each subscription under its less crowded eq: its own user's)
+and prints the rates side by side.
 """
 
 from __future__ import annotations
@@ -69,23 +73,30 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+TENANT_USERS = 1_000
+"""Users to a tenant: user k is in tenant k // TENANT_USERS (events carry both)."""
+BOUND_BY = {"user": "user_id=eq.{sub}", "tenant": "tenant_id=eq.{claims.tenant}"}
+"""The forced filter of each claims-bound variant."""
+
+
 def claims_bound(
-    subs: list[tuple[str, int, str, str, str | None]],
+    subs: list[tuple[str, int, str, str, str | None]], by: str = "user"
 ) -> list[tuple[str, int, str, str, str | None]]:
     """`subs` with each row subscription's filter bound to its subscriber (user k of
-    `subscriptions`) by a channel rule, as the hub does for a join under that rule."""
+    `subscriptions`) by the channel rule BOUND_BY[by], as the hub does for a join under it."""
     from pyrt.hub.identity import Action, Identity
     from pyrt.hub.rules import Rules
 
     rules = Rules.from_config(
-        [{"channel": "pg:public:*", "subscribe": "authenticated", "filter": "user_id=eq.{sub}"}]
+        [{"channel": "pg:public:*", "subscribe": "authenticated", "filter": BOUND_BY[by]}]
     )
     out = []
     for kind, sub_id, event, target, row_filter in subs:
         if kind == "rows" and sub_id < len(subs) - 60:
             k = sub_id // 3
+            claims = {"sub": str(k), "tenant": str(k // TENANT_USERS)}
             grant = rules.decide(
-                Identity(str(k), {"sub": str(k)}, anonymous=False),
+                Identity(str(k), claims, anonymous=False),
                 Action.SUBSCRIBE,
                 f"pg:public:{target}",
             )
@@ -141,6 +152,7 @@ def event_args(n: int, count: int) -> list[tuple[str, str, str, dict[str, Value]
         record: dict[str, Value] = {
             "id": rng.randrange(10**9),
             "user_id": k,
+            "tenant_id": str(k // TENANT_USERS),
             "account_id": k,
             "org_id": rng.randrange(keys),
             "amount": rng.randint(0, 999),
@@ -233,9 +245,9 @@ def run_rust(
 
 
 def run_size(
-    n: int, seconds: float, reference: bool, event_count: int, bound: bool = False
+    n: int, seconds: float, reference: bool, event_count: int, bound: str | None = None
 ) -> list[str]:
-    subs = claims_bound(subscriptions(n)) if bound else subscriptions(n)
+    subs = claims_bound(subscriptions(n), bound) if bound else subscriptions(n)
     args = event_args(n, event_count)
     rust = run_rust(subs, args, seconds)
     rust_rate, per_event = rust["rate"], rust["per_event"]
@@ -314,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="each size again with claims-bound filters (a channel rule's), side by side",
     )
     parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--bound", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bound", choices=sorted(BOUND_BY), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one_size is not None:
         # Worker mode: one size, one row, as JSON on stdout.
@@ -326,8 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "subscriptions", "Rust events/s", "per event", "matches/event", "reference events/s",
         "Rust/reference", "channel matches/s", "adds/s", "removes/s", "RSS per subscription",
     ]  # fmt: skip
-    rows: list[list[str]] = []
-    bound_rows: list[list[str]] = []
+    variants: list[str | None] = [None, *BOUND_BY] if args.claims_bound else [None]
+    rows: dict[str | None, list[list[str]]] = {v: [] for v in variants}
     for n in args.sizes:
         # Each size in a fresh process, so one size's heap (a freed million-subscription
         # reference matcher, say) does not slow the next one down.
@@ -335,21 +347,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         command += ["--events", str(args.events)] + (
             ["--no-reference"] if args.no_reference else []
         )
-        for bound in (False, True) if args.claims_bound else (False,):
-            extra = ["--bound"] if bound else []
+        for variant in variants:
+            extra = ["--bound", variant] if variant else []
             out = subprocess.run(command + extra, capture_output=True, text=True, check=True)
-            (bound_rows if bound else rows).append(json.loads(out.stdout.splitlines()[-1]))
-            print(" | ".join((bound_rows if bound else rows)[-1]), file=sys.stderr, flush=True)
+            rows[variant].append(json.loads(out.stdout.splitlines()[-1]))
+            print(variant or "plain", *rows[variant][-1], sep=" | ", file=sys.stderr, flush=True)
     print(f"## match_rows, mixed workload ({' '.join(sys.argv[1:]) or 'defaults'})\n")
-    print(table(header, rows))
-    if bound_rows:
-        print("\n## the same, every row subscription claims-bound (user_id=eq.{sub} in front)\n")
-        print(table(header, bound_rows))
-        print("\n| subscriptions | plain events/s | claims-bound events/s | claims-bound / plain |")
-        print("|---|---|---|---|")
-        for plain, bound_row in zip(rows, bound_rows, strict=True):
-            a, b = _rate(plain[1]), _rate(bound_row[1])
-            print(f"| {plain[0]} | {plain[1]} | {bound_row[1]} | {b / a:.2f} |")
+    print(table(header, rows[None]))
+    for variant in variants[1:]:
+        rule = BOUND_BY[variant]
+        print(f"\n## the same, every row subscription claims-bound ({rule} in front)\n")
+        print(table(header, rows[variant]))
+    if len(variants) > 1:
+        names = [f"{v} / plain" for v in variants[1:]]
+        print("\n" + "| subscriptions | plain events/s | " + " | ".join(names) + " |")
+        print("|---|---|" + "---|" * len(names))
+        for i, plain in enumerate(rows[None]):
+            ratios = [f"{_rate(rows[v][i][1]) / _rate(plain[1]):.2f}" for v in variants[1:]]
+            print(f"| {plain[0]} | {plain[1]} | " + " | ".join(ratios) + " |")
     if args.scan_sizes:
         scan = [run_scan(n, args.seconds) for n in args.scan_sizes]
         print("\n## range-only subscriptions on one table (scanned, not indexed)\n")

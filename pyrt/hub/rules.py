@@ -532,7 +532,7 @@ class Rules:
 
     @staticmethod
     def and_filter(forced: str | None, client: str | None) -> str | None:
-        """The forced filter AND the client's: the forced one first (the matcher indexes the
-        first eq condition, so a claim's eq keeps the hash index), then the client's."""
+        """The forced filter AND the client's, the forced one first (on a tie the matcher
+        indexes the first `eq`; docs/matcher.md, "How it is indexed")."""
         parts = [f for f in (forced, client) if f]
         return ",".join(parts) or None

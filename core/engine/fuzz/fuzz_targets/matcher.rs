@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use pyrt_engine::matcher::{
-    check_channel, ChangeKind, Filter, LikePattern, Matcher, Row, RowEvent, SubId, Value, SEPARATOR,
+    check_channel, ChangeKind, Condition, Filter, LikePattern, Matcher, Row, RowEvent, SubId,
+    Value, SEPARATOR,
 };
 
 /// Column names drawn from a small set most of the time, so filters and rows meet.
@@ -196,9 +197,15 @@ fuzz_target!(|ops: Vec<Op>| {
                     for c in filter.conditions.iter() {
                         let _ = c.evaluate(&r);
                     }
-                    let _ = filter.matches(&r);
-                    if let Some(i) = filter.index_condition() {
-                        assert!(filter.conditions[i].index_literals().is_some());
+                    let matches = filter.matches(&r);
+                    // A repeated condition kept once changes nothing.
+                    assert_eq!(filter.clone().without_repeats().matches(&r), matches);
+                    // Whatever the buckets hold, the index takes an indexable condition.
+                    for crowd in [0usize, 1, 7] {
+                        let bucket = |c: &Condition| crowd * (1 + c.column.len() % 3);
+                        if let Some(i) = filter.index_condition(bucket) {
+                            assert!(filter.conditions[i].index_literals().is_some());
+                        }
                     }
                 }
                 Err(e) => assert!(e.position <= chars(&text), "{e} in {text:?}"),

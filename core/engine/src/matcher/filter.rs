@@ -3,6 +3,8 @@
 //! Written by hand because no crate parses PostgREST filters, and because errors must name
 //! the exact character offset where a filter went wrong.
 
+use ahash::AHashSet;
+
 use super::error::FilterError;
 use super::value::{LikePattern, Literal, Row, Value};
 use std::cmp::Ordering;
@@ -130,6 +132,27 @@ impl Condition {
 
     /// The literals an equality index may file this condition under, if it is indexable
     /// (a non-negated `eq` or `in`).
+    /// A text equal for two conditions exactly when they are the same test (a literal is
+    /// a function of its unquoted text; every part is length-prefixed).
+    fn key(&self) -> String {
+        let mut key = String::new();
+        let mut part = |text: &str| {
+            key.push_str(&text.len().to_string());
+            key.push(':');
+            key.push_str(text);
+        };
+        part(&self.column);
+        part(if self.negated { "not" } else { "" });
+        part(self.operator.name());
+        match &self.test {
+            Test::Compare(_, literal) => part(&literal.text),
+            Test::In(items) => items.iter().for_each(|l| part(&l.text)),
+            Test::Like(_, pattern) => part(pattern),
+            Test::Is(value) => part(value.name()),
+        }
+        key
+    }
+
     pub fn index_literals(&self) -> Option<&[Literal]> {
         if self.negated {
             return None;
@@ -153,6 +176,23 @@ impl Filter {
         Parser::new(text).parse()
     }
 
+    /// The same filter with each repeated condition kept once (the first): AND is
+    /// idempotent. A rule's forced `user_id=eq.{sub}` in front of the client's own
+    /// `user_id=eq.42`, quoted or not, is then one condition, and a subscription left with
+    /// only its indexed condition needs no re-check on a hit.
+    pub fn without_repeats(self) -> Self {
+        let mut seen = AHashSet::new();
+        let conditions: Vec<Condition> = self
+            .conditions
+            .into_vec()
+            .into_iter()
+            .filter(|c| seen.insert(c.key()))
+            .collect();
+        Self {
+            conditions: conditions.into(),
+        }
+    }
+
     /// Every condition true (unknown excludes).
     pub fn matches(&self, row: &Row) -> bool {
         self.conditions
@@ -160,14 +200,21 @@ impl Filter {
             .all(|c| c.evaluate(row) == Some(true))
     }
 
-    /// Which condition an equality index should use: the first `eq`, else the first `in`.
-    pub fn index_condition(&self) -> Option<usize> {
-        let first = |op| {
-            self.conditions
-                .iter()
-                .position(|c| c.operator == op && c.index_literals().is_some())
-        };
-        first(Operator::Eq).or_else(|| first(Operator::In))
+    /// Which condition an equality index should use: of the `eq` and `in` conditions, the
+    /// one `crowd` says fewest subscriptions are filed under so far (`crowd(condition)`:
+    /// how many its buckets hold now); on a tie an `eq` before an `in`, then the first.
+    ///
+    /// A tenant's forced `tenant_id=eq.{claims.tenant}` in front of a user's own
+    /// `user_id=eq.42` (or `org_id=in.(...)`) is thus filed under the user's own condition
+    /// once the tenant's bucket is the fuller, and an event looks at that user's
+    /// subscriptions, not the whole tenant's.
+    pub fn index_condition(&self, crowd: impl Fn(&Condition) -> usize) -> Option<usize> {
+        self.conditions
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.index_literals().is_some())
+            .min_by_key(|(i, c)| (crowd(c), c.operator != Operator::Eq, *i))
+            .map(|(i, _)| i)
     }
 }
 

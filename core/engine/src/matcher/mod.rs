@@ -199,8 +199,9 @@ impl Matcher {
         if table.is_empty() {
             return Err(fail("empty table".into()));
         }
-        let filter = Filter::parse(filter.unwrap_or("")).map_err(AddError::Filter)?;
-        let indexed = filter.index_condition().map(|i| i as u32);
+        let filter = Filter::parse(filter.unwrap_or(""))
+            .map_err(AddError::Filter)?
+            .without_repeats();
         let tables = self.group_slots.entry(schema.into()).or_default();
         let group = match tables.get(table) {
             Some(g) => *g,
@@ -210,6 +211,8 @@ impl Matcher {
                 g
             }
         };
+        let filed = &self.groups[group as usize];
+        let indexed = filter.index_condition(|c| filed.crowd(c)).map(|i| i as u32);
         let sub = RowSubscription {
             events,
             group,

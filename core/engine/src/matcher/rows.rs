@@ -161,6 +161,22 @@ impl Group {
         }
     }
 
+    /// How many subscriptions are filed under `condition`'s literals in this group now
+    /// (an upper bound: a subscription under several of them counts for each).
+    pub(crate) fn crowd(&self, condition: &Condition) -> usize {
+        let (Some(literals), Some(column)) = (
+            condition.index_literals(),
+            self.columns.get(&condition.column),
+        ) else {
+            return 0;
+        };
+        Key::of_literals(literals)
+            .into_iter()
+            .filter_map(|key| column.lookup(key))
+            .map(SubSet::len)
+            .sum()
+    }
+
     pub(crate) fn insert(&mut self, sub: &RowSubscription, member: Member) {
         match sub.indexed {
             Some(i) => {

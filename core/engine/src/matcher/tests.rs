@@ -173,6 +173,76 @@ fn integers_beyond_2_pow_53_are_checked_not_trusted_to_the_index() {
     assert_eq!(matched(&m, &f), [3]);
 }
 
+fn indexed(m: &Matcher, id: SubId) -> Option<u32> {
+    match &m.subs[m.slots[&id] as usize] {
+        Subscription::Rows(r) => r.indexed,
+        Subscription::Channel(_) => None,
+    }
+}
+
+#[test]
+fn repeated_conditions_are_kept_once() {
+    let kept = |text: &str| Filter::parse(text).unwrap().without_repeats().conditions;
+    let f = kept(r#"user_id=eq."42",user_id=eq.42,n=gt.1,n=gt."1",n=gte.1"#);
+    let ops: Vec<_> = f.iter().map(|c| c.operator.name()).collect();
+    assert_eq!(ops, ["eq", "gt", "gte"]);
+    // Different tests of one column, or one test negated, are not the same condition.
+    assert_eq!(kept("a=eq.1,a=not.eq.1,a=eq.2").len(), 3);
+    assert_eq!(kept("a=in.(1,2),a=in.(12)").len(), 2);
+    assert_eq!(kept("a=like.x*,a=ilike.x*,a=is.null,a=is.null").len(), 3);
+    // Parsing alone keeps what was written.
+    assert_eq!(Filter::parse("a=eq.1,a=eq.1").unwrap().conditions.len(), 2);
+    // Kept once, the user's subscription is exact: a hit needs no re-check.
+    let mut m = Matcher::new();
+    m.add_rows(
+        1,
+        "*",
+        "public",
+        "t",
+        Some(r#"user_id=eq."42",user_id=eq.42"#),
+    )
+    .unwrap();
+    let e = ev(
+        ChangeKind::Insert,
+        "public",
+        "t",
+        row(&[("user_id", Value::Int(42))]),
+    );
+    assert_eq!(matched(&m, &e), [1]);
+}
+
+#[test]
+fn the_less_crowded_eq_is_indexed() {
+    // Ten users of tenant t1, each with a rule's forced tenant filter in front of its own.
+    let mut m = Matcher::new();
+    for user in 0..10u64 {
+        let filter = format!("tenant_id=eq.t1,user_id=eq.{user}");
+        m.add_rows(user, "*", "public", "orders", Some(&filter))
+            .unwrap();
+    }
+    // The first is filed under the tenant (both buckets empty: the first eq); the others
+    // under their user, once the tenant's bucket is the fuller.
+    assert_eq!(indexed(&m, 0), Some(0));
+    assert!((1..10).all(|user| indexed(&m, user) == Some(1)));
+    let hit = row(&[
+        ("tenant_id", Value::Text("t1".into())),
+        ("user_id", Value::Int(7)),
+    ]);
+    let other = row(&[
+        ("tenant_id", Value::Text("t2".into())),
+        ("user_id", Value::Int(7)),
+    ]);
+    assert_eq!(
+        matched(&m, &ev(ChangeKind::Insert, "public", "orders", hit)),
+        [7]
+    );
+    assert!(matched(&m, &ev(ChangeKind::Insert, "public", "orders", other)).is_empty());
+    for user in 0..10 {
+        assert!(m.remove(user));
+    }
+    assert_eq!(m.stats().row_groups, 0);
+}
+
 #[test]
 fn removal_frees_everything() {
     let mut m = Matcher::new();
