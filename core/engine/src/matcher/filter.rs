@@ -132,6 +132,23 @@ impl Condition {
 
     /// The literals an equality index may file this condition under, if it is indexable
     /// (a non-negated `eq` or `in`).
+    /// Whether `other` is the same test (`key`'s equality, without building the keys).
+    fn same(&self, other: &Condition) -> bool {
+        let texts = |a: &[Literal], b: &[Literal]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.text == y.text)
+        };
+        self.column == other.column
+            && self.negated == other.negated
+            && self.operator == other.operator
+            && match (&self.test, &other.test) {
+                (Test::Compare(_, a), Test::Compare(_, b)) => a.text == b.text,
+                (Test::In(a), Test::In(b)) => texts(a, b),
+                (Test::Like(_, a), Test::Like(_, b)) => a == b,
+                (Test::Is(a), Test::Is(b)) => a == b,
+                _ => false,
+            }
+    }
+
     /// A text equal for two conditions exactly when they are the same test (a literal is
     /// a function of its unquoted text; every part is length-prefixed).
     fn key(&self) -> String {
@@ -181,13 +198,26 @@ impl Filter {
     /// `user_id=eq.42`, quoted or not, is then one condition, and a subscription left with
     /// only its indexed condition needs no re-check on a hit.
     pub fn without_repeats(self) -> Self {
-        let mut seen = AHashSet::new();
-        let conditions: Vec<Condition> = self
-            .conditions
-            .into_vec()
-            .into_iter()
-            .filter(|c| seen.insert(c.key()))
-            .collect();
+        let n = self.conditions.len();
+        let conditions: Vec<Condition> = if n <= 16 {
+            // A few conditions (nearly every filter): compared pairwise, nothing allocated
+            // unless one repeats.
+            let c = &self.conditions;
+            if !(1..n).any(|j| (0..j).any(|i| c[i].same(&c[j]))) {
+                return self;
+            }
+            let mut kept: Vec<Condition> = Vec::with_capacity(n);
+            for condition in self.conditions.into_vec() {
+                if !kept.iter().any(|k| k.same(&condition)) {
+                    kept.push(condition);
+                }
+            }
+            kept
+        } else {
+            let mut seen = AHashSet::with_capacity(n);
+            let all = self.conditions.into_vec();
+            all.into_iter().filter(|c| seen.insert(c.key())).collect()
+        };
         Self {
             conditions: conditions.into(),
         }
@@ -209,10 +239,18 @@ impl Filter {
     /// once the tenant's bucket is the fuller, and an event looks at that user's
     /// subscriptions, not the whole tenant's.
     pub fn index_condition(&self, crowd: impl Fn(&Condition) -> usize) -> Option<usize> {
-        self.conditions
+        let mut candidates = self
+            .conditions
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.index_literals().is_some())
+            .filter(|(_, c)| c.index_literals().is_some());
+        let first = candidates.next()?;
+        let Some(second) = candidates.next() else {
+            return Some(first.0); // the common case: nothing to weigh
+        };
+        [first, second]
+            .into_iter()
+            .chain(candidates)
             .min_by_key(|(i, c)| (crowd(c), c.operator != Operator::Eq, *i))
             .map(|(i, _)| i)
     }
