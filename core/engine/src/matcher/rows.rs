@@ -35,6 +35,19 @@ impl RowSubscription {
     }
 }
 
+impl RowSubscription {
+    /// Whether `row` passes the filter, found under the indexed condition's bucket: with
+    /// `exact` (the row value's key proves equality) that condition is not evaluated again.
+    fn rest_matches(&self, row: &Row, exact: bool) -> bool {
+        let skip = if exact { self.indexed } else { None };
+        self.filter
+            .conditions
+            .iter()
+            .enumerate()
+            .all(|(i, c)| Some(i as u32) == skip || c.evaluate(row) == Some(true))
+    }
+}
+
 /// One hash key a literal or a row value can be filed or looked up under.
 #[derive(Clone, Copy, PartialEq)]
 enum Key<'a> {
@@ -246,7 +259,7 @@ impl Group {
             };
             bucket.for_each(&mut |m| {
                 if m.flags & event != 0
-                    && ((exact && m.flags & EXACT != 0) || sub_at(m.slot).filter.matches(row))
+                    && ((exact && m.flags & EXACT != 0) || sub_at(m.slot).rest_matches(row, exact))
                 {
                     found(m.id);
                 }
