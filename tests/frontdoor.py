@@ -41,6 +41,8 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError
 
 API_KEY = "front-door-fuzz-key"
+JWT_SECRET = "pyrt-test-secret-at-least-32-bytes-long!"
+"""The node's JWT secret: the fuzzer signs some of its tokens with it, so they get in."""
 CONFIG = f"""
 [server]
 port = 0
@@ -51,7 +53,7 @@ api_key_max_failures = 0
 "rec:>" = "lww"
 
 [auth]
-jwt_secret = "pyrt-test-secret-at-least-32-bytes-long!"
+jwt_secret = "{JWT_SECRET}"
 anonymous = true
 
 [[auth.rules]]

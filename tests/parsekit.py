@@ -24,8 +24,10 @@ from pyrt.hub.history import StreamPosition
 from pyrt.hub.hub import HubConfig
 from pyrt.hub.outbox import SlowConsumerPolicy
 from pyrt.hub.protocol import (
+    MAX_TOKEN_CHARS,
     CloseCode,
     Command,
+    Connect,
     ErrorCode,
     Join,
     JsonCodec,
@@ -35,6 +37,7 @@ from pyrt.hub.protocol import (
     PresenceQuery,
     ProtocolError,
     Publish,
+    Refresh,
     Track,
     Untrack,
     decode_mutate_reply,
@@ -119,13 +122,23 @@ def check_timestamp(stamp: Any) -> None:
         assert Timestamp.decode(stamp.encode()) == stamp
 
 
+def check_token(token: object) -> None:
+    """A token as a command carries it to the verifier: a bounded, non-empty string."""
+    assert isinstance(token, str)
+    assert 1 <= len(token) <= MAX_TOKEN_CHARS
+
+
 def check_command(command: Command) -> None:
     """A command as `JsonCodec.decode` makes it, with the types the hub relies on."""
-    assert isinstance(command, (Join, Leave, Publish, Mutate, Track, Untrack, PresenceQuery, Ping))
+    kinds = (Join, Leave, Publish, Mutate, Track, Untrack, PresenceQuery, Ping, Connect, Refresh)
+    assert isinstance(command, kinds)
     check_request_id(command.id)
     # The hub answers every command with an id: that reply must encode.
     orjson.loads(_codec.reply(command.id, {}))
     if isinstance(command, Ping):
+        return
+    if isinstance(command, (Connect, Refresh)):
+        check_token(command.token)
         return
     assert isinstance(command.channel, str)
     match command:
@@ -137,6 +150,8 @@ def check_command(command: Command) -> None:
             assert command.size >= 0
             check_json(command.data)
         case Join():
+            if command.token is not None:
+                check_token(command.token)
             if command.since is not None:
                 check_position(command.since)
             assert isinstance(command.presence, bool)

@@ -29,9 +29,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
+import jwt
 import pytest
 from frontdoor import (
     API_KEY,
+    JWT_SECRET,
     RawJson,
     ServedNode,
     SseStream,
@@ -169,6 +171,37 @@ channels = mostly(
 request_ids = mostly(st.integers(0, 1000), st.one_of(st.text(max_size=70), json_values))
 flags = mostly(st.booleans(), json_values)
 short_strings = mostly(st.text(max_size=12), json_values)
+CLAIMED = ["room:1", "rec:1", ">", "pg:public:orders", "bad channel"]
+"""Channels a fuzzed token's `channels` claim names (joined server-side if it gets in)."""
+claim_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.text(max_size=8),
+    st.lists(st.text(max_size=8), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+)
+"""What a signed token's claims hold (plain JSON: pyjwt encodes them, not `dumps`)."""
+tokens = mostly(
+    # Signed with the node's secret, so they pass the signature: what their claims say
+    # (a past `exp`, odd `channels` to join server-side, odd roles) is what is fuzzed.
+    st.builds(
+        lambda sub, claims: jwt.encode({"sub": sub, **claims}, JWT_SECRET, algorithm="HS256"),
+        st.text(min_size=1, max_size=12),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "exp": st.integers(0, 2**40),
+                "nbf": st.integers(0, 2**40),
+                "channels": mostly(st.lists(st.sampled_from(CLAIMED)), claim_values),
+                "role": claim_values,
+                "jti": claim_values,
+                "tenant": claim_values,
+            },
+        ),
+    ),
+    st.one_of(st.text(max_size=40), json_values),
+)
 names = mostly(st.text(min_size=1, max_size=12), json_values)
 
 
@@ -208,7 +241,10 @@ native_commands = st.one_of(
         since=positions,
         presence=flags,
         changes=mostly(row_changes, json_values),
+        token=tokens,
     ),
+    command("connect", {"token": tokens}),
+    command("refresh", {"token": tokens}),
     command("leave", {"channel": channels}),
     command("publish", {"channel": channels, "data": json_values}, ack=flags, key=short_strings),
     command("publish", {"channel": channels, "data": json_values, "self": flags}, ack=flags),

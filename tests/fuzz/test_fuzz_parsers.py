@@ -44,6 +44,7 @@ from pyrt.conflict import Mutation, Op, Record, Timestamp
 from pyrt.hub.history import Publication, StreamPosition
 from pyrt.hub.hub import HubConfig
 from pyrt.hub.protocol import (
+    Connect,
     Join,
     JsonCodec,
     Leave,
@@ -51,6 +52,7 @@ from pyrt.hub.protocol import (
     Ping,
     PresenceQuery,
     Publish,
+    Refresh,
     RowSubscription,
     Track,
     Untrack,
@@ -206,13 +208,18 @@ def native_frames(draw: st.DrawFn) -> str:
     (wrong types, huge numbers, NaN, deep or huge values), dropped, repeated, or new ones."""
     cmd = draw(
         st.sampled_from(
-            ["ping", "publish", "join", "leave", "track", "untrack", "presence", "mutate"]
+            [
+                "ping", "publish", "join", "leave", "track", "untrack", "presence", "mutate",
+                "connect", "refresh",
+            ]
         )
-    )
+    )  # fmt: skip
     fields: list[tuple[str, str]] = [("cmd", lit(cmd))]
     if draw(st.booleans()):
         fields.append(("id", lit(draw(request_ids))))
-    if cmd != "ping":
+    if cmd in ("connect", "refresh") or (cmd == "join" and draw(st.booleans())):
+        fields.append(("token", lit(draw(texts))))
+    if cmd not in ("ping", "connect", "refresh"):
         fields.append(("channel", lit(draw(channels))))
     if cmd == "publish":
         fields.append(("data", draw(json_values)))
@@ -301,6 +308,7 @@ def test_native_decode_of_near_valid_frames(frame: str) -> None:
 
 def _command_frames() -> st.SearchStrategy[tuple[Any, dict[str, Any]]]:
     """A command and a frame that says it, as a client writes one (pyrt.client)."""
+    tokens = st.text(min_size=1, max_size=64)
     rid = st.integers(-(2**63), 2**64 - 1) | st.text(max_size=64) | st.none()
     key = st.none() | texts
     return st.one_of(
@@ -318,15 +326,23 @@ def _command_frames() -> st.SearchStrategy[tuple[Any, dict[str, Any]]]:
             key,
         ),
         st.builds(
-            lambda r, c, s, p: (
-                Join(r, c, s, p),
+            lambda r, c, s, p, t: (
+                Join(r, c, s, p, token=t),
                 {"cmd": "join", "id": r, "channel": c, "presence": p}
-                | ({} if s is None else {"since": {"offset": s.offset, "epoch": s.epoch}}),
+                | ({} if s is None else {"since": {"offset": s.offset, "epoch": s.epoch}})
+                | ({} if t is None else {"token": t}),
             ),
             rid,
             channels,
             st.none() | positions,
             st.booleans(),
+            st.none() | tokens,
+        ),
+        st.builds(
+            lambda r, t: (Connect(r, t), {"cmd": "connect", "id": r, "token": t}), rid, tokens
+        ),
+        st.builds(
+            lambda r, t: (Refresh(r, t), {"cmd": "refresh", "id": r, "token": t}), rid, tokens
         ),
         st.builds(
             lambda r, c: (Leave(r, c), {"cmd": "leave", "id": r, "channel": c}), rid, channels
